@@ -1,0 +1,30 @@
+"""The one module that reaches for jax internals or version-dependent APIs.
+
+Everything here has a public fallback or fails with a clear message, so a JAX upgrade breaks
+this file, not the package.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+@functools.cache
+def optimization_barrier_primitive():
+    """The primitive behind `jax.lax.optimization_barrier` (found by tracing, not by import)."""
+    jaxpr = jax.make_jaxpr(jax.lax.optimization_barrier)(jnp.zeros(()))
+    return jaxpr.eqns[0].primitive
+
+
+def bind_params(eqn_primitive, params: dict) -> dict:
+    """Params to pass to ``primitive.bind`` for an equation's params (jax >= 0.4.36: one dict)."""
+    result = eqn_primitive.get_bind_params(params)
+    if isinstance(result, tuple):  # older jax: (subfuns, params)
+        subfuns, bparams = result
+        if subfuns:
+            raise NotImplementedError(f"Cannot re-bind {eqn_primitive.name} with subfuns on this jax.")
+        return bparams
+    return result
