@@ -3,6 +3,13 @@
 Importing this package touches no backend and reads no environment variable.
 """
 
+from alpa_lite import testing as testing
+from alpa_lite.api import ParallelizedFunction as ParallelizedFunction
+from alpa_lite.api import parallelize as parallelize
+from alpa_lite.config import DataParallel as DataParallel
+from alpa_lite.config import ShardParallel as ShardParallel
+from alpa_lite.config import Zero2Parallel as Zero2Parallel
+from alpa_lite.config import Zero3Parallel as Zero3Parallel
 from alpa_lite.errors import AlpaLiteError as AlpaLiteError
 from alpa_lite.errors import InfeasiblePlanError as InfeasiblePlanError
 from alpa_lite.errors import InvalidConfigError as InvalidConfigError
@@ -11,5 +18,6 @@ from alpa_lite.markers import grad as grad
 from alpa_lite.markers import mark_pipeline_boundary as mark_pipeline_boundary
 from alpa_lite.markers import value_and_grad as value_and_grad
 from alpa_lite.mesh import LogicalMesh as LogicalMesh
+from alpa_lite.plan import ParallelPlan as ParallelPlan
 
 __version__ = "0.1.0"

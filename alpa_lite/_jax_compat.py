@@ -28,3 +28,12 @@ def bind_params(eqn_primitive, params: dict) -> dict:
             raise NotImplementedError(f"Cannot re-bind {eqn_primitive.name} with subfuns on this jax.")
         return bparams
     return result
+
+
+@functools.cache
+def split_primitive():
+    """The primitive behind `jax.lax.split`, or None on jax versions without one."""
+    if not hasattr(jax.lax, "split"):
+        return None
+    jaxpr = jax.make_jaxpr(lambda x: jax.lax.split(x, (1, 1)))(jnp.zeros(2))
+    return jaxpr.eqns[0].primitive

@@ -1,0 +1,139 @@
+"""Emit an intra-op plan as a jax function: re-interpret the graph, pinning the plan's choices.
+
+Input: `OpGraph` + `ShardingPlan` + a jax `Mesh`. Output: a function of the flat inputs that
+re-binds every operator and wraps chosen values in `jax.lax.with_sharding_constraint`:
+the outputs of *anchor* operators (group leaders, operators with collectives, matmuls) get the
+plan's output spec, and an operand whose planned spec differs from the spec its consumer
+requires gets the consumer's spec (that is where XLA inserts the resharding collective).
+XLA's partitioner does the rest, and the compiled program's collectives follow the plan.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from alpa_lite._jax_compat import bind_params
+from alpa_lite.graph import OpGraph
+from alpa_lite.intra_op.problem import is_transparent
+from alpa_lite.intra_op.strategies import Spec, replicated_spec
+from alpa_lite.mesh import LogicalMesh
+from alpa_lite.plan import ShardingPlan
+
+
+def spec_to_partition_spec(spec: Spec) -> PartitionSpec:
+    """``(("x",), (), ("x","y"))`` -> ``P("x", None, ("x", "y"))``.
+
+    Example:
+        >>> spec_to_partition_spec((("x",), (), ("x", "y")))
+        PartitionSpec('x', None, ('x', 'y'))
+    """
+    return PartitionSpec(*[None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+                           for axes in spec])
+
+
+def build_jax_mesh(mesh: LogicalMesh, devices) -> Mesh:
+    """A jax `Mesh` over ``devices`` with the logical mesh's shape and axis names."""
+    devices = np.asarray(devices, dtype=object).reshape(mesh.shape)
+    return Mesh(devices, mesh.axis_names)
+
+
+def named_shardings(specs, jax_mesh: Mesh) -> tuple[NamedSharding, ...]:
+    return tuple(NamedSharding(jax_mesh, spec_to_partition_spec(s)) for s in specs)
+
+
+def value_specs(graph: OpGraph, plan: ShardingPlan) -> dict[int, Spec]:
+    """The planned spec of every value id."""
+    specs: dict[int, Spec] = dict(zip(graph.inputs, plan.input_specs))
+    for vid, _ in graph.consts:
+        specs[vid] = replicated_spec(len(graph.avals[vid].shape))
+    decisions = {d.index: d for d in plan.nodes}
+    for node in graph.nodes:
+        decision = decisions.get(node.index)
+        if decision is None:  # transparent: outputs are the inputs
+            for src, dst in zip(node.invars, node.outvars):
+                specs[dst] = specs[src] if isinstance(src, int) else replicated_spec(
+                    len(graph.avals[dst].shape))
+            continue
+        for vid, spec in zip(node.outvars, decision.out_specs):
+            specs[vid] = spec
+    return specs
+
+
+def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> Callable:
+    """``eval_nodes(env, node_indices)``: evaluates nodes into ``env`` under the plan."""
+    if len(plan.nodes) != sum(1 for n in graph.nodes if not is_transparent(n.primitive)):
+        raise ValueError("The plan does not belong to this graph (operator counts differ).")
+    planned = value_specs(graph, plan)
+    decisions = {d.index: d for d in plan.nodes}
+
+    def constrain(value, spec: Spec):
+        if not spec or not hasattr(value, "ndim") or value.ndim == 0:
+            return value
+        return jax.lax.with_sharding_constraint(
+            value, NamedSharding(jax_mesh, spec_to_partition_spec(spec)))
+
+    def operand(env, decision, pos, v):
+        if not isinstance(v, int):
+            return v.val
+        want = decision.in_specs[pos] if decision is not None else None
+        if want is not None and want != planned[v]:
+            return constrain(env[v], want)
+        return env[v]
+
+    def eval_nodes(env: dict, node_indices) -> None:
+        for index in node_indices:
+            node = graph.nodes[index]
+            decision = decisions.get(index)
+            invals = [operand(env, decision, pos, v) for pos, v in enumerate(node.invars)]
+            if decision is not None and _scatter_collective(decision) is not None:
+                outs = [emit_reduce_scatter(node, decision, invals, jax_mesh)]
+            else:
+                outs = node.primitive.bind(*invals, **bind_params(node.primitive, node.params))
+                outs = outs if node.primitive.multiple_results else [outs]
+            if decision is not None and decision.anchor:
+                outs = [constrain(o, s) for o, s in zip(outs, decision.out_specs)]
+            env.update(zip(node.outvars, outs))
+
+    return eval_nodes
+
+
+def _scatter_collective(decision):
+    return next((c for c in decision.collectives if c[0] == "reduce-scatter"), None)
+
+
+def emit_reduce_scatter(node, decision, invals, jax_mesh: Mesh):
+    """Emits a reduce-scatter strategy literally: local op, then `psum_scatter`.
+
+    XLA's CPU pipeline turns "partial result constrained to a sharded layout" into an
+    all-reduce plus a slice; writing the op under `shard_map` keeps the planned collective.
+    """
+    _, axes, _ = _scatter_collective(decision)
+    out_spec = decision.out_specs[0]
+    dim = next(d for d, a in enumerate(out_spec) if tuple(a) == tuple(axes))
+    params = bind_params(node.primitive, node.params)
+
+    def local(*operands):
+        partial = node.primitive.bind(*operands, **params)
+        return jax.lax.psum_scatter(partial, tuple(axes), scatter_dimension=dim, tiled=True)
+
+    in_specs = tuple(spec_to_partition_spec(s) for s in decision.in_specs)
+    return jax.shard_map(local, mesh=jax_mesh, in_specs=in_specs,
+                         out_specs=spec_to_partition_spec(out_spec), check_vma=False)(*invals)
+
+
+def emit_flat_function(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> Callable:
+    """A function of the flat inputs computing the graph under the plan's constraints."""
+    eval_nodes = build_node_evaluator(graph, plan, jax_mesh)
+    all_nodes = range(len(graph.nodes))
+
+    def run(*flat_args):
+        env = dict(zip(graph.inputs, flat_args))
+        env.update(graph.consts)
+        eval_nodes(env, all_nodes)
+        return tuple(env[v] if isinstance(v, int) else v.val for v in graph.outputs)
+
+    return run

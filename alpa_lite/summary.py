@@ -1,0 +1,58 @@
+"""Plain-text plan summaries (what `ParallelPlan.summary()` prints)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from alpa_lite.intra_op.strategies import format_spec
+
+
+def _format_bytes(num: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(num) < 1024 or unit == "TiB":
+            return f"{num:.1f} {unit}"
+        num /= 1024
+    return f"{num:.1f} TiB"
+
+
+def format_plan_summary(plan, *, max_rows: int = 40) -> str:
+    """The summary of a ParallelPlan: mesh, costs, solver, inputs, notable operators."""
+    lines = [f"{plan.method}  micro-batches={plan.num_micro_batches}  "
+             f"plan time {plan.plan_time_s:.2f}s"]
+    s = plan.sharding
+    if s is None:
+        return "\n".join(lines)
+    mesh = s.mesh
+    lines.append(f"logical mesh {mesh.shape} axes {mesh.axis_names} alpha {mesh.alpha_s} "
+                 f"beta {mesh.beta_s_per_byte}")
+    lines.append(f"objective (communication) {s.objective:.6g}   predicted compute "
+                 f"{s.compute_s:.4g}s   peak memory/device {_format_bytes(s.peak_memory_bytes)}")
+    sv = s.solver
+    lines.append(f"solver {sv.get('name')} {sv.get('status')} in {sv.get('solve_time_s', 0):.2f}s: "
+                 f"{sv.get('num_units')} operators -> {sv.get('num_groups')} groups, "
+                 f"{sv.get('num_variables')} variables, {sv.get('num_constraints')} constraints")
+    counts = s.collective_counts()
+    lines.append("planned collectives: " + (", ".join(f"{k} x{v}" for k, v in sorted(
+        counts.items())) or "none"))
+    fallbacks = s.fallback_primitives
+    lines.append("replicated fallback (no sharding rule): " + (", ".join(fallbacks) or "none"))
+    lines.append("")
+    lines.append(f"{'input':<48} spec")
+    for name, spec in list(zip(s.input_names, s.input_specs))[:max_rows]:
+        lines.append(f"{name[:48]:<48} {format_spec(spec)}")
+    if len(s.input_specs) > max_rows:
+        lines.append(f"... {len(s.input_specs) - max_rows} more inputs")
+    heavy = [n for n in s.nodes if n.collectives or n.primitive in (
+        "dot_general", "conv_general_dilated")]
+    lines.append("")
+    lines.append(f"{'#':>5} {'operator':<22} {'strategy':<26} {'operands -> result':<40} comm")
+    for n in heavy[:max_rows]:
+        specs = " ".join(format_spec(x) for x in n.in_specs) + " -> " + " ".join(
+            format_spec(x) for x in n.out_specs)
+        lines.append(f"{n.index:>5} {n.primitive:<22} {n.strategy[:26]:<26} {specs[:40]:<40} "
+                     f"{n.comm_s:.3g}")
+    if len(heavy) > max_rows:
+        lines.append(f"... {len(heavy) - max_rows} more matmuls/collectives")
+    kinds = Counter(n.primitive for n in s.nodes)
+    lines.append(f"operators: {sum(kinds.values())} ({', '.join(f'{k} {v}' for k, v in kinds.most_common(6))}, ...)")
+    return "\n".join(lines)
