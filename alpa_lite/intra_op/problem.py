@@ -93,11 +93,13 @@ class PlanningProblem:
                 for i, u in enumerate(self.units)]
 
 
-def enumerate_value_specs(aval, mesh: LogicalMesh) -> list[Spec]:
+def enumerate_value_specs(aval, mesh: LogicalMesh, allow_mixed_mesh_shape: bool = True
+                          ) -> list[Spec]:
     """Every spec a tensor of this shape can take on ``mesh`` (replicated first)."""
     names = tuple(f"d{i}" for i in range(len(aval.shape)))
     rule = FactorRule((), (names,), tuple(zip(names, aval.shape)))
-    return [s.out_specs[0] for s in enumerate_factor_strategies(rule, mesh, 1)]
+    return [s.out_specs[0] for s in enumerate_factor_strategies(
+        rule, mesh, 1, allow_mixed_mesh_shape=allow_mixed_mesh_shape)]
 
 
 def shard_largest_dim(aval, mesh: LogicalMesh) -> Spec:
@@ -170,6 +172,9 @@ class _UnitBuilder:
         self.input_units: list[int] = []
         self.batch_dims: dict[int, frozenset[int]] = {}
         self.batch_dependent: set[int] = set()
+        # Alpa's default: on a 2-D mesh, no dim is split over both axes at once unless a
+        # data-parallel policy needs the batch split over every device.
+        self.allow_mixed = policy is not SpecPolicy.AUTO
 
     def new_unit(self, unit: Unit) -> int:
         self.units.append(unit)
@@ -193,7 +198,7 @@ class _UnitBuilder:
     def input_specs(self, aval, role: InputRole, path: str) -> list[Spec]:
         policy, mesh = self.policy, self.mesh
         if policy is SpecPolicy.AUTO or not mesh.sharding_axes:
-            return enumerate_value_specs(aval, mesh)
+            return enumerate_value_specs(aval, mesh, self.allow_mixed)
         if role is InputRole.BATCH:
             return [batch_spec(aval, mesh, path)]
         sharded = (role is InputRole.OPT_STATE and policy in (SpecPolicy.ZERO2, SpecPolicy.ZERO3)
@@ -213,8 +218,8 @@ class _UnitBuilder:
             ctx = StrategyContext(primitive=node.primitive, params=node.params,
                                   avals_in=avals_in, avals_out=avals_out)
             rule = build_node_rule(ctx)
-            strategies, fallback = enumerate_node_strategies(ctx, rule, self.mesh,
-                                                             strict=self.strict)
+            strategies, fallback = enumerate_node_strategies(
+                ctx, rule, self.mesh, strict=self.strict, allow_mixed_mesh_shape=self.allow_mixed)
             operands = tuple(v if isinstance(v, int) else None for v in node.invars)
             out_bdims = self.propagate_batch(rule, operands, node.outvars)
             strategies = self.filter_strategies(ctx, rule, strategies, operands, out_bdims)

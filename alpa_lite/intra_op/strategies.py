@@ -110,19 +110,23 @@ class FactorRule:
 
 
 def enumerate_factor_strategies(
-    rule: FactorRule, mesh: LogicalMesh, result_itemsize_bytes: int
+    rule: FactorRule, mesh: LogicalMesh, result_itemsize_bytes: int, *,
+    allow_mixed_mesh_shape: bool = True,
 ) -> list[Strategy]:
     """Every assignment of mesh axes to factors that divides the factors evenly.
 
     Each mesh axis of size > 1 is given to at most one factor; a factor may take several axes
-    (in mesh order). Splitting a reduction factor over axes R costs an all-reduce of the
-    result over R (or a reduce-scatter variant). Results are cached per (rule, mesh).
+    (in mesh order) only when ``allow_mixed_mesh_shape`` (a dim split over the flattened
+    mesh, next to dims split over one axis; Alpa leaves this off by default). Splitting a
+    reduction factor over axes R costs an all-reduce of the result over R (or a
+    reduce-scatter variant). Results are cached per (rule, mesh, options).
     """
-    return list(_enumerate_cached(rule, mesh, result_itemsize_bytes))
+    return list(_enumerate_cached(rule, mesh, result_itemsize_bytes, allow_mixed_mesh_shape))
 
 
 @functools.lru_cache(maxsize=65536)
-def _enumerate_cached(rule: FactorRule, mesh: LogicalMesh, itemsize: int) -> tuple[Strategy, ...]:
+def _enumerate_cached(rule: FactorRule, mesh: LogicalMesh, itemsize: int,
+                      allow_mixed: bool) -> tuple[Strategy, ...]:
     sizes = dict(rule.factor_sizes)
     factors = [f for f in sizes if sizes[f] > 1]
     axes = mesh.sharding_axes
@@ -133,6 +137,8 @@ def _enumerate_cached(rule: FactorRule, mesh: LogicalMesh, itemsize: int) -> tup
             if factor is not None:
                 assign[factor] = assign.get(factor, ()) + (axis,)
         if any(sizes[f] % mesh.axes_size(a) for f, a in assign.items()):
+            continue
+        if not allow_mixed and any(len(a) > 1 for a in assign.values()):
             continue
         strategies.extend(_strategies_for_assignment(rule, mesh, assign, itemsize))
     return tuple(strategies)

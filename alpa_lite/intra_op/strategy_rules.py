@@ -69,8 +69,8 @@ def build_node_rule(ctx: StrategyContext) -> "FactorRule | list[Strategy] | None
     return rule(ctx) if rule is not None else None
 
 
-def enumerate_node_strategies(ctx: StrategyContext, rule, mesh: LogicalMesh, *,
-                              strict: bool) -> tuple[list[Strategy], bool]:
+def enumerate_node_strategies(ctx: StrategyContext, rule, mesh: LogicalMesh, *, strict: bool,
+                              allow_mixed_mesh_shape: bool = True) -> tuple[list[Strategy], bool]:
     """Strategies of one operator (all of them, before any filtering), and a fallback flag.
 
     Raises:
@@ -79,7 +79,8 @@ def enumerate_node_strategies(ctx: StrategyContext, rule, mesh: LogicalMesh, *,
     result = rule
     if isinstance(rule, FactorRule):
         itemsize = np.dtype(ctx.avals_out[0].dtype).itemsize if ctx.avals_out else 4
-        result = enumerate_factor_strategies(rule, mesh, itemsize)
+        result = enumerate_factor_strategies(rule, mesh, itemsize,
+                                             allow_mixed_mesh_shape=allow_mixed_mesh_shape)
     if result:
         return list(result), False
     by_design = ctx.primitive in REPLICATED_BY_DESIGN
