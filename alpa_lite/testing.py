@@ -32,26 +32,66 @@ def assert_matches_serial(step, parallel_step, *args, rtol: float = 1e-5,
 
 
 _COLLECTIVE_RE = re.compile(
-    r"=\s*[^=]*?\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-    r"(?:-start)?\(")
+    r"=\s*(?P<shape>\([^=]*?\)|[a-z]+\d*\[[\d,]*\][^ ]*)\s+"
+    r"(?P<kind>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+_ARRAY_RE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
 
 
-def count_collectives(hlo_text: str, *, min_elements: int = 0) -> dict[str, int]:
-    """Counts collectives in compiled HLO text (async pairs counted once).
+def count_collectives(hlo_text: str, *, min_elements: int = 0,
+                      per_tensor: bool = False) -> dict[str, int]:
+    """Counts collectives in compiled HLO text (an async start/done pair counts once).
 
     Args:
         hlo_text: ``compiled.as_text()``.
-        min_elements: ignore collectives whose result has fewer elements (e.g. scalar losses).
+        min_elements: ignore tensors with fewer elements (e.g. scalar losses).
+        per_tensor: count each tensor of a combined (tuple) collective separately; XLA's
+            combiner passes merge independent collectives into one op.
+
+    Example:
+        >>> count_collectives("  %ar = f32[4,4]{1,0} all-reduce(%x), to_apply=%add")
+        {'all-reduce': 1}
     """
     counts: dict[str, int] = {}
     for line in hlo_text.splitlines():
         match = _COLLECTIVE_RE.search(line)
-        if not match or "-done(" in line:
+        if not match:
             continue
-        shapes = re.findall(r"[a-z]+\d*\[([\d,]*)\]", line.split("=", 1)[1].split(match.group(1))[0])
-        elements = max((int(np.prod([int(d) for d in s.split(",") if d] or [1])) for s in shapes),
-                       default=1)
-        if elements < min_elements:
+        sizes = [int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                 for dims in _ARRAY_RE.findall(match.group("shape"))]
+        if "-start(" in line and match.group("kind") != "all-reduce":
+            sizes = sizes[-1:]  # async start ops return (operand, result)
+        kept = [n for n in sizes if n >= min_elements]
+        if not kept:
             continue
-        counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+        kind = match.group("kind")
+        counts[kind] = counts.get(kind, 0) + (len(kept) if per_tensor else 1)
+    return counts
+
+
+def split_hlo_computations(hlo_text: str) -> dict[str, str]:
+    """Computation name -> its text, for compiled HLO text."""
+    computations: dict[str, str] = {}
+    name, lines = None, []
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$", line)
+        if header and not line.startswith(" "):
+            if name is not None:
+                computations[name] = "\n".join(lines)
+            name, lines = header.group(1), []
+        elif name is not None:
+            lines.append(line)
+    if name is not None:
+        computations[name] = "\n".join(lines)
+    return computations
+
+
+def count_collectives_in_loops(hlo_text: str, *, min_elements: int = 0) -> dict[str, int]:
+    """Collectives inside while-loop bodies (run once per iteration, e.g. per micro-batch)."""
+    computations = split_hlo_computations(hlo_text)
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo_text))
+    counts: dict[str, int] = {}
+    for body in bodies:
+        for kind, n in count_collectives(computations.get(body, ""),
+                                         min_elements=min_elements).items():
+            counts[kind] = counts.get(kind, 0) + n
     return counts

@@ -14,10 +14,17 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import primitives as prims
 
+from alpa_lite.emit.shardings import finish_partial_sum, reduction_axes, value_specs
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
 from alpa_lite.markers import grad_boundary_p
+from alpa_lite.plan import ShardingPlan
+
+# Linear operators a partial sum may pass through on its way to the gradient boundary.
+_LINEAR_CARRIERS = (prims.transpose_p, prims.reshape_p, prims.squeeze_p, prims.copy_p,
+                    prims.convert_element_type_p, prims.neg_p, prims.add_jaxvals_p, prims.add_p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +88,63 @@ def split_at_grad_boundary(graph: OpGraph, batch_inputs: list[int]) -> GradSplit
     return GradSplit(tuple(pre), tuple(compute), tuple(post), boundary)
 
 
+@dataclasses.dataclass
+class DeferredReductions:
+    """Reductions postponed from every micro-batch to once per step.
+
+    Attributes:
+        reductions: node index -> mesh axes of the reduction it would do (emitted unreduced).
+        carriers: linear nodes between those reductions and the boundary (run on partials).
+        boundary_axes: boundary operand value id -> axes, for operands that arrive unreduced.
+        partial_values: filled while tracing: value ids currently holding partial sums.
+    """
+
+    reductions: dict[int, tuple[str, ...]]
+    carriers: set[int]
+    boundary_axes: dict[int, tuple[str, ...]]
+    partial_values: set = dataclasses.field(default_factory=set)
+
+
+def find_deferred_reductions(graph: OpGraph, plan: ShardingPlan,
+                             split: GradSplit) -> DeferredReductions:
+    """Finds cross-device reductions whose results only flow, linearly, into gradients.
+
+    Such a reduction (the all-reduce of a weight gradient under data parallelism, say) can be
+    postponed: each device accumulates its unreduced local result over the micro-batches and
+    the reduction runs once per step, as Alpa does. A value qualifies when every path from it
+    reaches the boundary through `_LINEAR_CARRIERS` only, all of whose array operands carry
+    partial sums over the same mesh axes.
+    """
+    decisions = {d.index: d for d in plan.nodes}
+    axes_of: dict[int, tuple[str, ...]] = {}
+    compute = [i for i in split.compute if i != split.boundary]
+    for index in compute:
+        node, decision = graph.nodes[index], decisions.get(index)
+        if decision is not None and reduction_axes(decision) and len(node.outvars) == 1:
+            axes_of[node.outvars[0]] = reduction_axes(decision)
+        elif node.primitive in _LINEAR_CARRIERS and len(node.outvars) == 1:
+            ins = {axes_of.get(v) for v in node.invars if isinstance(v, int)}
+            if len(ins) == 1 and None not in ins:
+                axes_of[node.outvars[0]] = ins.pop()
+    users = graph.users()
+    boundary = graph.nodes[split.boundary]
+    ok: dict[int, bool] = {}
+    for index in reversed(compute):  # a value is deferrable if all its users are
+        node = graph.nodes[index]
+        for v in node.outvars:
+            ok[v] = v in axes_of and all(
+                u == boundary.index or (u in split.compute and graph.nodes[u].primitive
+                                        in _LINEAR_CARRIERS and ok.get(graph.nodes[u].outvars[0]))
+                for u in users[v]) and bool(users[v])
+    reductions = {i: axes_of[graph.nodes[i].outvars[0]] for i in compute
+                  if graph.nodes[i].primitive not in _LINEAR_CARRIERS
+                  and ok.get(graph.nodes[i].outvars[0])}
+    carriers = {i for i in compute if graph.nodes[i].primitive in _LINEAR_CARRIERS
+                and ok.get(graph.nodes[i].outvars[0])}
+    boundary_axes = {v: axes_of[v] for v in boundary.invars if isinstance(v, int) and ok.get(v)}
+    return DeferredReductions(reductions, carriers, boundary_axes)
+
+
 def split_micro_batches(x, num_micro_batches: int):
     """[B, ...] -> [k, B/k, ...] with micro-batch i = examples i, i+k, ... (no data movement)."""
     per = x.shape[0] // num_micro_batches
@@ -88,26 +152,37 @@ def split_micro_batches(x, num_micro_batches: int):
     return jnp.moveaxis(y, 1, 0)
 
 
-def emit_accumulating_function(graph: OpGraph, split: GradSplit, batch_inputs: list[int],
-                               num_micro_batches: int, eval_nodes):
-    """The step function with gradient accumulation.
+def emit_accumulating_function(graph: OpGraph, plan: ShardingPlan, split: GradSplit,
+                               batch_inputs: list[int], num_micro_batches: int, eval_nodes,
+                               jax_mesh):
+    """The step function with gradient accumulation and once-per-step gradient reduction.
 
     Args:
         graph: the graph traced at micro-batch size.
+        plan: its sharding plan.
         split: from `split_at_grad_boundary`.
         batch_inputs: value ids of the batch inputs.
         num_micro_batches: k.
-        eval_nodes: ``eval_nodes(env, node_indices)`` evaluates the nodes into ``env``.
+        eval_nodes: from `build_node_evaluator`.
+        jax_mesh: the device mesh.
     """
     boundary = graph.nodes[split.boundary]
     body_nodes = tuple(i for i in split.compute if i != split.boundary)
-    acc_ids = [v for v in boundary.invars if isinstance(v, int)]
+    acc_ids = list(dict.fromkeys(v for v in boundary.invars if isinstance(v, int)))
     for v in acc_ids:
         if not jnp.issubdtype(graph.avals[v].dtype, jnp.floating):
             raise InvalidConfigError(
                 f"alpa_lite.value_and_grad returns a {graph.avals[v].dtype} value; only floating "
                 "values can be averaged over micro-batches. Return it as a float, or drop "
                 "num_micro_batches.")
+    deferred = find_deferred_reductions(graph, plan, split)
+    planned = value_specs(graph, plan)
+
+    def zeros(v):
+        aval = graph.avals[v]
+        axes = deferred.boundary_axes.get(v)
+        lead = () if axes is None else (plan.mesh.axes_size(axes),)
+        return jnp.zeros(lead + tuple(aval.shape), aval.dtype)
 
     def run(*flat_args):
         env = dict(zip(graph.inputs, flat_args))
@@ -118,12 +193,15 @@ def emit_accumulating_function(graph: OpGraph, split: GradSplit, batch_inputs: l
         def body(acc, xs):
             local = dict(env)
             local.update(xs)
-            eval_nodes(local, body_nodes)
+            eval_nodes(local, body_nodes, dataclasses.replace(deferred, partial_values=set()))
             return [a + local[v] for a, v in zip(acc, acc_ids)], None
 
-        init = [jnp.zeros(graph.avals[v].shape, graph.avals[v].dtype) for v in acc_ids]
-        acc, _ = jax.lax.scan(body, init, micro)
-        means = dict(zip(acc_ids, [a / num_micro_batches for a in acc]))
+        acc, _ = jax.lax.scan(body, [zeros(v) for v in acc_ids], micro)
+        means = {}
+        for v, total in zip(acc_ids, acc):
+            if v in deferred.boundary_axes:
+                total = finish_partial_sum(total, deferred.boundary_axes[v], planned[v], jax_mesh)
+            means[v] = total / num_micro_batches
         for src, dst in zip(boundary.invars, boundary.outvars):
             env[dst] = means[src] if isinstance(src, int) else src.val
         eval_nodes(env, split.post)

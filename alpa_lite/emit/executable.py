@@ -40,7 +40,8 @@ class ShardExecutable:
             batch_inputs = [v for v, b in zip(graph.inputs, traced.batch_leaves) if b]
             split = split_at_grad_boundary(graph, batch_inputs)
             eval_nodes = build_node_evaluator(graph, sharding, self.jax_mesh)
-            fn = emit_accumulating_function(graph, split, batch_inputs, k, eval_nodes)
+            fn = emit_accumulating_function(graph, sharding, split, batch_inputs, k, eval_nodes,
+                                            self.jax_mesh)
         self._jitted = jax.jit(fn, in_shardings=self.in_shardings,
                                out_shardings=self.out_shardings, donate_argnums=flat_donate)
 

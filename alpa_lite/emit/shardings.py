@@ -10,7 +10,7 @@ XLA's partitioner does the rest, and the compiled program's collectives follow t
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import numpy as np
@@ -22,6 +22,9 @@ from alpa_lite.intra_op.problem import is_transparent
 from alpa_lite.intra_op.strategies import Spec, replicated_spec
 from alpa_lite.mesh import LogicalMesh
 from alpa_lite.plan import ShardingPlan
+
+if TYPE_CHECKING:
+    from alpa_lite.emit.accumulate import DeferredReductions
 
 
 def spec_to_partition_spec(spec: Spec) -> PartitionSpec:
@@ -64,7 +67,12 @@ def value_specs(graph: OpGraph, plan: ShardingPlan) -> dict[int, Spec]:
 
 
 def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> Callable:
-    """``eval_nodes(env, node_indices)``: evaluates nodes into ``env`` under the plan."""
+    """``eval_nodes(env, node_indices, deferred=None)``: evaluates nodes into ``env``.
+
+    ``deferred`` (from `find_deferred_reductions`) maps nodes whose cross-device reduction is
+    postponed to the reduction's mesh axes, and lists the linear nodes that carry such partial
+    sums; their values get a leading dim of one partial result per device group.
+    """
     if len(plan.nodes) != sum(1 for n in graph.nodes if not is_transparent(n.primitive)):
         raise ValueError("The plan does not belong to this graph (operator counts differ).")
     planned = value_specs(graph, plan)
@@ -84,21 +92,94 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
             return constrain(env[v], want)
         return env[v]
 
-    def eval_nodes(env: dict, node_indices) -> None:
+    def eval_nodes(env: dict, node_indices, deferred: "DeferredReductions | None" = None):
         for index in node_indices:
             node = graph.nodes[index]
             decision = decisions.get(index)
+            params = bind_params(node.primitive, node.params)
+            if deferred is not None and index in deferred.carriers:
+                outs = _bind_over_partials(node, params, env, deferred.partial_values)
+                deferred.partial_values.update(node.outvars)
+                env.update(zip(node.outvars, outs))
+                continue
             invals = [operand(env, decision, pos, v) for pos, v in enumerate(node.invars)]
+            if deferred is not None and index in deferred.reductions:
+                outs = [emit_partial_result(node, decision, invals, jax_mesh)]
+                deferred.partial_values.update(node.outvars)
+                env.update(zip(node.outvars, outs))
+                continue
             if decision is not None and _scatter_collective(decision) is not None:
                 outs = [emit_reduce_scatter(node, decision, invals, jax_mesh)]
             else:
-                outs = node.primitive.bind(*invals, **bind_params(node.primitive, node.params))
+                outs = node.primitive.bind(*invals, **params)
                 outs = outs if node.primitive.multiple_results else [outs]
             if decision is not None and decision.anchor:
                 outs = [constrain(o, s) for o, s in zip(outs, decision.out_specs)]
             env.update(zip(node.outvars, outs))
 
     return eval_nodes
+
+
+def _bind_over_partials(node, params, env, partial_values):
+    """Applies a linear node to values that carry a leading partial-sum dim (vmapped)."""
+    args = [env[v] if isinstance(v, int) else v.val for v in node.invars]
+    axes = [0 if isinstance(v, int) and v in partial_values else None for v in node.invars]
+    out = jax.vmap(lambda *a: node.primitive.bind(*a, **params), in_axes=axes)(*args)
+    return out if node.primitive.multiple_results else [out]
+
+
+def _pre_reduction_spec(decision) -> Spec:
+    """The result spec before the strategy's collective (a reduce-scatter's dim unsplit)."""
+    out_spec = decision.out_specs[0]
+    scatter = _scatter_collective(decision)
+    if scatter is None:
+        return out_spec
+    return tuple(() if tuple(a) == tuple(scatter[1]) else a for a in out_spec)
+
+
+def reduction_axes(decision) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(a for kind, axes, _ in decision.collectives
+                               if kind in ("all-reduce", "reduce-scatter") for a in axes))
+
+
+def emit_partial_result(node, decision, invals, jax_mesh: Mesh):
+    """The node's local results, unreduced: shape ``[devices along R, *result]``.
+
+    Summing over the leading dim later (once per step) performs the reduction the strategy
+    would otherwise do on every micro-batch.
+    """
+    axes = reduction_axes(decision)
+    params = bind_params(node.primitive, node.params)
+    in_specs = tuple(spec_to_partition_spec(s) if s is not None else PartitionSpec()
+                     for s in decision.in_specs)
+    out_spec = spec_to_partition_spec(((axes),) + _pre_reduction_spec(decision))
+    return jax.shard_map(lambda *ops: node.primitive.bind(*ops, **params)[None], mesh=jax_mesh,
+                         in_specs=in_specs, out_specs=out_spec, check_vma=False)(*invals)
+
+
+def finish_partial_sum(value, axes: tuple[str, ...], spec: Spec, jax_mesh: Mesh):
+    """Reduces ``[devices along axes, *shape]`` partial sums to the planned ``spec``.
+
+    One all-reduce over ``axes`` (a reduce-scatter when ``spec`` splits a dim over exactly
+    ``axes``).
+    """
+    axes = tuple(axes)
+    scatter_dim = next((d for d, a in enumerate(spec) if tuple(a) == axes), None)
+    without = tuple(tuple(x for x in a if x not in axes) for a in spec)
+    result_spec = tuple(axes if d == scatter_dim else a for d, a in enumerate(without))
+
+    def reduce(block):
+        if scatter_dim is None:
+            return jax.lax.psum(block[0], axes)
+        return jax.lax.psum_scatter(block[0], axes, scatter_dimension=scatter_dim, tiled=True)
+
+    reduced = jax.shard_map(reduce, mesh=jax_mesh,
+                            in_specs=spec_to_partition_spec((axes,) + without),
+                            out_specs=spec_to_partition_spec(result_spec), check_vma=False)(value)
+    if result_spec == spec:
+        return reduced
+    return jax.lax.with_sharding_constraint(
+        reduced, NamedSharding(jax_mesh, spec_to_partition_spec(spec)))
 
 
 def _scatter_collective(decision):
