@@ -15,7 +15,7 @@ import jax.numpy as jnp
 @functools.cache
 def optimization_barrier_primitive():
     """The primitive behind `jax.lax.optimization_barrier` (found by tracing, not by import)."""
-    jaxpr = jax.make_jaxpr(jax.lax.optimization_barrier)(jnp.zeros(()))
+    jaxpr = jax.make_jaxpr(jax.lax.optimization_barrier)(jax.ShapeDtypeStruct((), jnp.float32))
     return jaxpr.eqns[0].primitive
 
 
@@ -35,5 +35,5 @@ def split_primitive():
     """The primitive behind `jax.lax.split`, or None on jax versions without one."""
     if not hasattr(jax.lax, "split"):
         return None
-    jaxpr = jax.make_jaxpr(lambda x: jax.lax.split(x, (1, 1)))(jnp.zeros(2))
+    jaxpr = jax.make_jaxpr(lambda x: jax.lax.split(x, (1, 1)))(jax.ShapeDtypeStruct((2,), jnp.float32))
     return jaxpr.eqns[0].primitive

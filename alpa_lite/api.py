@@ -61,6 +61,7 @@ class ParallelizedFunction:
             raise InvalidConfigError(f"parallelize needs a callable; got {type(fun).__name__}.")
         self.fun, self.method, self.step = fun, method, step
         self._cache: dict = {}
+        self._loaded_plan: ParallelPlan | None = None
         self.num_plans = 0  # how many times planning ran (the cache's hit test)
         functools.update_wrapper(self, fun)
 
@@ -81,10 +82,21 @@ class ParallelizedFunction:
 
     def _make_plan(self, args):
         if isinstance(self.method, ShardParallel):
-            return plan_shard_parallel(self.fun, args, self.method, self.step)
+            return plan_shard_parallel(self.fun, args, self.method, self.step,
+                                       plan=self._loaded_plan)
         raise InvalidConfigError(
             f"Unknown method {self.method!r}; use ShardParallel, DataParallel, Zero2Parallel, "
             "Zero3Parallel or PipeshardParallel.")
+
+    def use_plan(self, plan: ParallelPlan) -> "ParallelizedFunction":
+        """Runs with ``plan`` (e.g. from `ParallelPlan.from_json`) instead of solving.
+
+        The plan must belong to the same function and argument shapes; a mismatch raises
+        `InvalidConfigError` when the function is next called.
+        """
+        self._loaded_plan = plan
+        self._cache.clear()
+        return self
 
     def get_executable(self, *args):
         entry = self._compiled_plan(args)

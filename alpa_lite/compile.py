@@ -15,7 +15,7 @@ from alpa_lite.config import ShardParallel
 from alpa_lite.emit.executable import ShardExecutable
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph, build_op_graph
-from alpa_lite.intra_op.planner import solve_intra_op
+from alpa_lite.intra_op.planner import graph_fingerprint, solve_intra_op
 from alpa_lite.intra_op.problem import InputRole
 from alpa_lite.mesh import LogicalMesh
 from alpa_lite.plan import ParallelPlan
@@ -131,8 +131,13 @@ class CompiledPlan:
 
 
 def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, step: StepSpec,
-                        devices: Sequence | None = None) -> CompiledPlan:
-    """Traces and plans ``fun(*args)`` with a ShardParallel-family method."""
+                        devices: Sequence | None = None,
+                        plan: ParallelPlan | None = None) -> CompiledPlan:
+    """Traces and plans ``fun(*args)`` with a ShardParallel-family method.
+
+    With ``plan`` given (a loaded plan), checks that it belongs to the traced function and
+    uses it instead of solving.
+    """
     start = time.perf_counter()
     devices = resolve_devices(method, devices)
     mesh = build_logical_mesh(method, devices)
@@ -142,6 +147,9 @@ def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, st
     traced = trace_function(fun, trace_args, static_argnums=step.static_argnums,
                             batch_argnums=step.batch_argnums)
     graph = build_op_graph(traced.closed_jaxpr)
+    if plan is not None:
+        check_plan_matches(plan, graph, mesh)
+        return CompiledPlan(traced, graph, plan, tuple(devices))
     sharding = solve_intra_op(
         graph, mesh, input_roles=input_roles(traced), input_paths=list(traced.in_paths),
         policy=method.policy, alias_pairs=find_alias_pairs(traced),
@@ -150,6 +158,20 @@ def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, st
     plan = ParallelPlan(method=type(method).__name__, num_micro_batches=k, sharding=sharding,
                         plan_time_s=time.perf_counter() - start)
     return CompiledPlan(traced, graph, plan, tuple(devices))
+
+
+def check_plan_matches(plan: ParallelPlan, graph: OpGraph, mesh: LogicalMesh) -> None:
+    """Raises unless ``plan`` was made for this graph on a mesh of this shape."""
+    got = graph_fingerprint(graph)
+    if plan.sharding is None or plan.sharding.graph_fingerprint != got:
+        raise InvalidConfigError(
+            f"The loaded plan was made for a different function or argument shapes (plan "
+            f"fingerprint {plan.sharding.graph_fingerprint if plan.sharding else None}, this "
+            f"call {got}). Plan again with .plan(...) for these arguments.")
+    if plan.sharding.mesh.shape != mesh.shape:
+        raise InvalidConfigError(
+            f"The loaded plan is for mesh {plan.sharding.mesh.shape}, the method asks for "
+            f"{mesh.shape}. Use the same mesh_shape as when the plan was made.")
 
 
 def compile_shard_parallel(compiled: CompiledPlan, step: StepSpec) -> ShardExecutable:

@@ -32,7 +32,7 @@ def assert_matches_serial(step, parallel_step, *args, rtol: float = 1e-5,
 
 
 _COLLECTIVE_RE = re.compile(
-    r"=\s*(?P<shape>\([^=]*?\)|[a-z]+\d*\[[\d,]*\][^ ]*)\s+"
+    r"=\s*(?P<shape>\(.*?\)|[a-z]+\d*\[[\d,]*\][^ ]*)\s+"
     r"(?P<kind>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
 _ARRAY_RE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
 
