@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from alpa_lite.models.mlp import fan_in_normal_init
+
 
 def avg_pool(x: jax.Array, window: int) -> jax.Array:
     """Non-overlapping ``window x window`` average pooling of an NHWC array.
@@ -61,10 +63,11 @@ class SmallCNN(nn.Module):
         x = images.astype(self.dtype)
         for i, features in enumerate(self.features):
             x = nn.Conv(features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
-                        name=f"conv_{i}")(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
-                             name=f"bn_{i}")(x)
+                        kernel_init=fan_in_normal_init(2.0), name=f"conv_{i}")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=jnp.float32,
+                             name=f"bn_{i}")(x.astype(jnp.float32)).astype(self.dtype)
             x = nn.relu(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2)) if i == 0 else avg_pool(x, 2)
         x = x.reshape(x.shape[0], -1)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=fan_in_normal_init(1.0),
+                        name="head")(x)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from alpa_lite.errors import InvalidConfigError
+from alpa_lite.models.mlp import normal_init
 
 Dtype = Any
 
@@ -45,7 +46,7 @@ class GPTConfig:
         remat: wrap every block in `flax.linen.remat` (recompute activations in the backward pass).
 
     Example:
-        >>> GPTConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, seq_len=16).head_dim
+        >>> GPTConfig(128, hidden_size=64, num_layers=2, num_heads=4, seq_len=16).head_dim
         16
     """
 
@@ -70,6 +71,16 @@ class GPTConfig:
         return self.hidden_size // self.num_heads
 
 
+def layer_norm_f32(x: jax.Array, *, name: str, dtype: Dtype) -> jax.Array:
+    """LayerNorm computed in float32, returned in ``dtype`` (call inside a compact module).
+
+    Normalisation statistics need float32 under bf16 compute. flax's own mixed-dtype path
+    (``nn.LayerNorm(dtype=jnp.bfloat16)``) promotes bf16 with float32 implicitly, which
+    ``jax_numpy_dtype_promotion="strict"`` rejects, so the casts are explicit here.
+    """
+    return nn.LayerNorm(dtype=jnp.float32, name=name)(x.astype(jnp.float32)).astype(dtype)
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Causal scaled dot-product attention over ``[batch, seq, heads, head_dim]`` arrays.
 
@@ -84,7 +95,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     q = q * (1.0 / math.sqrt(head_dim))
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32)
     is_visible = jnp.tril(jnp.ones((seq_len, seq_len), dtype=jnp.bool_))
-    scores = jnp.where(is_visible, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(is_visible[None, None], scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bnqk,bknd->bqnd", weights, v)
 
@@ -99,17 +110,20 @@ class GPTBlock(nn.Module):
         cfg = self.config
         batch, seq_len, hidden = x.shape
         dense = lambda features, std, name: nn.Dense(  # noqa: E731
-            features, dtype=cfg.dtype, kernel_init=nn.initializers.normal(std), name=name
+            features, dtype=cfg.dtype, kernel_init=normal_init(std), name=name
         )
         out_std = _INIT_STD / math.sqrt(2 * cfg.num_layers)
 
-        y = nn.LayerNorm(dtype=cfg.dtype, name="ln_attn")(x)
+        y = layer_norm_f32(x, name="ln_attn", dtype=cfg.dtype)
+        # Megatron's fused-qkv layout: the 3h output features are grouped per head as
+        # [head, (q, k, v), head_dim], so sharding them in contiguous chunks splits whole heads
+        # and the reshape below needs no communication (column-parallel attention).
         qkv = dense(3 * hidden, _INIT_STD, "qkv")(y)
-        qkv = qkv.reshape(batch, seq_len, 3, cfg.num_heads, cfg.head_dim)
-        attn = causal_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        qkv = qkv.reshape(batch, seq_len, cfg.num_heads, 3, cfg.head_dim)
+        attn = causal_attention(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2])
         x = x + dense(hidden, out_std, "attn_out")(attn.reshape(batch, seq_len, hidden))
 
-        y = nn.LayerNorm(dtype=cfg.dtype, name="ln_mlp")(x)
+        y = layer_norm_f32(x, name="ln_mlp", dtype=cfg.dtype)
         y = nn.gelu(dense(cfg.mlp_ratio * hidden, _INIT_STD, "fc_in")(y))
         return x + dense(hidden, out_std, "fc_out")(y)
 
@@ -140,16 +154,16 @@ class GPT(nn.Module):
             )
         embed = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
-            embedding_init=nn.initializers.normal(_INIT_STD), name="token_embed",
+            embedding_init=normal_init(_INIT_STD), name="token_embed",
         )
         positions = self.param(
-            "position_embed", nn.initializers.normal(_INIT_STD), (cfg.seq_len, cfg.hidden_size)
+            "position_embed", normal_init(_INIT_STD), (cfg.seq_len, cfg.hidden_size)
         )
-        x = embed(tokens) + positions[:seq_len].astype(cfg.dtype)
+        x = embed(tokens) + positions[None, :seq_len].astype(cfg.dtype)
         block_cls = nn.remat(GPTBlock) if cfg.remat else GPTBlock
         for i in range(cfg.num_layers):
             x = block_cls(cfg, name=f"block_{i}")(x)
-        x = nn.LayerNorm(dtype=cfg.dtype, name="ln_final")(x)
+        x = layer_norm_f32(x, name="ln_final", dtype=cfg.dtype)
         return embed.attend(x)
 
 
@@ -158,7 +172,8 @@ def estimate_gpt_params(config: GPTConfig) -> int:
 
     Per block: ``(4 + 2r) h^2`` weights (qkv ``3h^2``, attention output ``h^2``, MLP ``2r h^2``),
     ``(5 + r) h`` biases (qkv ``3h``, attention output ``h``, MLP ``rh + h``) and ``4h`` LayerNorm
-    scales/biases. Plus token ``V h`` and position ``s h`` embeddings and the final LayerNorm ``2h``.
+    scales/biases. Plus token ``V h`` and position ``s h`` embeddings and the final LayerNorm
+    ``2h``.
 
     Example:
         >>> estimate_gpt_params(GPTConfig(128, 64, 2, 4, 16))

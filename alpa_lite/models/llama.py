@@ -21,6 +21,7 @@ import numpy as np
 
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.models.gpt import causal_attention
+from alpa_lite.models.mlp import normal_init
 
 Dtype = Any
 _INIT_STD = 0.02
@@ -92,6 +93,12 @@ def apply_rotary_embedding(x: jax.Array, theta: float = 10000.0) -> jax.Array:
     return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
 
 
+def _rms_norm_f32(x: jax.Array, cfg: LlamaConfig, name: str) -> jax.Array:
+    # Statistics in float32 with explicit casts (see `alpa_lite.models.gpt.layer_norm_f32`).
+    norm = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, name=name)
+    return norm(x.astype(jnp.float32)).astype(cfg.dtype)
+
+
 class LlamaBlock(nn.Module):
     """One LLaMA block: ``x + attn(rmsnorm(x))``, then ``x + swiglu(rmsnorm(x))``."""
 
@@ -103,18 +110,18 @@ class LlamaBlock(nn.Module):
         batch, seq_len, hidden = x.shape
         dense = lambda features, name: nn.Dense(  # noqa: E731
             features, use_bias=False, dtype=cfg.dtype,
-            kernel_init=nn.initializers.normal(_INIT_STD), name=name,
+            kernel_init=normal_init(_INIT_STD), name=name,
         )
         heads = (batch, seq_len, cfg.num_heads, cfg.head_dim)
 
-        y = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, name="attn_norm")(x)
+        y = _rms_norm_f32(x, cfg, "attn_norm")
         q = apply_rotary_embedding(dense(hidden, "q_proj")(y).reshape(heads), cfg.rope_theta)
         k = apply_rotary_embedding(dense(hidden, "k_proj")(y).reshape(heads), cfg.rope_theta)
         v = dense(hidden, "v_proj")(y).reshape(heads)
         attn = causal_attention(q, k, v).reshape(batch, seq_len, hidden)
         x = x + dense(hidden, "o_proj")(attn)
 
-        y = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, name="mlp_norm")(x)
+        y = _rms_norm_f32(x, cfg, "mlp_norm")
         gated = nn.silu(dense(cfg.ffn_size, "gate_proj")(y)) * dense(cfg.ffn_size, "up_proj")(y)
         return x + dense(hidden, "down_proj")(gated)
 
@@ -142,15 +149,15 @@ class Llama(nn.Module):
             )
         x = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
-            embedding_init=nn.initializers.normal(_INIT_STD), name="token_embed",
+            embedding_init=normal_init(_INIT_STD), name="token_embed",
         )(tokens)
         block_cls = nn.remat(LlamaBlock) if cfg.remat else LlamaBlock
         for i in range(cfg.num_layers):
             x = block_cls(cfg, name=f"block_{i}")(x)
-        x = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, name="final_norm")(x)
+        x = _rms_norm_f32(x, cfg, "final_norm")
         return nn.Dense(
             cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-            kernel_init=nn.initializers.normal(_INIT_STD), name="lm_head",
+            kernel_init=normal_init(_INIT_STD), name="lm_head",
         )(x)
 
 

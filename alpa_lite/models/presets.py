@@ -6,16 +6,19 @@ Sources:
 
 * GPT: the GPT-3 sizes of Alpa (Zheng et al., OSDI'22, Table 4 and §8.1: sequence length 1024,
   vocabulary 51200, global batch 1024), which follow Brown et al. 2020 (Table 2.1) with
-  Megatron-LM's padded vocabulary. "gpt-13b" is GPT-3 13B as Megatron-LM and Aceso (EuroSys'24)
-  run it (h=5120, 40 layers, 40 heads; GPT-3's own table says h=5140). Alpa's 32-GPU size is
-  "gpt-15b" (h=5120, 48 layers, 40 heads).
+  Megatron-LM's padded vocabulary. "gpt-13b" is GPT-3 13B in Megatron-LM's layout (h=5120,
+  40 layers, 40 heads; GPT-3's own table says h=5140); Aceso (EuroSys'24) also evaluates a
+  GPT-3 13B, but its exact table was not checked for this file. Alpa's 32-GPU size is "gpt-15b"
+  (h=5120, 48 layers, 40 heads).
 * LLaMA-2: Touvron et al. 2023 (Table 1 and the released configs): vocabulary 32000, context 4096,
   7B: h=4096, 32 layers, 32 heads, ffn 11008; 13B: h=5120, 40 layers, 40 heads, ffn 13824. The
   default batch of 1024 sequences is their 4M-token global batch.
 * Wide-ResNet: Alpa Table 4 (depth / base channels / width factor; image 224, 1024 classes, global
   batch 1536 in §8.1), as listed in Alpa's public benchmark suite. "wresnet-500m" appears only in
-  that suite (its 2-GPU point). One older revision of the suite lists 13B as depth 50 with width
-  factor 32; the paper's table and the later suite say depth 101 with width factor 16, used here.
+  that suite (its 2-GPU point). For 13B, an older revision of the suite says depth 50 with width
+  factor 32, the later one depth 101 with width factor 16; the later one is used here and is,
+  to the best of our recollection, what the paper's table prints (not re-checked against the
+  PDF).
   Parameter counts from `estimate_wide_resnet_params` land within 3% of every nominal size.
 """
 
@@ -116,7 +119,7 @@ _ALL = [
     _gpt("gpt-1.3b", 2048, 24, 32, 1.3e9),
     _gpt("gpt-2.6b", 2560, 32, 32, 2.6e9),
     _gpt("gpt-6.7b", 4096, 32, 32, 6.7e9),
-    _gpt("gpt-13b", 5120, 40, 40, 13e9),  # GPT-3 13B (Megatron-LM / Aceso); not in Alpa's table.
+    _gpt("gpt-13b", 5120, 40, 40, 13e9),  # GPT-3 13B (Megatron-LM layout); not in Alpa's table.
     _gpt("gpt-15b", 5120, 48, 40, 15e9),  # Alpa's 32-GPU size.
     _gpt("gpt-39b", 8192, 48, 64, 39e9),
     # LLaMA-2 (Touvron et al. 2023): hidden, layers, heads, ffn (vocab 32000, context 4096).

@@ -205,7 +205,8 @@ def create_train_state(preset_or_model: ModelPreset | nn.Module, rng: jax.Array 
         rng: PRNG key or integer seed for the initialisation (0 when None).
         batch_size: batch size of the example input used to initialise (1 when None; the
             parameters do not depend on it).
-        optimizer: defaults to `default_optimizer` of the model.
+        optimizer: defaults to `default_optimizer` of the model. It is wrapped in
+            `with_standard_promotion`, which changes no result.
         abstract: build shapes only.
 
     Example:
@@ -215,7 +216,7 @@ def create_train_state(preset_or_model: ModelPreset | nn.Module, rng: jax.Array 
         13.0
     """
     model = _as_model(preset_or_model)
-    tx = optimizer if optimizer is not None else default_optimizer(model)
+    tx = with_standard_promotion(optimizer) if optimizer is not None else default_optimizer(model)
     spec, _ = _batch_spec(model, batch_size or 1)
     inputs = spec.get("tokens", spec.get("images", spec.get("inputs")))
     init_kwargs = {"train": False} if _has_batch_norm(model) else {}
@@ -229,7 +230,12 @@ def create_train_state(preset_or_model: ModelPreset | nn.Module, rng: jax.Array 
                                              tx=tx)
 
     key = _as_key(rng)
-    return jax.eval_shape(init, key) if abstract else jax.jit(init)(key)
+    if abstract:
+        return jax.eval_shape(init, key)
+    # The init program runs once, and on XLA:CPU LLVM's optimisation of the unrolled threefry
+    # rounds is most of its compile time: skip it there (about 2x faster to build).
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return jax.jit(init, compiler_options=options)(key)
 
 
 def _loss_value(loss: LossKind, outputs: jax.Array, batch: Batch) -> jax.Array:
@@ -271,19 +277,20 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation | 
     uses_batch_norm = _has_batch_norm(model)
     input_key = {"lm": "tokens", "xent": "images", "mse": "inputs"}[loss_kind]
 
-    def loss_fn(params, state, batch):
+    def loss_fn(params, batch_stats, batch):
         inputs = batch[input_key] if input_key in batch else batch["inputs"]
         if uses_batch_norm:
-            variables = {"params": params, "batch_stats": state.batch_stats}
+            variables = {"params": params, "batch_stats": batch_stats}
             outputs, updates = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
             return _loss_value(loss_kind, outputs, batch), updates["batch_stats"]
         return _loss_value(loss_kind, model.apply({"params": params}, inputs), batch), None
 
     def train_step(state, batch):
         if optimizer is not None:
-            state = state.replace(tx=optimizer)
+            state = state.replace(tx=with_standard_promotion(optimizer))
+        batch_stats = state.batch_stats if uses_batch_norm else None
         (loss_value, new_stats), grads = value_and_grad(loss_fn, has_aux=True)(
-            state.params, state, batch)
+            state.params, batch_stats, batch)
         new_state = state.apply_gradients(grads=grads)
         if uses_batch_norm:
             new_state = new_state.replace(batch_stats=new_stats)

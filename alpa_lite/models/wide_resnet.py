@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from alpa_lite.errors import InvalidConfigError
+from alpa_lite.models.mlp import fan_in_normal_init
 
 Dtype = Any
 BlockKind = Literal["basic", "bottleneck"]
@@ -145,7 +146,7 @@ def estimate_wide_resnet_params(config: WideResNetConfig) -> int:
 
     Example:
         >>> round(estimate_wide_resnet_params(WideResNetConfig(50, 2, 160, 1024, 224)) / 1e6)
-        255
+        254
     """
     convs = enumerate_convs(config)
     conv_params = sum(c.kernel**2 * c.in_channels * c.out_channels + 2 * c.out_channels
@@ -169,10 +170,13 @@ class _ConvBN(nn.Module):
         pad = self.kernel // 2
         x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
                     padding=[(pad, pad), (pad, pad)], use_bias=False, dtype=self.dtype,
-                    name="conv")(x)
+                    kernel_init=fan_in_normal_init(2.0), name="conv")(x)
         scale_init = nn.initializers.zeros if self.zero_scale else nn.initializers.ones
+        # Statistics in float32 with explicit casts: flax's bf16 BatchNorm path promotes
+        # implicitly, which strict dtype promotion rejects.
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype, scale_init=scale_init, name="bn")(x)
+                         dtype=jnp.float32, scale_init=scale_init,
+                         name="bn")(x.astype(jnp.float32)).astype(self.dtype)
         return nn.relu(x) if self.relu else x
 
 
@@ -253,4 +257,5 @@ class WideResNet(nn.Module):
             x = _Stage(kind, num_blocks, cfg.base_channels * 2**i, cfg.width_factor,
                        stride=2 if i > 0 else 1, dtype=cfg.dtype, name=f"stage_{i}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(cfg.num_classes, dtype=cfg.dtype, name="head")(x)
+        return nn.Dense(cfg.num_classes, dtype=cfg.dtype, kernel_init=fan_in_normal_init(1.0),
+                        name="head")(x)
