@@ -154,7 +154,8 @@ def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, st
         graph, mesh, input_roles=input_roles(traced), input_paths=list(traced.in_paths),
         policy=method.policy, alias_pairs=find_alias_pairs(traced),
         memory_budget_bytes=method.memory_budget_per_device, strict=method.strict,
-        solver=method.solver, time_limit_s=method.solver_time_limit_s)
+        solver=method.solver, time_limit_s=method.solver_time_limit_s,
+        share_repeated_layers=method.share_repeated_layers)
     plan = ParallelPlan(method=type(method).__name__, num_micro_batches=k, sharding=sharding,
                         plan_time_s=time.perf_counter() - start)
     return CompiledPlan(traced, graph, plan, tuple(devices))

@@ -54,6 +54,9 @@ class ShardParallel:
         strict: raise `UnsupportedPrimitiveError` instead of replicating unknown primitives.
         solver: ``"auto"`` (HiGHS if highspy is installed, else CBC), ``"highs"`` or ``"cbc"``.
         solver_time_limit_s: ILP time limit; the best plan found so far is used after it.
+        share_repeated_layers: give every repeat of a layer (flax modules ``block_0`` ...
+            ``block_N``) the same sharding, which shrinks the ILP by about the number of
+            layers. None: automatic (on for large graphs), True/False: always/never.
 
     Example:
         >>> ShardParallel(mesh_shape=(2, 4), mesh_alpha=(1.0, 1.0), mesh_beta=(1.0, 0.1)).mesh_shape
@@ -69,6 +72,7 @@ class ShardParallel:
     strict: bool = False
     solver: str = "auto"
     solver_time_limit_s: float = 60.0
+    share_repeated_layers: bool | None = None
 
     policy: ClassVar[SpecPolicy] = SpecPolicy.AUTO
 

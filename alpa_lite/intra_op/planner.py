@@ -8,6 +8,8 @@ import time
 
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.ilp import solve_sharding_problem
+from alpa_lite.intra_op.layer_sharing import (build_layer_classes, build_quotient_problem,
+                                              detect_layer_family)
 from alpa_lite.intra_op.problem import (InputRole, PlanningProblem, SpecPolicy,
                                         build_planning_problem)
 from alpa_lite.intra_op.strategies import replicated_spec
@@ -15,6 +17,9 @@ from alpa_lite.mesh import LogicalMesh
 from alpa_lite.plan import NodeDecision, ShardingPlan
 
 logger = logging.getLogger(__name__)
+
+# Below this many ILP groups the full problem solves in about a second: no sharing needed.
+_SHARING_MIN_GROUPS = 600
 
 
 def graph_fingerprint(graph: OpGraph) -> str:
@@ -41,8 +46,13 @@ def solve_intra_op(
     strict: bool = False,
     solver: str = "auto",
     time_limit_s: float = 60.0,
+    share_repeated_layers: bool | None = None,
 ) -> ShardingPlan:
     """Plans the sharding of every operator of ``graph`` on ``mesh``.
+
+    ``share_repeated_layers``: None shares one strategy choice across repeated layers when the
+    graph has a layer family and the ILP has at least `_SHARING_MIN_GROUPS` groups; True/False
+    force it on/off.
 
     Returns:
         A `ShardingPlan` whose ``objective`` is the ILP optimum (collective and resharding
@@ -52,8 +62,18 @@ def solve_intra_op(
     planning = build_planning_problem(
         graph, mesh, input_roles=input_roles, input_paths=input_paths, policy=policy,
         alias_pairs=alias_pairs, memory_budget_bytes=memory_budget_bytes, strict=strict)
+    problem, group_class, family = planning.problem, None, None
+    if share_repeated_layers is not False:
+        family = detect_layer_family(graph)
+        big = len(problem.node_costs) >= _SHARING_MIN_GROUPS
+        if family is not None and (share_repeated_layers or big):
+            group_class = build_layer_classes(planning, graph, family)
+            problem = build_quotient_problem(problem, group_class)
     build_s = time.perf_counter() - start
-    solution = solve_sharding_problem(planning.problem, time_limit_s=time_limit_s, solver=solver)
+    solution = solve_sharding_problem(problem, time_limit_s=time_limit_s, solver=solver)
+    choices = solution.choices
+    if group_class is not None:
+        choices = tuple(choices[c] for c in group_class)
     logger.info("intra-op ILP: %d groups, %d variables, %s in %.2fs (build %.2fs)",
                 len(planning.problem.node_costs), solution.num_variables, solution.status,
                 solution.solve_time_s, build_s)
@@ -62,9 +82,10 @@ def solve_intra_op(
         "solve_time_s": solution.solve_time_s, "build_time_s": build_s,
         "num_variables": solution.num_variables, "num_constraints": solution.num_constraints,
         "num_groups": len(planning.problem.node_costs), "num_units": len(planning.units),
-        "num_edges": len(planning.problem.edges),
+        "num_edges": len(planning.problem.edges), "num_classes": len(problem.node_costs),
+        "shared_layer_family": family if group_class is not None else None,
     }
-    return decode_plan(graph, mesh, planning, solution.choices, solution.objective,
+    return decode_plan(graph, mesh, planning, choices, solution.objective,
                        solution.peak_memory_bytes, stats, input_paths)
 
 

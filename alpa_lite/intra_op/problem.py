@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from collections import defaultdict
 
@@ -175,6 +176,9 @@ class _UnitBuilder:
         # Alpa's default: on a 2-D mesh, no dim is split over both axes at once unless a
         # data-parallel policy needs the batch split over every device.
         self.allow_mixed = policy is not SpecPolicy.AUTO
+        # Reduce-scatter strategies only where ZeRO needs them (Alpa: prefer_reduce_scatter
+        # off by default); in auto mode an all-reduce followed by a free slice covers them.
+        self.scatter = policy in (SpecPolicy.ZERO2, SpecPolicy.ZERO3)
 
     def new_unit(self, unit: Unit) -> int:
         self.units.append(unit)
@@ -218,6 +222,8 @@ class _UnitBuilder:
             ctx = StrategyContext(primitive=node.primitive, params=node.params,
                                   avals_in=avals_in, avals_out=avals_out)
             rule = build_node_rule(ctx)
+            if isinstance(rule, FactorRule) and rule.allow_reduce_scatter and not self.scatter:
+                rule = dataclasses.replace(rule, allow_reduce_scatter=False)
             strategies, fallback = enumerate_node_strategies(
                 ctx, rule, self.mesh, strict=self.strict, allow_mixed_mesh_shape=self.allow_mixed)
             operands = tuple(v if isinstance(v, int) else None for v in node.invars)
@@ -433,6 +439,12 @@ def _assemble(graph: OpGraph, mesh: LogicalMesh, builder: _UnitBuilder, grouping
 
 
 def _resharding_matrix(src_specs, dst_specs, num_bytes, mesh) -> np.ndarray:
+    return _resharding_matrix_cached(tuple(src_specs), tuple(dst_specs), num_bytes, mesh)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _resharding_matrix_cached(src_specs, dst_specs, num_bytes, mesh) -> np.ndarray:
+    """R[p, q] = seconds to turn src_specs[p] into dst_specs[q] (repeated layers hit the cache)."""
     uniq_src = list(dict.fromkeys(src_specs))
     uniq_dst = list(dict.fromkeys(s for s in dst_specs if s is not None))
     small = np.array([[estimate_resharding_s(a, b, num_bytes, mesh) for b in uniq_dst]
@@ -442,6 +454,7 @@ def _resharding_matrix(src_specs, dst_specs, num_bytes, mesh) -> np.ndarray:
     for j, spec in enumerate(dst_specs):
         if spec is not None:
             result[:, j] = small[rows, uniq_dst.index(spec)]
+    result.flags.writeable = False
     return result
 
 
