@@ -29,7 +29,9 @@ def measure(num_layers: int, args) -> dict:
     preset = get_preset(args.model).with_overrides(num_layers=num_layers,
                                                    batch_size=args.batch_size)
     work = build_workload(preset, abstract=True)
-    method = alpa_lite.ShardParallel(mesh_shape=tuple(args.mesh), solver_time_limit_s=600)
+    share = {"auto": None, "on": True, "off": False}[args.share]
+    method = alpa_lite.ShardParallel(mesh_shape=tuple(args.mesh), solver_time_limit_s=600,
+                                     share_repeated_layers=share)
     p = alpa_lite.parallelize(work.train_step, method=method)
     start = time.perf_counter()
     plan = p.plan(work.state, work.batch)
@@ -39,7 +41,7 @@ def measure(num_layers: int, args) -> dict:
             "edges": s["num_edges"], "variables": s["num_variables"],
             "constraints": s["num_constraints"], "build_s": s["build_time_s"],
             "solve_s": s["solve_time_s"], "total_s": total, "status": s["status"],
-            "objective": plan.objective}
+            "objective": plan.objective, "classes": s.get("num_classes")}
 
 
 def main() -> None:
@@ -48,6 +50,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8, 12, 24])
     parser.add_argument("--mesh", type=int, nargs=2, default=[2, 4])
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--share", choices=["auto", "on", "off"], default="auto",
+                        help="repeated-layer strategy sharing (auto: on for large graphs)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = [measure(n, args) for n in args.layers]
@@ -56,14 +60,15 @@ def main() -> None:
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
         f"model {args.model} (batch {args.batch_size}), mesh {tuple(args.mesh)}",
         "",
-        "| layers | operators | groups | edges | ILP variables | constraints | build (s) "
-        "| solve (s) | total plan (s) | status |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--|",
+        "| layers | operators | groups | ILP classes | ILP variables | constraints | build (s) "
+        "| solve (s) | total plan (s) | objective (s) | status |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--|",
     ]
     for r in rows:
-        lines.append(f"| {r['layers']} | {r['operators']} | {r['groups']} | {r['edges']} | "
+        lines.append(f"| {r['layers']} | {r['operators']} | {r['groups']} | {r['classes']} | "
                      f"{r['variables']} | {r['constraints']} | {r['build_s']:.2f} | "
-                     f"{r['solve_s']:.2f} | {r['total_s']:.2f} | {r['status']} |")
+                     f"{r['solve_s']:.2f} | {r['total_s']:.2f} | {r['objective']:.4g} | "
+                     f"{r['status']} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -285,13 +285,20 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation | 
             return _loss_value(loss_kind, outputs, batch), updates["batch_stats"]
         return _loss_value(loss_kind, model.apply({"params": params}, inputs), batch), None
 
+    # Built once: the returned state must keep the input state's static fields (its ``tx``),
+    # or every call would see a new pytree structure and re-plan / re-compile.
+    explicit_tx = with_standard_promotion(optimizer) if optimizer is not None else None
+
     def train_step(state, batch):
-        if optimizer is not None:
-            state = state.replace(tx=with_standard_promotion(optimizer))
         batch_stats = state.batch_stats if uses_batch_norm else None
         (loss_value, new_stats), grads = value_and_grad(loss_fn, has_aux=True)(
             state.params, batch_stats, batch)
-        new_state = state.apply_gradients(grads=grads)
+        if explicit_tx is None:
+            new_state = state.apply_gradients(grads=grads)
+        else:
+            updates, opt_state = explicit_tx.update(grads, state.opt_state, state.params)
+            new_state = state.replace(step=state.step + 1, opt_state=opt_state,
+                                      params=optax.apply_updates(state.params, updates))
         if uses_batch_norm:
             new_state = new_state.replace(batch_stats=new_stats)
         return new_state, loss_value
