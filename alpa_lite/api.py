@@ -7,8 +7,9 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from alpa_lite.compile import StepSpec, compile_shard_parallel, plan_shard_parallel
-from alpa_lite.config import ShardParallel
+from alpa_lite.compile import (StepSpec, compile_pipeshard, compile_shard_parallel,
+                               plan_pipeshard, plan_shard_parallel)
+from alpa_lite.config import PipeshardParallel, ShardParallel
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.plan import ParallelPlan
 from alpa_lite.trace import abstractify, split_static_args
@@ -84,6 +85,8 @@ class ParallelizedFunction:
         if isinstance(self.method, ShardParallel):
             return plan_shard_parallel(self.fun, args, self.method, self.step,
                                        plan=self._loaded_plan)
+        if isinstance(self.method, PipeshardParallel):
+            return plan_pipeshard(self.fun, args, self.method, self.step)
         raise InvalidConfigError(
             f"Unknown method {self.method!r}; use ShardParallel, DataParallel, Zero2Parallel, "
             "Zero3Parallel or PipeshardParallel.")
@@ -101,7 +104,10 @@ class ParallelizedFunction:
     def get_executable(self, *args):
         entry = self._compiled_plan(args)
         if "executable" not in entry:
-            entry["executable"] = compile_shard_parallel(entry["plan"], self.step)
+            if isinstance(self.method, PipeshardParallel):
+                entry["executable"] = compile_pipeshard(entry["plan"], self.method)
+            else:
+                entry["executable"] = compile_shard_parallel(entry["plan"], self.step)
         return entry["executable"]
 
     def __call__(self, *args):

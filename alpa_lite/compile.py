@@ -6,6 +6,7 @@ Each step is a call into the module that owns it; this file only wires them toge
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any, Callable, Sequence
 
@@ -17,6 +18,7 @@ from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph, build_op_graph
 from alpa_lite.intra_op.planner import graph_fingerprint, solve_intra_op
 from alpa_lite.intra_op.problem import InputRole
+from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.mesh import LogicalMesh
 from alpa_lite.plan import ParallelPlan
 from alpa_lite.trace import TracedFunction, abstractify, split_static_args, trace_function
@@ -179,3 +181,208 @@ def compile_shard_parallel(compiled: CompiledPlan, step: StepSpec) -> ShardExecu
     """Emits the jitted SPMD program for a ShardParallel-family plan."""
     return ShardExecutable(compiled.traced, compiled.graph, compiled.plan, compiled.devices,
                            donate_argnums=step.donate_argnums)
+
+
+# --- PipeshardParallel -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledPipeline:
+    traced: TracedFunction
+    graph: OpGraph
+    plan: ParallelPlan
+    partition: object
+    subgraphs: tuple
+    index_maps: tuple
+    stage_plans: tuple
+    stage_devices: tuple
+    assignment: object
+
+
+def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec) -> CompiledPipeline:
+    """Traces ``fun`` with layer markers, builds stages (uniform / manual / DP), and plans
+    every stage with the intra-op ILP on its own logical mesh."""
+    from alpa_lite.config import AutoStageOption, ManualStageOption, UniformStageOption
+    from alpa_lite.emit.stages import boundary_slice, build_subgraph, partition_pipeline
+    from alpa_lite.layers import build_layer_transform
+    from alpa_lite.markers import layer_construction
+    from alpa_lite import stage_planning as sp
+
+    start = time.perf_counter()
+    devices = list(method.devices) if method.devices is not None else list(jax.devices())
+    per_host = min(method.devices_per_host or jax.local_device_count(), len(devices))
+    k = method.num_micro_batches
+    trace_args = args if k == 1 else micro_batch_args(args, step.batch_argnums, k,
+                                                      step.static_argnums)
+    record: dict = {}
+    with layer_construction(build_layer_transform(method.layer_option, record)):
+        traced = trace_function(fun, trace_args, static_argnums=step.static_argnums,
+                                batch_argnums=step.batch_argnums)
+    graph = build_op_graph(traced.closed_jaxpr)
+    num_layers = sp.count_layers(graph)
+    if num_layers == 0:
+        raise InvalidConfigError(
+            "PipeshardParallel found no layers: compute gradients with alpa_lite.grad or "
+            "alpa_lite.value_and_grad inside the step (they insert the layer markers).")
+    platform = devices[0].platform
+    peak = _DEFAULT_PEAK_FLOPS.get(platform, 1e12)
+    option = method.stage_option
+    if isinstance(option, UniformStageOption):
+        assignment = sp.assign_uniform(option, num_layers, len(devices), per_host)
+    elif isinstance(option, ManualStageOption):
+        assignment = sp.assign_manual(option, num_layers, len(devices))
+    else:
+        assignment = _auto_stages(graph, traced, method, option, num_layers, len(devices),
+                                  per_host, platform, peak)
+    batch_inputs = [v for v, b in zip(graph.inputs, traced.batch_leaves) if b]
+    partition = partition_pipeline(graph, batch_inputs, list(assignment.layer_to_stage),
+                                   assignment.num_stages)
+    roles = dict(zip(graph.inputs, input_roles(traced)))
+    aliases = find_alias_pairs(traced)
+    subgraphs, index_maps, plans, stage_devices = [], [], [], []
+    offset = 0
+    boundary_index = partition.boundary.index
+    for s in range(assignment.num_stages):
+        nodes = partition.mesh_nodes[s]
+        items = ([i for i in nodes if i < boundary_index]
+                 + [boundary_slice(partition.boundary, partition.sinks, s, -1)]
+                 + [i for i in nodes if i > boundary_index])
+        sub, index_map = build_subgraph(graph, items)
+        mesh = sp.link_model(method, assignment.logical_shapes[s], assignment.submesh_shapes[s],
+                             platform, peak, None)
+        sub_roles = [roles.get(v, InputRole.PARAM) for v in sub.inputs]
+        sub_aliases = _sub_alias_pairs(graph, sub, aliases)
+        plans.append(solve_intra_op(
+            sub, mesh, input_roles=sub_roles,
+            input_paths=[_value_name(traced, graph, v) for v in sub.inputs],
+            alias_pairs=sub_aliases, strict=method.strict, solver=method.solver,
+            time_limit_s=method.solver_time_limit_s))
+        subgraphs.append(sub)
+        index_maps.append(index_map)
+        n = sp.submesh_devices(assignment.submesh_shapes[s])
+        stage_devices.append(tuple(devices[offset:offset + n]))
+        offset += n
+    stages = tuple(_stage_record(s, assignment, plans[s], partition, graph, k)
+                   for s in range(assignment.num_stages))
+    latency = _predicted_latency(stages, k, method.schedule)
+    plan = ParallelPlan(method="PipeshardParallel", num_micro_batches=k, sharding=None,
+                        plan_time_s=time.perf_counter() - start, stages=stages,
+                        extra={"objective": latency, "predicted_step_time_s": latency,
+                               "schedule": method.schedule, "layers": record,
+                               "num_layers": num_layers,
+                               "dp_latency_s": assignment.predicted_latency_s})
+    return CompiledPipeline(traced, graph, plan, partition, tuple(subgraphs), tuple(index_maps),
+                            tuple(plans), tuple(stage_devices), assignment)
+
+
+def compile_pipeshard(compiled: CompiledPipeline, method):
+    from alpa_lite.emit.pipeline import PipelineExecutable
+    from alpa_lite.emit.shardings import build_jax_mesh
+    from alpa_lite.inter_op.schedules import build_schedule
+
+    meshes = [build_jax_mesh(plan.mesh, devices)
+              for plan, devices in zip(compiled.stage_plans, compiled.stage_devices)]
+    schedule = build_schedule(method.schedule, len(meshes), method.num_micro_batches)
+    return PipelineExecutable(compiled.traced, compiled.graph, compiled.partition,
+                              compiled.subgraphs, compiled.index_maps, compiled.stage_plans,
+                              meshes, schedule, method.num_micro_batches)
+
+
+def _sub_alias_pairs(graph: OpGraph, sub: OpGraph, aliases) -> list[tuple[int, int]]:
+    out_pos = {v: i for i, v in enumerate(sub.outputs)}
+    in_pos = {v: i for i, v in enumerate(sub.inputs)}
+    pairs = []
+    for out_j, in_i in aliases:
+        out_v, in_v = graph.outputs[out_j], graph.inputs[in_i]
+        if isinstance(out_v, int) and out_v in out_pos and in_v in in_pos:
+            pairs.append((out_pos[out_v], in_pos[in_v]))
+    return pairs
+
+
+def _value_name(traced: TracedFunction, graph: OpGraph, v: int) -> str:
+    if v in graph.inputs:
+        return traced.in_paths[graph.inputs.index(v)]
+    return f"value{v}"
+
+
+def _stage_record(stage: int, assignment, plan, partition, graph: OpGraph, k: int) -> dict:
+    from alpa_lite.cost import estimate_op_cost
+
+    def program_time(program) -> float:
+        flops = sum(estimate_op_cost(graph.nodes[i].primitive, graph.nodes[i].params,
+                                     [graph.avals[v] if isinstance(v, int) else v.aval
+                                      for v in graph.nodes[i].invars],
+                                     [graph.avals[v] for v in graph.nodes[i].outvars]).flops
+                    for i in program.nodes)
+        return flops / (plan.mesh.num_devices * plan.mesh.peak_flops_per_s)
+
+    fwd, bwd = partition.forward[stage], partition.backward[stage]
+    comm = plan.objective
+    return {
+        "stage": stage, "layers": assignment.stage_layers(stage),
+        "submesh": list(assignment.submesh_shapes[stage]),
+        "logical_mesh": list(plan.mesh.shape),
+        "forward_s": program_time(fwd) + comm / 3, "backward_s": program_time(bwd) + 2 * comm / 3,
+        "peak_memory_bytes": plan.peak_memory_bytes, "ilp_objective": plan.objective,
+        "solver": plan.solver, "num_operators": len(fwd.nodes) + len(bwd.nodes),
+        "plan": json.loads(ParallelPlan("stage", k, plan, 0.0).to_json())["sharding"],
+    }
+
+
+def _predicted_latency(stages, k: int, schedule: str) -> float:
+    """Pipeline latency: fill + drain once, then (k - 1) micro-batches at the slowest stage."""
+    times = [s["forward_s"] + s["backward_s"] for s in stages]
+    return float(sum(times) + (k - 1) * max(times))
+
+
+def _auto_stages(graph, traced, method, option, num_layers, num_devices, per_host, platform,
+                 peak):
+    """Prices each layer on each candidate (submesh, view) with the intra-op ILP, then DP."""
+    from alpa_lite.emit.stages import assign_regions, build_subgraph
+    from alpa_lite import stage_planning as sp
+    from alpa_lite.inter_op.stage_dp import enumerate_submesh_shapes
+
+    regions = assign_regions(graph, range(len(graph.nodes)))
+    boundary = next(n.index for n in graph.nodes if n.name == "grad_boundary")
+    layer_nodes = [[i for i, (_, layer) in regions.items() if layer == l and i < boundary]
+                   for l in range(num_layers)]
+    num_hosts = max(num_devices // per_host, 1)
+    shapes = option.submesh_shapes or enumerate_submesh_shapes(num_hosts, per_host)
+    costs, memory, cache = {}, {}, {}
+    for shape in shapes:
+        if sp.submesh_devices(shape) > num_devices:
+            continue
+        for view in sp.logical_views(shape):
+            mesh = sp.link_model(method, view, shape, platform, peak, None)
+            per_layer, weights, acts = [], [], []
+            for nodes in layer_nodes:
+                key = (tuple((graph.nodes[i].name, tuple(str(graph.avals[v]) for v in
+                              graph.nodes[i].outvars)) for i in nodes), view, shape)
+                if key not in cache:
+                    cache[key] = _price_layer(graph, nodes, mesh, method)
+                c, w, a = cache[key]
+                per_layer.append(c)
+                weights.append(w)
+                acts.append(a)
+            costs[(tuple(shape), view)] = per_layer
+            memory[(tuple(shape), view)] = (weights, acts)
+    return sp.solve_auto_stages(costs, memory, option, num_devices, per_host,
+                                method.num_micro_batches, None)
+
+
+def _price_layer(graph, nodes, mesh, method) -> tuple[float, float, float]:
+    from alpa_lite.cost import estimate_op_cost
+    from alpa_lite.emit.stages import build_subgraph
+    from alpa_lite.intra_op.strategies import spec_shards
+
+    sub, _ = build_subgraph(graph, nodes)
+    plan = solve_intra_op(sub, mesh, input_roles=[InputRole.PARAM] * len(sub.inputs),
+                          input_paths=[f"v{v}" for v in sub.inputs], strict=False,
+                          solver=method.solver, time_limit_s=method.solver_time_limit_s,
+                          share_repeated_layers=False)
+    inputs = set(graph.inputs)
+    weights = sum(tensor_bytes(graph.avals[v]) / spec_shards(s, mesh)
+                  for v, s in zip(sub.inputs, plan.input_specs) if v in inputs)
+    acts = sum(tensor_bytes(graph.avals[v]) / spec_shards(s, mesh)
+               for v, s in zip(sub.outputs, plan.output_specs))
+    return plan.objective + plan.compute_s, weights * 4, acts

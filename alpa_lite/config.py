@@ -126,3 +126,177 @@ class Zero3Parallel(ShardParallel):
     """ZeRO stage 3: ZeRO-2 plus sharded parameters, gathered where they are used."""
 
     policy: ClassVar[SpecPolicy] = SpecPolicy.ZERO3
+
+
+# --- inter-op (pipeline) options ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AutoLayerOption:
+    """Cluster the loss function's equations into ``layer_num`` layers automatically.
+
+    Attributes:
+        layer_num: how many layers (the stage DP then groups layers into stages).
+        eps: allowed flops imbalance per layer in the cost-based clustering.
+        method: ``"auto"`` tries both the cost-based clustering (balanced flops, small
+            boundaries; Alpa's) and the model's own module names (``block_0``, ``block_1``, ...)
+            and keeps whichever is better balanced; ``"cost"`` or ``"names"`` force one.
+    """
+
+    layer_num: int
+    eps: float = 0.5
+    method: str = "auto"
+
+    def __post_init__(self):
+        _check_positive_int("layer_num", self.layer_num, allow_none=False)
+        if self.method not in ("auto", "cost", "names"):
+            raise InvalidConfigError(
+                f"AutoLayerOption.method must be 'auto', 'cost' or 'names'; got {self.method!r}.")
+        if not self.eps >= 0:
+            raise InvalidConfigError(f"AutoLayerOption.eps must be >= 0; got {self.eps!r}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ManualLayerOption:
+    """Layers are delimited by `alpa_lite.mark_pipeline_boundary()` calls in the model."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UniformStageOption:
+    """Equal numbers of layers per stage on equal submeshes.
+
+    Attributes:
+        num_stages: stages (default: the number of layers).
+        logical_mesh_shape: logical view of each stage's submesh (default: (1, devices)).
+    """
+
+    num_stages: int | None = None
+    logical_mesh_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        _check_positive_int("num_stages", self.num_stages)
+        object.__setattr__(self, "logical_mesh_shape", _check_mesh_shape(self.logical_mesh_shape))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ManualStageOption:
+    """Stages given by hand (Alpa's ManualStageOption).
+
+    Attributes:
+        forward_stage_layer_ids: the layers of each stage, e.g. ``((0, 1), (2, 3))``.
+        submesh_shapes: ``(hosts, devices)`` per stage, e.g. ``((1, 2), (1, 6))``.
+        logical_mesh_shapes: the logical view of each stage's submesh, e.g. ``((1, 2), (2, 3))``.
+    """
+
+    forward_stage_layer_ids: tuple[tuple[int, ...], ...]
+    submesh_shapes: tuple[tuple[int, int], ...]
+    logical_mesh_shapes: tuple[tuple[int, ...], ...] | None = None
+
+    def __post_init__(self):
+        layers = tuple(tuple(int(i) for i in ids) for ids in self.forward_stage_layer_ids)
+        shapes = tuple(tuple(int(d) for d in s) for s in self.submesh_shapes)
+        object.__setattr__(self, "forward_stage_layer_ids", layers)
+        object.__setattr__(self, "submesh_shapes", shapes)
+        flat = [i for ids in layers for i in ids]
+        if not layers or flat != list(range(len(flat))):
+            raise InvalidConfigError(
+                "forward_stage_layer_ids must list every layer once, in order, in contiguous "
+                f"groups, e.g. ((0, 1), (2, 3)); got {self.forward_stage_layer_ids}.")
+        if len(shapes) != len(layers) or any(len(s) != 2 or min(s) < 1 for s in shapes):
+            raise InvalidConfigError(
+                f"submesh_shapes needs one (hosts, devices) pair per stage ({len(layers)}); got "
+                f"{self.submesh_shapes}.")
+        if self.logical_mesh_shapes is not None:
+            logical = tuple(_check_mesh_shape(s) for s in self.logical_mesh_shapes)
+            if len(logical) != len(layers) or any(
+                    math.prod(l) != math.prod(s) for l, s in zip(logical, shapes)):
+                raise InvalidConfigError(
+                    "logical_mesh_shapes needs one shape per stage with as many devices as its "
+                    f"submesh; got {self.logical_mesh_shapes} for submeshes {shapes}.")
+            object.__setattr__(self, "logical_mesh_shapes", logical)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AutoStageOption:
+    """Stages and submeshes chosen by Alpa's stage-construction DP.
+
+    Attributes:
+        submesh_shapes: candidate ``(hosts, devices)`` submeshes (default: ``(1, 2^k)`` within
+            a host and ``(n, devices_per_host)`` across hosts).
+        max_num_stages: an upper bound on the number of stages.
+    """
+
+    submesh_shapes: tuple[tuple[int, int], ...] | None = None
+    max_num_stages: int | None = None
+
+    def __post_init__(self):
+        _check_positive_int("max_num_stages", self.max_num_stages)
+
+
+SCHEDULES = ("1f1b", "gpipe")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipeshardParallel:
+    """Inter-operator (pipeline) plus intra-operator parallelism (Alpa's PipeshardParallel).
+
+    Attributes:
+        num_micro_batches: micro-batches per step (the batch is split on dim 0).
+        layer_option: `AutoLayerOption(layer_num=L)` or ``"manual"`` / `ManualLayerOption()`.
+        stage_option: ``"auto"`` / `AutoStageOption`, ``"uniform"`` / `UniformStageOption`, or a
+            `ManualStageOption`.
+        schedule: ``"1f1b"`` or ``"gpipe"``.
+        devices: the devices to use (default: all of jax.devices()).
+        devices_per_host: how devices group into hosts (default: jax.local_device_count()).
+        mesh_alpha / mesh_beta: link model (intra-host, inter-host) when no cluster is given.
+        strict: see `ShardParallel`.
+        solver_time_limit_s: per-stage ILP time limit.
+
+    Example:
+        >>> PipeshardParallel(num_micro_batches=4, layer_option=AutoLayerOption(layer_num=2),
+        ...                   stage_option="uniform").schedule
+        '1f1b'
+    """
+
+    num_micro_batches: int = 1
+    layer_option: object = "manual"
+    stage_option: object = "auto"
+    schedule: str = "1f1b"
+    devices: tuple | None = None
+    devices_per_host: int | None = None
+    mesh_alpha: tuple[float, float] | None = None
+    mesh_beta: tuple[float, float] | None = None
+    strict: bool = False
+    solver: str = "auto"
+    solver_time_limit_s: float = 60.0
+
+    def __post_init__(self):
+        _check_positive_int("num_micro_batches", self.num_micro_batches, allow_none=False)
+        layer = self.layer_option
+        if layer == "manual":
+            layer = ManualLayerOption()
+        if not isinstance(layer, (AutoLayerOption, ManualLayerOption)):
+            raise InvalidConfigError(
+                f"layer_option must be AutoLayerOption(layer_num=...), ManualLayerOption() or "
+                f"'manual'; got {self.layer_option!r}.")
+        stage = {"auto": AutoStageOption(), "uniform": UniformStageOption()}.get(
+            self.stage_option, self.stage_option) if isinstance(self.stage_option, str) else \
+            self.stage_option
+        if not isinstance(stage, (AutoStageOption, UniformStageOption, ManualStageOption)):
+            raise InvalidConfigError(
+                "stage_option must be 'auto', 'uniform', AutoStageOption, UniformStageOption or "
+                f"ManualStageOption; got {self.stage_option!r}.")
+        if self.schedule not in SCHEDULES:
+            raise InvalidConfigError(
+                f"schedule must be one of {SCHEDULES}; got {self.schedule!r}.")
+        if self.solver not in SOLVERS:
+            raise InvalidConfigError(f"solver must be one of {SOLVERS}; got {self.solver!r}.")
+        _check_positive_int("devices_per_host", self.devices_per_host)
+        object.__setattr__(self, "layer_option", layer)
+        object.__setattr__(self, "stage_option", stage)
+        if self.devices is not None:
+            object.__setattr__(self, "devices", tuple(self.devices))
+
+    @property
+    def micro_batches(self) -> int:
+        return self.num_micro_batches

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 from alpa_lite.errors import InvalidConfigError
 
+if TYPE_CHECKING:
+    from alpa_lite.profiling.database import ProfileDatabase
+
 DEFAULT_AXIS_NAMES = ("x", "y")
+LINK_CLASSES = ("intra", "inter")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,6 +32,10 @@ class LogicalMesh:
         beta_s_per_byte: inverse bandwidth along each mesh axis, in seconds per byte.
         memory_per_device_bytes: device memory, or None when unknown/unlimited.
         peak_flops_per_s: peak dense flop/s of one device (used for compute-time estimates).
+        profile: measured collective times (`alpa_lite.profiling.ProfileDatabase`); when set,
+            `estimate_collective_s` interpolates them instead of using alpha/beta.
+        axis_links: link class of each mesh axis, ``"intra"`` (within a host) or ``"inter"``
+            (across hosts); it picks the profile's rows. Empty means every axis is ``"intra"``.
 
     Example:
         >>> mesh = LogicalMesh(shape=(2, 4), alpha_s=(1.0, 1.0), beta_s_per_byte=(1.0, 0.1))
@@ -40,6 +49,8 @@ class LogicalMesh:
     beta_s_per_byte: tuple[float, ...] = (1.0, 1.0)
     memory_per_device_bytes: float | None = None
     peak_flops_per_s: float = 1e12
+    profile: "ProfileDatabase | None" = None
+    axis_links: tuple[str, ...] = ()
 
     def __post_init__(self):
         shape = tuple(int(s) for s in self.shape)
@@ -63,6 +74,7 @@ class LogicalMesh:
             raise InvalidConfigError(
                 f"memory_per_device_bytes must be positive; got {self.memory_per_device_bytes}."
             )
+        object.__setattr__(self, "axis_links", _axis_links(self.axis_links, len(shape)))
 
     @property
     def num_devices(self) -> int:
@@ -84,14 +96,36 @@ class LogicalMesh:
         idx = [self.axis_names.index(a) for a in axes]
         return max(self.alpha_s[i] for i in idx), max(self.beta_s_per_byte[i] for i in idx)
 
+    def link_class(self, axes) -> str:
+        """``"inter"`` if any of ``axes`` spans hosts, else ``"intra"`` (profile row lookup)."""
+        links = self.axis_links or ("intra",) * len(self.shape)
+        return "inter" if any(links[self.axis_names.index(a)] == "inter" for a in axes) else "intra"
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["profile"] = None if self.profile is None else self.profile.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "LogicalMesh":
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+        if isinstance(kw.get("profile"), dict):
+            from alpa_lite.profiling.database import ProfileDatabase  # mesh stays import-light
+
+            kw["profile"] = ProfileDatabase.from_dict(kw["profile"])
         return cls(**kw)
+
+
+def _axis_links(links, ndim: int) -> tuple[str, ...]:
+    links = tuple(links)
+    if not links:
+        return ()
+    if len(links) < ndim or any(link not in LINK_CLASSES for link in links[:ndim]):
+        raise InvalidConfigError(
+            f"axis_links needs one of {list(LINK_CLASSES)} per mesh axis ({ndim}); got {links}. "
+            "Leave it empty to treat every axis as within one host.")
+    return links[:ndim]
 
 
 def _per_axis(values, ndim: int, name: str) -> tuple[float, ...]:

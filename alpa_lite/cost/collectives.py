@@ -10,6 +10,11 @@ For a per-device buffer of B bytes on a group of n devices (nccl-tests bus-bandw
 
 Like Alpa we add small tie-breakers (all-reduce +0.01, all-gather +0.1, reduce-scatter +0.001,
 scaled by alpha) so that among equal plans the planner prefers all-reduce-based ones.
+
+When the mesh carries a measured `ProfileDatabase` (``mesh.profile``) with rows for the link
+class of the axes (``mesh.link_class(axes)``), the time is interpolated from the measurements
+instead (`ProfileDatabase.collective_time_s`; no n/2 all-to-all penalty, since the measured
+time is the real one), plus the same tie-breakers.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ def estimate_collective_s(
     if n <= 1:
         return 0.0
     alpha, beta = mesh.link(axes)
+    if mesh.profile is not None and mesh.profile.has_link(link := mesh.link_class(axes)):
+        measured_s = mesh.profile.collective_time_s(kind.value, n, num_bytes, link)
+        return measured_s + alpha * _TIE_BREAK[kind]
     if kind is Collective.ALL_REDUCE:
         factor = 2.0 * (n - 1) / n
     elif kind is Collective.ALL_TO_ALL:

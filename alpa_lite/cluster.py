@@ -1,0 +1,523 @@
+"""Cluster descriptions: hosts, devices, memory, peak flop/s and links; the planner's input.
+
+A `ClusterSpec` describes machines you may not have (presets, JSON files) or the ones you run
+on (`ClusterSpec.from_devices`). `ClusterSpec.logical_mesh` turns a submesh of it (Alpa §5:
+``n`` hosts x ``m`` devices) into the `LogicalMesh` the intra-op ILP prices (Alpa §4): a
+logical axis whose device groups span hosts gets the inter-host link, every other axis the
+intra-host one, with ``alpha = link alpha`` and ``beta = 1 / link bandwidth``.
+
+Bandwidths are nccl-tests *bus* bandwidths per direction (what a ring collective over the
+link approaches; see docs/profiling.md); the inter-host one is a host's whole NIC bandwidth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+import types
+from typing import Mapping, Sequence
+
+from alpa_lite.errors import InvalidConfigError
+from alpa_lite.mesh import DEFAULT_AXIS_NAMES, LogicalMesh
+from alpa_lite.profiling.database import ProfileDatabase
+
+CLUSTER_FORMAT_VERSION = 1
+_JSON_KEYS = ("format_version", "name", "device_kind", "num_hosts", "devices_per_host",
+              "memory_per_device_bytes", "peak_flops_per_s", "intra_host", "inter_host",
+              "profile")
+_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
+                  "f16": "float16", "half": "float16", "tf32": "tensorfloat32"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LinkSpec:
+    """A link class: latency and per-direction bus bandwidth.
+
+    Example:
+        >>> LinkSpec(alpha_s=1e-5, bandwidth_bytes_per_s=100e9).beta_s_per_byte
+        1e-11
+    """
+
+    alpha_s: float
+    bandwidth_bytes_per_s: float
+
+    def __post_init__(self):
+        if not (math.isfinite(self.alpha_s) and self.alpha_s >= 0):
+            raise InvalidConfigError(
+                f"Link alpha_s must be finite and >= 0 seconds; got {self.alpha_s!r}. "
+                "Use e.g. alpha_s=1e-5.")
+        if not (math.isfinite(self.bandwidth_bytes_per_s) and self.bandwidth_bytes_per_s > 0):
+            raise InvalidConfigError(
+                f"Link bandwidth_bytes_per_s must be positive and finite; got "
+                f"{self.bandwidth_bytes_per_s!r}. Use e.g. 100e9 for 100 GB/s.")
+
+    @property
+    def beta_s_per_byte(self) -> float:
+        return 1.0 / self.bandwidth_bytes_per_s
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClusterSpec:
+    """A homogeneous cluster: ``num_hosts`` hosts of ``devices_per_host`` devices.
+
+    Attributes:
+        num_hosts: hosts (nodes, processes) in the cluster.
+        devices_per_host: accelerators per host.
+        memory_per_device_bytes: memory of one device.
+        peak_flops_per_s: ``((dtype name, flop/s), ...)`` peak dense throughput of one device
+            (a dict is accepted and turned into sorted pairs so the spec stays hashable).
+        intra_host: link between devices of one host.
+        inter_host: link between hosts.
+        device_kind: e.g. ``"NVIDIA A100-SXM4-80GB"``.
+        name: a label (the preset name, or ``""``).
+        profile: measured timings; a `LogicalMesh` built from this spec carries it.
+
+    Example:
+        >>> spec = get_cluster_preset("a100-80gb-8x").with_hosts(2)
+        >>> mesh = spec.logical_mesh((2, 8), (2, 8))
+        >>> mesh.axis_links, mesh.beta_s_per_byte[0] > mesh.beta_s_per_byte[1]
+        (('inter', 'intra'), True)
+    """
+
+    num_hosts: int
+    devices_per_host: int
+    memory_per_device_bytes: int
+    peak_flops_per_s: tuple[tuple[str, float], ...]
+    intra_host: LinkSpec
+    inter_host: LinkSpec
+    device_kind: str = "unknown"
+    name: str = ""
+    profile: ProfileDatabase | None = None
+
+    def __post_init__(self):
+        _check_count(self.num_hosts, "num_hosts", "hosts")
+        _check_count(self.devices_per_host, "devices_per_host", "devices on each host")
+        memory = self.memory_per_device_bytes
+        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not (
+                math.isfinite(memory) and memory > 0):
+            raise InvalidConfigError(
+                f"memory_per_device_bytes must be a positive number of bytes; got {memory!r}. "
+                "Use e.g. memory_per_device_bytes=parse_bytes('32GiB').")
+        object.__setattr__(self, "memory_per_device_bytes", int(memory))
+        object.__setattr__(self, "peak_flops_per_s", _peak_pairs(self.peak_flops_per_s))
+        for name in ("intra_host", "inter_host"):
+            if not isinstance(getattr(self, name), LinkSpec):
+                raise InvalidConfigError(
+                    f"{name} must be a LinkSpec(alpha_s=..., bandwidth_bytes_per_s=...); got "
+                    f"{getattr(self, name)!r}.")
+        if self.profile is not None and not isinstance(self.profile, ProfileDatabase):
+            raise InvalidConfigError(
+                f"profile must be a ProfileDatabase or None; got {type(self.profile).__name__}. "
+                "Load one with ProfileDatabase.load(path).")
+
+    # ----------------------------------------------------------------- queries
+
+    @property
+    def num_devices(self) -> int:
+        return self.num_hosts * self.devices_per_host
+
+    def peak_flops(self, dtype: str = "float32") -> float:
+        """Peak dense flop/s of one device for ``dtype`` (aliases: fp32, bf16, fp16, tf32).
+
+        Raises:
+            InvalidConfigError: if the spec lists no peak for ``dtype``.
+        """
+        table = dict(self.peak_flops_per_s)
+        key = _DTYPE_ALIASES.get(str(dtype), str(dtype))
+        if key not in table:
+            raise InvalidConfigError(
+                f"Cluster {self.name or self.device_kind!r} lists no peak flop/s for dtype "
+                f"{dtype!r}; it lists {sorted(table)}. Add it to peak_flops_per_s or use a "
+                "listed dtype.")
+        return table[key]
+
+    def enumerate_submesh_shapes(self) -> tuple[tuple[int, int], ...]:
+        """Alpa's submesh shapes: ``(1, 2^k)`` within a host, then ``(n, devices_per_host)``."""
+        within = [(1, 2 ** k) for k in range(self.devices_per_host.bit_length())
+                  if 2 ** k < self.devices_per_host]
+        full = [(n, self.devices_per_host) for n in range(1, self.num_hosts + 1)]
+        return tuple(within + full)
+
+    def logical_mesh(self, submesh_shape: tuple[int, int], logical_shape: Sequence[int], *,
+                     dtype: str = "float32",
+                     axis_names: tuple[str, ...] = DEFAULT_AXIS_NAMES) -> LogicalMesh:
+        """The `LogicalMesh` of a submesh ``(hosts, devices per host)`` seen as ``logical_shape``.
+
+        Devices are numbered host-major (device ``d`` of host ``h`` is ``h * m + d``) and laid
+        out row-major into ``logical_shape``. A logical axis any of whose device groups holds
+        devices of two hosts uses `inter_host`, every other axis `intra_host`.
+
+        Args:
+            submesh_shape: ``(n_hosts, n_devices)`` with ``n_hosts <= num_hosts`` and
+                ``n_devices <= devices_per_host``.
+            logical_shape: 1 or 2 axis sizes whose product is ``n_hosts * n_devices``, e.g.
+                ``(2, 8)``, ``(4, 4)``, ``(16, 1)`` or ``(16,)`` for submesh ``(2, 8)``.
+            dtype: which peak flop/s the mesh gets.
+            axis_names: names of the logical axes.
+
+        Raises:
+            InvalidConfigError: if the submesh does not fit or the device counts differ.
+        """
+        n_hosts, n_devices = _check_submesh(submesh_shape, self)
+        shape = tuple(int(s) for s in logical_shape)
+        if not 1 <= len(shape) <= 2 or any(s < 1 for s in shape) or (
+                math.prod(shape) != n_hosts * n_devices):
+            raise InvalidConfigError(
+                f"logical_shape must have 1 or 2 positive axes holding the submesh's "
+                f"{n_hosts * n_devices} devices; got {tuple(logical_shape)}. For submesh "
+                f"{(n_hosts, n_devices)} use e.g. {(n_hosts, n_devices)} or "
+                f"{(n_hosts * n_devices, 1)}.")
+        links = tuple("inter" if _axis_spans_hosts(shape, axis, n_devices) else "intra"
+                      for axis in range(len(shape)))
+        link_specs = [self.inter_host if link == "inter" else self.intra_host for link in links]
+        return LogicalMesh(
+            shape=shape, axis_names=tuple(axis_names)[: len(shape)],
+            alpha_s=tuple(s.alpha_s for s in link_specs),
+            beta_s_per_byte=tuple(s.beta_s_per_byte for s in link_specs),
+            memory_per_device_bytes=self.memory_per_device_bytes,
+            peak_flops_per_s=self.peak_flops(dtype), profile=self.profile, axis_links=links)
+
+    # ----------------------------------------------------------------- copies
+
+    def with_hosts(self, num_hosts: int) -> "ClusterSpec":
+        """The same cluster with ``num_hosts`` hosts."""
+        return dataclasses.replace(self, num_hosts=num_hosts)
+
+    def with_memory(self, memory_per_device: int | str) -> "ClusterSpec":
+        """The same cluster with another device memory (bytes, or a string like ``"32GiB"``)."""
+        memory = parse_bytes(memory_per_device) if isinstance(memory_per_device, str) else (
+            memory_per_device)
+        return dataclasses.replace(self, memory_per_device_bytes=memory)
+
+    def with_profile(self, profile: ProfileDatabase) -> "ClusterSpec":
+        """Attach measured timings; links measured in ``profile`` get its alpha-beta fit."""
+        changes: dict = {"profile": profile}
+        for link, field in (("intra", "intra_host"), ("inter", "inter_host")):
+            if profile.has_link(link):
+                alpha, beta = profile.fit_alpha_beta(link)
+                if beta > 0:  # a latency-only fit says nothing about bandwidth: keep ours
+                    changes[field] = LinkSpec(alpha_s=alpha, bandwidth_bytes_per_s=1.0 / beta)
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------- building
+
+    @classmethod
+    def from_devices(cls, devices=None, *, profile: ProfileDatabase | None = None,
+                     ) -> "ClusterSpec":
+        """A spec of live jax devices (default: ``jax.devices()``).
+
+        Hosts are the devices' distinct ``process_index``es; memory is the device's
+        ``memory_stats()["bytes_limit"]`` when the backend reports it (GPUs do), else the
+        host's RAM split over its devices. Peak flop/s and links come from the preset whose
+        GPU name appears in ``device_kind``, else from per-platform defaults.
+        """
+        if devices is None:
+            import jax  # only here: building a spec by hand must not start a backend
+
+            devices = jax.devices()
+        devices = list(devices)
+        if not devices:
+            raise InvalidConfigError("from_devices needs at least one device; got none.")
+        per_host: dict[int, int] = {}
+        for device in devices:
+            per_host[device.process_index] = per_host.get(device.process_index, 0) + 1
+        if len(set(per_host.values())) != 1:
+            raise InvalidConfigError(
+                f"Every host must have the same number of devices; got {per_host} "
+                "(process_index: devices). Pass an equal number of devices per host.")
+        devices_per_host = next(iter(per_host.values()))
+        template = _template_for(devices[0].platform, devices[0].device_kind)
+        spec = dataclasses.replace(
+            template, num_hosts=len(per_host), devices_per_host=devices_per_host,
+            memory_per_device_bytes=_device_memory_bytes(devices[0], devices_per_host),
+            device_kind=devices[0].device_kind, name=f"live-{devices[0].platform}")
+        return spec.with_profile(profile) if profile is not None else spec
+
+    # ----------------------------------------------------------------- JSON
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": CLUSTER_FORMAT_VERSION, "name": self.name,
+            "device_kind": self.device_kind, "num_hosts": self.num_hosts,
+            "devices_per_host": self.devices_per_host,
+            "memory_per_device_bytes": self.memory_per_device_bytes,
+            "peak_flops_per_s": dict(self.peak_flops_per_s),
+            "intra_host": dataclasses.asdict(self.intra_host),
+            "inter_host": dataclasses.asdict(self.inter_host),
+            "profile": None if self.profile is None else self.profile.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "ClusterSpec":
+        expected = set(_JSON_KEYS)
+        if data.get("format_version") != CLUSTER_FORMAT_VERSION or set(data) - expected:
+            raise InvalidConfigError(
+                f"Not a cluster spec of format_version {CLUSTER_FORMAT_VERSION}: got version "
+                f"{data.get('format_version')!r}, unexpected keys {sorted(set(data) - expected)}. "
+                f"Expected keys {sorted(expected)}; write one with ClusterSpec.save(path).")
+        kw = {k: v for k, v in data.items() if k != "format_version"}
+        try:
+            kw["intra_host"] = LinkSpec(**kw["intra_host"])
+            kw["inter_host"] = LinkSpec(**kw["inter_host"])
+            if kw.get("profile") is not None:
+                kw["profile"] = ProfileDatabase.from_dict(kw["profile"])
+            return cls(**kw)
+        except (KeyError, TypeError) as err:
+            raise InvalidConfigError(
+                f"Incomplete cluster spec ({err}); expected keys {sorted(expected)}.") from err
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ClusterSpec":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ClusterSpec":
+        try:
+            with open(path) as f:
+                return cls.from_json(f.read())
+        except FileNotFoundError as err:
+            raise InvalidConfigError(
+                f"Cluster file {os.fspath(path)!r} does not exist. Write one with "
+                f"ClusterSpec.save(path), or use a preset: {sorted(CLUSTER_PRESETS)}.") from err
+        except json.JSONDecodeError as err:
+            raise InvalidConfigError(
+                f"{os.fspath(path)!r} is not a JSON cluster spec ({err}).") from err
+
+    def describe(self) -> str:
+        """A few readable lines: devices, memory, peak flop/s, links, profile."""
+        lines = [
+            f"cluster        {self.name or '(unnamed)'}  [{self.device_kind}]",
+            f"devices        {self.num_hosts} host(s) x {self.devices_per_host} = "
+            f"{self.num_devices}",
+            f"memory/device  {format_bytes(self.memory_per_device_bytes)}",
+            "peak/device    " + ", ".join(
+                f"{dtype} {flops / 1e12:g} TFLOP/s" for dtype, flops in self.peak_flops_per_s),
+        ]
+        for label, link in (("intra-host", self.intra_host), ("inter-host", self.inter_host)):
+            lines.append(f"{label:<15}alpha {link.alpha_s * 1e6:g} us, bus bandwidth "
+                         f"{link.bandwidth_bytes_per_s / 1e9:g} GB/s")
+        if self.profile is not None:
+            lines.append(f"profile        {len(self.profile.collectives)} collective rows, "
+                         f"{len(self.profile.matmuls)} matmul rows")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------- parsing
+
+
+_MESH_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_cluster_string(text: str) -> tuple[int, int]:
+    """``"HOSTSxDEVICES"`` -> ``(hosts, devices per host)``.
+
+    Example:
+        >>> parse_cluster_string("50x4")
+        (50, 4)
+    """
+    match = _MESH_RE.match(str(text))
+    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise InvalidConfigError(
+            f"Cluster string {text!r} is not of the form HOSTSxDEVICES with two positive "
+            "integers (hosts x devices per host). Use e.g. '50x4' or '1x8'.")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_bytes(text: str | int) -> int:
+    """A byte count from ``"1024"``, ``"32GiB"``, ``"32GB"``, ``"1.5TiB"`` or ``"512M"``.
+
+    ``KiB/MiB/GiB/TiB`` and the bare letters ``K/M/G/T`` are powers of 1024, ``KB/MB/GB/TB``
+    powers of 1000 (SI). Case does not matter.
+
+    Example:
+        >>> parse_bytes("32GiB"), parse_bytes("32GB"), parse_bytes("1.5TiB")
+        (34359738368, 32000000000, 1649267441664)
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = _BYTES_RE.match(str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise InvalidConfigError(
+                f"Cannot read {text!r} as a byte count. Expected a number with an optional "
+                f"unit from {sorted(_UNITS, key=_UNITS.get)[1:]}, e.g. '32GiB', '80GB', '1024'.")
+        value, unit = float(match.group(1)), match.group(2).lower()
+    num_bytes = value * _UNITS[unit]
+    if not math.isfinite(num_bytes) or num_bytes < 0:
+        raise InvalidConfigError(f"A byte count must be finite and >= 0; got {text!r}.")
+    return int(round(num_bytes))
+
+
+def format_bytes(num_bytes: float) -> str:
+    """``34359738368 -> '32 GiB'`` (binary units, up to 3 significant digits)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= size:
+            return f"{num_bytes / size:.3g} {unit}"
+    return f"{int(num_bytes)} B"
+
+
+# --------------------------------------------------------------------- presets
+#
+# Peak numbers are NVIDIA datasheet figures for dense math (the "with sparsity" figures are
+# twice these). Link bandwidths are per direction. NVLink: A100 (NVLink 3) 600 GB/s, H100
+# (NVLink 4) 900 GB/s, V100 SXM2 (NVLink 2) 300 GB/s total bidirectional per GPU, i.e.
+# 300 / 450 / 150 GB/s each way; measured nccl-tests all-reduce bus bandwidth reaches roughly
+# 75-85 % of that (seed 003 prints 215.6 GB/s for 8 A100s). Network: a host's NICs together,
+# e.g. 4 x 200 Gb/s HDR InfiniBand = 100 GB/s. Alphas are typical NCCL small-message latencies
+# (order of magnitude only, not from a datasheet): profile your cluster for real values.
+
+_A100_PEAK = (("float32", 19.5e12), ("tensorfloat32", 156e12), ("bfloat16", 312e12),
+              ("float16", 312e12))  # A100 SXM4 datasheet
+_H100_PEAK = (("float32", 67e12), ("tensorfloat32", 494.5e12), ("bfloat16", 989.5e12),
+              ("float16", 989.5e12))  # H100 SXM5 datasheet (sparse: 989 / 1979 TFLOP/s)
+# V100 SXM2 datasheet: 15.7 TFLOP/s fp32, 125 TFLOP/s fp16 tensor cores. It has no bf16
+# tensor cores; XLA computes bf16 dots there at about the fp32 rate.
+_V100_PEAK = (("float32", 15.7e12), ("bfloat16", 15.7e12), ("float16", 125e12))
+
+_NVLINK3 = LinkSpec(alpha_s=1e-5, bandwidth_bytes_per_s=300e9)
+_NVLINK4 = LinkSpec(alpha_s=1e-5, bandwidth_bytes_per_s=450e9)
+_NVLINK2 = LinkSpec(alpha_s=1e-5, bandwidth_bytes_per_s=150e9)
+_IB_4X200 = LinkSpec(alpha_s=3e-5, bandwidth_bytes_per_s=4 * 200e9 / 8)
+_IB_8X400 = LinkSpec(alpha_s=3e-5, bandwidth_bytes_per_s=8 * 400e9 / 8)
+_IB_100 = LinkSpec(alpha_s=3e-5, bandwidth_bytes_per_s=100e9 / 8)
+_ETH_25 = LinkSpec(alpha_s=1e-4, bandwidth_bytes_per_s=25e9 / 8)
+
+CLUSTER_PRESETS: Mapping[str, ClusterSpec] = types.MappingProxyType({
+    "a100-80gb-8x": ClusterSpec(
+        num_hosts=1, devices_per_host=8, memory_per_device_bytes=80 * 2**30,
+        peak_flops_per_s=_A100_PEAK, intra_host=_NVLINK3, inter_host=_IB_4X200,
+        device_kind="NVIDIA A100-SXM4-80GB", name="a100-80gb-8x"),
+    "h100-80gb-8x": ClusterSpec(
+        num_hosts=1, devices_per_host=8, memory_per_device_bytes=80 * 2**30,
+        peak_flops_per_s=_H100_PEAK, intra_host=_NVLINK4, inter_host=_IB_8X400,
+        device_kind="NVIDIA H100 80GB HBM3", name="h100-80gb-8x"),
+    # Alpa's paper cluster (AWS p3) had 25 Gb/s Ethernet between hosts.
+    "v100-16gb-4x": ClusterSpec(
+        num_hosts=1, devices_per_host=4, memory_per_device_bytes=16 * 2**30,
+        peak_flops_per_s=_V100_PEAK, intra_host=_NVLINK2, inter_host=_ETH_25,
+        device_kind="Tesla V100-SXM2-16GB", name="v100-16gb-4x"),
+    "v100-32gb-4x": ClusterSpec(
+        num_hosts=1, devices_per_host=4, memory_per_device_bytes=32 * 2**30,
+        peak_flops_per_s=_V100_PEAK, intra_host=_NVLINK2, inter_host=_IB_100,
+        device_kind="Tesla V100-SXM2-32GB", name="v100-32gb-4x"),
+    # Seed 001's simulation: 50 nodes x 4 GPUs, 32 GB each. It gives ClusterEnvironment
+    # alpha = [1, 1], beta = [1, 0.01] in unstated units (inter-node 100x slower than
+    # intra-node); those are not seconds, so this preset uses V100-32GB numbers instead
+    # (NVLink 2 inside a node, 100 Gb/s InfiniBand between nodes). For the seed's exact
+    # abstract costs use LogicalMesh(shape=(50, 4), alpha_s=(1, 1), beta_s_per_byte=(1, 0.01)).
+    "seed-50x4-32gb": ClusterSpec(
+        num_hosts=50, devices_per_host=4, memory_per_device_bytes=32 * 2**30,
+        peak_flops_per_s=_V100_PEAK, intra_host=_NVLINK2, inter_host=_IB_100,
+        device_kind="Tesla V100-SXM2-32GB", name="seed-50x4-32gb"),
+    # This repository's test machine: 8 devices simulated on one CPU host
+    # (XLA_FLAGS=--xla_force_host_platform_device_count=8). Rounded from the profile in
+    # docs/profiling.md; these numbers describe a 2-core VM, nothing else.
+    "cpu-sim": ClusterSpec(
+        num_hosts=1, devices_per_host=8, memory_per_device_bytes=2 * 2**30,
+        peak_flops_per_s=(("float32", 5e10), ("bfloat16", 5e9)),
+        intra_host=LinkSpec(alpha_s=5e-5, bandwidth_bytes_per_s=1e9),
+        inter_host=LinkSpec(alpha_s=5e-5, bandwidth_bytes_per_s=1e9),
+        device_kind="cpu", name="cpu-sim"),
+})
+
+# device_kind substring -> preset whose flops and links a live device of that kind gets.
+_KIND_TEMPLATES = (("H100", "h100-80gb-8x"), ("H200", "h100-80gb-8x"),
+                   ("A100", "a100-80gb-8x"), ("V100", "v100-32gb-4x"))
+_PLATFORM_TEMPLATES = {"cpu": "cpu-sim", "gpu": "a100-80gb-8x", "cuda": "a100-80gb-8x",
+                       "rocm": "a100-80gb-8x", "tpu": "a100-80gb-8x"}
+
+
+def get_cluster_preset(name: str) -> ClusterSpec:
+    """A preset cluster by name (see `CLUSTER_PRESETS`).
+
+    Example:
+        >>> get_cluster_preset("seed-50x4-32gb").num_devices
+        200
+    """
+    if name not in CLUSTER_PRESETS:
+        raise InvalidConfigError(
+            f"Unknown cluster preset {name!r}; presets: {sorted(CLUSTER_PRESETS)}. Or load a "
+            "JSON file with ClusterSpec.load(path).")
+    return CLUSTER_PRESETS[name]
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _check_count(value, name: str, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidConfigError(
+            f"{name} must be a positive integer (number of {what}); got {value!r}. "
+            f"Use e.g. {name}=4.")
+
+
+def _peak_pairs(peaks) -> tuple[tuple[str, float], ...]:
+    pairs = tuple(sorted((peaks.items() if isinstance(peaks, Mapping) else
+                          ((str(k), v) for k, v in peaks)), key=lambda kv: kv[0]))
+    bad = [(k, v) for k, v in pairs if isinstance(v, bool) or not isinstance(v, (int, float))
+           or not (math.isfinite(v) and v > 0)]
+    if not pairs or bad:
+        raise InvalidConfigError(
+            f"peak_flops_per_s must map dtype names to positive flop/s; got {peaks!r}"
+            f"{f' (bad: {bad})' if bad else ''}. Use e.g. {{'float32': 19.5e12}}.")
+    return tuple((str(k), float(v)) for k, v in pairs)
+
+
+def _check_submesh(submesh_shape, spec: ClusterSpec) -> tuple[int, int]:
+    shape = tuple(submesh_shape)
+    if (len(shape) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
+                               for s in shape)
+            or shape[0] > spec.num_hosts or shape[1] > spec.devices_per_host):
+        raise InvalidConfigError(
+            f"submesh_shape must be (hosts, devices per host) with 1 <= hosts <= "
+            f"{spec.num_hosts} and 1 <= devices <= {spec.devices_per_host} for this cluster; "
+            f"got {submesh_shape!r}. Use e.g. {(1, spec.devices_per_host)}.")
+    return shape
+
+
+def _axis_spans_hosts(shape: tuple[int, ...], axis: int, devices_per_host: int) -> bool:
+    """Whether some group of devices along ``axis`` of a row-major ``shape`` spans hosts."""
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    others = [range(s) if i != axis else range(1) for i, s in enumerate(shape)]
+    for index in itertools.product(*others):
+        base = sum(i * stride for i, stride in zip(index, strides))
+        hosts = {(base + j * strides[axis]) // devices_per_host for j in range(shape[axis])}
+        if len(hosts) > 1:
+            return True
+    return False
+
+
+def _template_for(platform: str, device_kind: str) -> ClusterSpec:
+    for fragment, preset in _KIND_TEMPLATES:
+        if fragment in device_kind:
+            return CLUSTER_PRESETS[preset]
+    return CLUSTER_PRESETS[_PLATFORM_TEMPLATES.get(platform, "cpu-sim")]
+
+
+def _device_memory_bytes(device, devices_per_host: int) -> int:
+    try:
+        stats = device.memory_stats()
+    except (RuntimeError, NotImplementedError):  # backends without allocator statistics
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        host_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX host
+        return CLUSTER_PRESETS["cpu-sim"].memory_per_device_bytes
+    return max(1, host_bytes // devices_per_host)

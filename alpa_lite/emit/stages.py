@@ -1,0 +1,265 @@
+"""Cut a traced train step into per-stage programs for the pipeline runtime.
+
+Input: the step's `OpGraph` (traced at micro-batch size, with layer and gradient markers) and
+a layer -> stage map. Output: `PipelinePartition`: for every stage a forward and a backward
+program (run once per micro-batch), and apply programs (run once per step) placed on the
+stages' meshes in *phases*, so that values crossing meshes (e.g. the global gradient norm of
+`clip_by_global_norm`) are computed before the phase that needs them.
+
+Each node of the compute part belongs to the region opened by the last marker before it:
+forward layer i (from its ``start`` marker) or backward layer i (from the mirrored marker).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import numpy as np
+
+from alpa_lite.cost.registry import nbytes
+from alpa_lite.emit.accumulate import GradSplit, split_at_grad_boundary
+from alpa_lite.graph import OpGraph, OpNode
+from alpa_lite.markers import grad_boundary_p, layer_boundary_p
+
+
+@dataclasses.dataclass
+class Program:
+    """Nodes of the step graph that run as one jitted call on one mesh.
+
+    Attributes:
+        name: e.g. ``"forward[1]"``, ``"backward[0]"``, ``"apply[2]@1"``.
+        mesh: the stage (mesh) index it runs on.
+        nodes: global node indices in program order.
+        inputs: global value ids it reads that are produced elsewhere (or graph inputs).
+        outputs: global value ids it produces that are needed elsewhere.
+    """
+
+    name: str
+    mesh: int
+    nodes: tuple[int, ...]
+    inputs: tuple[int, ...] = ()
+    outputs: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class PipelinePartition:
+    """All programs of a pipelined step.
+
+    Attributes:
+        forward / backward: one program per stage.
+        apply: programs run once per step, in order (phase by phase).
+        sinks: boundary operand value id -> the mesh that accumulates it over micro-batches.
+        boundary: the grad_boundary node.
+        input_mesh: graph input value id -> the mesh it lives on.
+        mesh_nodes: per mesh, every node it runs (for the per-stage intra-op plan).
+    """
+
+    forward: list[Program]
+    backward: list[Program]
+    apply: list[Program]
+    sinks: dict[int, int]
+    boundary: OpNode
+    input_mesh: dict[int, int]
+    mesh_nodes: list[list[int]]
+    split: GradSplit
+
+
+def assign_regions(graph: OpGraph, nodes) -> dict[int, tuple[str, int]]:
+    """node -> ("F" | "B", layer) from the layer markers preceding it in program order."""
+    region = ("F", 0)
+    result = {}
+    for index in nodes:
+        node = graph.nodes[index]
+        if node.primitive is layer_boundary_p:
+            direction = "B" if node.params["backward"] else "F"
+            region = (direction, node.params["layer"])
+        result[index] = region
+    return result
+
+
+def partition_pipeline(graph: OpGraph, batch_inputs: list[int], layer_to_stage: list[int],
+                       num_stages: int) -> PipelinePartition:
+    """Splits the step into forward/backward programs per stage and phased apply programs."""
+    split = split_at_grad_boundary(graph, batch_inputs)
+    boundary = graph.nodes[split.boundary]
+    compute_nodes = sorted(set(split.pre) | set(split.compute) - {split.boundary})
+    regions = assign_regions(graph, compute_nodes)
+    mesh_of = {i: layer_to_stage[min(layer, len(layer_to_stage) - 1)]
+               for i, (_, layer) in regions.items()}
+    forward = [[] for _ in range(num_stages)]
+    backward = [[] for _ in range(num_stages)]
+    for index in compute_nodes:
+        (forward if regions[index][0] == "F" else backward)[mesh_of[index]].append(index)
+    producer_mesh = {v: mesh_of[n.index] for n in graph.nodes if n.index in mesh_of
+                     for v in n.outvars}
+    sinks = {v: producer_mesh.get(v, 0) for v in boundary.invars if isinstance(v, int)}
+    for src, dst in zip(boundary.invars, boundary.outvars):
+        if isinstance(src, int):
+            producer_mesh[dst] = sinks[src]
+    input_mesh = _input_meshes(graph, compute_nodes, mesh_of)
+    producer_mesh.update(input_mesh)
+    apply_mesh = _place_apply(graph, split.post, producer_mesh)
+    for v, m in input_mesh.items():  # inputs only the apply part reads live where it runs
+        producer_mesh[v] = m
+    phases = _apply_phases(graph, split.post, apply_mesh, producer_mesh)
+    programs_f = [Program(f"forward[{s}]", s, tuple(n)) for s, n in enumerate(forward)]
+    programs_b = [Program(f"backward[{s}]", s, tuple(n)) for s, n in enumerate(backward)]
+    grouped = defaultdict(list)
+    for index in split.post:
+        grouped[(phases[index], apply_mesh[index])].append(index)
+    programs_a = [Program(f"apply[{p}]@{m}", m, tuple(nodes))
+                  for (p, m), nodes in sorted(grouped.items())]
+    _fill_inputs_outputs(graph, programs_f + programs_b + programs_a, boundary)
+    mesh_nodes = [sorted(forward[s] + backward[s] + [i for i in split.post if apply_mesh[i] == s])
+                  for s in range(num_stages)]
+    for v in graph.inputs:
+        input_mesh.setdefault(v, 0)
+    return PipelinePartition(programs_f, programs_b, programs_a, sinks, boundary, input_mesh,
+                             mesh_nodes, split)
+
+
+def _input_meshes(graph, compute_nodes, mesh_of) -> dict[int, int]:
+    """Each graph input lives on the mesh of its first consumer in the compute part."""
+    result = {}
+    inputs = set(graph.inputs)
+    for index in compute_nodes:
+        for v in graph.nodes[index].invars:
+            if isinstance(v, int) and v in inputs and v not in result:
+                result[v] = mesh_of[index]
+    return result
+
+
+def _place_apply(graph, post, known: dict[int, int]) -> dict[int, int]:
+    """A mesh per apply node: that of its largest placed operand; unplaced ones follow users.
+
+    Optimizer state is read only here, so it is placed with the update that reads it (the
+    mesh of the gradient or parameter it is combined with).
+    """
+    location = dict(known)
+    mesh = {}
+    for _ in range(4):  # forward and backward passes until nothing changes
+        changed = False
+        for index in post:
+            node = graph.nodes[index]
+            placed = [(nbytes(graph.avals[v]), location[v]) for v in node.invars
+                      if isinstance(v, int) and v in location]
+            if placed and index not in mesh:
+                mesh[index] = max(placed)[1]
+                location.update({v: mesh[index] for v in node.outvars})
+                changed = True
+        for index in reversed(post):
+            node = graph.nodes[index]
+            if index in mesh:
+                for v in node.invars:
+                    if isinstance(v, int) and v not in location:
+                        location[v] = mesh[index]
+                        changed = True
+        if not changed:
+            break
+    for index in post:
+        mesh.setdefault(index, 0)
+    for v in graph.inputs:
+        if v not in known and v in location:
+            known[v] = location[v]
+    return mesh
+
+
+def _apply_phases(graph, post, apply_mesh, value_mesh) -> dict[int, int]:
+    """phase(node) = max over operands of phase(producer) + (1 if it crosses meshes)."""
+    value_phase = {}
+    phases = {}
+    for index in post:
+        node = graph.nodes[index]
+        phase = 0
+        for v in node.invars:
+            if isinstance(v, int) and v in value_phase:
+                crossing = value_mesh.get(v, apply_mesh[index]) != apply_mesh[index]
+                phase = max(phase, value_phase[v] + int(crossing))
+        phases[index] = phase
+        for v in node.outvars:
+            value_phase[v] = phase
+            value_mesh[v] = apply_mesh[index]
+    return phases
+
+
+def _fill_inputs_outputs(graph: OpGraph, programs: list[Program], boundary: OpNode) -> None:
+    produced_by = {}
+    for p, program in enumerate(programs):
+        for index in program.nodes:
+            for v in graph.nodes[index].outvars:
+                produced_by[v] = p
+    needed_outside = defaultdict(set)
+    for p, program in enumerate(programs):
+        reads = []
+        for index in program.nodes:
+            for v in graph.nodes[index].invars:
+                if isinstance(v, int) and produced_by.get(v) != p:
+                    reads.append(v)
+                    if v in produced_by:
+                        needed_outside[produced_by[v]].add(v)
+        program.inputs = tuple(dict.fromkeys(reads))
+    final = {v for v in graph.outputs if isinstance(v, int)}
+    final |= {v for v in boundary.invars if isinstance(v, int)}
+    for v in final:
+        if v in produced_by:
+            needed_outside[produced_by[v]].add(v)
+    for p, program in enumerate(programs):
+        outs = [v for index in program.nodes for v in graph.nodes[index].outvars
+                if v in needed_outside[p]]
+        program.outputs = tuple(outs)
+
+
+def build_subgraph(graph: OpGraph, items: list) -> tuple[OpGraph, dict[int, int]]:
+    """The sub-graph of some nodes: values read from outside become its inputs.
+
+    ``items`` are global node indices or extra `OpNode`s (e.g. a `boundary_slice`). Value ids
+    stay the global ones; ``inputs`` are the outside values in first-use order and
+    ``outputs`` the values used outside. Returns the graph and the map global -> sub index.
+    """
+    nodes = [graph.nodes[i] if isinstance(i, int) else i for i in items]
+    produced = {v for n in nodes for v in n.outvars}
+    const_ids = {v for v, _ in graph.consts}
+    reads = [v for n in nodes for v in n.invars
+             if isinstance(v, int) and v not in produced and v not in const_ids]
+    inside = {i for i in items if isinstance(i, int)}
+    users = graph.users()
+    outputs = [v for n in nodes for v in n.outvars
+               if v < len(users) and (any(u not in inside for u in users[v])
+                                      or v in graph.outputs)]
+    sub_nodes, index_map = [], {}
+    producer = list(graph.producer)
+    for k, (item, node) in enumerate(zip(items, nodes)):
+        sub_nodes.append(OpNode(k, node.primitive, node.params, node.invars, node.outvars,
+                                node.name_stack))
+        if isinstance(item, int):
+            index_map[item] = k
+        for v in node.outvars:
+            producer[v] = k
+    for v in reads:
+        producer[v] = -1
+    used = {v for n in nodes for v in n.invars if isinstance(v, int)}
+    consts = tuple((v, c) for v, c in graph.consts if v in used)
+    sub = OpGraph(avals=graph.avals, inputs=tuple(dict.fromkeys(reads)), consts=consts,
+                  nodes=sub_nodes, outputs=tuple(dict.fromkeys(outputs)), producer=producer)
+    return sub, index_map
+
+
+def boundary_slice(boundary: OpNode, sinks: dict[int, int], mesh: int, index: int) -> OpNode:
+    """The part of the grad boundary whose operands this mesh accumulates (a transparent node,
+    so the plan gives a gradient the same sharding before and after averaging)."""
+    pairs = [(s, d) for s, d in zip(boundary.invars, boundary.outvars)
+             if isinstance(s, int) and sinks.get(s) == mesh]
+    return OpNode(index, grad_boundary_p, {}, tuple(s for s, _ in pairs),
+                  tuple(d for _, d in pairs), boundary.name_stack)
+
+
+def count_cross_mesh_bytes(graph: OpGraph, partition: PipelinePartition) -> float:
+    """Bytes moved between meshes per micro-batch by the forward and backward programs."""
+    total = 0.0
+    for program in partition.forward + partition.backward:
+        for v in program.inputs:
+            if v in graph.inputs:
+                continue
+            total += nbytes(graph.avals[v])
+    return float(total)

@@ -1,0 +1,177 @@
+"""Layer construction: rewrite a loss function so that its layers are marked.
+
+`alpa_lite.grad` applies `build_layer_transform(option)` to the loss function while a pipelined
+step is traced. The transform traces the loss to a jaxpr, decides where layers start (at the
+`mark_pipeline_boundary()` calls, or by `inter_op.layering`), and re-evaluates the jaxpr with
+`layer_boundary` markers on the values entering and leaving each layer. Differentiation then
+mirrors the markers into the backward pass.
+
+Automatic layers compare two clusterings and keep the better balanced one: Alpa's (balanced
+flops, small boundaries) and the model's own modules (flax names such as ``block_3`` survive in
+each equation's name stack).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.extend import core as jcore
+
+from alpa_lite._jax_compat import bind_params
+from alpa_lite.config import AutoLayerOption, ManualLayerOption
+from alpa_lite.cost.registry import estimate_op_cost, nbytes
+from alpa_lite.errors import InvalidConfigError
+from alpa_lite.inter_op.layering import cluster_layers, group_by_names, imbalance
+from alpa_lite.markers import manual_boundary_p, mark_layer
+
+logger = logging.getLogger(__name__)
+
+_MODULE = re.compile(r"(?<![\w])([A-Za-z][A-Za-z_]*?_\d+)(?![\w])")
+
+
+def build_layer_transform(option, record: dict | None = None) -> Callable[[Callable], Callable]:
+    """``transform(loss_fn) -> loss_fn with layer markers`` for a layer option.
+
+    ``record`` (optional) receives what was decided: ``num_layers``, ``method`` and the
+    ``imbalance`` of layer flops.
+    """
+
+    def transform(fun: Callable) -> Callable:
+        def marked(*args):
+            closed = jax.make_jaxpr(fun)(*args)
+            starts, info = choose_layer_starts(closed.jaxpr, option)
+            if record is not None:
+                record.update(info)
+            leaves = jax.tree_util.tree_leaves(args)
+            outs = evaluate_with_markers(closed, leaves, starts)
+            out_tree = jax.tree_util.tree_structure(jax.eval_shape(fun, *args))
+            return jax.tree_util.tree_unflatten(out_tree, outs)
+
+        return marked
+
+    return transform
+
+
+def choose_layer_starts(jaxpr: jcore.Jaxpr, option) -> tuple[list[int], dict]:
+    """Equation indices where layers start, and a description of the choice."""
+    eqns = jaxpr.eqns
+    if isinstance(option, ManualLayerOption):
+        starts = [0] + [i + 1 for i, e in enumerate(eqns) if e.primitive is manual_boundary_p]
+        starts = sorted(set(s for s in starts if s < len(eqns)))
+        return starts, {"method": "manual", "num_layers": len(starts)}
+    if not isinstance(option, AutoLayerOption):
+        raise InvalidConfigError(f"Unknown layer option {option!r}.")
+    flops = np.array([_eqn_flops(e) for e in eqns])
+    if option.layer_num > len(eqns):
+        raise InvalidConfigError(
+            f"AutoLayerOption(layer_num={option.layer_num}) but the loss function has only "
+            f"{len(eqns)} equations; use a smaller layer_num.")
+    candidates = {}
+    if option.method in ("auto", "cost"):
+        candidates["cost"] = cluster_layers(flops, _cut_bytes(jaxpr), option.layer_num,
+                                            eps=option.eps)
+    if option.method in ("auto", "names"):
+        by_names = group_by_names(_module_names(eqns), flops, option.layer_num)
+        if by_names is not None:
+            candidates["names"] = by_names
+        elif option.method == "names":
+            raise InvalidConfigError(
+                f"layer method 'names' needs at least {option.layer_num} repeated modules named "
+                "like 'block_0', 'block_1', ...; none were found. Use method='cost'.")
+    scores = {name: imbalance(flops, starts) for name, starts in candidates.items()}
+    method = min(scores, key=lambda name: (round(scores[name], 6), name != "names"))
+    logger.info("layer clustering: %s", scores)
+    return candidates[method], {"method": method, "num_layers": option.layer_num,
+                                "imbalance": scores[method], "candidates": scores}
+
+
+def _eqn_flops(eqn) -> float:
+    avals_in = [v.aval for v in eqn.invars]
+    avals_out = [v.aval for v in eqn.outvars]
+    return estimate_op_cost(eqn.primitive, eqn.params, avals_in, avals_out).flops
+
+
+def _cut_bytes(jaxpr: jcore.Jaxpr) -> np.ndarray:
+    """Bytes of values defined at or before equation i and used after it (for each i)."""
+    n = len(jaxpr.eqns)
+    defined, last_use = {}, {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if isinstance(v, jcore.Var) and v in defined:
+                last_use[v] = i
+        for v in eqn.outvars:
+            defined[v] = i
+    for v in jaxpr.outvars:
+        if isinstance(v, jcore.Var) and v in defined:
+            last_use[v] = n
+    diff = np.zeros(n + 1)
+    for v, first in defined.items():
+        last = last_use.get(v, first)
+        if last > first:
+            diff[first] += nbytes(v.aval)
+            diff[last] -= nbytes(v.aval)
+    return np.cumsum(diff)[: n - 1]
+
+
+def _module_names(eqns) -> list[str | None]:
+    """The outermost indexed flax module (``block_3``) of each equation, if any."""
+    names = []
+    for eqn in eqns:
+        found = _MODULE.findall(str(eqn.source_info.name_stack))
+        names.append(found[0] if found else None)
+    counts: dict[str, int] = {}
+    for name in names:
+        if name is not None:
+            counts[name.rsplit("_", 1)[0]] = counts.get(name.rsplit("_", 1)[0], 0) + 1
+    if not counts:
+        return names
+    family = max(counts, key=counts.get)
+    return [n if n is not None and n.rsplit("_", 1)[0] == family else None for n in names]
+
+
+def evaluate_with_markers(closed: jcore.ClosedJaxpr, args, starts: list[int]) -> list:
+    """Evaluates ``closed`` on ``args`` with start/end markers around each layer."""
+    jaxpr = closed.jaxpr
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    env.update(zip(jaxpr.invars, args))
+    read = lambda a: a.val if isinstance(a, jcore.Literal) else env[a]
+    bounds = list(starts) + [len(jaxpr.eqns)]
+    later_uses = _later_uses(jaxpr)
+    for layer, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        eqns = jaxpr.eqns[lo:hi]
+        produced = {v for e in eqns for v in e.outvars}
+        entering = list(dict.fromkeys(v for e in eqns for v in e.invars
+                                      if isinstance(v, jcore.Var) and v not in produced))
+        _mark(env, entering, layer, "start")
+        for eqn in eqns:
+            if eqn.primitive is manual_boundary_p:
+                continue
+            outs = eqn.primitive.bind(*map(read, eqn.invars),
+                                      **bind_params(eqn.primitive, eqn.params))
+            env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
+        leaving = [v for e in eqns for v in e.outvars if later_uses.get(v, -1) >= hi]
+        _mark(env, leaving, layer, "end")
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _later_uses(jaxpr) -> dict:
+    last = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if isinstance(v, jcore.Var):
+                last[v] = i
+    for v in jaxpr.outvars:
+        if isinstance(v, jcore.Var):
+            last[v] = len(jaxpr.eqns)
+    return last
+
+
+def _mark(env: dict, variables, layer: int, kind: str) -> None:
+    """Marks the floating-point values among ``variables`` (others are never differentiated)."""
+    chosen = [v for v in variables if jax.numpy.issubdtype(v.aval.dtype, jax.numpy.inexact)]
+    if chosen:
+        env.update(zip(chosen, mark_layer([env[v] for v in chosen], layer=layer, kind=kind)))

@@ -1,0 +1,190 @@
+"""Stage construction: which layers form which stage, on which submesh, viewed how.
+
+Input: the traced step graph (with layer markers), the devices and a stage option. Output:
+`StageAssignment`. Uniform and manual options are arithmetic; the automatic option prices
+every (layer, submesh, logical view) with the intra-op planner, sums layers into stage costs
+and solves Alpa's stage DP (`inter_op.stage_dp`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+
+import numpy as np
+
+from alpa_lite.config import (AutoStageOption, ManualStageOption, PipeshardParallel,
+                              UniformStageOption)
+from alpa_lite.errors import InvalidConfigError
+from alpa_lite.graph import OpGraph
+from alpa_lite.inter_op.stage_dp import StageProblem, enumerate_submesh_shapes, solve_stage_dp
+from alpa_lite.markers import layer_boundary_p
+from alpa_lite.mesh import LogicalMesh
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageAssignment:
+    """Layers -> stages, and each stage's submesh and logical mesh shape.
+
+    Attributes:
+        layer_to_stage: stage index of every layer.
+        submesh_shapes: ``(hosts, devices per host)`` of each stage.
+        logical_shapes: the logical mesh shape of each stage.
+        predicted_latency_s: the stage DP's objective (auto only).
+        stage_costs_s: predicted forward+backward time of one micro-batch per stage (auto only).
+    """
+
+    layer_to_stage: tuple[int, ...]
+    submesh_shapes: tuple[tuple[int, int], ...]
+    logical_shapes: tuple[tuple[int, ...], ...]
+    predicted_latency_s: float = math.nan
+    stage_costs_s: tuple[float, ...] = ()
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.submesh_shapes)
+
+    def stage_layers(self, stage: int) -> list[int]:
+        return [layer for layer, s in enumerate(self.layer_to_stage) if s == stage]
+
+
+def count_layers(graph: OpGraph) -> int:
+    layers = {n.params["layer"] for n in graph.nodes
+              if n.primitive is layer_boundary_p and not n.params["backward"]}
+    return max(layers) + 1 if layers else 0
+
+
+def submesh_devices(shape: tuple[int, int]) -> int:
+    return shape[0] * shape[1]
+
+
+def assign_uniform(option: UniformStageOption, num_layers: int, num_devices: int,
+                   devices_per_host: int) -> StageAssignment:
+    num_stages = option.num_stages or num_layers
+    if num_layers % num_stages or num_devices % num_stages:
+        raise InvalidConfigError(
+            f"stage_option='uniform' needs the number of stages ({num_stages}) to divide both the "
+            f"layers ({num_layers}) and the devices ({num_devices}). Pick num_stages accordingly, "
+            "or use a ManualStageOption.")
+    per_stage = num_devices // num_stages
+    submesh = (1, per_stage) if per_stage <= devices_per_host else (
+        per_stage // devices_per_host, devices_per_host)
+    logical = option.logical_mesh_shape or (per_stage,)
+    if math.prod(logical) != per_stage:
+        raise InvalidConfigError(
+            f"logical_mesh_shape {logical} has {math.prod(logical)} devices but each stage has "
+            f"{per_stage}.")
+    per_layer = num_layers // num_stages
+    return StageAssignment(tuple(layer // per_layer for layer in range(num_layers)),
+                           (submesh,) * num_stages, (tuple(logical),) * num_stages)
+
+
+def assign_manual(option: ManualStageOption, num_layers: int, num_devices: int) -> StageAssignment:
+    flat = [i for ids in option.forward_stage_layer_ids for i in ids]
+    if len(flat) != num_layers:
+        raise InvalidConfigError(
+            f"ManualStageOption covers {len(flat)} layers but the model has {num_layers}. List "
+            f"every layer 0..{num_layers - 1} once.")
+    used = sum(submesh_devices(s) for s in option.submesh_shapes)
+    if used != num_devices:
+        raise InvalidConfigError(
+            f"ManualStageOption submeshes use {used} devices but {num_devices} are available; "
+            "the submeshes must use every device exactly once.")
+    layer_to_stage = [0] * num_layers
+    for stage, ids in enumerate(option.forward_stage_layer_ids):
+        for layer in ids:
+            layer_to_stage[layer] = stage
+    logical = option.logical_mesh_shapes or tuple(
+        (submesh_devices(s),) for s in option.submesh_shapes)
+    return StageAssignment(tuple(layer_to_stage), option.submesh_shapes, tuple(logical))
+
+
+def logical_views(submesh: tuple[int, int]) -> list[tuple[int, ...]]:
+    """Logical views of a submesh to try: (n,) and (dp, mp) for every divisor pair."""
+    n = submesh_devices(submesh)
+    views = [(n,)]
+    views += [(d, n // d) for d in range(2, n) if n % d == 0]
+    return views
+
+
+def solve_auto_stages(layer_costs, layer_memory, option: AutoStageOption, num_devices: int,
+                      devices_per_host: int, num_micro_batches: int,
+                      memory_per_device: float | None) -> StageAssignment:
+    """Alpa's stage DP over per-layer costs.
+
+    Args:
+        layer_costs: ``{(submesh, view): [seconds per layer]}`` — forward+backward of one
+            micro-batch of each layer on that submesh and logical view.
+        layer_memory: ``{(submesh, view): ([weight bytes per layer], [activation bytes per
+            layer per micro-batch])}`` per device.
+    """
+    num_hosts = max(num_devices // devices_per_host, 1)
+    shapes = list(option.submesh_shapes or enumerate_submesh_shapes(num_hosts, min(
+        devices_per_host, num_devices)))
+    shapes = [s for s in shapes if submesh_devices(s) <= num_devices]
+    num_layers = len(next(iter(layer_costs.values())))
+    cost = np.full((num_layers, num_layers, len(shapes)), np.inf)
+    succ = np.full((num_layers, num_layers, len(shapes)), np.inf)
+    best_view = {}
+    for j, shape in enumerate(shapes):
+        for start, end in itertools.combinations_with_replacement(range(num_layers), 2):
+            for view in logical_views(shape):
+                if (shape, view) not in layer_costs:
+                    continue
+                c = float(sum(layer_costs[(shape, view)][start:end + 1]))
+                if c < cost[start, end, j]:
+                    cost[start, end, j] = c
+                    best_view[(start, end, j)] = view
+                    succ[start, end, j] = _max_succ(layer_memory[(shape, view)], start, end,
+                                                    memory_per_device)
+    problem = StageProblem(num_layers=num_layers, num_devices=num_devices,
+                           num_micro_batches=num_micro_batches,
+                           submesh_sizes=tuple(submesh_devices(s) for s in shapes),
+                           stage_cost_s=cost,
+                           max_n_succ_stages=None if memory_per_device is None else succ)
+    solution = solve_stage_dp(problem, max_num_stages=option.max_num_stages)
+    layer_to_stage = [0] * num_layers
+    submeshes, views, costs = [], [], []
+    for stage, (start, end, j) in enumerate(solution.stages):
+        for layer in range(start, end + 1):
+            layer_to_stage[layer] = stage
+        submeshes.append(shapes[j])
+        views.append(best_view[(start, end, j)])
+        costs.append(float(cost[start, end, j]))
+    return StageAssignment(tuple(layer_to_stage), tuple(submeshes), tuple(views),
+                           solution.cost_s, tuple(costs))
+
+
+def _max_succ(memory, start: int, end: int, budget: float | None) -> float:
+    """How many stages may follow this one before 1F1B's in-flight activations overflow."""
+    if budget is None:
+        return np.inf
+    weights, activations = memory
+    w = float(sum(weights[start:end + 1]))
+    a = float(sum(activations[start:end + 1]))
+    if w > budget:
+        return -1.0
+    if a <= 0:
+        return np.inf
+    return math.floor((budget - w) / a) - 1
+
+
+def link_model(method: PipeshardParallel, shape: tuple[int, ...], submesh: tuple[int, int],
+               platform: str, peak_flops: float, memory: float | None) -> LogicalMesh:
+    """A LogicalMesh for a stage: an axis whose devices span hosts uses the inter-host link."""
+    intra_alpha, inter_alpha = method.mesh_alpha or (5e-6, 1e-5)
+    default_beta = 1 / 10e9 if platform == "cpu" else 1 / 100e9
+    intra_beta, inter_beta = method.mesh_beta or (default_beta, default_beta * 4)
+    hosts = submesh[0]
+    if len(shape) == 1:
+        spans = (hosts > 1,)
+    else:
+        spans = (hosts > 1 and shape[0] > 1, hosts > 1 and shape[0] < hosts)
+    alpha = tuple(inter_alpha if s else intra_alpha for s in spans)
+    beta = tuple(inter_beta if s else intra_beta for s in spans)
+    return LogicalMesh(shape=tuple(shape), alpha_s=alpha, beta_s_per_byte=beta,
+                       memory_per_device_bytes=memory, peak_flops_per_s=peak_flops)
