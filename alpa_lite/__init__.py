@@ -6,9 +6,15 @@ Importing this package touches no backend and reads no environment variable.
 from alpa_lite import testing as testing
 from alpa_lite.api import ParallelizedFunction as ParallelizedFunction
 from alpa_lite.api import parallelize as parallelize
+from alpa_lite.config import AutoLayerOption as AutoLayerOption
+from alpa_lite.config import AutoStageOption as AutoStageOption
 from alpa_lite.config import DataParallel as DataParallel
+from alpa_lite.config import ManualLayerOption as ManualLayerOption
+from alpa_lite.config import ManualStageOption as ManualStageOption
+from alpa_lite.config import PipeshardParallel as PipeshardParallel
 from alpa_lite.config import ShardParallel as ShardParallel
 from alpa_lite.config import Zero2Parallel as Zero2Parallel
+from alpa_lite.config import UniformStageOption as UniformStageOption
 from alpa_lite.config import Zero3Parallel as Zero3Parallel
 from alpa_lite.errors import AlpaLiteError as AlpaLiteError
 from alpa_lite.errors import InfeasiblePlanError as InfeasiblePlanError

@@ -305,8 +305,8 @@ class ClusterSpec:
                 f"{dtype} {flops / 1e12:g} TFLOP/s" for dtype, flops in self.peak_flops_per_s),
         ]
         for label, link in (("intra-host", self.intra_host), ("inter-host", self.inter_host)):
-            lines.append(f"{label:<15}alpha {link.alpha_s * 1e6:g} us, bus bandwidth "
-                         f"{link.bandwidth_bytes_per_s / 1e9:g} GB/s")
+            lines.append(f"{label:<15}alpha {link.alpha_s * 1e6:.3g} us, bus bandwidth "
+                         f"{link.bandwidth_bytes_per_s / 1e9:.3g} GB/s")
         if self.profile is not None:
             lines.append(f"profile        {len(self.profile.collectives)} collective rows, "
                          f"{len(self.profile.matmuls)} matmul rows")
@@ -369,6 +369,73 @@ def format_bytes(num_bytes: float) -> str:
         if num_bytes >= size:
             return f"{num_bytes / size:.3g} {unit}"
     return f"{int(num_bytes)} B"
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _check_count(value, name: str, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidConfigError(
+            f"{name} must be a positive integer (number of {what}); got {value!r}. "
+            f"Use e.g. {name}=4.")
+
+
+def _peak_pairs(peaks) -> tuple[tuple[str, float], ...]:
+    pairs = tuple(sorted((peaks.items() if isinstance(peaks, Mapping) else
+                          ((str(k), v) for k, v in peaks)), key=lambda kv: kv[0]))
+    bad = [(k, v) for k, v in pairs if isinstance(v, bool) or not isinstance(v, (int, float))
+           or not (math.isfinite(v) and v > 0)]
+    if not pairs or bad:
+        raise InvalidConfigError(
+            f"peak_flops_per_s must map dtype names to positive flop/s; got {peaks!r}"
+            f"{f' (bad: {bad})' if bad else ''}. Use e.g. {{'float32': 19.5e12}}.")
+    return tuple((str(k), float(v)) for k, v in pairs)
+
+
+def _check_submesh(submesh_shape, spec: ClusterSpec) -> tuple[int, int]:
+    shape = tuple(submesh_shape)
+    if (len(shape) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
+                               for s in shape)
+            or shape[0] > spec.num_hosts or shape[1] > spec.devices_per_host):
+        raise InvalidConfigError(
+            f"submesh_shape must be (hosts, devices per host) with 1 <= hosts <= "
+            f"{spec.num_hosts} and 1 <= devices <= {spec.devices_per_host} for this cluster; "
+            f"got {submesh_shape!r}. Use e.g. {(1, spec.devices_per_host)}.")
+    return shape
+
+
+def _axis_spans_hosts(shape: tuple[int, ...], axis: int, devices_per_host: int) -> bool:
+    """Whether some group of devices along ``axis`` of a row-major ``shape`` spans hosts."""
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    others = [range(s) if i != axis else range(1) for i, s in enumerate(shape)]
+    for index in itertools.product(*others):
+        base = sum(i * stride for i, stride in zip(index, strides))
+        hosts = {(base + j * strides[axis]) // devices_per_host for j in range(shape[axis])}
+        if len(hosts) > 1:
+            return True
+    return False
+
+
+def _template_for(platform: str, device_kind: str) -> ClusterSpec:
+    for fragment, preset in _KIND_TEMPLATES:
+        if fragment in device_kind:
+            return CLUSTER_PRESETS[preset]
+    return CLUSTER_PRESETS[_PLATFORM_TEMPLATES.get(platform, "cpu-sim")]
+
+
+def _device_memory_bytes(device, devices_per_host: int) -> int:
+    try:
+        stats = device.memory_stats()
+    except (RuntimeError, NotImplementedError):  # backends without allocator statistics
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        host_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX host
+        return CLUSTER_PRESETS["cpu-sim"].memory_per_device_bytes
+    return max(1, host_bytes // devices_per_host)
 
 
 # --------------------------------------------------------------------- presets
@@ -454,70 +521,3 @@ def get_cluster_preset(name: str) -> ClusterSpec:
             f"Unknown cluster preset {name!r}; presets: {sorted(CLUSTER_PRESETS)}. Or load a "
             "JSON file with ClusterSpec.load(path).")
     return CLUSTER_PRESETS[name]
-
-
-# --------------------------------------------------------------------- helpers
-
-
-def _check_count(value, name: str, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidConfigError(
-            f"{name} must be a positive integer (number of {what}); got {value!r}. "
-            f"Use e.g. {name}=4.")
-
-
-def _peak_pairs(peaks) -> tuple[tuple[str, float], ...]:
-    pairs = tuple(sorted((peaks.items() if isinstance(peaks, Mapping) else
-                          ((str(k), v) for k, v in peaks)), key=lambda kv: kv[0]))
-    bad = [(k, v) for k, v in pairs if isinstance(v, bool) or not isinstance(v, (int, float))
-           or not (math.isfinite(v) and v > 0)]
-    if not pairs or bad:
-        raise InvalidConfigError(
-            f"peak_flops_per_s must map dtype names to positive flop/s; got {peaks!r}"
-            f"{f' (bad: {bad})' if bad else ''}. Use e.g. {{'float32': 19.5e12}}.")
-    return tuple((str(k), float(v)) for k, v in pairs)
-
-
-def _check_submesh(submesh_shape, spec: ClusterSpec) -> tuple[int, int]:
-    shape = tuple(submesh_shape)
-    if (len(shape) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
-                               for s in shape)
-            or shape[0] > spec.num_hosts or shape[1] > spec.devices_per_host):
-        raise InvalidConfigError(
-            f"submesh_shape must be (hosts, devices per host) with 1 <= hosts <= "
-            f"{spec.num_hosts} and 1 <= devices <= {spec.devices_per_host} for this cluster; "
-            f"got {submesh_shape!r}. Use e.g. {(1, spec.devices_per_host)}.")
-    return shape
-
-
-def _axis_spans_hosts(shape: tuple[int, ...], axis: int, devices_per_host: int) -> bool:
-    """Whether some group of devices along ``axis`` of a row-major ``shape`` spans hosts."""
-    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
-    others = [range(s) if i != axis else range(1) for i, s in enumerate(shape)]
-    for index in itertools.product(*others):
-        base = sum(i * stride for i, stride in zip(index, strides))
-        hosts = {(base + j * strides[axis]) // devices_per_host for j in range(shape[axis])}
-        if len(hosts) > 1:
-            return True
-    return False
-
-
-def _template_for(platform: str, device_kind: str) -> ClusterSpec:
-    for fragment, preset in _KIND_TEMPLATES:
-        if fragment in device_kind:
-            return CLUSTER_PRESETS[preset]
-    return CLUSTER_PRESETS[_PLATFORM_TEMPLATES.get(platform, "cpu-sim")]
-
-
-def _device_memory_bytes(device, devices_per_host: int) -> int:
-    try:
-        stats = device.memory_stats()
-    except (RuntimeError, NotImplementedError):  # backends without allocator statistics
-        stats = None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
-    try:
-        host_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not a POSIX host
-        return CLUSTER_PRESETS["cpu-sim"].memory_per_device_bytes
-    return max(1, host_bytes // devices_per_host)

@@ -21,7 +21,7 @@ def format_plan_summary(plan, *, max_rows: int = 40) -> str:
              f"plan time {plan.plan_time_s:.2f}s"]
     s = plan.sharding
     if s is None:
-        return "\n".join(lines)
+        return "\n".join(lines + _stage_lines(plan))
     mesh = s.mesh
     lines.append(f"logical mesh {mesh.shape} axes {mesh.axis_names} alpha {mesh.alpha_s} "
                  f"beta {mesh.beta_s_per_byte}")
@@ -56,3 +56,22 @@ def format_plan_summary(plan, *, max_rows: int = 40) -> str:
     kinds = Counter(n.primitive for n in s.nodes)
     lines.append(f"operators: {sum(kinds.values())} ({', '.join(f'{k} {v}' for k, v in kinds.most_common(6))}, ...)")
     return "\n".join(lines)
+
+
+def _stage_lines(plan) -> list[str]:
+    extra = plan.extra
+    layers = extra.get("layers", {})
+    lines = [f"schedule {extra.get('schedule')}  layers {extra.get('num_layers')} "
+             f"(clustering: {layers.get('method')}, flops imbalance "
+             f"{layers.get('imbalance', float('nan')):.2f})",
+             f"predicted step time {plan.predicted_step_time_s:.4g}s "
+             "(sum of stage times + (micro-batches - 1) x slowest stage)", "",
+             f"{'stage':>5} {'layers':<14} {'submesh':<9} {'logical':<9} {'fwd (s)':>10} "
+             f"{'bwd (s)':>10} {'peak mem':>12} {'operators':>9}"]
+    for st in plan.stages:
+        layer_text = ",".join(str(x) for x in st["layers"])
+        lines.append(f"{st['stage']:>5} {layer_text[:14]:<14} {str(tuple(st['submesh'])):<9} "
+                     f"{str(tuple(st['logical_mesh'])):<9} {st['forward_s']:>10.3g} "
+                     f"{st['backward_s']:>10.3g} {_format_bytes(st['peak_memory_bytes']):>12} "
+                     f"{st['num_operators']:>9}")
+    return lines

@@ -66,11 +66,11 @@ class CollectiveRow:
         num_groups: how many groups ran the collective at the same time.
     """
 
-    kind: str
+    kind: CollectiveKind
     group_size: int
     num_bytes: int
     time_s: float
-    link: str = "intra"
+    link: LinkClass = "intra"
     num_groups: int = 1
 
     def __post_init__(self):
@@ -163,8 +163,8 @@ class ProfileDatabase:
         """Measured group sizes of one kind on one link class, ascending."""
         return tuple(sorted(g for (k, lk, g) in self._curves if k == kind and lk == link))
 
-    def collective_time_s(self, kind: str, group_size: int, num_bytes: float,
-                          link: str = "intra") -> float:
+    def collective_time_s(self, kind: CollectiveKind, group_size: int, num_bytes: float,
+                          link: LinkClass = "intra") -> float:
         """Predicted seconds of one collective, from the measurements.
 
         Lookup order:
@@ -201,7 +201,7 @@ class ProfileDatabase:
         alpha, beta = self.fit_alpha_beta(link)
         return alpha + beta * bus_bandwidth_factor(kind, n) * float(num_bytes)
 
-    def fit_alpha_beta(self, link: str = "intra") -> tuple[float, float]:
+    def fit_alpha_beta(self, link: LinkClass = "intra") -> tuple[float, float]:
         """``(alpha_s, beta_s_per_byte)`` of ``t = alpha + beta * bus_bytes`` on one link class.
 
         ``bus_bytes = num_bytes * factor(kind, n)`` puts every kind and group size on one
@@ -236,7 +236,7 @@ class ProfileDatabase:
         if not rows:
             raise InvalidConfigError(
                 f"No matmul throughput measured for dtype {dtype!r}; measured dtypes: "
-                f"{self.matmul_dtypes or 'none'}. Run `alpa-lite profile compute --dtypes "
+                f"{list(self.matmul_dtypes) or 'none'}. Run `alpa-lite profile compute --dtypes "
                 f"{dtype}` or ask for a measured dtype.")
         points = _merge_points((math.log(r.flops), r.flops_per_s) for r in rows)
         return _interpolate_clamped(points, math.log(max(float(flops), 1.0)))

@@ -11,15 +11,21 @@ import alpa_lite
 
 
 class MLP(nn.Module):
-    """``num_layers`` Dense layers of width ``hidden``, relu between them."""
+    """``num_layers`` Dense layers of width ``hidden``, relu between them.
+
+    ``manual_boundaries`` marks a pipeline layer boundary after every Dense + relu.
+    """
 
     hidden: int
     num_layers: int
+    manual_boundaries: bool = False
 
     @nn.compact
     def __call__(self, x):
         for _ in range(self.num_layers - 1):
             x = nn.relu(nn.Dense(self.hidden)(x))
+            if self.manual_boundaries:
+                alpa_lite.mark_pipeline_boundary()
         return nn.Dense(self.hidden)(x)
 
 
@@ -84,8 +90,9 @@ def mse_step(state, batch):
     return state.apply_gradients(grads=grads), loss
 
 
-def make_mlp(batch: int, hidden: int, num_layers: int, optimizer=None, seed: int = 0):
-    model = MLP(hidden, num_layers)
+def make_mlp(batch: int, hidden: int, num_layers: int, optimizer=None, seed: int = 0,
+             manual_boundaries: bool = False):
+    model = MLP(hidden, num_layers, manual_boundaries)
     rng = np.random.default_rng(seed)
     data = {"x": jnp.asarray(rng.normal(size=(batch, hidden)), jnp.float32),
             "y": jnp.asarray(rng.normal(size=(batch, hidden)), jnp.float32)}

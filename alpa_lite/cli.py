@@ -1,0 +1,220 @@
+"""The ``alpa-lite`` command line: profile a cluster, show cluster specs.
+
+    alpa-lite profile comm [--devices N] [--max-bytes 64MiB] [--kinds all-reduce,...]
+                           [--group-sizes 2,8] [--repeats 5] [--out db.json]
+    alpa-lite profile compute [--devices N] [--dtypes float32,bfloat16] [--sizes 256,1024]
+                              [--out db.json]
+    alpa-lite cluster show PRESET|FILE [--profile db.json]
+
+jax is imported only inside the command handlers, after ``--devices N`` has set XLA_FLAGS
+(jax reads it when its backend starts), so this module must not import jax at the top.
+Every subcommand is one ``_add_*_command(subparsers)`` function listed in `_COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Sequence
+
+from alpa_lite.cluster import CLUSTER_PRESETS, ClusterSpec, get_cluster_preset, parse_bytes
+from alpa_lite.errors import AlpaLiteError, InvalidConfigError
+from alpa_lite.profiling.database import COLLECTIVE_KINDS, ProfileDatabase
+
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one ``alpa-lite`` command; returns the exit status (0 ok, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except AlpaLiteError as err:
+        print(f"alpa-lite: error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alpa-lite", description="Automatic parallelization for JAX (an Alpa re-creation).")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in _COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+# ------------------------------------------------------------------ profile
+
+
+def _add_profile_command(subparsers) -> None:
+    profile = subparsers.add_parser("profile", help="measure collectives or matmul throughput")
+    kinds = profile.add_subparsers(dest="what", required=True, metavar="WHAT")
+
+    comm = kinds.add_parser("comm", help="time collectives (nccl-tests-style table)")
+    _add_device_options(comm)
+    comm.add_argument("--max-bytes", type=_byte_count, default=None,
+                      help="largest message, e.g. 64MiB (default: by device memory; 16MiB "
+                           "on CPU)")
+    comm.add_argument("--kinds", type=_comma_list, default=list(COLLECTIVE_KINDS),
+                      help=f"comma-separated subset of {','.join(COLLECTIVE_KINDS)}")
+    comm.add_argument("--group-sizes", type=_int_list, default=None,
+                      help="devices per group, e.g. 2,4,8 (default: every divisor > 1)")
+    comm.add_argument("--repeats", type=int, default=5, help="timed repeats (median kept)")
+    comm.set_defaults(handler=_run_profile_comm)
+
+    compute = kinds.add_parser("compute", help="time square matmuls per dtype")
+    _add_device_options(compute)
+    compute.add_argument("--dtypes", type=_comma_list, default=["float32", "bfloat16"],
+                         help="comma-separated jax dtype names")
+    compute.add_argument("--sizes", type=_int_list, default=None,
+                         help="matrix sizes n of n x n matmuls, e.g. 256,1024")
+    compute.add_argument("--repeats", type=int, default=5, help="timed repeats (median kept)")
+    compute.set_defaults(handler=_run_profile_compute)
+
+
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--devices", type=int, default=None, metavar="N",
+                        help="simulate N CPU devices (sets XLA_FLAGS before jax starts)")
+    parser.add_argument("--out", default=None, metavar="DB.json",
+                        help="write the rows to this profile database; an existing file keeps "
+                             "its other section (comm keeps matmuls, compute keeps collectives)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_profile_comm(args) -> int:
+    devices = _start_devices(args.devices)
+    from alpa_lite.profiling.comm import (describe_devices, format_collective_table,
+                                          profile_collectives)
+
+    rows = profile_collectives(devices, max_bytes=args.max_bytes, kinds=args.kinds,
+                               group_sizes=args.group_sizes, repeats=args.repeats,
+                               show_progress=not args.no_progress)
+    print(format_collective_table(rows))
+    if args.out:
+        _update_database(args.out, describe_devices(devices), collectives=rows)
+    return 0
+
+
+def _run_profile_compute(args) -> int:
+    devices = _start_devices(args.devices)
+    from alpa_lite.profiling.comm import describe_devices
+    from alpa_lite.profiling.compute import format_matmul_table, profile_matmul
+
+    rows = profile_matmul(devices[0], dtypes=args.dtypes, sizes=args.sizes,
+                          repeats=args.repeats, show_progress=not args.no_progress)
+    print(format_matmul_table(rows))
+    if args.out:
+        _update_database(args.out, describe_devices(devices), matmuls=rows)
+    return 0
+
+
+def _start_devices(num_cpu_devices: int | None) -> list:
+    """Imports jax (after setting XLA_FLAGS for ``--devices``) and returns its devices."""
+    if num_cpu_devices is not None:
+        if num_cpu_devices < 1:
+            raise InvalidConfigError(
+                f"--devices must be a positive device count; got {num_cpu_devices}.")
+        os.environ["XLA_FLAGS"] = _with_device_count(os.environ.get("XLA_FLAGS", ""),
+                                                     num_cpu_devices)
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    if num_cpu_devices is not None:
+        try:
+            jax.config.update("jax_num_cpu_devices", num_cpu_devices)
+        except RuntimeError:  # the backend already started; the check below explains
+            pass
+    devices = jax.devices()
+    if num_cpu_devices is not None and (len(devices) != num_cpu_devices
+                                        or devices[0].platform != "cpu"):
+        raise InvalidConfigError(
+            f"--devices {num_cpu_devices} asked for {num_cpu_devices} CPU devices but jax had "
+            f"already started with {len(devices)} {devices[0].platform} device(s). Run "
+            "alpa-lite in a fresh process, or drop --devices.")
+    return devices
+
+
+def _with_device_count(xla_flags: str, count: int) -> str:
+    kept = re.sub(rf"{_DEVICE_COUNT_FLAG}=\S*", "", xla_flags).split()
+    return " ".join(kept + [f"{_DEVICE_COUNT_FLAG}={count}"])
+
+
+def _update_database(path: str, metadata, **rows) -> None:
+    database = ProfileDatabase.load(path) if os.path.exists(path) else ProfileDatabase()
+    database = database.replace(metadata=tuple(dict(database.metadata + metadata).items()),
+                                **rows)
+    database.save(path)
+    print(f"# wrote {path}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------ cluster
+
+
+def _add_cluster_command(subparsers) -> None:
+    cluster = subparsers.add_parser("cluster", help="show cluster specs")
+    actions = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = actions.add_parser(
+        "show", help="describe a preset or a cluster JSON file",
+        description=f"Presets: {', '.join(sorted(CLUSTER_PRESETS))}.")
+    show.add_argument("cluster", metavar="PRESET|FILE")
+    show.add_argument("--hosts", type=int, default=None, help="override the host count")
+    show.add_argument("--profile", default=None, metavar="DB.json",
+                      help="attach a profile database (links get its alpha-beta fit)")
+    show.add_argument("--json", action="store_true", help="print the spec as JSON")
+    show.set_defaults(handler=_run_cluster_show)
+
+
+def _run_cluster_show(args) -> int:
+    spec = load_cluster(args.cluster)
+    if args.hosts is not None:
+        spec = spec.with_hosts(args.hosts)
+    if args.profile:
+        spec = spec.with_profile(ProfileDatabase.load(args.profile))
+    print(spec.to_json() if args.json else spec.describe())
+    return 0
+
+
+def load_cluster(preset_or_path: str) -> ClusterSpec:
+    """A preset by name, else a JSON file written by `ClusterSpec.save`."""
+    if preset_or_path in CLUSTER_PRESETS or not os.path.exists(preset_or_path):
+        if preset_or_path.endswith(".json"):
+            return ClusterSpec.load(preset_or_path)  # raises a file-not-found message
+        return get_cluster_preset(preset_or_path)
+    return ClusterSpec.load(preset_or_path)
+
+
+# ------------------------------------------------------------------ argument types
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _byte_count(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except InvalidConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in _comma_list(text)]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 2,4,8; got {text!r}") from err
+
+
+# ------------------------------------------------------------------ registry
+#
+# One entry per top-level subcommand. `alpa-lite plan` goes here: write
+# `_add_plan_command(subparsers)` that adds its parser and sets `handler=` (a function taking
+# the parsed args and returning an exit status), then append it to this tuple.
+_COMMANDS = (_add_profile_command, _add_cluster_command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""PipeshardParallel equals serial jax.jit (reference cases 10 and 11).
+
+Tolerance rtol 1e-4: gradients are accumulated over micro-batches in a different order.
+"""
+
+import jax
+import optax
+import pytest
+
+import alpa_lite
+from alpa_lite.config import (AutoLayerOption, ManualStageOption, PipeshardParallel,
+                              UniformStageOption)
+from alpa_lite.testing import assert_trees_close
+
+from test_matches_serial import make_gpt
+from tiny_models import make_mlp, mse_step, run_steps
+
+HETEROGENEOUS = ManualStageOption(forward_stage_layer_ids=((0,), (1, 2, 3)),
+                                  submesh_shapes=((1, 2), (1, 6)),
+                                  logical_mesh_shapes=((2,), (2, 3)))
+STAGES = {"uniform2": UniformStageOption(num_stages=2), "uniform4": UniformStageOption(num_stages=4),
+          "2+6devices": HETEROGENEOUS}
+
+
+def check_pipeline(step, state, batch, method, rtol=1e-4, atol=1e-5):
+    p = alpa_lite.parallelize(step, method=method)
+    actual_state, actual_losses = run_steps(p, state, batch)
+    expected_state, expected_losses = run_steps(jax.jit(step), state, batch)
+    assert p.num_plans == 1
+    assert_trees_close(actual_losses, expected_losses, rtol=rtol, atol=atol)
+    assert_trees_close(actual_state.params, expected_state.params, rtol=rtol, atol=atol)
+    assert_trees_close(actual_state.opt_state, expected_state.opt_state, rtol=rtol, atol=atol)
+    return p
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("stages", list(STAGES))
+@pytest.mark.parametrize("layers", ["manual", "auto"])
+def test_mlp_pipeline_matches_serial(layers, stages, schedule):
+    state, batch = make_mlp(64, 16, 4, optimizer=optax.sgd(0.1, momentum=0.9),
+                            manual_boundaries=layers == "manual")
+    layer_option = "manual" if layers == "manual" else AutoLayerOption(layer_num=4)
+    method = PipeshardParallel(num_micro_batches=4, layer_option=layer_option,
+                               stage_option=STAGES[stages], schedule=schedule)
+    p = check_pipeline(mse_step, state, batch, method)
+    plan = p.plan(state, batch)
+    assert sum(len(s["layers"]) for s in plan.stages) == 4
+
+
+def test_mlp_pipeline_auto_stages_matches_serial():
+    state, batch = make_mlp(64, 16, 4, optimizer=optax.sgd(0.1, momentum=0.9))
+    method = PipeshardParallel(num_micro_batches=4, layer_option=AutoLayerOption(layer_num=4),
+                               stage_option="auto")
+    p = check_pipeline(mse_step, state, batch, method)
+    plan = p.plan(state, batch)
+    assert sum(s["submesh"][0] * s["submesh"][1] for s in plan.stages) == 8
+    summary = plan.summary()
+    assert "stage" in summary and "predicted" in summary
+
+
+@pytest.mark.parametrize("stage_option", [UniformStageOption(num_stages=2),
+                                          ManualStageOption(forward_stage_layer_ids=((0,), (1,)),
+                                                            submesh_shapes=((1, 2), (1, 6)),
+                                                            logical_mesh_shapes=((2,), (3, 2)))])
+def test_gpt_pipeline_with_global_norm_clipping_matches_serial(stage_option):
+    work = make_gpt()  # AdamW + clip_by_global_norm: the norm is reduced across both stages
+    method = PipeshardParallel(num_micro_batches=2, layer_option=AutoLayerOption(layer_num=2),
+                               stage_option=stage_option)
+    p = check_pipeline(work.train_step, work.state, work.batch, method)
+    executable = p.get_executable(work.state, work.batch)
+    meshes_in_first_phase = {prog.mesh for prog in executable.partition.apply
+                             if prog.name.startswith("apply[0]")}
+    assert meshes_in_first_phase == {0, 1}  # each stage reduces its own gradients' norm first
+
+
+def test_pipeline_needs_alpa_lite_grad():
+    def step(w, x):
+        return w - 0.1 * jax.grad(lambda w: (x @ w).sum())(w)
+
+    method = PipeshardParallel(num_micro_batches=2, layer_option=AutoLayerOption(layer_num=2))
+    import jax.numpy as jnp
+    with pytest.raises(alpa_lite.InvalidConfigError, match="alpa_lite"):
+        alpa_lite.parallelize(step, method=method).plan(jnp.ones((4, 4)), jnp.ones((8, 4)))
+
+
+def test_uniform_stages_must_divide_layers():
+    state, batch = make_mlp(64, 16, 4)
+    method = PipeshardParallel(num_micro_batches=2, layer_option=AutoLayerOption(layer_num=4),
+                               stage_option=UniformStageOption(num_stages=3))
+    with pytest.raises(alpa_lite.InvalidConfigError, match="divide both the layers"):
+        alpa_lite.parallelize(mse_step, method=method).plan(state, batch)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"schedule": "zigzag"}, "schedule must be one of"),
+    ({"layer_option": "magic"}, "layer_option must be"),
+    ({"stage_option": "best"}, "stage_option must be"),
+    ({"num_micro_batches": 0}, "num_micro_batches must be a positive integer"),
+])
+def test_invalid_pipeshard_options(kwargs, match):
+    with pytest.raises(alpa_lite.InvalidConfigError, match=match):
+        PipeshardParallel(**kwargs)
