@@ -491,14 +491,17 @@ CLUSTER_PRESETS: Mapping[str, ClusterSpec] = types.MappingProxyType({
         num_hosts=50, devices_per_host=4, memory_per_device_bytes=32 * 2**30,
         peak_flops_per_s=_V100_PEAK, intra_host=_NVLINK2, inter_host=_IB_100,
         device_kind="Tesla V100-SXM2-32GB", name="seed-50x4-32gb"),
-    # This repository's test machine: 8 devices simulated on one CPU host
-    # (XLA_FLAGS=--xla_force_host_platform_device_count=8). Rounded from the profile in
-    # docs/profiling.md; these numbers describe a 2-core VM, nothing else.
+    # This repository's test machine: 8 devices simulated on one 2-core CPU host
+    # (XLA_FLAGS=--xla_force_host_platform_device_count=8), rounded from the profile in
+    # docs/profiling.md: all-reduce etc. fit alpha ~0.7 ms, bus bandwidth ~0.8 GB/s; one device
+    # alone reaches ~6e10 fp32 / ~5e10 bf16 flop/s, and the 8 devices share those 2 cores, so
+    # each gets about 1/8 of that when all compute. These numbers describe a small VM, nothing
+    # else; memory is 2 GiB of the host's 23 GiB per device.
     "cpu-sim": ClusterSpec(
         num_hosts=1, devices_per_host=8, memory_per_device_bytes=2 * 2**30,
-        peak_flops_per_s=(("float32", 5e10), ("bfloat16", 5e9)),
-        intra_host=LinkSpec(alpha_s=5e-5, bandwidth_bytes_per_s=1e9),
-        inter_host=LinkSpec(alpha_s=5e-5, bandwidth_bytes_per_s=1e9),
+        peak_flops_per_s=(("float32", 7.5e9), ("bfloat16", 6e9)),
+        intra_host=LinkSpec(alpha_s=7e-4, bandwidth_bytes_per_s=0.8e9),
+        inter_host=LinkSpec(alpha_s=7e-4, bandwidth_bytes_per_s=0.8e9),
         device_kind="cpu", name="cpu-sim"),
 })
 

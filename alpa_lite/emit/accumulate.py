@@ -19,7 +19,7 @@ from jax.extend.core import primitives as prims
 from alpa_lite.emit.shardings import finish_partial_sum, reduction_axes, value_specs
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
-from alpa_lite.markers import grad_boundary_p
+from alpa_lite.markers import grad_boundary_p, layer_boundary_p
 from alpa_lite.plan import ShardingPlan
 
 # Linear operators a partial sum may pass through on its way to the gradient boundary.
@@ -105,42 +105,63 @@ class DeferredReductions:
     partial_values: set = dataclasses.field(default_factory=set)
 
 
-def find_deferred_reductions(graph: OpGraph, plan: ShardingPlan,
-                             split: GradSplit) -> DeferredReductions:
+def find_deferred_reductions(graph: OpGraph, plan: ShardingPlan, nodes,
+                             boundary_index: int) -> DeferredReductions:
     """Finds cross-device reductions whose results only flow, linearly, into gradients.
 
     Such a reduction (the all-reduce of a weight gradient under data parallelism, say) can be
     postponed: each device accumulates its unreduced local result over the micro-batches and
     the reduction runs once per step, as Alpa does. A value qualifies when every path from it
-    reaches the boundary through `_LINEAR_CARRIERS` only, all of whose array operands carry
-    partial sums over the same mesh axes.
+    reaches the boundary node through `_LINEAR_CARRIERS` among ``nodes`` only, all of whose
+    array operands carry partial sums over the same mesh axes.
+
+    Args:
+        graph: the graph ``nodes`` and ``boundary_index`` index into.
+        plan: its sharding plan.
+        nodes: the nodes run once per micro-batch (program order).
+        boundary_index: the grad_boundary node whose operands are accumulated.
     """
     decisions = {d.index: d for d in plan.nodes}
+    nodes = [i for i in nodes if i != boundary_index]
+    inside = set(nodes)
     axes_of: dict[int, tuple[str, ...]] = {}
-    compute = [i for i in split.compute if i != split.boundary]
-    for index in compute:
+    for index in nodes:
         node, decision = graph.nodes[index], decisions.get(index)
-        if decision is not None and reduction_axes(decision) and len(node.outvars) == 1:
+        if node.primitive is layer_boundary_p:  # identity per operand
+            for src, dst in zip(node.invars, node.outvars):
+                if isinstance(src, int) and src in axes_of:
+                    axes_of[dst] = axes_of[src]
+        elif decision is not None and reduction_axes(decision) and len(node.outvars) == 1:
             axes_of[node.outvars[0]] = reduction_axes(decision)
         elif node.primitive in _LINEAR_CARRIERS and len(node.outvars) == 1:
             ins = {axes_of.get(v) for v in node.invars if isinstance(v, int)}
             if len(ins) == 1 and None not in ins:
                 axes_of[node.outvars[0]] = ins.pop()
     users = graph.users()
-    boundary = graph.nodes[split.boundary]
     ok: dict[int, bool] = {}
-    for index in reversed(compute):  # a value is deferrable if all its users are
-        node = graph.nodes[index]
-        for v in node.outvars:
-            ok[v] = v in axes_of and all(
-                u == boundary.index or (u in split.compute and graph.nodes[u].primitive
-                                        in _LINEAR_CARRIERS and ok.get(graph.nodes[u].outvars[0]))
-                for u in users[v]) and bool(users[v])
-    reductions = {i: axes_of[graph.nodes[i].outvars[0]] for i in compute
-                  if graph.nodes[i].primitive not in _LINEAR_CARRIERS
+
+    def carried(user: int, v: int) -> list[int]:
+        """The outputs of ``user`` that carry ``v`` on, if ``user`` is a linear carrier."""
+        node = graph.nodes[user]
+        if user not in inside:
+            return []
+        if node.primitive is layer_boundary_p:
+            return [d for s_, d in zip(node.invars, node.outvars) if s_ == v]
+        return list(node.outvars) if node.primitive in _LINEAR_CARRIERS else []
+
+    for index in reversed(nodes):  # a value is deferrable if all its users are
+        for v in graph.nodes[index].outvars:
+            ok[v] = v in axes_of and bool(users[v]) and all(
+                u == boundary_index or (carried(u, v) and all(ok.get(o) for o in carried(u, v)))
+                for u in users[v])
+    is_carrier = lambda i: graph.nodes[i].primitive in _LINEAR_CARRIERS or \
+        graph.nodes[i].primitive is layer_boundary_p
+    reductions = {i: axes_of[graph.nodes[i].outvars[0]] for i in nodes
+                  if not is_carrier(i) and graph.nodes[i].outvars
                   and ok.get(graph.nodes[i].outvars[0])}
-    carriers = {i for i in compute if graph.nodes[i].primitive in _LINEAR_CARRIERS
-                and ok.get(graph.nodes[i].outvars[0])}
+    carriers = {i for i in nodes if is_carrier(i)
+                and any(ok.get(o) for o in graph.nodes[i].outvars)}
+    boundary = graph.nodes[boundary_index]
     boundary_axes = {v: axes_of[v] for v in boundary.invars if isinstance(v, int) and ok.get(v)}
     return DeferredReductions(reductions, carriers, boundary_axes)
 
@@ -175,7 +196,7 @@ def emit_accumulating_function(graph: OpGraph, plan: ShardingPlan, split: GradSp
                 f"alpa_lite.value_and_grad returns a {graph.avals[v].dtype} value; only floating "
                 "values can be averaged over micro-batches. Return it as a float, or drop "
                 "num_micro_batches.")
-    deferred = find_deferred_reductions(graph, plan, split)
+    deferred = find_deferred_reductions(graph, plan, split.compute, split.boundary)
     planned = value_specs(graph, plan)
 
     def zeros(v):

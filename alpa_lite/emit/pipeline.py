@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from alpa_lite.emit.shardings import (build_node_evaluator, spec_to_partition_spec,
-                                      value_specs)
+from alpa_lite.emit.accumulate import find_deferred_reductions
+from alpa_lite.emit.shardings import (build_node_evaluator, finish_partial_sum,
+                                      spec_to_partition_spec, value_specs)
+from alpa_lite.markers import grad_boundary_p
 from alpa_lite.emit.stages import PipelinePartition, Program
 from alpa_lite.graph import OpGraph
 from alpa_lite.inter_op.schedules import PipelineSchedule, TaskKind
@@ -54,11 +56,13 @@ class PipelineExecutable:
                  meshes: Sequence[Mesh], schedule: PipelineSchedule, num_micro_batches: int):
         self.traced, self.graph, self.partition = traced, graph, partition
         self.meshes, self.schedule, self.k = list(meshes), schedule, num_micro_batches
+        self.plans = list(plans)
         self.planned = [value_specs(sub, plan) for sub, plan in zip(subgraphs, plans)]
         evaluators = [build_node_evaluator(sub, plan, mesh)
                       for sub, plan, mesh in zip(subgraphs, plans, meshes)]
         self.batch_inputs = {v for v, b in zip(graph.inputs, traced.batch_leaves) if b}
         sinks = partition.sinks
+        self.partial_axes: list[dict[int, tuple[str, ...]]] = [{} for _ in meshes]
         self.compiled = {}
         for program in partition.forward + partition.backward + partition.apply:
             self.compiled[program.name] = self._compile(
@@ -81,34 +85,82 @@ class PipelineExecutable:
         accumulated = tuple(v for v in program.outputs if v in sinks)
         passed = tuple(v for v in program.outputs if v not in sinks)
         consts = dict(sub.consts)
+        deferred = None
+        if accumulated:  # gradients: reduce across devices once per step, not per micro-batch
+            slice_index = next(n.index for n in sub.nodes if n.primitive is grad_boundary_p)
+            deferred = find_deferred_reductions(sub, self.plans[mesh], nodes, slice_index)
+            deferred.boundary_axes = {v: a for v, a in deferred.boundary_axes.items()
+                                      if v in accumulated}
+            self.partial_axes[mesh].update(deferred.boundary_axes)
 
         def run(*args):
             env = dict(zip(program.inputs, args[:len(program.inputs)]))
             env.update(consts)
-            eval_nodes(env, nodes)
+            state = None if deferred is None else dataclasses.replace(deferred,
+                                                                      partial_values=set())
+            eval_nodes(env, nodes, state)
             accs = args[len(program.inputs):]
             return (tuple(env[v] for v in passed)
                     + tuple(a + env[v] for a, v in zip(accs, accumulated)))
 
-        in_shardings = tuple(self.sharding(mesh, v) for v in program.inputs + accumulated)
-        out_shardings = tuple(self.sharding(mesh, v) for v in passed + accumulated)
+        acc_shardings = tuple(self.acc_sharding(mesh, v) for v in accumulated)
+        in_shardings = tuple(self.sharding(mesh, v) for v in program.inputs) + acc_shardings
+        out_shardings = tuple(self.sharding(mesh, v) for v in passed) + acc_shardings
         donate = tuple(range(len(program.inputs), len(program.inputs) + len(accumulated)))
         fn = jax.jit(run, in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=donate)
         return _Compiled(program, fn, in_shardings, accumulated, passed)
 
+    def lower_program(self, name: str):
+        """The jax `Lowered` of one program (``.compile().as_text()`` shows its collectives)."""
+        compiled = self.compiled[name]
+        mesh = compiled.program.mesh
+        args = []
+        for v, sharding in zip(compiled.program.inputs + compiled.accumulated,
+                               compiled.in_shardings):
+            aval = self.graph.avals[v]
+            shape = tuple(aval.shape)
+            if len(args) >= len(compiled.program.inputs) and v in self.partial_axes[mesh]:
+                shape = (self.plans[mesh].mesh.axes_size(self.partial_axes[mesh][v]),) + shape
+            args.append(jax.ShapeDtypeStruct(shape, aval.dtype, sharding=sharding))
+        return compiled.fn.lower(*args)
+
+    def acc_sharding(self, mesh: int, value: int) -> NamedSharding:
+        """Accumulators of deferred reductions carry a leading dim of partial sums."""
+        axes = self.partial_axes[mesh].get(value)
+        spec = self.planned[mesh][value]
+        if axes is None:
+            return self.sharding(mesh, value)
+        rest = tuple(tuple(a for a in dims if a not in axes) for dims in spec)
+        return NamedSharding(self.meshes[mesh], spec_to_partition_spec((tuple(axes),) + rest))
+
     def _compile_zeros(self, mesh: int):
         ids = self._acc_ids[mesh]
-        avals = [self.graph.avals[v] for v in ids]
-        return jax.jit(lambda: tuple(jnp.zeros(a.shape, a.dtype) for a in avals),
-                       out_shardings=tuple(self.sharding(mesh, v) for v in ids))
+        shapes = []
+        for v in ids:
+            aval = self.graph.avals[v]
+            axes = self.partial_axes[mesh].get(v)
+            lead = () if axes is None else (self.plans[mesh].mesh.axes_size(axes),)
+            shapes.append((lead + tuple(aval.shape), aval.dtype))
+        return jax.jit(lambda: tuple(jnp.zeros(shape, dtype) for shape, dtype in shapes),
+                       out_shardings=tuple(self.acc_sharding(mesh, v) for v in ids))
 
     def _compile_means(self, mesh: int):
         ids = self._acc_ids[mesh]
-        k = self.k
-        shardings = tuple(self.sharding(mesh, v) for v in ids)
-        return jax.jit(lambda *accs: tuple(a / k for a in accs), in_shardings=shardings,
-                       out_shardings=shardings, donate_argnums=tuple(range(len(ids))))
+        k, jax_mesh = self.k, self.meshes[mesh]
+        axes = [self.partial_axes[mesh].get(v) for v in ids]
+        specs = [self.planned[mesh][v] for v in ids]
+
+        def means(*accs):
+            out = []
+            for acc, ax, spec in zip(accs, axes, specs):
+                total = acc if ax is None else finish_partial_sum(acc, ax, spec, jax_mesh)
+                out.append(total / k)
+            return tuple(out)
+
+        return jax.jit(means, in_shardings=tuple(self.acc_sharding(mesh, v) for v in ids),
+                       out_shardings=tuple(self.sharding(mesh, v) for v in ids),
+                       donate_argnums=tuple(range(len(ids))))
 
     # --- running -------------------------------------------------------------------------
 

@@ -99,7 +99,8 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
             params = bind_params(node.primitive, node.params)
             if deferred is not None and index in deferred.carriers:
                 outs = _bind_over_partials(node, params, env, deferred.partial_values)
-                deferred.partial_values.update(node.outvars)
+                if not is_transparent(node.primitive):
+                    deferred.partial_values.update(node.outvars)
                 env.update(zip(node.outvars, outs))
                 continue
             invals = [operand(env, decision, pos, v) for pos, v in enumerate(node.invars)]
@@ -121,8 +122,15 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
 
 
 def _bind_over_partials(node, params, env, partial_values):
-    """Applies a linear node to values that carry a leading partial-sum dim (vmapped)."""
+    """Applies a linear node to values that carry a leading partial-sum dim (vmapped).
+
+    Identity markers pass their operands through unchanged (they lower to nothing anyway).
+    """
     args = [env[v] if isinstance(v, int) else v.val for v in node.invars]
+    if is_transparent(node.primitive):
+        partial_values.update(d for s, d in zip(node.invars, node.outvars)
+                              if isinstance(s, int) and s in partial_values)
+        return args
     axes = [0 if isinstance(v, int) and v in partial_values else None for v in node.invars]
     out = jax.vmap(lambda *a: node.primitive.bind(*a, **params), in_axes=axes)(*args)
     return out if node.primitive.multiple_results else [out]
