@@ -179,8 +179,11 @@ class PipelineExecutable:
     def __call__(self, *args, _timings: dict | None = None):
         graph, k = self.graph, self.k
         store = dict(zip(graph.inputs, self.flatten_args(args)))
-        micro = {v: [store[v][i::k] for i in range(k)] for v in self.batch_inputs}
+        # Host-side split: each micro-batch is then placed straight onto the stage that reads it.
+        micro = {v: [host[i::k] for i in range(k)]
+                 for v in self.batch_inputs for host in [np.asarray(store[v])]}
         per_mb: dict[tuple[int, int], object] = {}
+        mb_keys: dict[int, list] = {mb: [] for mb in range(k)}
         latest: dict[int, object] = {}
         accs = [list(z()) if ids else [] for z, ids in zip(self._zeros, self._acc_ids)]
         acc_pos = [{v: i for i, v in enumerate(ids)} for ids in self._acc_ids]
@@ -214,12 +217,13 @@ class PipelineExecutable:
                 _timings.setdefault(program.name, []).append(time.perf_counter() - start)
             for v, value in zip(compiled.passed, outs):
                 per_mb[(v, mb)] = value
+                mb_keys[mb].append((v, mb))
                 latest[v] = value
             for v, value in zip(compiled.accumulated, outs[len(compiled.passed):]):
                 accs[mesh][acc_pos[mesh][v]] = value
             if task.kind is TaskKind.BACKWARD and task.stage == 0:
-                for key in [key for key in per_mb if key[1] == mb]:
-                    del per_mb[key]
+                for key in mb_keys.pop(mb):  # micro-batch done: free its activations
+                    per_mb.pop(key, None)
         boundary = self.partition.boundary
         sink_to_out = {s: d for s, d in zip(boundary.invars, boundary.outvars)
                        if isinstance(s, int)}
