@@ -72,49 +72,49 @@ def _candidate_starts(cut, n, num_layers) -> np.ndarray:
     return np.concatenate([[0], minima])
 
 
-def _solve(prefix, cut, n, num_layers, limit):
-    # For k layers covering equations 0..i-1: the lexicographically best
-    # (max cut, max layer flops, sum of cuts), and the previous layer's end.
-    shape = (num_layers + 1, n + 1)
-    max_cut, max_flops, sum_cut = np.full(shape, np.inf), np.full(shape, np.inf), np.full(shape, np.inf)
-    parent = np.full(shape, -1, dtype=np.int64)
-    first = prefix[1:] <= limit
-    max_cut[1, 1:][first], sum_cut[1, 1:][first] = 0.0, 0.0
-    max_flops[1, 1:][first] = prefix[1:][first]
+def _solve(prefix, cut, m, num_layers, limit):
+    """Three exact DPs, one per objective, each constrained by the optima before it."""
+    max_cut = _dp(prefix, cut, m, num_layers, limit, np.inf, "max_cut")
+    if max_cut is None:
+        return None
+    cut_cap = max_cut[0] * (1 + 1e-12) + 1e-12
+    max_flops = _dp(prefix, cut, m, num_layers, limit, cut_cap, "max_flops")
+    flops_cap = max_flops[0] * (1 + 1e-12) + 1e-12
+    return _dp(prefix, cut, m, num_layers, min(limit, flops_cap), cut_cap, "sum_cut")[1]
+
+
+def _dp(prefix, cut, m, num_layers, flops_limit, cut_limit, objective):
+    """min over splits of ``objective`` into exactly ``num_layers`` layers; (value, starts).
+
+    ``cut[j]`` is the cost of a layer starting at candidate ``j`` (``cut[0]`` is unused), a
+    layer's flops must stay within ``flops_limit`` and every cut within ``cut_limit``.
+    """
+    combine = np.add if objective == "sum_cut" else np.maximum
+    best = np.full((num_layers + 1, m + 1), np.inf)
+    parent = np.full((num_layers + 1, m + 1), -1, dtype=np.int64)
+    first = prefix[1:] <= flops_limit
+    best[1, 1:][first] = prefix[1:][first] if objective == "max_flops" else 0.0
     for k in range(2, num_layers + 1):
-        for i in range(k, n + 1):
-            lo = max(int(np.searchsorted(prefix, prefix[i] - limit, side="left")), k - 1)
+        for i in range(k, m + 1):
+            lo = max(int(np.searchsorted(prefix, prefix[i] - flops_limit, side="left")), k - 1)
             if lo >= i:
                 continue
             js = np.arange(lo, i)
-            feasible = np.isfinite(max_cut[k - 1, js])
-            if not feasible.any():
+            js = js[np.isfinite(best[k - 1, js]) & (cut[js] <= cut_limit)]
+            if not len(js):
                 continue
-            js = js[feasible]
-            c = cut[js]
-            keys = (np.maximum(max_cut[k - 1, js], c),
-                    np.maximum(max_flops[k - 1, js], prefix[i] - prefix[js]),
-                    sum_cut[k - 1, js] + c)
-            pick = _lexicographic_argmin(keys)
-            max_cut[k, i], max_flops[k, i], sum_cut[k, i] = (key[pick] for key in keys)
-            parent[k, i] = js[pick]
-    if not np.isfinite(max_cut[num_layers, n]):
+            step = prefix[i] - prefix[js] if objective == "max_flops" else cut[js]
+            values = combine(best[k - 1, js], step)
+            pick = int(np.argmin(values))
+            best[k, i], parent[k, i] = values[pick], js[pick]
+    if not np.isfinite(best[num_layers, m]):
         return None
-    starts, i = [], n
+    starts, i = [], m
     for k in range(num_layers, 0, -1):
         j = int(parent[k, i]) if k > 1 else 0
         starts.append(j)
         i = j
-    return sorted(starts)
-
-
-def _lexicographic_argmin(keys) -> int:
-    candidates = np.arange(len(keys[0]))
-    for key in keys:
-        values = key[candidates]
-        best = values.min()
-        candidates = candidates[values <= best + 1e-9 * max(abs(best), 1.0)]
-    return int(candidates[0])
+    return best[num_layers, m], sorted(starts)
 
 
 def layer_flops(flops, starts: list[int]) -> list[float]:
