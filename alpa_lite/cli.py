@@ -14,12 +14,14 @@ Every subcommand is one ``_add_*_command(subparsers)`` function listed in `_COMM
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
 from typing import Sequence
 
-from alpa_lite.cluster import CLUSTER_PRESETS, ClusterSpec, get_cluster_preset, parse_bytes
+from alpa_lite.cluster import (CLUSTER_PRESETS, ClusterSpec, get_cluster_preset, parse_bytes,
+                               parse_cluster_string)
 from alpa_lite.errors import AlpaLiteError, InvalidConfigError
 from alpa_lite.profiling.database import COLLECTIVE_KINDS, ProfileDatabase
 
@@ -213,7 +215,115 @@ def _int_list(text: str) -> list[int]:
 # One entry per top-level subcommand. `alpa-lite plan` goes here: write
 # `_add_plan_command(subparsers)` that adds its parser and sets `handler=` (a function taking
 # the parsed args and returning an exit status), then append it to this tuple.
-_COMMANDS = (_add_profile_command, _add_cluster_command)
+# ------------------------------------------------------------------ plan (simulation)
+
+
+def _add_plan_command(subparsers) -> None:
+    plan = subparsers.add_parser(
+        "plan", help="plan a model for a cluster you do not have (no devices, no weights)")
+    plan.add_argument("--model", required=True, help="model preset, e.g. gpt-1.3b, llama2-13b")
+    plan.add_argument("--cluster", required=True,
+                      help="HOSTSxDEVICES (e.g. 50x4) or a cluster preset / JSON file")
+    plan.add_argument("--device", default="a100-80gb-8x",
+                      help="preset whose links and flop/s an HOSTSxDEVICES cluster uses")
+    plan.add_argument("--memory-per-device", type=_byte_count, default=None,
+                      help="e.g. 32GiB (default: the device preset's)")
+    plan.add_argument("--num-layers", type=int, default=None)
+    plan.add_argument("--batch-size", type=int, default=None)
+    plan.add_argument("--seq-len", type=int, default=None)
+    plan.add_argument("--micro-batches", type=int, default=None)
+    plan.add_argument("--method", default="auto",
+                      choices=("auto", "shard", "dp", "zero2", "zero3", "megatron"))
+    plan.add_argument("--compare", action="store_true",
+                      help="also plan Megatron-style 3-D grids and ZeRO, print them side by side")
+    plan.add_argument("--json", default=None, metavar="PLAN.json", help="write the result")
+    plan.set_defaults(handler=_run_plan)
+
+
+def _plan_cluster(args) -> ClusterSpec:
+    if re.fullmatch(r"\s*\d+\s*x\s*\d+\s*", args.cluster):
+        hosts, per_host = parse_cluster_string(args.cluster)
+        base = load_cluster(args.device)
+        spec = dataclasses.replace(base, num_hosts=hosts, devices_per_host=per_host,
+                                   name=f"{args.cluster} x {base.device_kind}")
+    else:
+        spec = load_cluster(args.cluster)
+    if args.memory_per_device is not None:
+        spec = spec.with_memory(args.memory_per_device)
+    return spec
+
+
+def _run_plan(args) -> int:
+    import json
+
+    from alpa_lite.models.presets import get_preset
+    from alpa_lite.simulate import simulate
+
+    cluster = _plan_cluster(args)
+    preset = get_preset(args.model).with_overrides(
+        num_layers=args.num_layers, batch_size=args.batch_size, seq_len=args.seq_len)
+    methods = [args.method] + ([m for m in ("megatron", "zero2", "zero3") if m != args.method]
+                               if args.compare else [])
+    results = []
+    for method in methods:
+        print(f"# planning {preset.name} ({preset.config.num_layers} layers, batch "
+              f"{preset.default_batch_size}) on {cluster.num_hosts}x{cluster.devices_per_host} "
+              f"devices, {cluster.memory_per_device_bytes / 2**30:.0f} GiB each, method "
+              f"{method} ...", file=sys.stderr)
+        results.append(simulate(preset, cluster, method=method,
+                                num_micro_batches=args.micro_batches))
+    for result in results:
+        print(_format_simulation(result, cluster))
+    if len(results) > 1:
+        print(_format_comparison(results, cluster))
+    if args.json:
+        payload = {"model": preset.name, "num_layers": preset.config.num_layers,
+                   "batch_size": preset.default_batch_size,
+                   "cluster": json.loads(cluster.to_json()),
+                   **{k: v for k, v in results[0].to_dict().items()},
+                   "compare": [r.to_dict() for r in results[1:]]}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=1)
+        print(f"# wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _format_simulation(result, cluster) -> str:
+    gib = 2**30
+    fits = result.memory_per_device_bytes <= cluster.memory_per_device_bytes
+    lines = [f"method {result.method}: predicted step time {result.predicted_step_time_s:.4g} s, "
+             f"memory/device {result.memory_per_device_bytes / gib:.2f} GiB "
+             f"({'fits' if fits else 'DOES NOT FIT'} in "
+             f"{cluster.memory_per_device_bytes / gib:.0f} GiB), search {result.search_time_s:.1f} s",
+             f"  details: {result.details}"]
+    if result.stages:
+        lines.append(f"  {'stage':>5} {'blocks':<12} {'submesh':<9} {'logical':<9} "
+                     f"{'s/micro-batch':>14} {'memory/device':>14}")
+        for i, st in enumerate(result.stages):
+            blocks = f"{st['blocks'][0]}-{st['blocks'][1]}"
+            lines.append(f"  {i:>5} {blocks:<12} {str(tuple(st['submesh'])):<9} "
+                         f"{str(tuple(st['logical_mesh'])):<9} {st['time_per_micro_batch_s']:>14.4g} "
+                         f"{st['memory_per_device_bytes'] / gib:>11.2f} GiB")
+    return "\n".join(lines)
+
+
+def _format_comparison(results, cluster) -> str:
+    lines = ["", f"{'method':<10} {'step time (s)':>14} {'memory/device':>14} {'fits':>5}"]
+    for r in results:
+        fits = r.memory_per_device_bytes <= cluster.memory_per_device_bytes
+        lines.append(f"{r.method:<10} {r.predicted_step_time_s:>14.4g} "
+                     f"{r.memory_per_device_bytes / 2**30:>10.2f} GiB {'yes' if fits else 'no':>5}")
+    feasible = [r for r in results if r.memory_per_device_bytes <= cluster.memory_per_device_bytes]
+    auto = results[0]
+    manual = [r for r in feasible if r is not auto]
+    if manual and auto in feasible:
+        best = min(manual, key=lambda r: r.predicted_step_time_s)
+        ratio = best.predicted_step_time_s / auto.predicted_step_time_s
+        lines.append(f"{auto.method} vs best manual ({best.method}): {ratio:.2f}x predicted speedup")
+    return "\n".join(lines)
+
+
+_COMMANDS = (_add_profile_command, _add_cluster_command, _add_plan_command)
 
 
 if __name__ == "__main__":

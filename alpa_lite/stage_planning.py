@@ -104,10 +104,15 @@ def assign_manual(option: ManualStageOption, num_layers: int, num_devices: int) 
 
 
 def logical_views(submesh: tuple[int, int]) -> list[tuple[int, ...]]:
-    """Logical views of a submesh to try: (n,) and (dp, mp) for every divisor pair."""
+    """Logical views of a submesh to try: (n,) and (n / mp, mp) for mp = 2, 4, ... up to the
+    devices of one host (model parallelism stays on the fast intra-host links)."""
     n = submesh_devices(submesh)
     views = [(n,)]
-    views += [(d, n // d) for d in range(2, n) if n % d == 0]
+    mp = 2
+    while mp <= submesh[1] and mp < n:
+        if n % mp == 0:
+            views.append((n // mp, mp))
+        mp *= 2
     return views
 
 

@@ -1,0 +1,314 @@
+"""Planning for clusters you do not have: predicted plans from abstract shapes.
+
+Input: a model preset (`alpa_lite.models.presets`), a `ClusterSpec`, a method. Output: a
+`SimulationResult` with the chosen plan, predicted step time, memory per device and the
+search time. Nothing is allocated: models are traced from `jax.ShapeDtypeStruct`s.
+
+Search cost is kept small by reusing work across identical layers (transformer blocks):
+
+* Pipelines: the model is traced with 3 blocks; its 3 layers (embedding + block, block,
+  block + head) are each priced once per candidate (submesh, logical view) with the intra-op
+  ILP; an L-block model's layer costs are ``[first, middle x (L - 2), last]``. For the stage DP
+  the blocks are grouped into at most `MAX_DP_LAYERS` contiguous groups.
+* Single-mesh methods (auto sharding, data parallel, ZeRO): the full step is planned with 2 and
+  3 blocks (identical blocks share one strategy choice); cost, compute and memory of L blocks
+  are extrapolated linearly, exact when blocks are identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+import numpy as np
+
+from alpa_lite.cluster import ClusterSpec
+from alpa_lite.config import AutoLayerOption, AutoStageOption, PipeshardParallel
+from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
+from alpa_lite.graph import build_op_graph
+from alpa_lite.intra_op.planner import solve_intra_op
+from alpa_lite.intra_op.problem import SpecPolicy
+from alpa_lite.layers import build_layer_transform
+from alpa_lite.markers import layer_construction
+from alpa_lite.models.presets import ModelPreset
+from alpa_lite.models.train import build_workload
+from alpa_lite import stage_planning as sp
+from alpa_lite.trace import trace_function
+
+MAX_DP_LAYERS = 32
+METHODS = ("auto", "shard", "dp", "zero2", "zero3", "megatron")
+_POLICIES = {"shard": SpecPolicy.AUTO, "dp": SpecPolicy.DATA, "zero2": SpecPolicy.ZERO2,
+             "zero3": SpecPolicy.ZERO3}
+
+
+@dataclasses.dataclass
+class SimulationResult:
+    """A predicted plan.
+
+    Attributes:
+        method: which method was planned.
+        predicted_step_time_s: predicted seconds per training step.
+        memory_per_device_bytes: predicted peak memory of the fullest device.
+        search_time_s: wall time of the search.
+        stages: per stage: blocks, submesh, logical mesh, time per micro-batch, memory.
+        details: method-specific numbers (micro-batches, mesh, ILP statistics, ...).
+    """
+
+    method: str
+    predicted_step_time_s: float
+    memory_per_device_bytes: float
+    search_time_s: float
+    stages: list = dataclasses.field(default_factory=list)
+    details: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fits(self, cluster: ClusterSpec) -> bool:
+        return self.memory_per_device_bytes <= cluster.memory_per_device_bytes
+
+
+def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
+             num_micro_batches: int | None = None) -> SimulationResult:
+    """Plans ``preset`` on ``cluster`` with ``method`` without devices or weights."""
+    if method not in METHODS:
+        raise InvalidConfigError(f"method must be one of {METHODS}; got {method!r}.")
+    start = time.perf_counter()
+    if method == "auto":
+        result = _simulate_pipeline(preset, cluster, num_micro_batches)
+    elif method == "megatron":
+        result = _simulate_megatron(preset, cluster, num_micro_batches)
+    else:
+        result = _simulate_single_mesh(preset, cluster, _POLICIES[method], num_micro_batches)
+    result.method = method
+    result.search_time_s = time.perf_counter() - start
+    return result
+
+
+def _num_blocks(preset: ModelPreset) -> int:
+    return preset.config.num_layers
+
+
+def _micro_batch_preset(preset: ModelPreset, num_micro_batches: int, blocks: int) -> ModelPreset:
+    batch = preset.default_batch_size
+    if batch % num_micro_batches:
+        raise InvalidConfigError(
+            f"--micro-batches {num_micro_batches} does not divide the batch size {batch}.")
+    return preset.with_overrides(num_layers=blocks, batch_size=batch // num_micro_batches)
+
+
+def _default_micro_batches(preset: ModelPreset, cluster: ClusterSpec) -> int:
+    batch = preset.default_batch_size
+    k = max(1, min(batch, 4 * cluster.num_devices))
+    while batch % k:
+        k -= 1
+    return k
+
+
+# --- pipelines (auto) ------------------------------------------------------------------------
+
+
+def _price_layers(preset, cluster, num_micro_batches):
+    """Per (submesh, view): [(seconds, weight bytes, activation bytes)] of the 3 traced layers."""
+    small = _micro_batch_preset(preset, num_micro_batches, min(3, _num_blocks(preset)))
+    work = build_workload(small, abstract=True)
+    option = AutoLayerOption(layer_num=min(3, _num_blocks(small)), method="names")
+    with layer_construction(build_layer_transform(option)):
+        traced = trace_function(work.train_step, (work.state, work.batch), batch_argnums=(1,))
+    graph = build_op_graph(traced.closed_jaxpr)
+    from alpa_lite.compile import _price_layer
+    from alpa_lite.emit.stages import assign_regions
+
+    regions = assign_regions(graph, range(len(graph.nodes)))
+    boundary = next(n.index for n in graph.nodes if n.name == "grad_boundary")
+    num_layers = sp.count_layers(graph)
+    layer_nodes = [[i for i, (_, layer) in regions.items() if layer == l and i < boundary]
+                   for l in range(num_layers)]
+    method = PipeshardParallel(solver_time_limit_s=60.0)
+    priced = {}
+    for shape in candidate_submeshes(cluster):
+        for view in sp.logical_views(shape):
+            mesh = cluster.logical_mesh(shape, view)
+            priced[(tuple(shape), view)] = [_price_layer(graph, nodes, mesh, method)
+                                            for nodes in layer_nodes]
+    return priced, num_layers
+
+
+def candidate_submeshes(cluster: ClusterSpec) -> list[tuple[int, int]]:
+    """Alpa's submesh shapes, with host counts thinned on big clusters.
+
+    Within a host: (1, 2^k). Across hosts: every (n, devices_per_host) up to 8 hosts; beyond
+    that powers of two, divisors of the host count and the whole cluster (a search-space
+    reduction of ours: Alpa tries every n, which on 50 hosts means 50 ILP pricings per layer).
+    """
+    shapes = [s for s in cluster.enumerate_submesh_shapes() if s[0] == 1]
+    hosts = cluster.num_hosts
+    keep = {n for n in range(2, min(hosts, 8) + 1)}
+    keep |= {2**i for i in range(hosts.bit_length()) if 2**i <= hosts}
+    keep |= {d for d in range(2, hosts + 1) if hosts % d == 0}
+    shapes += [(n, cluster.devices_per_host) for n in sorted(keep) if n >= 2]
+    return shapes
+
+
+def _expand(values, num_blocks: int) -> list[float]:
+    """Layer values of the traced 3-block model -> L blocks: first, middle x (L-2), last."""
+    if num_blocks <= len(values):
+        return list(values[:num_blocks])
+    return [values[0]] + [values[1]] * (num_blocks - 2) + [values[-1]]
+
+
+def _group(values, groups: int) -> list[float]:
+    bounds = np.linspace(0, len(values), groups + 1).round().astype(int)
+    return [float(sum(values[a:b])) for a, b in zip(bounds, bounds[1:])], bounds
+
+
+def _micro_batch_options(preset: ModelPreset, cluster: ClusterSpec, given: int | None):
+    if given:
+        return [given]
+    batch = preset.default_batch_size
+    options = {m for m in (1, 2, 4, 8, 16, 32, 64, 128, 256) if batch % m == 0}
+    options.add(_default_micro_batches(preset, cluster))
+    return sorted(options)
+
+
+def _scaled(priced, k0: int, k: int):
+    """Layer prices at k micro-batches from prices at k0: time and activations scale with the
+    micro-batch size (k0 / k), weights do not. Keeps the search to one pricing pass."""
+    factor = k0 / k
+    return {key: [(c * factor, w, a * factor) for c, w, a in layers]
+            for key, layers in priced.items()}
+
+
+def _simulate_pipeline(preset, cluster, num_micro_batches) -> SimulationResult:
+    k0 = num_micro_batches or _default_micro_batches(preset, cluster)
+    priced0, _ = _price_layers(preset, cluster, k0)
+    best = None
+    for k in _micro_batch_options(preset, cluster, num_micro_batches):
+        result = _pipeline_for(preset, cluster, _scaled(priced0, k0, k), k)
+        key = (not result.details["fits_memory"], result.predicted_step_time_s)
+        if best is None or key < best[0]:
+            best = (key, result)
+    best[1].details["priced_at_micro_batches"] = k0
+    return best[1]
+
+
+def _pipeline_for(preset, cluster, priced, k) -> SimulationResult:
+    blocks = _num_blocks(preset)
+    groups = min(blocks, MAX_DP_LAYERS)
+    costs, memory, bounds = {}, {}, None
+    for key, layers in priced.items():
+        times, bounds = _group(_expand([c for c, _, _ in layers], blocks), groups)
+        weights, _ = _group(_expand([w for _, w, _ in layers], blocks), groups)
+        acts, _ = _group(_expand([a for _, _, a in layers], blocks), groups)
+        costs[key], memory[key] = times, (weights, acts)
+    fits = True
+    try:
+        assignment = sp.solve_auto_stages(costs, memory, AutoStageOption(), cluster.num_devices,
+                                          cluster.devices_per_host, k,
+                                          cluster.memory_per_device_bytes)
+    except InfeasiblePlanError:
+        # Report the fastest plan and how much memory it would need, rather than nothing.
+        fits = False
+        assignment = sp.solve_auto_stages(costs, memory, AutoStageOption(), cluster.num_devices,
+                                          cluster.devices_per_host, k, None)
+    stages = []
+    peak = 0.0
+    for s in range(assignment.num_stages):
+        layers = assignment.stage_layers(s)
+        shape, view = assignment.submesh_shapes[s], assignment.logical_shapes[s]
+        weights, acts = memory[(tuple(shape), tuple(view))]
+        in_flight = min(assignment.num_stages - s, k)
+        mem = sum(weights[l] for l in layers) + in_flight * sum(acts[l] for l in layers)
+        peak = max(peak, mem)
+        stages.append({"blocks": [int(bounds[layers[0]]), int(bounds[layers[-1] + 1]) - 1],
+                       "submesh": list(shape), "logical_mesh": list(view),
+                       "time_per_micro_batch_s": assignment.stage_costs_s[s],
+                       "memory_per_device_bytes": mem})
+    return SimulationResult("auto", assignment.predicted_latency_s, peak, 0.0, stages,
+                            {"num_micro_batches": k, "dp_layers": groups,
+                             "fits_memory": fits and peak <= cluster.memory_per_device_bytes})
+
+
+# --- single mesh (auto sharding, data parallel, ZeRO) ---------------------------------------
+
+
+def _plan_full_step(preset, cluster, policy, blocks, k, view):
+    small = _micro_batch_preset(preset, k, blocks)
+    work = build_workload(small, abstract=True)
+    traced = trace_function(work.train_step, (work.state, work.batch), batch_argnums=(1,))
+    graph = build_op_graph(traced.closed_jaxpr)
+    from alpa_lite.compile import find_alias_pairs, input_roles
+
+    shape = (cluster.num_hosts, cluster.devices_per_host)
+    mesh = cluster.logical_mesh(shape, view)
+    return solve_intra_op(graph, mesh, input_roles=input_roles(traced),
+                          input_paths=list(traced.in_paths), policy=policy,
+                          alias_pairs=find_alias_pairs(traced), share_repeated_layers=True)
+
+
+def _simulate_single_mesh(preset, cluster, policy, num_micro_batches) -> SimulationResult:
+    k = num_micro_batches or 1
+    blocks = _num_blocks(preset)
+    views = [(cluster.num_devices,)]
+    if policy is SpecPolicy.AUTO and cluster.num_hosts > 1:
+        views.append((cluster.num_hosts, cluster.devices_per_host))
+    best = None
+    for view in views:
+        plans = [_plan_full_step(preset, cluster, policy, b, k, view)
+                 for b in ((2, 3) if blocks > 3 else (blocks,))]
+        per_block = (lambda f: f(plans[1]) - f(plans[0])) if len(plans) == 2 else (lambda f: 0.0)
+        extra = blocks - 2 if len(plans) == 2 else 0
+        comm = plans[0].objective + extra * per_block(lambda p: p.objective)
+        compute = plans[0].compute_s + extra * per_block(lambda p: p.compute_s)
+        memory = plans[0].peak_memory_bytes + extra * per_block(lambda p: p.peak_memory_bytes)
+        step = k * (compute + comm)
+        if best is None or step < best[0]:
+            best = (step, memory, view, plans[0].solver)
+    step, memory, view, solver = best
+    return SimulationResult("", step, memory, 0.0, [],
+                            {"num_micro_batches": k, "logical_mesh": list(view),
+                             "ilp": {key: solver[key] for key in ("num_variables", "status")}})
+
+
+# --- Megatron-style 3-D grid -----------------------------------------------------------------
+
+
+def _simulate_megatron(preset, cluster, num_micro_batches) -> SimulationResult:
+    """Best (dp, tp, pp, micro-batches) on a grid: uniform stages, a (dp, tp) mesh per stage."""
+    blocks = _num_blocks(preset)
+    n, per_host = cluster.num_devices, cluster.devices_per_host
+    k0 = num_micro_batches or _default_micro_batches(preset, cluster)
+    priced0, _ = _price_layers(preset, cluster, k0)
+    best = None
+    for k in _micro_batch_options(preset, cluster, num_micro_batches):
+        priced = _scaled(priced0, k0, k)
+        for pp in [p for p in range(1, min(blocks, n) + 1) if n % p == 0 and blocks % p == 0]:
+            per_stage = n // pp
+            shape = (1, per_stage) if per_stage <= per_host else (per_stage // per_host, per_host)
+            for view in sp.logical_views(shape):
+                if (tuple(shape), view) not in priced:
+                    continue
+                layers = priced[(tuple(shape), view)]
+                times = _expand([c for c, _, _ in layers], blocks)
+                weights = _expand([w for _, w, _ in layers], blocks)
+                acts = _expand([a for _, _, a in layers], blocks)
+                per = blocks // pp
+                stage_t = [sum(times[s * per:(s + 1) * per]) for s in range(pp)]
+                mem = max(sum(weights[s * per:(s + 1) * per])
+                          + min(pp - s, k) * sum(acts[s * per:(s + 1) * per]) for s in range(pp))
+                latency = sum(stage_t) + (k - 1) * max(stage_t)
+                fits = mem <= cluster.memory_per_device_bytes
+                key = (not fits, latency)
+                if best is None or key < best[0]:
+                    dp, tp = (view[0], view[1]) if len(view) == 2 else (view[0], 1)
+                    best = (key, SimulationResult(
+                        "", latency, mem, 0.0, [],
+                        {"dp": dp, "tp": tp, "pp": pp, "num_micro_batches": k,
+                         "fits_memory": fits}))
+    if best is None:
+        raise InfeasiblePlanError("No Megatron-style (dp, tp, pp) layout exists for this "
+                                  "cluster.", budget_bytes=cluster.memory_per_device_bytes,
+                                  min_bytes=math.nan)
+    return best[1]

@@ -1,0 +1,61 @@
+"""Simulation: planning for clusters that are not here, from abstract shapes only."""
+
+import json
+
+import jax
+import pytest
+
+from alpa_lite.cli import main
+from alpa_lite.cluster import get_cluster_preset
+from alpa_lite.models.presets import get_preset
+from alpa_lite.simulate import simulate
+
+
+def test_plans_200_devices_without_allocating():
+    before = len(jax.live_arrays())
+    cluster = get_cluster_preset("v100-32gb-4x").with_hosts(50)
+    result = simulate(get_preset("gpt-tiny").with_overrides(num_layers=4), cluster,
+                      method="shard")
+    assert len(jax.live_arrays()) == before  # nothing was allocated on any device
+    assert result.details["logical_mesh"] in ([200], [50, 4])
+    assert result.predicted_step_time_s > 0 and result.search_time_s > 0
+
+
+def test_pipeline_plan_uses_every_device_once():
+    cluster = get_cluster_preset("v100-32gb-4x").with_hosts(2)
+    result = simulate(get_preset("gpt-tiny").with_overrides(num_layers=4), cluster)
+    assert sum(s["submesh"][0] * s["submesh"][1] for s in result.stages) == 8
+    covered = [b for s in result.stages for b in range(s["blocks"][0], s["blocks"][1] + 1)]
+    assert covered == list(range(4))
+
+
+@pytest.mark.parametrize("method", ["zero3", "megatron"])
+def test_single_mesh_and_grid_methods(method):
+    cluster = get_cluster_preset("a100-80gb-8x")
+    result = simulate(get_preset("gpt-tiny").with_overrides(num_layers=4), cluster, method=method)
+    assert result.predicted_step_time_s > 0
+    assert result.memory_per_device_bytes > 0
+
+
+def test_extrapolation_is_linear_in_blocks():
+    cluster = get_cluster_preset("a100-80gb-8x")
+    times = [simulate(get_preset("gpt-tiny").with_overrides(num_layers=n), cluster,
+                      method="shard").predicted_step_time_s for n in (4, 6, 8)]
+    assert times[2] - times[1] == pytest.approx(times[1] - times[0], rel=1e-6)
+
+
+def test_cli_plan_writes_json(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code = main(["plan", "--model", "gpt-tiny", "--num-layers", "4", "--cluster", "2x4",
+                 "--memory-per-device", "16GiB", "--json", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    for key in ("predicted_step_time_s", "search_time_s", "memory_per_device_bytes", "stages"):
+        assert key in data
+    assert data["cluster"]["memory_per_device_bytes"] == 16 * 2**30
+    assert "predicted step time" in capsys.readouterr().out
+
+
+def test_cli_plan_rejects_bad_cluster_string(capsys):
+    assert main(["plan", "--model", "gpt-tiny", "--cluster", "0x4"]) == 2
+    assert "error" in capsys.readouterr().err
