@@ -264,16 +264,23 @@ def _run_plan(args) -> int:
         num_layers=args.num_layers, batch_size=args.batch_size, seq_len=args.seq_len)
     methods = [args.method] + ([m for m in ("megatron", "zero2", "zero3") if m != args.method]
                                if args.compare else [])
-    results = []
+    results, skipped = [], []
     for method in methods:
         print(f"# planning {preset.name} ({preset.config.num_layers} layers, batch "
               f"{preset.default_batch_size}) on {cluster.num_hosts}x{cluster.devices_per_host} "
               f"devices, {cluster.memory_per_device_bytes / 2**30:.0f} GiB each, method "
               f"{method} ...", file=sys.stderr)
-        results.append(simulate(preset, cluster, method=method,
-                                num_micro_batches=args.micro_batches))
+        try:
+            results.append(simulate(preset, cluster, method=method,
+                                    num_micro_batches=args.micro_batches))
+        except AlpaLiteError as err:
+            if method == args.method:
+                raise
+            skipped.append(f"{method}: not applicable: {err}")
     for result in results:
         print(_format_simulation(result, cluster))
+    for line in skipped:
+        print(line)
     if len(results) > 1:
         print(_format_comparison(results, cluster))
     if args.json:
