@@ -18,6 +18,7 @@ Search cost is kept small by reusing work across identical layers (transformer b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 
@@ -110,8 +111,12 @@ def _default_micro_batches(preset: ModelPreset, cluster: ClusterSpec) -> int:
 # --- pipelines (auto) ------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
 def _price_layers(preset, cluster, num_micro_batches):
-    """Per (submesh, view): [(seconds, weight bytes, activation bytes)] of the 3 traced layers."""
+    """Per (submesh, view): [(seconds, weight bytes, activation bytes)] of the 3 traced layers.
+
+    Cached: `--compare` prices once for the pipeline search and the Megatron grid.
+    """
     small = _micro_batch_preset(preset, num_micro_batches, min(3, _num_blocks(preset)))
     work = build_workload(small, abstract=True)
     option = AutoLayerOption(layer_num=min(3, _num_blocks(small)), method="names")
