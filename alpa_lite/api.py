@@ -72,21 +72,21 @@ class ParallelizedFunction:
         avals = tuple((tuple(a.shape), str(a.dtype)) for a in map(abstractify, leaves))
         return tree, avals, tuple(sorted(static.items(), key=lambda kv: kv[0]))
 
-    def _compiled_plan(self, args):
-        key = self._key(args)
+    def _compiled_plan(self, args, cluster=None):
+        key = self._key(args) + (cluster,)
         entry = self._cache.get(key)
         if entry is None:
-            entry = {"plan": self._make_plan(args)}
+            entry = {"plan": self._make_plan(args, cluster)}
             self.num_plans += 1
             self._cache[key] = entry
         return entry
 
-    def _make_plan(self, args):
+    def _make_plan(self, args, cluster=None):
         if isinstance(self.method, ShardParallel):
             return plan_shard_parallel(self.fun, args, self.method, self.step,
-                                       plan=self._loaded_plan)
+                                       plan=self._loaded_plan, cluster=cluster)
         if isinstance(self.method, PipeshardParallel):
-            return plan_pipeshard(self.fun, args, self.method, self.step)
+            return plan_pipeshard(self.fun, args, self.method, self.step, cluster=cluster)
         raise InvalidConfigError(
             f"Unknown method {self.method!r}; use ShardParallel, DataParallel, Zero2Parallel, "
             "Zero3Parallel or PipeshardParallel.")
@@ -113,9 +113,15 @@ class ParallelizedFunction:
     def __call__(self, *args):
         return self.get_executable(*args)(*args)
 
-    def plan(self, *args) -> ParallelPlan:
-        """The plan for these arguments (arrays or ShapeDtypeStructs), without running."""
-        return self._compiled_plan(args)["plan"].plan
+    def plan(self, *args, cluster=None) -> ParallelPlan:
+        """The plan for these arguments (arrays or ShapeDtypeStructs), without running.
+
+        Args:
+            *args: the step's arguments, or `jax.ShapeDtypeStruct`s of them.
+            cluster: a `ClusterSpec` to plan for instead of the local devices (simulation:
+                no devices are used; the plan cannot be run here).
+        """
+        return self._compiled_plan(args, cluster)["plan"].plan
 
     def lower(self, *args):
         """Lowers the parallel program (`.compile().as_text()` shows its collectives)."""

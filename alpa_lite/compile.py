@@ -134,15 +134,20 @@ class CompiledPlan:
 
 def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, step: StepSpec,
                         devices: Sequence | None = None,
-                        plan: ParallelPlan | None = None) -> CompiledPlan:
+                        plan: ParallelPlan | None = None, cluster=None) -> CompiledPlan:
     """Traces and plans ``fun(*args)`` with a ShardParallel-family method.
 
     With ``plan`` given (a loaded plan), checks that it belongs to the traced function and
     uses it instead of solving.
     """
     start = time.perf_counter()
-    devices = resolve_devices(method, devices)
-    mesh = build_logical_mesh(method, devices)
+    if cluster is None:
+        devices = resolve_devices(method, devices)
+        mesh = build_logical_mesh(method, devices)
+    else:  # simulation: the cluster's numbers, no devices
+        devices = []
+        mesh = cluster.logical_mesh((cluster.num_hosts, cluster.devices_per_host),
+                                    method.mesh_shape or (cluster.num_devices,))
     k = method.micro_batches
     trace_args = args if k == 1 else micro_batch_args(args, step.batch_argnums, k,
                                                       step.static_argnums)
@@ -187,6 +192,14 @@ def compile_shard_parallel(compiled: CompiledPlan, step: StepSpec) -> ShardExecu
 
 
 @dataclasses.dataclass(frozen=True)
+class _SimulatedDevice:
+    """Stands in for a device when planning for a `ClusterSpec` (never used to run)."""
+
+    id: int
+    platform: str = "gpu"
+
+
+@dataclasses.dataclass(frozen=True)
 class CompiledPipeline:
     traced: TracedFunction
     graph: OpGraph
@@ -199,7 +212,8 @@ class CompiledPipeline:
     assignment: object
 
 
-def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec) -> CompiledPipeline:
+def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
+                   cluster=None) -> CompiledPipeline:
     """Traces ``fun`` with layer markers, builds stages (uniform / manual / DP), and plans
     every stage with the intra-op ILP on its own logical mesh."""
     from alpa_lite.config import AutoStageOption, ManualStageOption, UniformStageOption
@@ -209,8 +223,15 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec) -> Com
     from alpa_lite import stage_planning as sp
 
     start = time.perf_counter()
-    devices = list(method.devices) if method.devices is not None else list(jax.devices())
-    per_host = min(method.devices_per_host or jax.local_device_count(), len(devices))
+    if cluster is not None:  # simulation: device count and links from the cluster spec
+        devices = [_SimulatedDevice(i) for i in range(cluster.num_devices)]
+        per_host = cluster.devices_per_host
+        method = dataclasses.replace(method, mesh_alpha=(
+            cluster.intra_host.alpha_s, cluster.inter_host.alpha_s), mesh_beta=(
+            cluster.intra_host.beta_s_per_byte, cluster.inter_host.beta_s_per_byte))
+    else:
+        devices = list(method.devices) if method.devices is not None else list(jax.devices())
+        per_host = min(method.devices_per_host or jax.local_device_count(), len(devices))
     k = method.num_micro_batches
     trace_args = args if k == 1 else micro_batch_args(args, step.batch_argnums, k,
                                                       step.static_argnums)
@@ -225,7 +246,8 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec) -> Com
             "PipeshardParallel found no layers: compute gradients with alpa_lite.grad or "
             "alpa_lite.value_and_grad inside the step (they insert the layer markers).")
     platform = devices[0].platform
-    peak = _DEFAULT_PEAK_FLOPS.get(platform, 1e12)
+    peak = (cluster.peak_flops("float32") if cluster is not None
+            else _DEFAULT_PEAK_FLOPS.get(platform, 1e12))
     option = method.stage_option
     if isinstance(option, UniformStageOption):
         assignment = sp.assign_uniform(option, num_layers, len(devices), per_host)

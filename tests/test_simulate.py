@@ -59,3 +59,20 @@ def test_cli_plan_writes_json(tmp_path, capsys):
 def test_cli_plan_rejects_bad_cluster_string(capsys):
     assert main(["plan", "--model", "gpt-tiny", "--cluster", "0x4"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_python_api_plans_for_a_cluster_without_devices():
+    import alpa_lite
+    from alpa_lite.models.train import build_workload
+
+    work = build_workload(get_preset("gpt-tiny"), abstract=True)
+    cluster = get_cluster_preset("a100-80gb-8x").with_hosts(4)  # 32 devices, we have 8
+    p = alpa_lite.parallelize(work.train_step, method=alpa_lite.ShardParallel(mesh_shape=(4, 8)))
+    plan = p.plan(work.state, work.batch, cluster=cluster)
+    assert plan.sharding.mesh.shape == (4, 8)
+    assert plan.sharding.mesh.beta_s_per_byte[0] > plan.sharding.mesh.beta_s_per_byte[1]
+    pipe = alpa_lite.parallelize(work.train_step, method=alpa_lite.PipeshardParallel(
+        num_micro_batches=2, layer_option=alpa_lite.AutoLayerOption(layer_num=2),
+        stage_option="uniform"))
+    stages = pipe.plan(work.state, work.batch, cluster=cluster).stages
+    assert sum(s["submesh"][0] * s["submesh"][1] for s in stages) == 32
