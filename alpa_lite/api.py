@@ -7,12 +7,13 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from alpa_lite.compile import (StepSpec, compile_pipeshard, compile_shard_parallel,
-                               plan_pipeshard, plan_shard_parallel)
+from alpa_lite.compile import (StepSpec, check_argnums, compile_plan, plan_pipeshard,
+                               plan_shard_parallel)
 from alpa_lite.config import PipeshardParallel, ShardParallel
+from alpa_lite.emit.executable import PlanMismatch
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.plan import ParallelPlan
-from alpa_lite.trace import abstractify, split_static_args
+from alpa_lite.trace import abstract_signature
 
 
 def _as_tuple(value) -> tuple[int, ...]:
@@ -55,7 +56,13 @@ def parallelize(fun: Callable | None = None, *, method: Any = None,
 
 
 class ParallelizedFunction:
-    """A parallelized function: call it, ``.plan(...)`` it or ``.lower(...)`` it."""
+    """A parallelized function: call it, ``.plan(...)`` it or ``.lower(...)`` it.
+
+    Calls dispatch like `jax.jit`: the executable of the last plan is tried first through
+    jax's C++ path, and only a call with a new argument signature (shapes, dtypes, pytree
+    structure, static values) or misplaced arguments takes the slower Python path that looks
+    up (or makes) the plan for it.
+    """
 
     def __init__(self, fun: Callable, method: Any, step: StepSpec):
         if not callable(fun):
@@ -63,20 +70,19 @@ class ParallelizedFunction:
         self.fun, self.method, self.step = fun, method, step
         self._cache: dict = {}
         self._loaded_plan: ParallelPlan | None = None
+        self._last = None  # the executable of the last call (the fast path)
         self.num_plans = 0  # how many times planning ran (the cache's hit test)
         functools.update_wrapper(self, fun)
 
     def _key(self, args) -> tuple:
-        dynamic, static, _ = split_static_args(args, self.step.static_argnums)
-        leaves, tree = jax.tree_util.tree_flatten(tuple(dynamic))
-        avals = tuple((tuple(a.shape), str(a.dtype)) for a in map(abstractify, leaves))
-        return tree, avals, tuple(sorted(static.items(), key=lambda kv: kv[0]))
+        check_argnums(args, self.step)
+        return abstract_signature(args, self.step.static_argnums)
 
     def _compiled_plan(self, args, cluster=None):
         key = self._key(args) + (cluster,)
         entry = self._cache.get(key)
         if entry is None:
-            entry = {"plan": self._make_plan(args, cluster)}
+            entry = {"plan": self._make_plan(args, cluster), "signature": key[:-1]}
             self.num_plans += 1
             self._cache[key] = entry
         return entry
@@ -96,22 +102,43 @@ class ParallelizedFunction:
 
         The plan must belong to the same function and argument shapes; a mismatch raises
         `InvalidConfigError` when the function is next called.
+
+        Raises:
+            InvalidConfigError: for `PipeshardParallel`, whose plans cannot be loaded to run yet.
         """
+        if isinstance(self.method, PipeshardParallel) or plan.stages:
+            raise InvalidConfigError(
+                "use_plan runs ShardParallel-family plans only; pipeline plans cannot be loaded "
+                "to run yet. Plan the pipeline again (parallelize(...)(*args)), or use a "
+                "ShardParallel-family method for a saved plan.")
         self._loaded_plan = plan
         self._cache.clear()
+        self._last = None
         return self
 
     def get_executable(self, *args):
+        """The executable for these arguments (planned and compiled on first use)."""
         entry = self._compiled_plan(args)
         if "executable" not in entry:
-            if isinstance(self.method, PipeshardParallel):
-                entry["executable"] = compile_pipeshard(entry["plan"], self.method)
-            else:
-                entry["executable"] = compile_shard_parallel(entry["plan"], self.step)
+            entry["executable"] = compile_plan(entry["plan"], self.method, self.step,
+                                               entry["signature"])
         return entry["executable"]
 
-    def __call__(self, *args):
-        return self.get_executable(*args)(*args)
+    def __call__(self, *args, **kwargs):
+        if kwargs:
+            raise InvalidConfigError(
+                f"parallelized functions take positional arguments only; got keyword arguments "
+                f"{sorted(kwargs)}. Pass them positionally (mark hashable ones with "
+                "static_argnums).")
+        last = self._last
+        if last is not None:
+            try:
+                return last.call_unplaced(*args)
+            except (PlanMismatch, ValueError, TypeError):
+                pass  # new signature or misplaced arguments: the checked path below
+        executable = self.get_executable(*args)
+        self._last = executable
+        return executable(*args)
 
     def plan(self, *args, cluster=None) -> ParallelPlan:
         """The plan for these arguments (arrays or ShapeDtypeStructs), without running.
@@ -124,5 +151,8 @@ class ParallelizedFunction:
         return self._compiled_plan(args, cluster)["plan"].plan
 
     def lower(self, *args):
-        """Lowers the parallel program (`.compile().as_text()` shows its collectives)."""
+        """Lowers the parallel program (`.compile().as_text()` shows its collectives).
+
+        Arguments may be arrays or `jax.ShapeDtypeStruct`s.
+        """
         return self.get_executable(*args).lower(*args)

@@ -8,20 +8,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 
 from alpa_lite.config import ShardParallel
 from alpa_lite.emit.executable import ShardExecutable
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph, build_op_graph
 from alpa_lite.intra_op.planner import graph_fingerprint, solve_intra_op
-from alpa_lite.intra_op.problem import InputRole
+from alpa_lite.intra_op.problem import InputRole, SpecPolicy
+from alpa_lite.micro_batching import MicroBatchPlan, build_micro_batch_plan
 from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.mesh import LogicalMesh
 from alpa_lite.plan import ParallelPlan
-from alpa_lite.trace import TracedFunction, abstractify, split_static_args, trace_function
+from alpa_lite.trace import (TracedFunction, abstractify, rebuild_args, split_static_args,
+                             trace_function)
 
 # Rough defaults when the user gives no link model: they only scale predicted times; the
 # ILP's choices depend on ratios between axes, which are equal here.
@@ -63,17 +67,121 @@ def build_logical_mesh(method: ShardParallel, devices: Sequence) -> LogicalMesh:
                        peak_flops_per_s=_DEFAULT_PEAK_FLOPS.get(platform, 1e12))
 
 
-def input_roles(traced: TracedFunction) -> list[InputRole]:
-    """Batch leaves, optimizer state (key path contains ``opt_state``) and parameters."""
+def input_roles(traced: TracedFunction, opt_state_leaves: Sequence[bool]) -> list[InputRole]:
+    """Batch leaves, optimizer state (see `optimizer_state_mask`) and parameters."""
     roles = []
-    for path, is_batch in zip(traced.in_paths, traced.batch_leaves):
+    for is_batch, is_opt in zip(traced.batch_leaves, opt_state_leaves):
         if is_batch:
             roles.append(InputRole.BATCH)
-        elif "opt_state" in path:
+        elif is_opt:
             roles.append(InputRole.OPT_STATE)
         else:
             roles.append(InputRole.PARAM)
     return roles
+
+
+def _is_optax_state(node) -> bool:
+    return isinstance(node, tuple) and type(node).__module__.split(".")[0] == "optax"
+
+
+def optimizer_state_mask(args: Sequence, step: StepSpec) -> tuple[bool, ...]:
+    """Per flat dynamic leaf: is it optimizer state?
+
+    Optimizer state is found by type: every leaf inside an optax state object (the
+    NamedTuples that ``tx.init`` returns: ``ScaleByAdamState``, ``TraceState``, ...). Leaves
+    under a key path containing ``opt_state`` count too, for hand-written optimizers.
+    """
+    dynamic, _, _ = split_static_args(args, step.static_argnums)
+    subtrees = jax.tree_util.tree_flatten_with_path(tuple(dynamic), is_leaf=_is_optax_state)[0]
+    mask = []
+    for path, subtree in subtrees:
+        inside = _is_optax_state(subtree) or "opt_state" in jax.tree_util.keystr(path)
+        mask.extend([inside] * len(jax.tree_util.tree_leaves(subtree)))
+    return tuple(mask)
+
+
+def check_optimizer_state(method, opt_state_leaves: Sequence[bool]) -> None:
+    """ZeRO shards optimizer state: it must be found among the arguments."""
+    if method.policy in (SpecPolicy.ZERO2, SpecPolicy.ZERO3) and not any(opt_state_leaves):
+        raise InvalidConfigError(
+            f"{type(method).__name__} shards the optimizer state, but no optimizer state was "
+            "found among the arguments (looked for optax state objects, as returned by "
+            "tx.init, and key paths containing 'opt_state'). Pass the optax state inside the "
+            "step's arguments (e.g. a flax TrainState), or use DataParallel.")
+
+
+def check_argnums(args: Sequence, step: StepSpec) -> None:
+    """Every argnum names an argument of this call."""
+    num_args = len(args)
+    for name in ("static_argnums", "donate_argnums", "batch_argnums"):
+        for i in getattr(step, name):
+            if not -num_args <= i < num_args:
+                raise InvalidConfigError(
+                    f"{name} contains {i} but the function was called with {num_args} "
+                    f"positional argument(s). Use indices below {num_args}, e.g. "
+                    "batch_argnums=(1,) for step(state, batch) or batch_argnums=(2,) for "
+                    "step(params, opt_state, batch).")
+
+
+def is_key_like(leaf) -> bool:
+    """PRNG keys: typed keys (``jax.random.key``) and raw ``uint32[2]`` keys."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+        return False
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return True
+    return dtype == np.uint32 and tuple(leaf.shape) == (2,)
+
+
+def batch_leaf_mask(args: Sequence, step: StepSpec) -> tuple[bool, ...]:
+    """Per flat dynamic leaf: is it batch data, split into micro-batches on dim 0?
+
+    Leaves of the batch arguments are, except PRNG keys and scalars: those go whole to every
+    micro-batch. All batch leaves must share their leading (batch) dimension.
+
+    Raises:
+        InvalidConfigError: the batch arguments hold no array with a leading dim, or their
+            leading dims differ (``batch_argnums`` probably marks the wrong argument).
+    """
+    dynamic, _, dyn_idx = split_static_args(args, step.static_argnums)
+    batch_set = {i % len(args) for i in step.batch_argnums}
+    mask, sizes = [], {}
+    for pos, arg in enumerate(dynamic):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(arg)[0]:
+            aval = abstractify(leaf)
+            is_batch = dyn_idx[pos] in batch_set and aval.ndim >= 1 and not is_key_like(aval)
+            mask.append(is_batch)
+            if is_batch:
+                sizes[f"argument {dyn_idx[pos]}{jax.tree_util.keystr(path)}"] = aval.shape[0]
+    if batch_set and not sizes:
+        raise InvalidConfigError(
+            f"batch_argnums={step.batch_argnums} marks argument(s) {sorted(batch_set)}, which "
+            "hold no array with a leading batch dimension (only scalars or keys). Set "
+            "batch_argnums to the position of the batch, e.g. batch_argnums=(2,) for "
+            "step(params, opt_state, batch), or batch_argnums=() for no batch.")
+    if len(set(sizes.values())) > 1:
+        shown = ", ".join(f"{name}: {size}" for name, size in list(sizes.items())[:6])
+        raise InvalidConfigError(
+            f"The batch arguments (batch_argnums={step.batch_argnums}) have leaves with "
+            f"different leading dimensions ({shown}); every batch leaf needs the batch size as "
+            "its leading dim. Does batch_argnums mark the batch? E.g. batch_argnums=(2,) for "
+            "step(params, opt_state, batch).")
+    return tuple(mask)
+
+
+def warn_plan_fallbacks(plan) -> None:
+    """One warning per plan for a greedy solver fallback or replicated unknown primitives."""
+    if plan.solver.get("status") == "fallback":
+        warnings.warn(
+            f"The sharding ILP found no solution within solver_time_limit_s; the plan is a "
+            f"greedy fallback (objective {plan.objective:.3g}), likely slower than optimal. "
+            "Raise solver_time_limit_s, or install highspy (solver='highs').", stacklevel=3)
+    if plan.fallback_primitives:
+        warnings.warn(
+            f"No sharding rule for {', '.join(plan.fallback_primitives)}: those operators run "
+            "replicated (correct, possibly slower). Register a rule with "
+            "alpa_lite.intra_op.strategy_rules.register_strategy_rule, or pass strict=True to "
+            "make this an error.", stacklevel=3)
 
 
 def find_alias_pairs(traced: TracedFunction) -> list[tuple[int, int]]:
@@ -102,22 +210,24 @@ def find_alias_pairs(traced: TracedFunction) -> list[tuple[int, int]]:
     return pairs
 
 
-def micro_batch_args(args: Sequence, batch_argnums: Sequence[int], num_micro_batches: int,
+def micro_batch_args(args: Sequence, batch_mask: Sequence[bool], num_micro_batches: int,
                      static_argnums: Sequence[int]) -> list:
     """Abstract args with each batch leaf's leading dim divided by the micro-batch count."""
-    result = [abstractify_tree(a) if i not in static_argnums else a for i, a in enumerate(args)]
-    for i in batch_argnums:
-        def shrink(path, leaf):
-            if not leaf.shape or leaf.shape[0] % num_micro_batches:
+    dynamic, static, dyn_idx = split_static_args(args, static_argnums)
+    with_paths, tree = jax.tree_util.tree_flatten_with_path(tuple(dynamic))
+    leaves = []
+    for (path, leaf), is_batch in zip(with_paths, batch_mask):
+        aval = abstractify(leaf)
+        if is_batch:
+            if aval.shape[0] % num_micro_batches:
                 raise InvalidConfigError(
                     f"num_micro_batches={num_micro_batches} does not divide the batch dimension "
-                    f"of argument {i}{jax.tree_util.keystr(path)} (size "
-                    f"{leaf.shape[0] if leaf.shape else 'scalar'}). Use a divisor of the batch "
-                    "size, or pad the batch.")
-            return jax.ShapeDtypeStruct((leaf.shape[0] // num_micro_batches,) + leaf.shape[1:],
-                                        leaf.dtype)
-        result[i] = jax.tree_util.tree_map_with_path(shrink, result[i])
-    return result
+                    f"of argument {dyn_idx[path[0].idx]}{jax.tree_util.keystr(path[1:])} (size "
+                    f"{aval.shape[0]}). Use a divisor of the batch size, or pad the batch.")
+            aval = jax.ShapeDtypeStruct((aval.shape[0] // num_micro_batches,) + aval.shape[1:],
+                                        aval.dtype, weak_type=aval.weak_type)
+        leaves.append(aval)
+    return rebuild_args(jax.tree_util.tree_unflatten(tree, leaves), static, dyn_idx)
 
 
 def abstractify_tree(tree):
@@ -130,6 +240,31 @@ class CompiledPlan:
     graph: OpGraph
     plan: ParallelPlan
     devices: tuple
+    micro: MicroBatchPlan | None = None
+
+
+def trace_step(fun: Callable, args: Sequence, step: StepSpec, num_micro_batches: int, *,
+               analyse: bool = True, layer_transform=None):
+    """Traces the step at micro-batch size; returns (traced, graph, micro-batch plan).
+
+    With more than one micro-batch (and ``analyse``), the step is traced at full batch size
+    too, and `build_micro_batch_plan` decides how each value crossing the gradient boundary
+    combines over micro-batches.
+    """
+    from alpa_lite.markers import layer_construction
+
+    mask = batch_leaf_mask(args, step)
+    k = num_micro_batches
+    trace_args = args if k == 1 else micro_batch_args(args, mask, k, step.static_argnums)
+    with layer_construction(layer_transform):
+        traced = trace_function(fun, trace_args, static_argnums=step.static_argnums,
+                                batch_leaves=mask)
+    graph = build_op_graph(traced.closed_jaxpr)
+    micro = None
+    if k > 1 and analyse:
+        full = trace_function(fun, args, static_argnums=step.static_argnums, batch_leaves=mask)
+        micro = build_micro_batch_plan(graph, build_op_graph(full.closed_jaxpr), k, list(mask))
+    return traced, graph, micro
 
 
 def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, step: StepSpec,
@@ -149,23 +284,23 @@ def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, st
         mesh = cluster.logical_mesh((cluster.num_hosts, cluster.devices_per_host),
                                     method.mesh_shape or (cluster.num_devices,))
     k = method.micro_batches
-    trace_args = args if k == 1 else micro_batch_args(args, step.batch_argnums, k,
-                                                      step.static_argnums)
-    traced = trace_function(fun, trace_args, static_argnums=step.static_argnums,
-                            batch_argnums=step.batch_argnums)
-    graph = build_op_graph(traced.closed_jaxpr)
+    traced, graph, micro = trace_step(fun, args, step, k, analyse=cluster is None)
     if plan is not None:
         check_plan_matches(plan, graph, mesh)
-        return CompiledPlan(traced, graph, plan, tuple(devices))
+        return CompiledPlan(traced, graph, plan, tuple(devices), micro)
+    opt_state = optimizer_state_mask(args, step)
+    check_optimizer_state(method, opt_state)
     sharding = solve_intra_op(
-        graph, mesh, input_roles=input_roles(traced), input_paths=list(traced.in_paths),
+        graph, mesh, input_roles=input_roles(traced, opt_state),
+        input_paths=list(traced.in_paths),
         policy=method.policy, alias_pairs=find_alias_pairs(traced),
         memory_budget_bytes=method.memory_budget_per_device, strict=method.strict,
         solver=method.solver, time_limit_s=method.solver_time_limit_s,
         share_repeated_layers=method.share_repeated_layers)
+    warn_plan_fallbacks(sharding)
     plan = ParallelPlan(method=type(method).__name__, num_micro_batches=k, sharding=sharding,
                         plan_time_s=time.perf_counter() - start)
-    return CompiledPlan(traced, graph, plan, tuple(devices))
+    return CompiledPlan(traced, graph, plan, tuple(devices), micro)
 
 
 def check_plan_matches(plan: ParallelPlan, graph: OpGraph, mesh: LogicalMesh) -> None:
@@ -182,10 +317,13 @@ def check_plan_matches(plan: ParallelPlan, graph: OpGraph, mesh: LogicalMesh) ->
             f"{mesh.shape}. Use the same mesh_shape as when the plan was made.")
 
 
-def compile_shard_parallel(compiled: CompiledPlan, step: StepSpec) -> ShardExecutable:
-    """Emits the jitted SPMD program for a ShardParallel-family plan."""
+def compile_plan(compiled, method, step: StepSpec, signature: tuple):
+    """Emits the executable of a plan: one jitted SPMD program, or the pipeline runtime."""
+    if isinstance(compiled, CompiledPipeline):
+        return compile_pipeshard(compiled, method, signature)
     return ShardExecutable(compiled.traced, compiled.graph, compiled.plan, compiled.devices,
-                           donate_argnums=step.donate_argnums)
+                           signature=signature, donate_argnums=step.donate_argnums,
+                           micro=compiled.micro)
 
 
 # --- PipeshardParallel -----------------------------------------------------------------------
@@ -210,6 +348,7 @@ class CompiledPipeline:
     stage_plans: tuple
     stage_devices: tuple
     assignment: object
+    micro: MicroBatchPlan | None = None
 
 
 def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
@@ -219,7 +358,6 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
     from alpa_lite.config import AutoStageOption, ManualStageOption, UniformStageOption
     from alpa_lite.emit.stages import boundary_slice, build_subgraph, partition_pipeline
     from alpa_lite.layers import build_layer_transform
-    from alpa_lite.markers import layer_construction
     from alpa_lite import stage_planning as sp
 
     start = time.perf_counter()
@@ -233,13 +371,10 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
         devices = list(method.devices) if method.devices is not None else list(jax.devices())
         per_host = min(method.devices_per_host or jax.local_device_count(), len(devices))
     k = method.num_micro_batches
-    trace_args = args if k == 1 else micro_batch_args(args, step.batch_argnums, k,
-                                                      step.static_argnums)
     record: dict = {}
-    with layer_construction(build_layer_transform(method.layer_option, record)):
-        traced = trace_function(fun, trace_args, static_argnums=step.static_argnums,
-                                batch_argnums=step.batch_argnums)
-    graph = build_op_graph(traced.closed_jaxpr)
+    traced, graph, micro = trace_step(
+        fun, args, step, k, analyse=cluster is None,
+        layer_transform=build_layer_transform(method.layer_option, record))
     num_layers = sp.count_layers(graph)
     if num_layers == 0:
         raise InvalidConfigError(
@@ -259,7 +394,7 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
     batch_inputs = [v for v, b in zip(graph.inputs, traced.batch_leaves) if b]
     partition = partition_pipeline(graph, batch_inputs, list(assignment.layer_to_stage),
                                    assignment.num_stages)
-    roles = dict(zip(graph.inputs, input_roles(traced)))
+    roles = dict(zip(graph.inputs, input_roles(traced, optimizer_state_mask(args, step))))
     aliases = find_alias_pairs(traced)
     subgraphs, index_maps, plans, stage_devices = [], [], [], []
     offset = 0
@@ -294,10 +429,10 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
                                "num_layers": num_layers,
                                "dp_latency_s": assignment.predicted_latency_s})
     return CompiledPipeline(traced, graph, plan, partition, tuple(subgraphs), tuple(index_maps),
-                            tuple(plans), tuple(stage_devices), assignment)
+                            tuple(plans), tuple(stage_devices), assignment, micro)
 
 
-def compile_pipeshard(compiled: CompiledPipeline, method):
+def compile_pipeshard(compiled: CompiledPipeline, method, signature: tuple):
     from alpa_lite.emit.pipeline import PipelineExecutable
     from alpa_lite.emit.shardings import build_jax_mesh
     from alpa_lite.inter_op.schedules import build_schedule
@@ -307,7 +442,8 @@ def compile_pipeshard(compiled: CompiledPipeline, method):
     schedule = build_schedule(method.schedule, len(meshes), method.num_micro_batches)
     return PipelineExecutable(compiled.traced, compiled.graph, compiled.partition,
                               compiled.subgraphs, compiled.index_maps, compiled.stage_plans,
-                              meshes, schedule, method.num_micro_batches)
+                              meshes, schedule, method.num_micro_batches, compiled.micro,
+                              signature)
 
 
 def _sub_alias_pairs(graph: OpGraph, sub: OpGraph, aliases) -> list[tuple[int, int]]:

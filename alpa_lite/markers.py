@@ -41,9 +41,9 @@ layer_boundary_p = _identity_primitive("layer_boundary")
 manual_boundary_p = _identity_primitive("manual_pipeline_boundary")
 
 
-def _grad_boundary_jvp(primals, tangents):
+def _grad_boundary_jvp(primals, tangents, **params):
     tangents = [ad.instantiate_zeros(t) for t in tangents]
-    return grad_boundary_p.bind(*primals), list(tangents)
+    return grad_boundary_p.bind(*primals, **params), list(tangents)
 
 
 ad.primitive_jvps[grad_boundary_p] = _grad_boundary_jvp
@@ -116,9 +116,25 @@ def _with_layers(fun: Callable) -> Callable:
     return fun if transform is None else transform(fun)
 
 
-def _mark_outputs(tree: Any) -> Any:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return jax.tree_util.tree_unflatten(treedef, grad_boundary_p.bind(*leaves))
+def _mark_outputs(loss: Any, aux: Any, grads: Any) -> tuple[Any, Any, Any]:
+    """Binds the boundary on the loss, aux and gradient leaves, recording each one's role.
+
+    The roles and readable names let micro-batching combine each value the way serial
+    execution computes it (`alpa_lite.micro_batching`) and name a value it cannot.
+    """
+    parts = {"loss": loss, "aux": aux, "grad": grads}
+    leaves, roles, names, treedefs = [], [], [], {}
+    for role, tree in parts.items():
+        with_paths, treedefs[role] = jax.tree_util.tree_flatten_with_path(tree)
+        for path, leaf in with_paths:
+            leaves.append(leaf)
+            roles.append(role)
+            names.append("the loss" if role == "loss" else
+                          f"{role}{jax.tree_util.keystr(path)}")
+    marked = iter(grad_boundary_p.bind(*leaves, roles=tuple(roles), names=tuple(names)))
+    return tuple(jax.tree_util.tree_unflatten(treedefs[role],
+                                              [next(marked) for _ in range(treedefs[role].num_leaves)])
+                 for role in parts)
 
 
 def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
@@ -126,9 +142,13 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
     """Like `jax.value_and_grad`, and marks where computing gradients ends.
 
     Under ``ShardParallel(num_micro_batches=k)`` or `PipeshardParallel`, everything this
-    function computes (value, aux and gradients) is computed per micro-batch and averaged over
-    the micro-batches; the rest of the train step runs once per step. Averaging is exact for
-    losses that are means over the batch, which is the usual convention.
+    function computes (value, aux and gradients) is computed per micro-batch and the rest of
+    the train step runs once per step. Each returned value is rebuilt from the micro-batch
+    values exactly as the full batch would compute it: sums are summed, means averaged,
+    maxima and minima taken again, per-example values put back in batch order, and gradients
+    combined like the loss (which must be a sum or a mean over the batch). A value that is
+    none of these (a ratio of two sums, say) raises `InvalidConfigError`, never a different
+    number.
 
     Example:
         >>> import jax.numpy as jnp
@@ -139,7 +159,10 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
     @functools.wraps(fun)
     def wrapped(*args, **kw):
         inner = jax.value_and_grad(_with_layers(fun), argnums=argnums, has_aux=has_aux, **kwargs)
-        return _mark_outputs(inner(*args, **kw))
+        value, grads = inner(*args, **kw)
+        loss, aux = value if has_aux else (value, None)
+        loss, aux, grads = _mark_outputs(loss, aux, grads)
+        return ((loss, aux) if has_aux else loss), grads
 
     return wrapped
 
@@ -156,7 +179,10 @@ def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
 
     @functools.wraps(fun)
     def wrapped(*args, **kw):
-        inner = jax.grad(_with_layers(fun), argnums=argnums, has_aux=has_aux, **kwargs)
-        return _mark_outputs(inner(*args, **kw))
+        inner = jax.value_and_grad(_with_layers(fun), argnums=argnums, has_aux=has_aux, **kwargs)
+        value, grads = inner(*args, **kw)
+        loss, aux = value if has_aux else (value, None)
+        _, aux, grads = _mark_outputs(loss, aux, grads)  # the loss classifies the gradients
+        return (grads, aux) if has_aux else grads
 
     return wrapped

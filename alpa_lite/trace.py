@@ -43,13 +43,32 @@ class TracedFunction:
 
 
 def abstractify(x) -> jax.ShapeDtypeStruct:
-    """Shape and dtype of an array-like or `jax.ShapeDtypeStruct`, without touching its data."""
+    """Shape, dtype and weak type of an argument as `jax.jit` sees it, without its data.
+
+    Python scalars are weakly typed (as under `jax.jit`), so a step traced on a state whose
+    ``step`` counter is a Python int keeps it weak, and calling the step again on its own
+    output neither re-plans nor recompiles.
+    """
     if isinstance(x, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype)
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=x.weak_type)
+    try:
+        aval = jax.typeof(x)
+    except TypeError:
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise
         return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
-    arr = np.asarray(x)
-    return jax.ShapeDtypeStruct(arr.shape, jax.dtypes.canonicalize_dtype(arr.dtype))
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+
+
+def abstract_signature(args: Sequence, static_argnums: Sequence[int]) -> tuple:
+    """What a plan depends on: pytree structure, (shape, dtype) per leaf, static values.
+
+    Weak types are left out: they do not change a plan.
+    """
+    dynamic, static, _ = split_static_args(args, static_argnums)
+    leaves, tree = jax.tree_util.tree_flatten(tuple(dynamic))
+    avals = tuple((tuple(a.shape), a.dtype) for a in map(abstractify, leaves))
+    return tree, avals, tuple(sorted(static.items(), key=lambda kv: kv[0]))
 
 
 def split_static_args(args: Sequence, static_argnums: Sequence[int]):
@@ -82,8 +101,12 @@ def trace_function(
     *,
     static_argnums: Sequence[int] = (),
     batch_argnums: Sequence[int] = (),
+    batch_leaves: Sequence[bool] | None = None,
 ) -> TracedFunction:
     """Traces ``fun(*args)`` to a closed jaxpr over the flattened dynamic arguments.
+
+    ``batch_leaves`` (per flat dynamic leaf) overrides the default "every leaf of a
+    ``batch_argnums`` argument".
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -96,8 +119,9 @@ def trace_function(
     avals = tuple(abstractify(leaf) for _, leaf in leaves_with_paths)
     in_argnums = tuple(dyn_idx[path[0].idx] for path, _ in leaves_with_paths)
     in_paths = tuple(_path_name(path, dyn_idx) for path, _ in leaves_with_paths)
-    batch_set = {i % max(len(args), 1) for i in batch_argnums}
-    batch_leaves = tuple(argnum in batch_set for argnum in in_argnums)
+    if batch_leaves is None:
+        batch_set = {i % max(len(args), 1) for i in batch_argnums}
+        batch_leaves = tuple(argnum in batch_set for argnum in in_argnums)
 
     def flat_fun(*flat_args):
         dyn = jax.tree_util.tree_unflatten(in_tree, flat_args)
@@ -112,7 +136,7 @@ def trace_function(
         in_avals=tuple(v.aval for v in closed_jaxpr.jaxpr.invars),
         in_paths=in_paths,
         in_argnums=in_argnums,
-        batch_leaves=batch_leaves,
+        batch_leaves=tuple(batch_leaves),
         static_args=static_args,
     )
 

@@ -77,8 +77,20 @@ def nbytes(*avals) -> float:
         dtype = getattr(aval, "dtype", None)
         if shape is None or dtype is None:
             continue
-        total += math.prod(shape) * np.dtype(dtype).itemsize
+        total += math.prod(shape) * itemsize(dtype)
     return total
+
+
+def itemsize(dtype) -> int:
+    """Bytes per element, also for PRNG key dtypes (``key<fry>`` is two uint32 words).
+
+    Example:
+        >>> import jax
+        >>> itemsize(np.float32), itemsize(jax.random.key(0).dtype)
+        (4, 8)
+    """
+    size = getattr(dtype, "itemsize", None)
+    return int(size) if size is not None else np.dtype(dtype).itemsize
 
 
 def estimate_op_cost(primitive, params: dict, avals_in, avals_out) -> OpCost:

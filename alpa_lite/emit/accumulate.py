@@ -1,5 +1,6 @@
 """Gradient accumulation: run the part of a train step before `alpa_lite.grad`'s boundary once
-per micro-batch, average what crosses the boundary, then run the rest once.
+per micro-batch, combine what crosses the boundary (`alpa_lite.micro_batching` says how), then
+run the rest once.
 
 Input: `OpGraph` split by `split_at_grad_boundary` + a per-node emitter. Output: a function of
 the flat inputs (full batch) that loops over micro-batches with `jax.lax.scan`.
@@ -20,8 +21,12 @@ from alpa_lite.emit.shardings import finish_partial_sum, reduction_axes, value_s
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p
+from alpa_lite.micro_batching import Combine, MicroBatchPlan, Rule
 from alpa_lite.plan import ShardingPlan
 
+# Operators whose cross-device reduction is a sum (and so can be postponed and summed once).
+_SUM_REDUCERS = (prims.reduce_sum_p, prims.dot_general_p, prims.conv_general_dilated_p,
+                 prims.scatter_add_p)
 # Linear operators a partial sum may pass through on its way to the gradient boundary.
 _LINEAR_CARRIERS = (prims.transpose_p, prims.reshape_p, prims.squeeze_p, prims.copy_p,
                     prims.convert_element_type_p, prims.neg_p, prims.add_jaxvals_p, prims.add_p)
@@ -44,8 +49,12 @@ class GradSplit:
     boundary: int
 
 
-def split_at_grad_boundary(graph: OpGraph, batch_inputs: list[int]) -> GradSplit:
+def split_at_grad_boundary(graph: OpGraph, batch_inputs: list[int],
+                           per_micro_batch_nodes=()) -> GradSplit:
     """Splits ``graph`` around its single `grad_boundary` node.
+
+    ``per_micro_batch_nodes`` (e.g. random draws with a batch-sized shape) run once per
+    micro-batch even though they read no batch input.
 
     Raises:
         InvalidConfigError: no boundary (the step does not use alpa_lite.grad), several, or
@@ -61,10 +70,12 @@ def split_at_grad_boundary(graph: OpGraph, batch_inputs: list[int]) -> GradSplit
     boundary = boundaries[0]
     batch_dep = set(batch_inputs)
     after = set(graph.nodes[boundary].outvars)
+    per_micro_batch = set(per_micro_batch_nodes)
     pre, compute, post = [], [], []
     for node in graph.nodes:
         ins = {v for v in node.invars if isinstance(v, int)}
-        uses_batch, uses_after = bool(ins & batch_dep), bool(ins & after)
+        uses_batch = bool(ins & batch_dep) or node.index in per_micro_batch
+        uses_after = bool(ins & after)
         if node.index == boundary:
             compute.append(node.index)
         elif uses_batch and uses_after:
@@ -106,7 +117,7 @@ class DeferredReductions:
 
 
 def find_deferred_reductions(graph: OpGraph, plan: ShardingPlan, nodes,
-                             boundary_index: int) -> DeferredReductions:
+                             boundary_index: int, summed=None) -> DeferredReductions:
     """Finds cross-device reductions whose results only flow, linearly, into gradients.
 
     Such a reduction (the all-reduce of a weight gradient under data parallelism, say) can be
@@ -120,6 +131,8 @@ def find_deferred_reductions(graph: OpGraph, plan: ShardingPlan, nodes,
         plan: its sharding plan.
         nodes: the nodes run once per micro-batch (program order).
         boundary_index: the grad_boundary node whose operands are accumulated.
+        summed: the boundary operands accumulated by summing (sums, means, gradients); None
+            means all. Maxima, minima, per-example and batch-independent values are not.
     """
     decisions = {d.index: d for d in plan.nodes}
     nodes = [i for i in nodes if i != boundary_index]
@@ -131,7 +144,8 @@ def find_deferred_reductions(graph: OpGraph, plan: ShardingPlan, nodes,
             for src, dst in zip(node.invars, node.outvars):
                 if isinstance(src, int) and src in axes_of:
                     axes_of[dst] = axes_of[src]
-        elif decision is not None and reduction_axes(decision) and len(node.outvars) == 1:
+        elif (decision is not None and node.primitive in _SUM_REDUCERS
+              and reduction_axes(decision) and len(node.outvars) == 1):
             axes_of[node.outvars[0]] = reduction_axes(decision)
         elif node.primitive in _LINEAR_CARRIERS and len(node.outvars) == 1:
             ins = {axes_of.get(v) for v in node.invars if isinstance(v, int)}
@@ -149,10 +163,12 @@ def find_deferred_reductions(graph: OpGraph, plan: ShardingPlan, nodes,
             return [d for s_, d in zip(node.invars, node.outvars) if s_ == v]
         return list(node.outvars) if node.primitive in _LINEAR_CARRIERS else []
 
+    boundary_ok = lambda v: summed is None or v in summed
     for index in reversed(nodes):  # a value is deferrable if all its users are
         for v in graph.nodes[index].outvars:
             ok[v] = v in axes_of and bool(users[v]) and all(
-                u == boundary_index or (carried(u, v) and all(ok.get(o) for o in carried(u, v)))
+                (u == boundary_index and boundary_ok(v))
+                or (carried(u, v) and all(ok.get(o) for o in carried(u, v)))
                 for u in users[v])
     is_carrier = lambda i: graph.nodes[i].primitive in _LINEAR_CARRIERS or \
         graph.nodes[i].primitive is layer_boundary_p
@@ -175,8 +191,12 @@ def split_micro_batches(x, num_micro_batches: int):
 
 def emit_accumulating_function(graph: OpGraph, plan: ShardingPlan, split: GradSplit,
                                batch_inputs: list[int], num_micro_batches: int, eval_nodes,
-                               jax_mesh):
+                               jax_mesh, micro: MicroBatchPlan | None = None):
     """The step function with gradient accumulation and once-per-step gradient reduction.
+
+    Each value crossing the gradient boundary is combined over micro-batches by its rule in
+    ``micro`` (sum, mean, max, min, per-example concatenation, or computed once when it does
+    not depend on the batch), so the result equals the full-batch step's.
 
     Args:
         graph: the graph traced at micro-batch size.
@@ -186,46 +206,115 @@ def emit_accumulating_function(graph: OpGraph, plan: ShardingPlan, split: GradSp
         num_micro_batches: k.
         eval_nodes: from `build_node_evaluator`.
         jax_mesh: the device mesh.
+        micro: from `alpa_lite.micro_batching.build_micro_batch_plan` (None: average all).
     """
+    k = num_micro_batches
     boundary = graph.nodes[split.boundary]
     body_nodes = tuple(i for i in split.compute if i != split.boundary)
-    acc_ids = list(dict.fromkeys(v for v in boundary.invars if isinstance(v, int)))
-    for v in acc_ids:
-        if not jnp.issubdtype(graph.avals[v].dtype, jnp.floating):
-            raise InvalidConfigError(
-                f"alpa_lite.value_and_grad returns a {graph.avals[v].dtype} value; only floating "
-                "values can be averaged over micro-batches. Return it as a float, or drop "
-                "num_micro_batches.")
-    deferred = find_deferred_reductions(graph, plan, split.compute, split.boundary)
+    ids = list(dict.fromkeys(v for v in boundary.invars if isinstance(v, int)))
+    rules = {v: micro.rules[v] if micro is not None else Rule(Combine.MEAN) for v in ids}
+    check_combinable(graph, rules)
+    acc_ids = [v for v in ids if rules[v].combine not in (Combine.SAME, Combine.CONCAT)]
+    concat_ids = [v for v in ids if rules[v].combine is Combine.CONCAT]
+    summed = {v for v in ids if rules[v].combine in (Combine.SUM, Combine.MEAN)}
+    deferred = find_deferred_reductions(graph, plan, split.compute, split.boundary, summed)
     planned = value_specs(graph, plan)
+    random_dims = micro.random_dims if micro is not None else {}
 
-    def zeros(v):
-        aval = graph.avals[v]
+    def initial(v):
         axes = deferred.boundary_axes.get(v)
         lead = () if axes is None else (plan.mesh.axes_size(axes),)
-        return jnp.zeros(lead + tuple(aval.shape), aval.dtype)
+        return combine_identity(rules[v].combine, lead + tuple(graph.avals[v].shape),
+                                graph.avals[v].dtype)
 
     def run(*flat_args):
         env = dict(zip(graph.inputs, flat_args))
         env.update(graph.consts)
         eval_nodes(env, split.pre)
-        micro = {v: split_micro_batches(env[v], num_micro_batches) for v in batch_inputs}
+        micro_inputs = {v: split_micro_batches(env[v], k) for v in batch_inputs}
 
         def body(acc, xs):
+            inputs, index = xs
             local = dict(env)
-            local.update(xs)
-            eval_nodes(local, body_nodes, dataclasses.replace(deferred, partial_values=set()))
-            return [a + local[v] for a, v in zip(acc, acc_ids)], None
+            local.update(inputs)
+            overrides = {i: random_slice_override(graph.nodes[i], d, k, index)
+                         for i, d in random_dims.items()}
+            eval_nodes(local, body_nodes, dataclasses.replace(deferred, partial_values=set()),
+                       overrides)
+            new = [combine_pair(rules[v].combine, a, local[v]) for a, v in zip(acc, acc_ids)]
+            return new, [local[v] for v in concat_ids]
 
-        acc, _ = jax.lax.scan(body, [zeros(v) for v in acc_ids], micro)
-        means = {}
+        acc, stacked = jax.lax.scan(body, [initial(v) for v in acc_ids],
+                                    (micro_inputs, jnp.arange(k, dtype=jnp.int32)))
+        combined = {v: env[v] for v in ids if rules[v].combine is Combine.SAME}
         for v, total in zip(acc_ids, acc):
             if v in deferred.boundary_axes:
                 total = finish_partial_sum(total, deferred.boundary_axes[v], planned[v], jax_mesh)
-            means[v] = total / num_micro_batches
+            combined[v] = total / k if rules[v].combine is Combine.MEAN else total
+        for v, values in zip(concat_ids, stacked):
+            combined[v] = interleave_micro_batches(values, rules[v].dim, rules[v].group)
         for src, dst in zip(boundary.invars, boundary.outvars):
-            env[dst] = means[src] if isinstance(src, int) else src.val
+            env[dst] = combined[src] if isinstance(src, int) else src.val
         eval_nodes(env, split.post)
         return tuple(env[v] if isinstance(v, int) else v.val for v in graph.outputs)
 
     return run
+
+
+def check_combinable(graph: OpGraph, rules: dict) -> None:
+    """Integer means cannot be formed exactly (the division would round)."""
+    for v, rule in rules.items():
+        if rule.combine is Combine.MEAN and not jnp.issubdtype(graph.avals[v].dtype, jnp.inexact):
+            raise InvalidConfigError(
+                f"alpa_lite.value_and_grad returns an integer ({graph.avals[v].dtype}) mean over "
+                "the batch; it cannot be rebuilt exactly from micro-batch means. Return the "
+                "integer sum (and divide after the step), or set num_micro_batches=None.")
+
+
+def combine_identity(combine: Combine, shape: tuple, dtype):
+    """The accumulator's start: 0 for sums and means, the lowest value for a maximum, ..."""
+    if combine in (Combine.MAX, Combine.MIN):
+        if jnp.issubdtype(dtype, jnp.bool_):
+            fill = combine is Combine.MIN
+        elif jnp.issubdtype(dtype, jnp.inexact):
+            fill = -jnp.inf if combine is Combine.MAX else jnp.inf
+        else:
+            info = jnp.iinfo(dtype)
+            fill = info.min if combine is Combine.MAX else info.max
+        return jnp.full(shape, fill, dtype)
+    return jnp.zeros(shape, dtype)
+
+
+def combine_pair(combine: Combine, acc, value):
+    """One accumulation step of ``combine`` (SUM and MEAN add; MEAN divides at the end)."""
+    if combine is Combine.MAX:
+        return jnp.maximum(acc, value)
+    if combine is Combine.MIN:
+        return jnp.minimum(acc, value)
+    return acc + value
+
+
+def interleave_micro_batches(stacked, dim: int, group: int):
+    """[k, ..., b*group, ...] micro-batch values -> [..., k*b*group, ...] in batch order.
+
+    Micro-batch i holds examples i, i+k, ...: example j*k + i is row j of micro-batch i.
+    """
+    k = stacked.shape[0]
+    values = jnp.moveaxis(stacked, 0, dim)  # [..., k, b*group, ...]
+    shape = values.shape
+    rows = shape[dim + 1] // group
+    values = values.reshape(shape[:dim] + (k, rows, group) + shape[dim + 2:])
+    values = jnp.swapaxes(values, dim, dim + 1)  # [..., b, k, group, ...]
+    return values.reshape(shape[:dim] + (k * rows * group,) + shape[dim + 2:])
+
+
+def random_slice_override(node, dim: int, num_micro_batches: int, index):
+    """A ``random_bits`` node drawing micro-batch ``index``'s rows of the full-batch draw."""
+    from alpa_lite.emit.random_bits import micro_batch_random_bits
+
+    def draw(key):
+        return [micro_batch_random_bits(
+            key, bit_width=node.params["bit_width"], micro_shape=tuple(node.params["shape"]),
+            dim=dim, num_micro_batches=num_micro_batches, micro_batch_index=index)]
+
+    return draw

@@ -67,7 +67,10 @@ def value_specs(graph: OpGraph, plan: ShardingPlan) -> dict[int, Spec]:
 
 
 def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> Callable:
-    """``eval_nodes(env, node_indices, deferred=None)``: evaluates nodes into ``env``.
+    """``eval_nodes(env, node_indices, deferred=None, overrides=None)``: evaluates nodes.
+
+    ``overrides`` maps a node index to a function of its operands returning its outputs,
+    used instead of binding the node's primitive.
 
     ``deferred`` (from `find_deferred_reductions`) maps nodes whose cross-device reduction is
     postponed to the reduction's mesh axes, and lists the linear nodes that carry such partial
@@ -92,10 +95,15 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
             return constrain(env[v], want)
         return env[v]
 
-    def eval_nodes(env: dict, node_indices, deferred: "DeferredReductions | None" = None):
+    def eval_nodes(env: dict, node_indices, deferred: "DeferredReductions | None" = None,
+                   overrides: dict | None = None):
         for index in node_indices:
             node = graph.nodes[index]
             decision = decisions.get(index)
+            if overrides and index in overrides:  # e.g. a micro-batch's slice of random bits
+                invals = [operand(env, decision, pos, v) for pos, v in enumerate(node.invars)]
+                env.update(zip(node.outvars, overrides[index](*invals)))
+                continue
             params = bind_params(node.primitive, node.params)
             if deferred is not None and index in deferred.carriers:
                 outs = _bind_over_partials(node, params, env, deferred.partial_values)

@@ -16,6 +16,7 @@ import numpy as np
 from jax.extend.core import primitives as prims
 
 from alpa_lite._jax_compat import split_primitive
+from alpa_lite.cost.registry import itemsize as dtype_itemsize
 from alpa_lite.cost.rules import ELEMENTWISE_PRIMITIVES
 from alpa_lite.errors import UnsupportedPrimitiveError
 from alpa_lite.intra_op.strategies import (FactorRule, Strategy, enumerate_factor_strategies,
@@ -78,7 +79,7 @@ def enumerate_node_strategies(ctx: StrategyContext, rule, mesh: LogicalMesh, *, 
     """
     result = rule
     if isinstance(rule, FactorRule):
-        itemsize = np.dtype(ctx.avals_out[0].dtype).itemsize if ctx.avals_out else 4
+        itemsize = dtype_itemsize(ctx.avals_out[0].dtype) if ctx.avals_out else 4
         result = enumerate_factor_strategies(rule, mesh, itemsize,
                                              allow_mixed_mesh_shape=allow_mixed_mesh_shape)
     if result:
