@@ -84,25 +84,28 @@ def _is_optax_state(node) -> bool:
     return isinstance(node, tuple) and type(node).__module__.split(".")[0] == "optax"
 
 
-def optimizer_state_mask(args: Sequence, step: StepSpec) -> tuple[bool, ...]:
-    """Per flat dynamic leaf: is it optimizer state?
+def optimizer_state_mask(args: Sequence, step: StepSpec) -> tuple[tuple[bool, ...], bool]:
+    """Per flat dynamic leaf: is it optimizer state? And was any optimizer state found?
 
     Optimizer state is found by type: every leaf inside an optax state object (the
-    NamedTuples that ``tx.init`` returns: ``ScaleByAdamState``, ``TraceState``, ...). Leaves
-    under a key path containing ``opt_state`` count too, for hand-written optimizers.
+    NamedTuples that ``tx.init`` returns: ``ScaleByAdamState``, ``TraceState``, ...; plain
+    SGD's ``EmptyState`` counts as found, with no leaves). Leaves under a key path containing
+    ``opt_state`` count too, for hand-written optimizers.
     """
     dynamic, _, _ = split_static_args(args, step.static_argnums)
-    subtrees = jax.tree_util.tree_flatten_with_path(tuple(dynamic), is_leaf=_is_optax_state)[0]
-    mask = []
+    subtrees = jax.tree_util.tree_flatten_with_path(
+        tuple(dynamic), is_leaf=_is_optax_state)[0]
+    mask, found = [], False
     for path, subtree in subtrees:
         inside = _is_optax_state(subtree) or "opt_state" in jax.tree_util.keystr(path)
+        found = found or inside
         mask.extend([inside] * len(jax.tree_util.tree_leaves(subtree)))
-    return tuple(mask)
+    return tuple(mask), found
 
 
-def check_optimizer_state(method, opt_state_leaves: Sequence[bool]) -> None:
+def check_optimizer_state(method, found: bool) -> None:
     """ZeRO shards optimizer state: it must be found among the arguments."""
-    if method.policy in (SpecPolicy.ZERO2, SpecPolicy.ZERO3) and not any(opt_state_leaves):
+    if method.policy in (SpecPolicy.ZERO2, SpecPolicy.ZERO3) and not found:
         raise InvalidConfigError(
             f"{type(method).__name__} shards the optimizer state, but no optimizer state was "
             "found among the arguments (looked for optax state objects, as returned by "
@@ -244,25 +247,33 @@ class CompiledPlan:
 
 
 def trace_step(fun: Callable, args: Sequence, step: StepSpec, num_micro_batches: int, *,
-               analyse: bool = True, layer_transform=None):
+               analyse: bool = True, layer_option=None, record: dict | None = None):
     """Traces the step at micro-batch size; returns (traced, graph, micro-batch plan).
 
     With more than one micro-batch (and ``analyse``), the step is traced at full batch size
-    too, and `build_micro_batch_plan` decides how each value crossing the gradient boundary
-    combines over micro-batches.
+    too (with the same layers, if ``layer_option`` constructs them), and
+    `build_micro_batch_plan` decides how each value crossing the gradient boundary combines
+    over micro-batches.
     """
+    from alpa_lite.layers import build_layer_transform
     from alpa_lite.markers import layer_construction
 
     mask = batch_leaf_mask(args, step)
     k = num_micro_batches
+    record = {} if record is None else record
+    transform = None if layer_option is None else build_layer_transform(layer_option, record)
     trace_args = args if k == 1 else micro_batch_args(args, mask, k, step.static_argnums)
-    with layer_construction(layer_transform):
+    with layer_construction(transform):
         traced = trace_function(fun, trace_args, static_argnums=step.static_argnums,
                                 batch_leaves=mask)
     graph = build_op_graph(traced.closed_jaxpr)
     micro = None
     if k > 1 and analyse:
-        full = trace_function(fun, args, static_argnums=step.static_argnums, batch_leaves=mask)
+        same_layers = None if layer_option is None else build_layer_transform(
+            layer_option, starts=record.get("starts"))
+        with layer_construction(same_layers):
+            full = trace_function(fun, args, static_argnums=step.static_argnums,
+                                  batch_leaves=mask)
         micro = build_micro_batch_plan(graph, build_op_graph(full.closed_jaxpr), k, list(mask))
     return traced, graph, micro
 
@@ -288,8 +299,8 @@ def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, st
     if plan is not None:
         check_plan_matches(plan, graph, mesh)
         return CompiledPlan(traced, graph, plan, tuple(devices), micro)
-    opt_state = optimizer_state_mask(args, step)
-    check_optimizer_state(method, opt_state)
+    opt_state, found = optimizer_state_mask(args, step)
+    check_optimizer_state(method, found)
     sharding = solve_intra_op(
         graph, mesh, input_roles=input_roles(traced, opt_state),
         input_paths=list(traced.in_paths),
@@ -357,7 +368,6 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
     every stage with the intra-op ILP on its own logical mesh."""
     from alpa_lite.config import AutoStageOption, ManualStageOption, UniformStageOption
     from alpa_lite.emit.stages import boundary_slice, build_subgraph, partition_pipeline
-    from alpa_lite.layers import build_layer_transform
     from alpa_lite import stage_planning as sp
 
     start = time.perf_counter()
@@ -372,9 +382,8 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
         per_host = min(method.devices_per_host or jax.local_device_count(), len(devices))
     k = method.num_micro_batches
     record: dict = {}
-    traced, graph, micro = trace_step(
-        fun, args, step, k, analyse=cluster is None,
-        layer_transform=build_layer_transform(method.layer_option, record))
+    traced, graph, micro = trace_step(fun, args, step, k, analyse=cluster is None,
+                                      layer_option=method.layer_option, record=record)
     num_layers = sp.count_layers(graph)
     if num_layers == 0:
         raise InvalidConfigError(
@@ -394,7 +403,7 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
     batch_inputs = [v for v, b in zip(graph.inputs, traced.batch_leaves) if b]
     partition = partition_pipeline(graph, batch_inputs, list(assignment.layer_to_stage),
                                    assignment.num_stages)
-    roles = dict(zip(graph.inputs, input_roles(traced, optimizer_state_mask(args, step))))
+    roles = dict(zip(graph.inputs, input_roles(traced, optimizer_state_mask(args, step)[0])))
     aliases = find_alias_pairs(traced)
     subgraphs, index_maps, plans, stage_devices = [], [], [], []
     offset = 0

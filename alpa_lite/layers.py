@@ -33,21 +33,26 @@ logger = logging.getLogger(__name__)
 _MODULE = re.compile(r"(?<![\w])([A-Za-z][A-Za-z_]*?_\d+)(?![\w])")
 
 
-def build_layer_transform(option, record: dict | None = None) -> Callable[[Callable], Callable]:
+def build_layer_transform(option, record: dict | None = None,
+                          starts: list[int] | None = None) -> Callable[[Callable], Callable]:
     """``transform(loss_fn) -> loss_fn with layer markers`` for a layer option.
 
-    ``record`` (optional) receives what was decided: ``num_layers``, ``method`` and the
-    ``imbalance`` of layer flops.
+    ``record`` (optional) receives what was decided: ``num_layers``, ``method``, the
+    ``imbalance`` of layer flops and the equation indices where layers ``starts``. Given
+    ``starts`` (e.g. from the record of a trace at another batch size), they are used as is.
     """
 
     def transform(fun: Callable) -> Callable:
         def marked(*args):
             closed = jax.make_jaxpr(fun)(*args)
-            starts, info = choose_layer_starts(closed.jaxpr, option)
+            if starts is None:
+                chosen, info = choose_layer_starts(closed.jaxpr, option)
+            else:
+                chosen, info = list(starts), {}
             if record is not None:
-                record.update(info)
+                record.update(info, starts=list(chosen))
             leaves = jax.tree_util.tree_leaves(args)
-            outs = evaluate_with_markers(closed, leaves, starts)
+            outs = evaluate_with_markers(closed, leaves, chosen)
             out_tree = jax.tree_util.tree_structure(jax.eval_shape(fun, *args))
             return jax.tree_util.tree_unflatten(out_tree, outs)
 

@@ -140,7 +140,7 @@ def build_micro_batch_plan(micro: OpGraph, full: OpGraph, num_micro_batches: int
     full_of = {n.index: f for n, f in zip(micro_ops, full_ops)}
     for node in micro.nodes:
         if node.primitive in _MARKERS:
-            analysis.values.update(zip(node.outvars, (analysis.values.get(v, _OPAQUE)
+            analysis.values.update(zip(node.outvars, (analysis.operand(v, v)
                                                       for v in node.invars)))
         else:
             analysis.visit(node, full_of[node.index])

@@ -1,36 +1,44 @@
 """The pipelined executable: per-stage jitted programs on submeshes, driven by a schedule.
 
-Input: a `PipelinePartition`, one sub-graph and `ShardingPlan` per stage, the stage meshes and
-a `PipelineSchedule`. Output: `PipelineExecutable`, callable like the step function.
+Input: a `PipelinePartition`, one sub-graph and `ShardingPlan` per stage, the stage meshes, a
+`PipelineSchedule` and the `MicroBatchPlan`. Output: `PipelineExecutable`, callable like the
+step function.
 
-Per step the driver splits the batch into micro-batches, then walks the schedule's clocks:
-each forward/backward task calls its stage's program on the micro-batch's values, moving
-values between meshes with `jax.device_put` (asynchronous; there is no host sync inside a
-step). Backward programs add the micro-batch's gradients to accumulators that live on the
-stage's mesh; after the last micro-batch each mesh averages them, and the apply programs run
-phase by phase (a scalar such as the global gradient norm crosses meshes between phases).
+The schedule is compiled once into a flat list of instructions over numbered registers
+(``_Instruction``: a callable, the registers it reads, the registers it writes, the registers
+that die after it). A step places the arguments, then runs the list: split the batch into
+micro-batches on each mesh that reads it, run forward/backward programs, move values between
+meshes with one batched `jax.device_put` per program (only where the producer's sharding
+differs from the consumer's), combine what crosses the gradient boundary (sum, mean, max,
+min, per-example concatenation), and run the apply programs phase by phase. Dispatch is
+asynchronous: nothing blocks inside a step. A value the schedule would read before any
+program made it is an internal error found while building the list, never a substitute.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from alpa_lite.emit.accumulate import find_deferred_reductions
+from alpa_lite.emit.accumulate import (combine_identity, combine_pair, find_deferred_reductions,
+                                       interleave_micro_batches, random_slice_override)
 from alpa_lite.emit.shardings import (build_node_evaluator, finish_partial_sum,
                                       spec_to_partition_spec, value_specs)
-from alpa_lite.markers import grad_boundary_p
 from alpa_lite.emit.stages import PipelinePartition, Program
 from alpa_lite.graph import OpGraph
 from alpa_lite.inter_op.schedules import PipelineSchedule, TaskKind
+from alpa_lite.markers import grad_boundary_p
+from alpa_lite.micro_batching import Combine, MicroBatchPlan, Rule
 from alpa_lite.plan import ShardingPlan
-from alpa_lite.trace import TracedFunction, split_static_args
+from alpa_lite.trace import TracedFunction, abstract_signature, split_static_args
+
+_ACCUMULATED = (Combine.SUM, Combine.MEAN, Combine.MAX, Combine.MIN)
 
 
 @dataclasses.dataclass
@@ -38,8 +46,18 @@ class _Compiled:
     program: Program
     fn: object
     in_shardings: tuple
-    accumulated: tuple[int, ...]  # outputs added to accumulators (gradient sinks)
+    accumulated: tuple[int, ...]  # outputs combined into accumulators (gradient sinks)
     passed: tuple[int, ...]       # other outputs
+    takes_index: bool             # reads the micro-batch index (random draws)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+    name: str
+    fn: Callable
+    reads: tuple[int, ...]
+    writes: tuple[int, ...]
+    frees: tuple[int, ...] = ()
 
 
 class PipelineExecutable:
@@ -49,78 +67,111 @@ class PipelineExecutable:
         meshes: the jax `Mesh` of each stage.
         schedule: the `PipelineSchedule` being run.
         programs: name -> jitted program (for inspection and timing).
+        instructions: the compiled step (see the module docstring).
     """
 
     def __init__(self, traced: TracedFunction, graph: OpGraph, partition: PipelinePartition,
-                 subgraphs: Sequence[OpGraph], index_maps: Sequence[dict], plans: Sequence[ShardingPlan],
-                 meshes: Sequence[Mesh], schedule: PipelineSchedule, num_micro_batches: int):
+                 subgraphs: Sequence[OpGraph], index_maps: Sequence[dict],
+                 plans: Sequence[ShardingPlan], meshes: Sequence[Mesh],
+                 schedule: PipelineSchedule, num_micro_batches: int,
+                 micro: MicroBatchPlan | None = None, signature: tuple | None = None):
         self.traced, self.graph, self.partition = traced, graph, partition
         self.meshes, self.schedule, self.k = list(meshes), schedule, num_micro_batches
-        self.plans = list(plans)
+        self.plans, self.signature = list(plans), signature
         self.planned = [value_specs(sub, plan) for sub, plan in zip(subgraphs, plans)]
+        sinks = partition.sinks
+        self.rules = {v: (micro.rules[v] if micro is not None else Rule(Combine.SUM))
+                      for v in sinks}
+        self.random_dims = micro.random_dims if micro is not None else {}
         evaluators = [build_node_evaluator(sub, plan, mesh)
                       for sub, plan, mesh in zip(subgraphs, plans, meshes)]
         self.batch_inputs = {v for v, b in zip(graph.inputs, traced.batch_leaves) if b}
-        sinks = partition.sinks
         self.partial_axes: list[dict[int, tuple[str, ...]]] = [{} for _ in meshes]
         self.compiled = {}
         for program in partition.forward + partition.backward + partition.apply:
             self.compiled[program.name] = self._compile(
                 program, subgraphs[program.mesh], index_maps[program.mesh],
-                evaluators[program.mesh], sinks)
-        self._acc_ids = [[v for v, m in sinks.items() if m == s] for s in range(len(meshes))]
-        self._zeros = [self._compile_zeros(s) for s in range(len(meshes))]
-        self._means = [self._compile_means(s) for s in range(len(meshes))]
+                evaluators[program.mesh])
+        self._acc_ids = [[v for v, m in sinks.items()
+                          if m == s and self.rules[v].combine in _ACCUMULATED]
+                         for s in range(len(meshes))]
         self.programs = {name: c.fn for name, c in self.compiled.items()}
+        self.instructions, self._inputs, self._initial, self._outputs = \
+            _ScheduleBuilder(self).build()
 
     # --- compilation ---------------------------------------------------------------------
 
     def sharding(self, mesh: int, value: int) -> NamedSharding:
         return NamedSharding(self.meshes[mesh], spec_to_partition_spec(self.planned[mesh][value]))
 
-    def _compile(self, program: Program, sub: OpGraph, index_map: dict, eval_nodes,
-                 sinks: dict) -> _Compiled:
+    def _compile(self, program: Program, sub: OpGraph, index_map: dict,
+                 eval_nodes) -> _Compiled:
         mesh = program.mesh
         nodes = [index_map[i] for i in program.nodes]
-        accumulated = tuple(v for v in program.outputs if v in sinks)
-        passed = tuple(v for v in program.outputs if v not in sinks)
+        sinks = self.partition.sinks
+        accumulated = tuple(v for v in program.outputs
+                            if v in sinks and self.rules[v].combine in _ACCUMULATED)
+        passed = tuple(v for v in program.outputs if v not in accumulated)
+        combines = [self.rules[v].combine for v in accumulated]
+        random_nodes = {index_map[i]: d for i, d in self.random_dims.items() if i in index_map
+                        and i in program.nodes}
         consts = dict(sub.consts)
         deferred = None
         if accumulated:  # gradients: reduce across devices once per step, not per micro-batch
             slice_index = next(n.index for n in sub.nodes if n.primitive is grad_boundary_p)
-            deferred = find_deferred_reductions(sub, self.plans[mesh], nodes, slice_index)
+            summed = {v for v in accumulated if self.rules[v].combine in (Combine.SUM,
+                                                                          Combine.MEAN)}
+            deferred = find_deferred_reductions(sub, self.plans[mesh], nodes, slice_index,
+                                                summed)
             deferred.boundary_axes = {v: a for v, a in deferred.boundary_axes.items()
                                       if v in accumulated}
             self.partial_axes[mesh].update(deferred.boundary_axes)
+        num_inputs, k = len(program.inputs), self.k
 
         def run(*args):
-            env = dict(zip(program.inputs, args[:len(program.inputs)]))
+            env = dict(zip(program.inputs, args[:num_inputs]))
             env.update(consts)
+            rest = args[num_inputs:]
+            overrides = None
+            if random_nodes:
+                index, rest = rest[0], rest[1:]
+                overrides = {i: random_slice_override(sub.nodes[i], d, k, index)
+                             for i, d in random_nodes.items()}
             state = None if deferred is None else dataclasses.replace(deferred,
                                                                       partial_values=set())
-            eval_nodes(env, nodes, state)
-            accs = args[len(program.inputs):]
+            eval_nodes(env, nodes, state, overrides)
             return (tuple(env[v] for v in passed)
-                    + tuple(a + env[v] for a, v in zip(accs, accumulated)))
+                    + tuple(combine_pair(c, a, env[v])
+                            for c, a, v in zip(combines, rest, accumulated)))
 
         acc_shardings = tuple(self.acc_sharding(mesh, v) for v in accumulated)
-        in_shardings = tuple(self.sharding(mesh, v) for v in program.inputs) + acc_shardings
+        index_sharding = (self.replicated(mesh),) if random_nodes else ()
+        in_shardings = (tuple(self.sharding(mesh, v) for v in program.inputs) + index_sharding
+                        + acc_shardings)
         out_shardings = tuple(self.sharding(mesh, v) for v in passed) + acc_shardings
-        donate = tuple(range(len(program.inputs), len(program.inputs) + len(accumulated)))
+        first_acc = num_inputs + len(index_sharding)
+        donate = tuple(range(first_acc, first_acc + len(accumulated)))
         fn = jax.jit(run, in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=donate)
-        return _Compiled(program, fn, in_shardings, accumulated, passed)
+        return _Compiled(program, fn, in_shardings, accumulated, passed, bool(random_nodes))
+
+    def replicated(self, mesh: int) -> NamedSharding:
+        return NamedSharding(self.meshes[mesh], PartitionSpec())
 
     def lower_program(self, name: str):
         """The jax `Lowered` of one program (``.compile().as_text()`` shows its collectives)."""
         compiled = self.compiled[name]
         mesh = compiled.program.mesh
+        values = list(compiled.program.inputs) + (["index"] if compiled.takes_index else []) \
+            + list(compiled.accumulated)
         args = []
-        for v, sharding in zip(compiled.program.inputs + compiled.accumulated,
-                               compiled.in_shardings):
+        for position, (v, sharding) in enumerate(zip(values, compiled.in_shardings)):
+            if v == "index":
+                args.append(jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding))
+                continue
             aval = self.graph.avals[v]
             shape = tuple(aval.shape)
-            if len(args) >= len(compiled.program.inputs) and v in self.partial_axes[mesh]:
+            if position >= len(compiled.program.inputs) and v in self.partial_axes[mesh]:
                 shape = (self.plans[mesh].mesh.axes_size(self.partial_axes[mesh][v]),) + shape
             args.append(jax.ShapeDtypeStruct(shape, aval.dtype, sharding=sharding))
         return compiled.fn.lower(*args)
@@ -134,35 +185,62 @@ class PipelineExecutable:
         rest = tuple(tuple(a for a in dims if a not in axes) for dims in spec)
         return NamedSharding(self.meshes[mesh], spec_to_partition_spec((tuple(axes),) + rest))
 
-    def _compile_zeros(self, mesh: int):
+    def compile_zeros(self, mesh: int):
+        """A program making the mesh's accumulators (0, or the lowest value for a maximum)."""
         ids = self._acc_ids[mesh]
-        shapes = []
+        specs = []
         for v in ids:
             aval = self.graph.avals[v]
             axes = self.partial_axes[mesh].get(v)
             lead = () if axes is None else (self.plans[mesh].mesh.axes_size(axes),)
-            shapes.append((lead + tuple(aval.shape), aval.dtype))
-        return jax.jit(lambda: tuple(jnp.zeros(shape, dtype) for shape, dtype in shapes),
+            specs.append((self.rules[v].combine, lead + tuple(aval.shape), aval.dtype))
+        return jax.jit(lambda: tuple(combine_identity(*spec) for spec in specs),
                        out_shardings=tuple(self.acc_sharding(mesh, v) for v in ids))
 
-    def _compile_means(self, mesh: int):
+    def compile_finish(self, mesh: int):
+        """A program turning the mesh's accumulators into the boundary's values."""
         ids = self._acc_ids[mesh]
         k, jax_mesh = self.k, self.meshes[mesh]
         axes = [self.partial_axes[mesh].get(v) for v in ids]
         specs = [self.planned[mesh][v] for v in ids]
+        means = [self.rules[v].combine is Combine.MEAN for v in ids]
 
-        def means(*accs):
+        def finish(*accs):
             out = []
-            for acc, ax, spec in zip(accs, axes, specs):
+            for acc, ax, spec, mean in zip(accs, axes, specs, means):
                 total = acc if ax is None else finish_partial_sum(acc, ax, spec, jax_mesh)
-                out.append(total / k)
+                out.append(total / k if mean else total)
             return tuple(out)
 
-        return jax.jit(means, in_shardings=tuple(self.acc_sharding(mesh, v) for v in ids),
+        return jax.jit(finish, in_shardings=tuple(self.acc_sharding(mesh, v) for v in ids),
                        out_shardings=tuple(self.sharding(mesh, v) for v in ids),
                        donate_argnums=tuple(range(len(ids))))
 
+    def compile_concat(self, mesh: int, value: int):
+        """A program putting a per-example value's k micro-batch parts back in batch order."""
+        rule, sharding = self.rules[value], self.sharding(mesh, value)
+        return jax.jit(lambda *parts: (interleave_micro_batches(jnp.stack(parts), rule.dim,
+                                                                rule.group),),
+                       out_shardings=(sharding,))
+
+    def compile_split(self, shardings: Sequence[NamedSharding]):
+        """A program splitting full batch leaves into k strided micro-batches each."""
+        k = self.k
+        return jax.jit(lambda *leaves: tuple(x[i::k] for x in leaves for i in range(k)),
+                       in_shardings=tuple(shardings),
+                       out_shardings=tuple(s for s in shardings for _ in range(k)))
+
     # --- running -------------------------------------------------------------------------
+
+    def call_unplaced(self, *args):
+        """Runs the step if the arguments match the plan; else raises `PlanMismatch`."""
+        from alpa_lite.emit.executable import PlanMismatch
+
+        static_argnums = tuple(sorted(self.traced.static_args))
+        if self.signature is not None and \
+                abstract_signature(args, static_argnums) != self.signature:
+            raise PlanMismatch
+        return self(*args)
 
     def flatten_args(self, args) -> list:
         dynamic, _, _ = split_static_args(args, tuple(self.traced.static_args))
@@ -171,76 +249,32 @@ class PipelineExecutable:
             raise ValueError(f"Arguments have structure {tree}, expected {self.traced.in_tree}.")
         return leaves
 
-    def _place(self, value, sharding: NamedSharding):
-        if getattr(value, "sharding", None) == sharding:
-            return value
-        return jax.device_put(value, sharding)
-
     def __call__(self, *args, _timings: dict | None = None):
-        graph, k = self.graph, self.k
-        store = dict(zip(graph.inputs, self.flatten_args(args)))
-        # Host-side split: each micro-batch is then placed straight onto the stage that reads it.
-        micro = {v: [host[i::k] for i in range(k)]
-                 for v in self.batch_inputs for host in [np.asarray(store[v])]}
-        per_mb: dict[tuple[int, int], object] = {}
-        mb_keys: dict[int, list] = {mb: [] for mb in range(k)}
-        latest: dict[int, object] = {}
-        accs = [list(z()) if ids else [] for z, ids in zip(self._zeros, self._acc_ids)]
-        acc_pos = [{v: i for i, v in enumerate(ids)} for ids in self._acc_ids]
-
-        def fetch(v, mb, compiled: _Compiled, position: int):
-            if v in micro:
-                value = micro[v][mb]
-            elif (v, mb) in per_mb:
-                value = per_mb[(v, mb)]
-            elif v in store:
-                value = store[v]
+        leaves = self.flatten_args(args)
+        regs = list(self._initial)
+        misplaced, targets, slots = [], [], []
+        for position, slot, sharding in self._inputs:
+            value = leaves[position]
+            if sharding is None or getattr(value, "sharding", None) == sharding:
+                regs[slot] = value
             else:
-                value = latest[v]
-            return self._place(value, compiled.in_shardings[position])
-
-        for task in self.schedule.dispatch_order():
-            if task.kind is TaskKind.APPLY:
-                continue
-            program = (self.partition.forward if task.kind is TaskKind.FORWARD
-                       else self.partition.backward)[task.stage]
-            if not program.nodes:
-                continue
-            compiled = self.compiled[program.name]
-            mb, mesh = task.micro_batch, program.mesh
-            inputs = [fetch(v, mb, compiled, i) for i, v in enumerate(program.inputs)]
-            acc_in = [accs[mesh][acc_pos[mesh][v]] for v in compiled.accumulated]
+                misplaced.append(value)
+                targets.append(sharding)
+                slots.append(slot)
+        if misplaced:
+            for slot, value in zip(slots, jax.device_put(misplaced, targets)):
+                regs[slot] = value
+        for instruction in self.instructions:
             start = time.perf_counter()
-            outs = compiled.fn(*inputs, *acc_in)
-            if _timings is not None:
-                jax.block_until_ready(outs)
-                _timings.setdefault(program.name, []).append(time.perf_counter() - start)
-            for v, value in zip(compiled.passed, outs):
-                per_mb[(v, mb)] = value
-                mb_keys[mb].append((v, mb))
-                latest[v] = value
-            for v, value in zip(compiled.accumulated, outs[len(compiled.passed):]):
-                accs[mesh][acc_pos[mesh][v]] = value
-            if task.kind is TaskKind.BACKWARD and task.stage == 0:
-                for key in mb_keys.pop(mb):  # micro-batch done: free its activations
-                    per_mb.pop(key, None)
-        boundary = self.partition.boundary
-        sink_to_out = {s: d for s, d in zip(boundary.invars, boundary.outvars)
-                       if isinstance(s, int)}
-        for mesh, ids in enumerate(self._acc_ids):
-            if ids:
-                for v, mean in zip(ids, self._means[mesh](*accs[mesh])):
-                    store[sink_to_out[v]] = mean
-        for s, d in zip(boundary.invars, boundary.outvars):
-            if not isinstance(s, int):
-                store[d] = s.val
-        for program in self.partition.apply:
-            compiled = self.compiled[program.name]
-            inputs = [fetch(v, -1, compiled, i) for i, v in enumerate(program.inputs)]
-            for v, value in zip(compiled.passed, compiled.fn(*inputs)):
-                store[v] = value
-        outs = [store[v] if isinstance(v, int) and v in store else
-                latest[v] if isinstance(v, int) else v.val for v in graph.outputs]
+            results = instruction.fn(*[regs[i] for i in instruction.reads])
+            if _timings is not None and instruction.name in self.programs:
+                jax.block_until_ready(results)
+                _timings.setdefault(instruction.name, []).append(time.perf_counter() - start)
+            for slot, value in zip(instruction.writes, results):
+                regs[slot] = value
+            for slot in instruction.frees:
+                regs[slot] = None
+        outs = [regs[slot] if slot is not None else literal for slot, literal in self._outputs]
         return jax.tree_util.tree_unflatten(self.traced.out_tree, outs)
 
     def time_programs(self, *args, repeats: int = 3) -> dict[str, float]:
@@ -255,4 +289,171 @@ class PipelineExecutable:
             self(*args, _timings=timings)
             for name, values in timings.items():
                 samples.setdefault(name, []).append(float(np.median(values)))
-        return {name: float(np.median(values)) for name, values in samples.items()}
+        return {name: float(np.median(values)) for name, values in samples.items()
+                if not name.startswith("apply")}
+
+
+class _ScheduleBuilder:
+    """Compiles one step of the schedule into `_Instruction`s over numbered registers."""
+
+    def __init__(self, executable: PipelineExecutable):
+        self.ex = executable
+        self.slots: dict[tuple, int] = {}
+        self.sharding_of: dict[int, NamedSharding] = {}
+        self.instructions: list[_Instruction] = []
+        self.inputs: list[tuple[int, int, NamedSharding]] = []
+        self.initial: dict[int, object] = {}
+
+    def slot(self, key: tuple, sharding: NamedSharding | None = None) -> int:
+        if key not in self.slots:
+            self.slots[key] = len(self.slots)
+        slot = self.slots[key]
+        if sharding is not None:
+            self.sharding_of[slot] = sharding
+        return slot
+
+    def emit(self, name: str, fn, reads, writes) -> None:
+        self.instructions.append(_Instruction(name, fn, tuple(reads), tuple(writes)))
+
+    def build(self):
+        ex = self.ex
+        self.position = {v: i for i, v in enumerate(ex.graph.inputs)}
+        self.pre_values = {v for i in ex.partition.split.pre for v in ex.graph.nodes[i].outvars}
+        self.emit_splits()
+        for mesh, ids in enumerate(ex._acc_ids):
+            if ids:
+                self.emit(f"zeros@{mesh}", ex.compile_zeros(mesh), (),
+                          [self.slot(("acc", mesh, v)) for v in ids])
+        for task in ex.schedule.dispatch_order():
+            if task.kind is TaskKind.APPLY:
+                continue
+            program = (ex.partition.forward if task.kind is TaskKind.FORWARD
+                       else ex.partition.backward)[task.stage]
+            if program.nodes:
+                self.emit_program(ex.compiled[program.name], task.micro_batch)
+        self.emit_boundary()
+        for program in ex.partition.apply:
+            self.emit_program(ex.compiled[program.name], -1)
+        outputs = self.output_slots()
+        instructions = self.with_frees({s for s, _ in outputs if s is not None})
+        initial = [None] * len(self.slots)
+        for slot, value in self.initial.items():
+            initial[slot] = value
+        return instructions, tuple(self.inputs), initial, outputs
+
+    def input_slot(self, v: int, sharding: NamedSharding) -> int:
+        key = ("in", v, sharding)
+        if key not in self.slots:
+            self.inputs.append((self.position[v], self.slot(key, sharding), sharding))
+        return self.slots[key]
+
+    def emit_splits(self) -> None:
+        """One program per mesh splits the batch leaves it reads into micro-batches."""
+        ex = self.ex
+        first: dict[int, tuple[int, NamedSharding]] = {}  # split where first read; moved on
+        for program in ex.partition.forward + ex.partition.backward:
+            compiled = ex.compiled[program.name]
+            for v, sharding in zip(program.inputs, compiled.in_shardings):
+                if v in ex.batch_inputs:
+                    first.setdefault(v, (program.mesh, sharding))
+        wanted: dict[int, dict[int, NamedSharding]] = {}
+        for v, (mesh, sharding) in first.items():
+            wanted.setdefault(mesh, {})[v] = sharding
+        for mesh, needs in sorted(wanted.items()):
+            values, shardings = list(needs), list(needs.values())
+            reads = [self.input_slot(v, s) for v, s in zip(values, shardings)]
+            writes = [self.slot(("val", v, mb), s) for v, s in zip(values, shardings)
+                      for mb in range(ex.k)]
+            self.emit(f"split@{mesh}", ex.compile_split(shardings), reads, writes)
+
+    def read(self, v: int, micro_batch: int, sharding: NamedSharding, moves: list) -> int:
+        """The register holding ``v`` with ``sharding``; queues a move if it is elsewhere."""
+        ex = self.ex
+        if v in self.position and v not in ex.batch_inputs:
+            return self.input_slot(v, sharding)
+        key = next((key for key in (("val", v, micro_batch), ("val", v, -1))
+                    if key in self.slots), None)
+        if key is None and micro_batch == -1 and v in self.pre_values:
+            key = ("val", v, 0)  # batch-independent: the same in every micro-batch
+        if key not in self.slots:
+            raise RuntimeError(
+                f"internal error: the pipeline schedule reads value {v} of micro-batch "
+                f"{micro_batch} before any program produced it")
+        source = self.slots[key]
+        if self.sharding_of.get(source) == sharding:
+            return source
+        moved_key = ("moved", key, sharding)
+        if moved_key not in self.slots:
+            moves.append((source, self.slot(moved_key, sharding), sharding))
+        return self.slots[moved_key]
+
+    def emit_program(self, compiled: _Compiled, micro_batch: int) -> None:
+        program, mesh = compiled.program, compiled.program.mesh
+        moves: list = []
+        reads = [self.read(v, micro_batch, s, moves)
+                 for v, s in zip(program.inputs, compiled.in_shardings)]
+        self.emit_moves(moves, program.name)
+        if compiled.takes_index:
+            reads.append(self.index_slot(mesh, micro_batch))
+        accs = [self.slot(("acc", mesh, v)) for v in compiled.accumulated]
+        writes = [self.slot(("val", v, micro_batch), self.ex.sharding(mesh, v))
+                  for v in compiled.passed] + accs
+        self.emit(program.name, compiled.fn, reads + accs, writes)
+
+    def emit_moves(self, moves: list, name: str) -> None:
+        if not moves:
+            return
+        shardings = [s for _, _, s in moves]
+        self.emit(f"move->{name}", lambda *xs: jax.device_put(list(xs), shardings),
+                  [m[0] for m in moves], [m[1] for m in moves])
+
+    def index_slot(self, mesh: int, micro_batch: int) -> int:
+        slot = self.slot(("index", mesh, micro_batch))
+        self.initial[slot] = jax.device_put(np.int32(micro_batch), self.ex.replicated(mesh))
+        return slot
+
+    def emit_boundary(self) -> None:
+        """Combine the boundary's operands over micro-batches into its outputs."""
+        ex = self.ex
+        boundary = ex.partition.boundary
+        out_of = {s: d for s, d in zip(boundary.invars, boundary.outvars) if isinstance(s, int)}
+        for mesh, ids in enumerate(ex._acc_ids):
+            if ids:
+                self.emit(f"finish@{mesh}", ex.compile_finish(mesh),
+                          [self.slot(("acc", mesh, v)) for v in ids],
+                          [self.slot(("val", out_of[v], -1), ex.sharding(mesh, v)) for v in ids])
+        for v, mesh in ex.partition.sinks.items():
+            combine = ex.rules[v].combine
+            if combine is Combine.SAME:  # the same in every micro-batch: take the first
+                self.slots[("val", out_of[v], -1)] = self.slots[("val", v, 0)]
+            elif combine is Combine.CONCAT:
+                parts = [self.slots[("val", v, mb)] for mb in range(ex.k)]
+                self.emit(f"concat@{mesh}", ex.compile_concat(mesh, v), parts,
+                          [self.slot(("val", out_of[v], -1), ex.sharding(mesh, v))])
+
+    def output_slots(self) -> list[tuple[int | None, object]]:
+        ex, result = self.ex, []
+        for v in ex.graph.outputs:
+            if not isinstance(v, int):
+                result.append((None, v.val))
+            elif v in self.position:
+                result.append((self.slot(("arg", v)), None))
+                self.inputs.append((self.position[v], self.slots[("arg", v)], None))
+            elif ("val", v, -1) in self.slots:
+                result.append((self.slots[("val", v, -1)], None))
+            else:
+                raise RuntimeError(f"internal error: step output {v} is produced by no program")
+        return result
+
+    def with_frees(self, keep: set[int]) -> list[_Instruction]:
+        """Each register is dropped after its last reader (activations die per micro-batch)."""
+        last: dict[int, int] = {}
+        for i, instruction in enumerate(self.instructions):
+            for slot in instruction.reads:
+                last[slot] = i
+        frees: dict[int, list[int]] = {}
+        for slot, i in last.items():
+            if slot not in keep and slot not in self.instructions[i].writes:
+                frees.setdefault(i, []).append(slot)
+        return [dataclasses.replace(ins, frees=tuple(frees.get(i, ())))
+                for i, ins in enumerate(self.instructions)]
