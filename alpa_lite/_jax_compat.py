@@ -37,3 +37,13 @@ def split_primitive():
         return None
     jaxpr = jax.make_jaxpr(lambda x: jax.lax.split(x, (1, 1)))(jax.ShapeDtypeStruct((2,), jnp.float32))
     return jaxpr.eqns[0].primitive
+
+
+@functools.cache
+def key_wrapping_primitives() -> tuple:
+    """The primitives behind `jax.random.wrap_key_data` and `jax.random.key_data` (found by
+    tracing: jax exports neither)."""
+    wrap = jax.make_jaxpr(jax.random.wrap_key_data)(jax.ShapeDtypeStruct((2,), jnp.uint32))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    unwrap = jax.make_jaxpr(jax.random.key_data)(key)
+    return wrap.eqns[0].primitive, unwrap.eqns[0].primitive

@@ -162,7 +162,7 @@ def _boundary_rules(boundary, analysis: "_Analysis", k: int) -> dict[int, Rule]:
             if loss_rule is None or loss_rule.combine not in (Combine.SUM, Combine.MEAN,
                                                                 Combine.SAME):
                 raise InvalidConfigError(
-                    f"With micro-batches, the loss {name} must be a sum or a mean over the batch "
+                    f"With micro-batches, {name} must be a sum or a mean over the batch "
                     f"({_describe(analysis.values[v])}), so that its gradients can be "
                     "accumulated exactly. Return a per-batch mean (e.g. jnp.mean of per-example "
                     "losses), or set num_micro_batches=None.")
@@ -277,9 +277,12 @@ class _Analysis:
         if node.primitive is prims.random_bits_p:
             self.random_dims[node.index] = out_dim
             return _Val(_Kind.BATCH, dim=out_dim)
-        if node.primitive is prims.broadcast_in_dim_p and out_dim not in node.params[
-                "broadcast_dimensions"]:
-            return _Val(_Kind.BATCH, dim=out_dim)
+        if node.primitive is prims.broadcast_in_dim_p:
+            dims = node.params["broadcast_dimensions"]
+            operand_shape = np.shape(node.invars[0].val) if not isinstance(
+                node.invars[0], int) else self.micro.avals[node.invars[0]].shape
+            if out_dim not in dims or operand_shape[dims.index(out_dim)] == 1:
+                return _Val(_Kind.BATCH, dim=out_dim)  # broadcast along the batch: rows alike
         if node.primitive is prims.iota_p and node.params["dimension"] != out_dim:
             return _Val(_Kind.BATCH, dim=out_dim)
         return _OPAQUE

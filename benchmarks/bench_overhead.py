@@ -150,8 +150,6 @@ def main() -> None:
         ("ShardParallel (1,) vs plain jax.jit", alpa_lite.ShardParallel(mesh_shape=(1,))),
         ("ShardParallel (8,)", alpa_lite.ShardParallel(mesh_shape=(8,))),
         ("ShardParallel (2, 4)", alpa_lite.ShardParallel(mesh_shape=(2, 4))),
-        ("DataParallel (8,), 4 micro-batches",
-         alpa_lite.DataParallel(mesh_shape=(8,), num_micro_batches=4)),
         ("PipeshardParallel 2 stages x 4 devices, 4 micro-batches",
          alpa_lite.PipeshardParallel(num_micro_batches=4,
                                      layer_option=alpa_lite.AutoLayerOption(layer_num=2),

@@ -12,11 +12,14 @@ devices along dim 0 this split needs no data movement (a contiguous split would)
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
 from jax.extend.core import primitives as prims
 
+from alpa_lite.emit.random_bits import (distinct_micro_batch_bits, is_sliceable,
+                                        micro_batch_random_bits)
 from alpa_lite.emit.shardings import finish_partial_sum, reduction_axes, value_specs
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
@@ -309,12 +312,25 @@ def interleave_micro_batches(stacked, dim: int, group: int):
 
 
 def random_slice_override(node, dim: int, num_micro_batches: int, index):
-    """A ``random_bits`` node drawing micro-batch ``index``'s rows of the full-batch draw."""
-    from alpa_lite.emit.random_bits import micro_batch_random_bits
+    """A ``random_bits`` node drawing micro-batch ``index``'s rows of the full-batch draw.
+
+    Where the PRNG has no per-element formula (see `alpa_lite.emit.random_bits`), each
+    micro-batch draws from its own stream instead, with a warning: never one mask for all.
+    """
+    bit_width, shape = node.params["bit_width"], tuple(node.params["shape"])
 
     def draw(key):
-        return [micro_batch_random_bits(
-            key, bit_width=node.params["bit_width"], micro_shape=tuple(node.params["shape"]),
-            dim=dim, num_micro_batches=num_micro_batches, micro_batch_index=index)]
+        if is_sliceable(key, micro_shape=shape, num_micro_batches=num_micro_batches):
+            return [micro_batch_random_bits(
+                key, bit_width=bit_width, micro_shape=shape, dim=dim,
+                num_micro_batches=num_micro_batches, micro_batch_index=index)]
+        warnings.warn(
+            f"A random draw of shape {shape} (per micro-batch) cannot reproduce the serial "
+            "full-batch stream with this PRNG (only partitionable threefry can); each "
+            "micro-batch draws from its own stream, so results differ from serial jax.jit in "
+            "their random samples. Use jax.random.key(..., impl='threefry2x32') with "
+            "jax_threefry_partitionable=True for exact results.", stacklevel=2)
+        return [distinct_micro_batch_bits(key, bit_width=bit_width, micro_shape=shape,
+                                          micro_batch_index=index)]
 
     return draw

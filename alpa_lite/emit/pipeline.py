@@ -441,6 +441,8 @@ class _ScheduleBuilder:
                 self.inputs.append((self.position[v], self.slots[("arg", v)], None))
             elif ("val", v, -1) in self.slots:
                 result.append((self.slots[("val", v, -1)], None))
+            elif v in self.pre_values and ("val", v, 0) in self.slots:
+                result.append((self.slots[("val", v, 0)], None))  # the same in every micro-batch
             else:
                 raise RuntimeError(f"internal error: step output {v} is produced by no program")
         return result

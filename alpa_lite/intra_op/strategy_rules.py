@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 from jax.extend.core import primitives as prims
 
-from alpa_lite._jax_compat import split_primitive
+from alpa_lite._jax_compat import key_wrapping_primitives, split_primitive
 from alpa_lite.cost.registry import itemsize as dtype_itemsize
 from alpa_lite.cost.rules import ELEMENTWISE_PRIMITIVES
 from alpa_lite.errors import UnsupportedPrimitiveError
@@ -47,6 +47,11 @@ REPLICATED_BY_DESIGN = {
 }
 
 
+def is_replicated_by_design(primitive) -> bool:
+    """Control flow and random-number primitives: replicated on purpose, not a fallback."""
+    return primitive in REPLICATED_BY_DESIGN or primitive in key_wrapping_primitives()
+
+
 def register_strategy_rule(*primitives) -> Callable[[StrategyRule], StrategyRule]:
     """Decorator registering a strategy rule for ``primitives`` (objects, not names)."""
 
@@ -61,7 +66,7 @@ def register_strategy_rule(*primitives) -> Callable[[StrategyRule], StrategyRule
 
 
 def has_strategy_rule(primitive) -> bool:
-    return primitive in _STRATEGY_RULES or primitive in REPLICATED_BY_DESIGN
+    return primitive in _STRATEGY_RULES or is_replicated_by_design(primitive)
 
 
 def build_node_rule(ctx: StrategyContext) -> "FactorRule | list[Strategy] | None":
@@ -84,7 +89,7 @@ def enumerate_node_strategies(ctx: StrategyContext, rule, mesh: LogicalMesh, *, 
                                              allow_mixed_mesh_shape=allow_mixed_mesh_shape)
     if result:
         return list(result), False
-    by_design = ctx.primitive in REPLICATED_BY_DESIGN
+    by_design = is_replicated_by_design(ctx.primitive)
     if not by_design and strict:
         raise UnsupportedPrimitiveError(
             f"No sharding rule for primitive {ctx.primitive.name!r} and strict mode is on. "
