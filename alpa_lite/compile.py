@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from alpa_lite.config import ShardParallel
+from alpa_lite.stage_planning import submesh_devices as sp_submesh_devices
 from alpa_lite.emit.executable import ShardExecutable
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph, build_op_graph
@@ -400,6 +401,8 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
     else:
         assignment = _auto_stages(graph, traced, method, option, num_layers, len(devices),
                                   per_host, platform, peak)
+    if assignment.num_stages == 1 and cluster is None:
+        return _plan_one_stage(fun, args, method, step, assignment, devices, start)
     batch_inputs = [v for v, b in zip(graph.inputs, traced.batch_leaves) if b]
     partition = partition_pipeline(graph, batch_inputs, list(assignment.layer_to_stage),
                                    assignment.num_stages)
@@ -439,6 +442,21 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
                                "dp_latency_s": assignment.predicted_latency_s})
     return CompiledPipeline(traced, graph, plan, partition, tuple(subgraphs), tuple(index_maps),
                             tuple(plans), tuple(stage_devices), assignment, micro)
+
+
+def _plan_one_stage(fun, args, method, step, assignment, devices, start) -> CompiledPlan:
+    """A pipeline of one stage is intra-op parallelism on that stage's mesh: plan and run it
+    as `ShardParallel` (one jitted program instead of the pipeline runtime)."""
+    num = sp_submesh_devices(assignment.submesh_shapes[0])
+    shard = ShardParallel(mesh_shape=assignment.logical_shapes[0], devices=tuple(devices[:num]),
+                          num_micro_batches=method.num_micro_batches, strict=method.strict,
+                          solver=method.solver, solver_time_limit_s=method.solver_time_limit_s)
+    compiled = plan_shard_parallel(fun, args, shard, step)
+    plan = dataclasses.replace(
+        compiled.plan, method="PipeshardParallel", plan_time_s=time.perf_counter() - start,
+        extra={"one_stage": "a single stage runs as ShardParallel on its mesh",
+               "logical_mesh": list(assignment.logical_shapes[0])})
+    return dataclasses.replace(compiled, plan=plan)
 
 
 def compile_pipeshard(compiled: CompiledPipeline, method, signature: tuple):
