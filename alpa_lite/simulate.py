@@ -244,11 +244,12 @@ def _plan_full_step(preset, cluster, policy, blocks, k, view):
     work = build_workload(small, abstract=True)
     traced = trace_function(work.train_step, (work.state, work.batch), batch_argnums=(1,))
     graph = build_op_graph(traced.closed_jaxpr)
-    from alpa_lite.compile import find_alias_pairs, input_roles
+    from alpa_lite.compile import StepSpec, find_alias_pairs, input_roles, optimizer_state_mask
 
     shape = (cluster.num_hosts, cluster.devices_per_host)
     mesh = cluster.logical_mesh(shape, view)
-    return solve_intra_op(graph, mesh, input_roles=input_roles(traced),
+    opt_state, _ = optimizer_state_mask((work.state, work.batch), StepSpec())
+    return solve_intra_op(graph, mesh, input_roles=input_roles(traced, opt_state),
                           input_paths=list(traced.in_paths), policy=policy,
                           alias_pairs=find_alias_pairs(traced), share_repeated_layers=True)
 

@@ -2,8 +2,9 @@
 
 A tiny MLP (so device work is negligible) is pipelined over S stages with M micro-batches;
 the driver's dispatch time (the call returns before the devices finish: dispatch is
-asynchronous) divided by the number of launches (stage programs + cross-mesh transfers) is
-the per-launch overhead. Run:
+asynchronous) divided by the number of launches (the executable's instructions: stage
+programs, batched cross-mesh moves, batch splits, accumulator programs) is the per-launch
+overhead. Run:
 
     python benchmarks/bench_pipeline.py --stages 2 4 8 --micro-batches 4 16
 """
@@ -37,12 +38,9 @@ def measure(num_stages: int, num_micro_batches: int, repeats: int) -> dict:
         stage_option=alpa_lite.UniformStageOption(num_stages=num_stages))
     step = alpa_lite.parallelize(make_train_step(model, optax.sgd(0.1)), method=method)
     executable = step.get_executable(state, batch)
-    launches = 0
-    for program in executable.partition.forward + executable.partition.backward:
-        if program.nodes:
-            launches += num_micro_batches * (1 + sum(1 for v in program.inputs
-                                                     if v not in executable.graph.inputs))
-    launches += len(executable.partition.apply) + 2 * num_stages  # apply, zeros, means
+    # Every instruction is one launch: a stage program, a batched cross-mesh move, a batch
+    # split, an accumulator zeroing or finishing program, or an apply program.
+    launches = len(executable.instructions)
     jax.block_until_ready(step(state, batch))
     dispatch, total = [], []
     for _ in range(repeats):
