@@ -5,7 +5,10 @@ re-binds every operator and wraps chosen values in `jax.lax.with_sharding_constr
 the outputs of *anchor* operators (group leaders, operators with collectives, matmuls) get the
 plan's output spec, and an operand whose planned spec differs from the spec its consumer
 requires gets the consumer's spec (that is where XLA inserts the resharding collective).
-XLA's partitioner does the rest, and the compiled program's collectives follow the plan.
+A resharded value is pinned to its planned spec where it is produced, and the reshard goes
+through `build_resharding_steps`, so that XLA reshards the value the plan priced, with the
+collectives it priced. XLA's partitioner does the rest, and the compiled program's
+collectives follow the plan.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from alpa_lite._jax_compat import bind_params
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.problem import is_transparent
+from alpa_lite.intra_op.resharding import build_resharding_steps
 from alpa_lite.intra_op.strategies import Spec, replicated_spec
 from alpa_lite.mesh import LogicalMesh
 from alpa_lite.plan import ShardingPlan
@@ -80,6 +84,7 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
         raise ValueError("The plan does not belong to this graph (operator counts differ).")
     planned = value_specs(graph, plan)
     decisions = {d.index: d for d in plan.nodes}
+    to_pin = find_unpinned_resharded_values(graph, plan, planned)
 
     def constrain(value, spec: Spec):
         if not spec or not hasattr(value, "ndim") or value.ndim == 0:
@@ -91,9 +96,11 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
         if not isinstance(v, int):
             return v.val
         want = decision.in_specs[pos] if decision is not None else None
+        value = env[v]
         if want is not None and want != planned[v]:
-            return constrain(env[v], want)
-        return env[v]
+            for spec in build_resharding_steps(planned[v], want, plan.mesh):
+                value = constrain(value, spec)
+        return value
 
     def eval_nodes(env: dict, node_indices, deferred: "DeferredReductions | None" = None,
                    overrides: dict | None = None):
@@ -124,9 +131,30 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
                 outs = outs if node.primitive.multiple_results else [outs]
             if decision is not None and decision.anchor:
                 outs = [constrain(o, s) for o, s in zip(outs, decision.out_specs)]
+            outs = [constrain(o, planned[v]) if v in to_pin else o
+                    for o, v in zip(outs, node.outvars)]
             env.update(zip(node.outvars, outs))
 
     return eval_nodes
+
+
+def find_unpinned_resharded_values(graph: OpGraph, plan: ShardingPlan,
+                                   planned: dict[int, Spec]) -> set[int]:
+    """Values some consumer reshards whose producer's output is not pinned (not an anchor).
+
+    A sharding constraint on a consumer's operand does not fix where XLA reshards: sharding
+    propagation may carry the consumer's spec backwards through unpinned operators (a reshape,
+    a transpose) to the last pinned value, where the same data movement can be one XLA has no
+    collective for. In GPT's attention, ``[b, s, heads, head_dim] -> [b, s, h]`` is resharded
+    from ``[x, -, -]`` to ``[-, -, x]`` (an all-to-all) for the weight gradient; carried back
+    over the reshape it becomes ``[x, -, -, -] -> [-, -, x(4), x(2)]``, which XLA does by
+    replicating the whole tensor. Pinning the value where it is produced keeps the reshard on it.
+    """
+    resharded = {v for d in plan.nodes
+                 for v, want in zip(graph.nodes[d.index].invars, d.in_specs)
+                 if isinstance(v, int) and want is not None and want != planned[v]}
+    anchored = {v for d in plan.nodes if d.anchor for v in graph.nodes[d.index].outvars}
+    return resharded - anchored - set(graph.inputs)
 
 
 def _bind_over_partials(node, params, env, partial_values):

@@ -6,7 +6,7 @@ import pytest
 
 from alpa_lite.graph import build_op_graph
 from alpa_lite.intra_op.problem import is_transparent
-from alpa_lite.intra_op.resharding import estimate_resharding_s
+from alpa_lite.intra_op.resharding import build_resharding_steps, estimate_resharding_s
 from alpa_lite.intra_op.strategies import FactorRule, enumerate_factor_strategies
 from alpa_lite.intra_op.strategy_rules import build_reshape_factors, has_strategy_rule
 from alpa_lite.mesh import LogicalMesh
@@ -49,6 +49,36 @@ def test_resharding_costs():
     assert estimate_resharding_s(split, whole, 1600.0, mesh) == pytest.approx(1 + 0.75 * 1600 + 0.1)
     all_to_all = estimate_resharding_s(split, other, 1600.0, mesh)
     assert all_to_all == pytest.approx(1 + 400 * 3 / 4 / 4 * 2)
+
+
+def _change_kinds(src, dst) -> set[str]:
+    where = lambda spec: {a: d for d, axes in enumerate(spec) for a in axes}  # noqa: E731
+    before, after = where(src), where(dst)
+    return ({"all-gather" for a in before if a not in after}
+            | {"slice" for a in after if a not in before}
+            | {"all-to-all" for a in before if a in after and before[a] != after[a]})
+
+
+@pytest.mark.parametrize("src, dst", [
+    (((), ("x",)), (("y",), ())),                    # gather x, slice y
+    (((), ("x", "y")), (("x",), ())),                # x moves, y is gathered
+    (((), ("x",), ("y",)), (("x", "y"), (), ())),    # two dims' axes merge
+    (((), (), ("x", "y")), (("x",), ("y",), ())),    # one dim's axes spread
+    ((("x",), ("y",)), (("y",), ("x",))),            # swap
+])
+def test_resharding_steps_change_one_kind_at_a_time_and_end_at_dst(src, dst):
+    steps = build_resharding_steps(src, dst, MESH)
+    assert steps[-1] == dst
+    for before, after in zip((src,) + steps, steps):
+        assert len(_change_kinds(before, after)) == 1, (before, after)
+    # all-to-alls first (on source-sized shards), then slices, then all-gathers, as priced
+    order = [_change_kinds(b, a).pop() for b, a in zip((src,) + steps, steps)]
+    assert order == sorted(order, key=["all-to-all", "slice", "all-gather"].index)
+
+
+def test_resharding_steps_of_a_single_kind_change_are_one_step():
+    assert build_resharding_steps((("x",), ()), ((), ("x",)), MESH) == (((), ("x",)),)
+    assert build_resharding_steps((("x",), ()), (("x",), ()), MESH) == ()
 
 
 def test_every_primitive_of_gpt_and_cnn_steps_has_a_rule():
