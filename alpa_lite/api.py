@@ -139,8 +139,8 @@ class ParallelizedFunction:
         if last is not None:
             try:
                 return last.call_unplaced(*args)
-            except (PlanMismatch, ValueError, TypeError):
-                pass  # new signature or misplaced arguments: the checked path below
+            except PlanMismatch:
+                pass  # a new argument signature: the checked path below
         executable = self.get_executable(*args)
         self._last = executable
         return executable(*args)

@@ -234,10 +234,6 @@ def micro_batch_args(args: Sequence, batch_mask: Sequence[bool], num_micro_batch
     return rebuild_args(jax.tree_util.tree_unflatten(tree, leaves), static, dyn_idx)
 
 
-def abstractify_tree(tree):
-    return jax.tree_util.tree_map(abstractify, tree)
-
-
 @dataclasses.dataclass(frozen=True)
 class CompiledPlan:
     traced: TracedFunction

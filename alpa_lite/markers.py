@@ -132,9 +132,8 @@ def _mark_outputs(loss: Any, aux: Any, grads: Any) -> tuple[Any, Any, Any]:
             names.append("the loss" if role == "loss" else
                           f"{role}{jax.tree_util.keystr(path)}")
     marked = iter(grad_boundary_p.bind(*leaves, roles=tuple(roles), names=tuple(names)))
-    return tuple(jax.tree_util.tree_unflatten(treedefs[role],
-                                              [next(marked) for _ in range(treedefs[role].num_leaves)])
-                 for role in parts)
+    return tuple(jax.tree_util.tree_unflatten(treedefs[role], [next(marked) for _ in range(
+        treedefs[role].num_leaves)]) for role in parts)
 
 
 def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,

@@ -33,6 +33,7 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 
+from alpa_lite._jax_compat import optimization_barrier_primitive
 from alpa_lite.cost.rules import ELEMENTWISE_PRIMITIVES
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
@@ -97,10 +98,8 @@ class _Val:
 
 _OPAQUE = _Val(_Kind.OPAQUE)
 _IDENTITY = {prims.copy_p, prims.stop_gradient_p, prims.reduce_precision_p, layer_boundary_p,
-             manual_boundary_p, grad_boundary_p, prims.optimization_barrier_p
-             if hasattr(prims, "optimization_barrier_p") else prims.copy_p}
-_SHAPE_ONLY = {prims.reshape_p, prims.squeeze_p, prims.broadcast_in_dim_p, prims.transpose_p,
-               prims.expand_dims_p if hasattr(prims, "expand_dims_p") else prims.reshape_p}
+             manual_boundary_p, grad_boundary_p}
+_SHAPE_ONLY = {prims.reshape_p, prims.squeeze_p, prims.broadcast_in_dim_p, prims.transpose_p}
 _REDUCTIONS = {prims.reduce_sum_p: _Kind.SUM, prims.reduce_max_p: _Kind.MAX,
                prims.reduce_min_p: _Kind.MIN, prims.reduce_or_p: _Kind.MAX,
                prims.reduce_and_p: _Kind.MIN}
@@ -255,7 +254,9 @@ class _Analysis:
 
     def visit(self, node, full_node) -> None:
         ins = [self.operand(v, fv) for v, fv in zip(node.invars, full_node.invars)]
-        if node.primitive in _IDENTITY and len(node.invars) == len(node.outvars):
+        identity = node.primitive in _IDENTITY or \
+            node.primitive is optimization_barrier_primitive()  # remat's barrier
+        if identity and len(node.invars) == len(node.outvars):
             self.values.update(zip(node.outvars, ins))
             return
         outs = [self.batch_dim(v, fv) for v, fv in zip(node.outvars, full_node.outvars)]

@@ -11,7 +11,6 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 from jax.extend import core as jcore
 
 from alpa_lite.errors import InvalidConfigError
@@ -67,8 +66,12 @@ def abstract_signature(args: Sequence, static_argnums: Sequence[int]) -> tuple:
     """
     dynamic, static, _ = split_static_args(args, static_argnums)
     leaves, tree = jax.tree_util.tree_flatten(tuple(dynamic))
-    avals = tuple((tuple(a.shape), a.dtype) for a in map(abstractify, leaves))
-    return tree, avals, tuple(sorted(static.items(), key=lambda kv: kv[0]))
+    return tree, leaf_signature(leaves), tuple(sorted(static.items(), key=lambda kv: kv[0]))
+
+
+def leaf_signature(leaves: Sequence) -> tuple:
+    """(shape, dtype) of each leaf: the part of `abstract_signature` that leaves decide."""
+    return tuple((tuple(a.shape), a.dtype) for a in map(abstractify, leaves))
 
 
 def split_static_args(args: Sequence, static_argnums: Sequence[int]):

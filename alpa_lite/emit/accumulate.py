@@ -24,7 +24,7 @@ from alpa_lite.emit.shardings import finish_partial_sum, reduction_axes, value_s
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p
-from alpa_lite.micro_batching import Combine, MicroBatchPlan, Rule
+from alpa_lite.micro_batching import Combine, MicroBatchPlan
 from alpa_lite.plan import ShardingPlan
 
 # Operators whose cross-device reduction is a sum (and so can be postponed and summed once).
@@ -194,7 +194,7 @@ def split_micro_batches(x, num_micro_batches: int):
 
 def emit_accumulating_function(graph: OpGraph, plan: ShardingPlan, split: GradSplit,
                                batch_inputs: list[int], num_micro_batches: int, eval_nodes,
-                               jax_mesh, micro: MicroBatchPlan | None = None):
+                               jax_mesh, micro: MicroBatchPlan):
     """The step function with gradient accumulation and once-per-step gradient reduction.
 
     Each value crossing the gradient boundary is combined over micro-batches by its rule in
@@ -209,20 +209,20 @@ def emit_accumulating_function(graph: OpGraph, plan: ShardingPlan, split: GradSp
         num_micro_batches: k.
         eval_nodes: from `build_node_evaluator`.
         jax_mesh: the device mesh.
-        micro: from `alpa_lite.micro_batching.build_micro_batch_plan` (None: average all).
+        micro: from `alpa_lite.micro_batching.build_micro_batch_plan`.
     """
     k = num_micro_batches
     boundary = graph.nodes[split.boundary]
     body_nodes = tuple(i for i in split.compute if i != split.boundary)
     ids = list(dict.fromkeys(v for v in boundary.invars if isinstance(v, int)))
-    rules = {v: micro.rules[v] if micro is not None else Rule(Combine.MEAN) for v in ids}
+    rules = {v: micro.rules[v] for v in ids}
     check_combinable(graph, rules)
     acc_ids = [v for v in ids if rules[v].combine not in (Combine.SAME, Combine.CONCAT)]
     concat_ids = [v for v in ids if rules[v].combine is Combine.CONCAT]
     summed = {v for v in ids if rules[v].combine in (Combine.SUM, Combine.MEAN)}
     deferred = find_deferred_reductions(graph, plan, split.compute, split.boundary, summed)
     planned = value_specs(graph, plan)
-    random_dims = micro.random_dims if micro is not None else {}
+    random_dims = micro.random_dims
 
     def initial(v):
         axes = deferred.boundary_axes.get(v)

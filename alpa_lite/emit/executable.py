@@ -43,6 +43,7 @@ class ShardExecutable:
                  devices: Sequence, *, signature: tuple, donate_argnums: Sequence[int] = (),
                  micro: MicroBatchPlan | None = None):
         self.traced, self.graph, self.plan = traced, graph, plan
+        self.signature = signature
         sharding = plan.sharding
         self.jax_mesh = build_jax_mesh(sharding.mesh, devices)
         self.in_shardings = named_shardings(sharding.input_specs, self.jax_mesh)
@@ -70,16 +71,28 @@ class ShardExecutable:
         if self.plan.num_micro_batches == 1:
             return emit_flat_function(graph, sharding, self.jax_mesh)
         batch_inputs = [v for v, b in zip(graph.inputs, self.traced.batch_leaves) if b]
-        split = split_at_grad_boundary(graph, batch_inputs,
-                                       micro.random_dims if micro is not None else ())
+        split = split_at_grad_boundary(graph, batch_inputs, micro.random_dims)
         eval_nodes = build_node_evaluator(graph, sharding, self.jax_mesh)
         return emit_accumulating_function(graph, sharding, split, batch_inputs,
                                           self.plan.num_micro_batches, eval_nodes,
                                           self.jax_mesh, micro)
 
     def call_unplaced(self, *args):
-        """Calls the program as is (the fast path); raises if an argument is misplaced."""
-        return self._jitted(*args)
+        """The fast path: calls the program as is.
+
+        jax itself transfers host and uncommitted arrays; an argument committed elsewhere
+        makes it raise, and then the arguments are placed and the call repeated.
+
+        Raises:
+            PlanMismatch: the arguments are not those the plan was made for.
+        """
+        try:
+            return self._jitted(*args)
+        except (ValueError, TypeError):
+            static_argnums = tuple(sorted(self.traced.static_args))
+            if abstract_signature(args, static_argnums) != self.signature:
+                raise PlanMismatch from None  # e.g. another pytree structure
+            return self(*args)
 
     def place(self, args) -> tuple:
         """The arguments with every dynamic leaf moved to the plan's sharding (if not there)."""

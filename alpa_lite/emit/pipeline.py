@@ -36,7 +36,7 @@ from alpa_lite.inter_op.schedules import PipelineSchedule, TaskKind
 from alpa_lite.markers import grad_boundary_p
 from alpa_lite.micro_batching import Combine, MicroBatchPlan, Rule
 from alpa_lite.plan import ShardingPlan
-from alpa_lite.trace import TracedFunction, abstract_signature, split_static_args
+from alpa_lite.trace import TracedFunction, leaf_signature, split_static_args
 
 _ACCUMULATED = (Combine.SUM, Combine.MEAN, Combine.MAX, Combine.MIN)
 
@@ -236,21 +236,23 @@ class PipelineExecutable:
         """Runs the step if the arguments match the plan; else raises `PlanMismatch`."""
         from alpa_lite.emit.executable import PlanMismatch
 
-        static_argnums = tuple(sorted(self.traced.static_args))
-        if self.signature is not None and \
-                abstract_signature(args, static_argnums) != self.signature:
+        dynamic, static, _ = split_static_args(args, tuple(sorted(self.traced.static_args)))
+        leaves, tree = jax.tree_util.tree_flatten(tuple(dynamic))
+        if self.signature is not None and (
+                tree != self.signature[0] or static != self.traced.static_args
+                or leaf_signature(leaves) != self.signature[1]):
             raise PlanMismatch
-        return self(*args)
+        return self.run(leaves)
 
-    def flatten_args(self, args) -> list:
+    def __call__(self, *args, _timings: dict | None = None):
         dynamic, _, _ = split_static_args(args, tuple(self.traced.static_args))
         leaves, tree = jax.tree_util.tree_flatten(tuple(dynamic))
         if tree != self.traced.in_tree:
             raise ValueError(f"Arguments have structure {tree}, expected {self.traced.in_tree}.")
-        return leaves
+        return self.run(leaves, _timings)
 
-    def __call__(self, *args, _timings: dict | None = None):
-        leaves = self.flatten_args(args)
+    def run(self, leaves: list, _timings: dict | None = None):
+        """One step on the flat dynamic arguments (see the module docstring)."""
         regs = list(self._initial)
         misplaced, targets, slots = [], [], []
         for position, slot, sharding in self._inputs:

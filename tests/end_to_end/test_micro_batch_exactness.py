@@ -152,3 +152,16 @@ def test_typed_key_argument_plans_and_runs():
                               batch_argnums=(2,))
     np.testing.assert_allclose(p(*args), jax.jit(step)(*args), rtol=RTOL)
     assert "arg1" in p.plan(*args).sharding.input_names
+
+
+def test_rematerialized_layers_under_micro_batches_equal_serial():
+    def step(params, batch):
+        def loss_fn(params):
+            layer = jax.checkpoint(lambda w, x: jnp.tanh(x @ w))
+            h = layer(params[1], layer(params[0], batch["x"]))
+            return jnp.mean((h - batch["y"]) ** 2), jnp.max(h)
+        (loss, top), grads = alpa_lite.value_and_grad(loss_fn, has_aux=True)(params)
+        return [p - 0.1 * g for p, g in zip(params, grads)], loss, top
+
+    args = make_args()
+    check_equal_to_serial(step, args, alpa_lite.parallelize(step, method=method("dp", 2)))
