@@ -47,3 +47,15 @@ def key_wrapping_primitives() -> tuple:
     key = jax.eval_shape(lambda: jax.random.key(0))
     unwrap = jax.make_jaxpr(jax.random.key_data)(key)
     return wrap.eqns[0].primitive, unwrap.eqns[0].primitive
+
+
+def key_impl_of_dtype(dtype):
+    """The PRNG implementation of a key dtype (``key<fry>``), for `jax.random.wrap_key_data`.
+
+    jax exposes it only on key arrays (`jax.random.key_impl`); abstract values need the
+    dtype's private attribute.
+    """
+    impl = getattr(dtype, "_impl", None)
+    if impl is None:
+        raise NotImplementedError(f"Cannot find the PRNG implementation of {dtype} on this jax.")
+    return impl

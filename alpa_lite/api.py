@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -10,6 +11,7 @@ import jax
 from alpa_lite.compile import (StepSpec, check_argnums, compile_plan, plan_pipeshard,
                                plan_shard_parallel)
 from alpa_lite.config import PipeshardParallel, ShardParallel
+from alpa_lite.distributed import share_plan
 from alpa_lite.emit.executable import PlanMismatch
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.plan import ParallelPlan
@@ -93,11 +95,31 @@ class ParallelizedFunction:
         return entry
 
     def _make_plan(self, args, cluster=None):
+        if cluster is not None or jax.process_count() == 1:
+            return self._plan_with(args, cluster, self._loaded_plan)
+        # several processes: process 0 plans, the others run its plan (never a different one)
+        made = {}
+
+        def make() -> str:
+            made["compiled"] = self._plan_with(args, None, self._loaded_plan)
+            return made["compiled"].plan.to_json()
+
+        leaves, tree = jax.tree_util.tree_flatten(tuple(args))
+        shapes = [(getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in leaves]
+        what = re.sub(r" at 0x[0-9a-fA-F]+", "", (  # object addresses differ per process
+            f"{getattr(self.fun, '__qualname__', self.fun)} {type(self.method).__name__} "
+            f"{tree} {shapes}"))
+        share_plan(make, what, accept=lambda text: made.setdefault(
+            "compiled", self._plan_with(args, None, ParallelPlan.from_json(text))))
+        return made["compiled"]
+
+    def _plan_with(self, args, cluster, plan: ParallelPlan | None):
         if isinstance(self.method, ShardParallel):
             return plan_shard_parallel(self.fun, args, self.method, self.step,
-                                       plan=self._loaded_plan, cluster=cluster)
+                                       plan=plan, cluster=cluster)
         if isinstance(self.method, PipeshardParallel):
-            return plan_pipeshard(self.fun, args, self.method, self.step, cluster=cluster)
+            return plan_pipeshard(self.fun, args, self.method, self.step, cluster=cluster,
+                                  plan=plan)
         raise InvalidConfigError(
             f"Unknown method {self.method!r}; use ShardParallel, DataParallel, Zero2Parallel, "
             "Zero3Parallel or PipeshardParallel.")
@@ -109,13 +131,15 @@ class ParallelizedFunction:
         `InvalidConfigError` when the function is next called.
 
         Raises:
-            InvalidConfigError: for `PipeshardParallel`, whose plans cannot be loaded to run yet.
+            InvalidConfigError: a pipeline plan for a ShardParallel-family method, or the
+                other way round.
         """
-        if isinstance(self.method, PipeshardParallel) or plan.stages:
+        pipeline_plan = plan.method == "PipeshardParallel"
+        if pipeline_plan != isinstance(self.method, PipeshardParallel):
             raise InvalidConfigError(
-                "use_plan runs ShardParallel-family plans only; pipeline plans cannot be loaded "
-                "to run yet. Plan the pipeline again (parallelize(...)(*args)), or use a "
-                "ShardParallel-family method for a saved plan.")
+                f"use_plan got a {plan.method} plan for a {type(self.method).__name__} "
+                "function. Load the plan into a function parallelized with the method that "
+                "made it.")
         self._loaded_plan = plan
         self._cache.clear()
         self._last = None

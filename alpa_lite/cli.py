@@ -5,6 +5,8 @@
     alpa-lite profile compute [--devices N] [--dtypes float32,bfloat16] [--sizes 256,1024]
                               [--out db.json]
     alpa-lite cluster show PRESET|FILE [--profile db.json]
+    alpa-lite launch --num-processes N [--devices-per-process K] [--coordinator HOST:PORT]
+                     -- CMD ...
 
 jax is imported only inside the command handlers, after ``--devices N`` has set XLA_FLAGS
 (jax reads it when its backend starts), so this module must not import jax at the top.
@@ -23,9 +25,9 @@ from typing import Sequence
 from alpa_lite.cluster import (CLUSTER_PRESETS, ClusterSpec, get_cluster_preset, parse_bytes,
                                parse_cluster_string)
 from alpa_lite.errors import AlpaLiteError, InvalidConfigError
+from alpa_lite.launch import with_device_count
 from alpa_lite.profiling.database import COLLECTIVE_KINDS, ProfileDatabase
 
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,7 +121,7 @@ def _start_devices(num_cpu_devices: int | None) -> list:
         if num_cpu_devices < 1:
             raise InvalidConfigError(
                 f"--devices must be a positive device count; got {num_cpu_devices}.")
-        os.environ["XLA_FLAGS"] = _with_device_count(os.environ.get("XLA_FLAGS", ""),
+        os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""),
                                                      num_cpu_devices)
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
@@ -137,11 +139,6 @@ def _start_devices(num_cpu_devices: int | None) -> list:
             f"already started with {len(devices)} {devices[0].platform} device(s). Run "
             "alpa-lite in a fresh process, or drop --devices.")
     return devices
-
-
-def _with_device_count(xla_flags: str, count: int) -> str:
-    kept = re.sub(rf"{_DEVICE_COUNT_FLAG}=\S*", "", xla_flags).split()
-    return " ".join(kept + [f"{_DEVICE_COUNT_FLAG}={count}"])
 
 
 def _update_database(path: str, metadata, **rows) -> None:
@@ -330,7 +327,37 @@ def _format_comparison(results, cluster) -> str:
     return "\n".join(lines)
 
 
-_COMMANDS = (_add_profile_command, _add_cluster_command, _add_plan_command)
+# ------------------------------------------------------------------ launch
+
+
+def _add_launch_command(subparsers) -> None:
+    launch = subparsers.add_parser(
+        "launch", help="run N local processes of a command as one jax.distributed job",
+        description="Runs N processes of CMD on this machine as one jax.distributed job "
+                    "(alpa_lite.distributed.initialize() in CMD finds it). Output lines are "
+                    "prefixed with [process index]; when one process fails the others are "
+                    "ended and its status is returned.")
+    launch.add_argument("--num-processes", type=int, required=True, metavar="N")
+    launch.add_argument("--devices-per-process", type=int, default=None, metavar="K",
+                        help="give each process K simulated CPU devices (tests, laptops)")
+    launch.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                        help="coordination service address (default: 127.0.0.1 and a free "
+                             "port)")
+    launch.add_argument("--grace-period", type=float, default=10.0, metavar="S",
+                        help="seconds between SIGTERM and SIGKILL when ending processes")
+    launch.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    launch.set_defaults(handler=_run_launch)
+
+
+def _run_launch(args) -> int:
+    from alpa_lite.launch import Launcher
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    return Launcher(command, args.num_processes, devices_per_process=args.devices_per_process,
+                    coordinator=args.coordinator, grace_period_s=args.grace_period).run()
+
+
+_COMMANDS = (_add_profile_command, _add_cluster_command, _add_plan_command, _add_launch_command)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -24,7 +25,7 @@ from alpa_lite.intra_op.problem import InputRole, SpecPolicy
 from alpa_lite.micro_batching import MicroBatchPlan, build_micro_batch_plan
 from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.mesh import LogicalMesh
-from alpa_lite.plan import ParallelPlan
+from alpa_lite.plan import PLAN_FORMAT_VERSION, ParallelPlan
 from alpa_lite.trace import (TracedFunction, abstractify, rebuild_args, split_static_args,
                              trace_function)
 
@@ -33,6 +34,16 @@ from alpa_lite.trace import (TracedFunction, abstractify, rebuild_args, split_st
 _DEFAULT_ALPHA_S = 5e-6
 _DEFAULT_BETA_S_PER_BYTE = {"cpu": 1 / 10e9, "gpu": 1 / 100e9, "tpu": 1 / 100e9}
 _DEFAULT_PEAK_FLOPS = {"cpu": 5e10, "gpu": 4e14, "tpu": 2e14}
+
+
+_INTER_HOST_SLOWDOWN = 4  # inter-host bandwidth is this many times below intra-host
+
+
+def axes_spanning_processes(devices: Sequence, shape: Sequence[int]) -> tuple[bool, ...]:
+    """Per mesh axis: does any group of devices along it hold devices of two processes?"""
+    procs = np.array([getattr(d, "process_index", 0) for d in devices]).reshape(tuple(shape))
+    return tuple(bool(np.any(procs.min(axis=a) != procs.max(axis=a)))
+                 for a in range(len(shape)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +70,15 @@ def resolve_devices(method: ShardParallel, available: Sequence | None = None) ->
 
 
 def build_logical_mesh(method: ShardParallel, devices: Sequence) -> LogicalMesh:
+    """The method's logical mesh over ``devices``; without a user link model, an axis whose
+    device groups span processes (hosts) gets the slower inter-host default."""
     shape = method.mesh_shape or (len(devices),)
     platform = devices[0].platform if devices else "cpu"
-    alpha = method.mesh_alpha or (_DEFAULT_ALPHA_S,) * len(shape)
-    beta = method.mesh_beta or (_DEFAULT_BETA_S_PER_BYTE.get(platform, 1e-10),) * len(shape)
+    spans = axes_spanning_processes(devices, shape)
+    intra_beta = _DEFAULT_BETA_S_PER_BYTE.get(platform, 1e-10)
+    alpha = method.mesh_alpha or tuple(_DEFAULT_ALPHA_S * (2 if s else 1) for s in spans)
+    beta = method.mesh_beta or tuple(intra_beta * (_INTER_HOST_SLOWDOWN if s else 1)
+                                     for s in spans)
     return LogicalMesh(shape=shape, alpha_s=alpha, beta_s_per_byte=beta,
                        memory_per_device_bytes=method.memory_budget_per_device,
                        peak_flops_per_s=_DEFAULT_PEAK_FLOPS.get(platform, 1e12))
@@ -244,7 +260,8 @@ class CompiledPlan:
 
 
 def trace_step(fun: Callable, args: Sequence, step: StepSpec, num_micro_batches: int, *,
-               analyse: bool = True, layer_option=None, record: dict | None = None):
+               analyse: bool = True, layer_option=None, record: dict | None = None,
+               layer_starts: Sequence[int] | None = None):
     """Traces the step at micro-batch size; returns (traced, graph, micro-batch plan).
 
     With more than one micro-batch (and ``analyse``), the step is traced at full batch size
@@ -258,7 +275,8 @@ def trace_step(fun: Callable, args: Sequence, step: StepSpec, num_micro_batches:
     mask = batch_leaf_mask(args, step)
     k = num_micro_batches
     record = {} if record is None else record
-    transform = None if layer_option is None else build_layer_transform(layer_option, record)
+    transform = None if layer_option is None else build_layer_transform(
+        layer_option, record, starts=None if layer_starts is None else list(layer_starts))
     trace_args = args if k == 1 else micro_batch_args(args, mask, k, step.static_argnums)
     with layer_construction(transform):
         traced = trace_function(fun, trace_args, static_argnums=step.static_argnums,
@@ -360,9 +378,13 @@ class CompiledPipeline:
 
 
 def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
-                   cluster=None) -> CompiledPipeline:
+                   cluster=None, plan: ParallelPlan | None = None) -> CompiledPipeline:
     """Traces ``fun`` with layer markers, builds stages (uniform / manual / DP), and plans
-    every stage with the intra-op ILP on its own logical mesh."""
+    every stage with the intra-op ILP on its own logical mesh.
+
+    With ``plan`` given (a loaded pipeline plan), its layers, stages and stage plans are used
+    instead of solving; they are checked against this trace.
+    """
     from alpa_lite.config import AutoStageOption, ManualStageOption, UniformStageOption
     from alpa_lite.emit.stages import boundary_slice, build_subgraph, partition_pipeline
     from alpa_lite import stage_planning as sp
@@ -379,8 +401,10 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
         per_host = min(method.devices_per_host or jax.local_device_count(), len(devices))
     k = method.num_micro_batches
     record: dict = {}
+    starts = None if plan is None else (plan.extra.get("layers") or {}).get("starts")
     traced, graph, micro = trace_step(fun, args, step, k, analyse=cluster is None,
-                                      layer_option=method.layer_option, record=record)
+                                      layer_option=method.layer_option, record=record,
+                                      layer_starts=starts)
     num_layers = sp.count_layers(graph)
     if num_layers == 0:
         raise InvalidConfigError(
@@ -390,7 +414,9 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
     peak = (cluster.peak_flops("float32") if cluster is not None
             else _DEFAULT_PEAK_FLOPS.get(platform, 1e12))
     option = method.stage_option
-    if isinstance(option, UniformStageOption):
+    if plan is not None:
+        assignment = loaded_assignment(plan, num_layers)
+    elif isinstance(option, UniformStageOption):
         assignment = sp.assign_uniform(option, num_layers, len(devices), per_host)
     elif isinstance(option, ManualStageOption):
         assignment = sp.assign_manual(option, num_layers, len(devices))
@@ -398,14 +424,14 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
         assignment = _auto_stages(graph, traced, method, option, num_layers, len(devices),
                                   per_host, platform, peak)
     if assignment.num_stages == 1 and cluster is None:
-        return _plan_one_stage(fun, args, method, step, assignment, devices, start)
+        return _plan_one_stage(fun, args, method, step, assignment, devices, start, plan)
     batch_inputs = [v for v, b in zip(graph.inputs, traced.batch_leaves) if b]
     partition = partition_pipeline(graph, batch_inputs, list(assignment.layer_to_stage),
                                    assignment.num_stages)
     roles = dict(zip(graph.inputs, input_roles(traced, optimizer_state_mask(args, step)[0])))
     aliases = find_alias_pairs(traced)
-    subgraphs, index_maps, plans, stage_devices = [], [], [], []
-    offset = 0
+    subgraphs, index_maps, plans = [], [], []
+    stage_devices = sp.place_stages(assignment.submesh_shapes, devices, per_host)
     boundary_index = partition.boundary.index
     for s in range(assignment.num_stages):
         nodes = partition.mesh_nodes[s]
@@ -417,16 +443,16 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
                              platform, peak, None)
         sub_roles = [roles.get(v, InputRole.PARAM) for v in sub.inputs]
         sub_aliases = _sub_alias_pairs(graph, sub, aliases)
-        plans.append(solve_intra_op(
-            sub, mesh, input_roles=sub_roles,
-            input_paths=[_value_name(traced, graph, v) for v in sub.inputs],
-            alias_pairs=sub_aliases, strict=method.strict, solver=method.solver,
-            time_limit_s=method.solver_time_limit_s))
+        if plan is not None:
+            plans.append(loaded_stage_plan(plan, s, sub, mesh))
+        else:
+            plans.append(solve_intra_op(
+                sub, mesh, input_roles=sub_roles,
+                input_paths=[_value_name(traced, graph, v) for v in sub.inputs],
+                alias_pairs=sub_aliases, strict=method.strict, solver=method.solver,
+                time_limit_s=method.solver_time_limit_s))
         subgraphs.append(sub)
         index_maps.append(index_map)
-        n = sp.submesh_devices(assignment.submesh_shapes[s])
-        stage_devices.append(tuple(devices[offset:offset + n]))
-        offset += n
     stages = tuple(_stage_record(s, assignment, plans[s], partition, graph, k)
                    for s in range(assignment.num_stages))
     latency = _predicted_latency(stages, k, method.schedule)
@@ -440,19 +466,62 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
                             tuple(plans), tuple(stage_devices), assignment, micro)
 
 
-def _plan_one_stage(fun, args, method, step, assignment, devices, start) -> CompiledPlan:
+def _plan_one_stage(fun, args, method, step, assignment, devices, start,
+                    loaded: ParallelPlan | None = None) -> CompiledPlan:
     """A pipeline of one stage is intra-op parallelism on that stage's mesh: plan and run it
     as `ShardParallel` (one jitted program instead of the pipeline runtime)."""
     num = sp_submesh_devices(assignment.submesh_shapes[0])
     shard = ShardParallel(mesh_shape=assignment.logical_shapes[0], devices=tuple(devices[:num]),
                           num_micro_batches=method.num_micro_batches, strict=method.strict,
                           solver=method.solver, solver_time_limit_s=method.solver_time_limit_s)
-    compiled = plan_shard_parallel(fun, args, shard, step)
+    compiled = plan_shard_parallel(fun, args, shard, step, plan=loaded)
+    if loaded is not None:
+        return compiled
     plan = dataclasses.replace(
         compiled.plan, method="PipeshardParallel", plan_time_s=time.perf_counter() - start,
         extra={"one_stage": "a single stage runs as ShardParallel on its mesh",
-               "logical_mesh": list(assignment.logical_shapes[0])})
+               "logical_mesh": list(assignment.logical_shapes[0]),
+               "submesh": list(assignment.submesh_shapes[0])})
     return dataclasses.replace(compiled, plan=plan)
+
+
+def loaded_assignment(plan: ParallelPlan, num_layers: int):
+    """The `StageAssignment` a loaded pipeline plan was made with (checked against the
+    number of layers of this trace)."""
+    from alpa_lite.stage_planning import StageAssignment
+
+    if plan.method != "PipeshardParallel":
+        raise InvalidConfigError(
+            f"The loaded plan is a {plan.method} plan; PipeshardParallel needs a pipeline plan "
+            "(made by a PipeshardParallel method). Use the plan with its own method.")
+    if plan.sharding is not None:  # one stage, run as ShardParallel
+        logical = tuple(plan.extra["logical_mesh"])
+        submesh = tuple(plan.extra.get("submesh") or (1, math.prod(logical)))
+        return StageAssignment((0,) * num_layers, (submesh,), (logical,))
+    layer_to_stage = [None] * num_layers
+    for stage in plan.stages:
+        for layer in stage["layers"]:
+            if layer >= num_layers:
+                break
+            layer_to_stage[layer] = stage["stage"]
+    if None in layer_to_stage or sum(len(s["layers"]) for s in plan.stages) != num_layers:
+        raise InvalidConfigError(
+            f"The loaded pipeline plan has {sum(len(s['layers']) for s in plan.stages)} layers "
+            f"in its stages; this function traced to {num_layers}. Plan again for this "
+            "function (parallelize(...).plan(...)).")
+    return StageAssignment(tuple(layer_to_stage),
+                           tuple(tuple(s["submesh"]) for s in plan.stages),
+                           tuple(tuple(s["logical_mesh"]) for s in plan.stages))
+
+
+def loaded_stage_plan(plan: ParallelPlan, stage: int, sub: OpGraph, mesh: LogicalMesh):
+    """Stage ``stage``'s `ShardingPlan` from a loaded pipeline plan, checked against the
+    stage's sub-graph."""
+    loaded = ParallelPlan.from_json(json.dumps({
+        "format_version": PLAN_FORMAT_VERSION, "method": "stage", "num_micro_batches": 1,
+        "plan_time_s": 0.0, "sharding": plan.stages[stage]["plan"]}))
+    check_plan_matches(loaded, sub, mesh)
+    return loaded.sharding
 
 
 def compile_pipeshard(compiled: CompiledPipeline, method, signature: tuple):

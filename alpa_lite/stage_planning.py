@@ -103,6 +103,58 @@ def assign_manual(option: ManualStageOption, num_layers: int, num_devices: int) 
     return StageAssignment(tuple(layer_to_stage), option.submesh_shapes, tuple(logical))
 
 
+def place_stages(submesh_shapes, devices, devices_per_host: int) -> list[tuple]:
+    """The devices of each stage: a stage of ``(1, m)`` stays inside one host, a stage of
+    ``(n, m)`` takes ``n`` hosts' first ``m`` devices (hosts: consecutive groups of
+    ``devices_per_host`` devices, i.e. processes in a multi-process job).
+
+    Stages take consecutive devices in order when that keeps every stage within its hosts;
+    otherwise they are placed largest first, each on the first host with room (first-fit
+    decreasing, which always fits Alpa's power-of-two submeshes); if that fails (manual
+    shapes that do not pack), stages take consecutive devices in order.
+    """
+    devices = list(devices)
+    per_host = max(min(devices_per_host, len(devices)), 1)
+    in_order, offset = [], 0
+    for shape in submesh_shapes:
+        in_order.append(tuple(devices[offset:offset + submesh_devices(shape)]))
+        offset += submesh_devices(shape)
+    if all(_fits_hosts(shape, start, per_host) for shape, start in zip(
+            submesh_shapes, itertools.accumulate([0] + [submesh_devices(s)
+                                                        for s in submesh_shapes]))):
+        return in_order
+    hosts = [devices[i:i + per_host] for i in range(0, len(devices), per_host)]
+    free = [list(h) for h in hosts]
+    placed: dict[int, tuple] = {}
+    order = sorted(range(len(submesh_shapes)), key=lambda s: -submesh_devices(submesh_shapes[s]))
+    for stage in order:
+        n_hosts, m = submesh_shapes[stage]
+        if n_hosts > 1 or m > per_host:
+            whole = [h for h, left in enumerate(free) if len(left) == per_host][:n_hosts]
+            if len(whole) < n_hosts or m > per_host:
+                break
+            placed[stage] = tuple(d for h in whole for d in free[h][:m])
+            for h in whole:
+                free[h] = free[h][m:]
+            continue
+        host = next((h for h, left in enumerate(free) if len(left) >= m), None)
+        if host is None:
+            break
+        placed[stage], free[host] = tuple(free[host][:m]), free[host][m:]
+    if len(placed) == len(submesh_shapes):
+        return [placed[s] for s in range(len(submesh_shapes))]
+    return in_order
+
+
+def _fits_hosts(shape, start: int, per_host: int) -> bool:
+    """Consecutive devices from ``start`` keep a ``(1, m)`` stage inside one host and start
+    an ``(n, m)`` stage on a host boundary."""
+    n = submesh_devices(shape)
+    if n <= per_host:
+        return start // per_host == (start + n - 1) // per_host
+    return start % per_host == 0
+
+
 def logical_views(submesh: tuple[int, int]) -> list[tuple[int, ...]]:
     """Logical views of a submesh to try: (n,) and (n / mp, mp) for mp = 2, 4, ... up to the
     devices of one host (model parallelism stays on the fast intra-host links)."""

@@ -72,7 +72,7 @@ def test_devices_flag_after_backend_started_explains(capsys, restore_env):
 
 def test_with_device_count_replaces_the_flag():
     flags = "--xla_foo=1 --xla_force_host_platform_device_count=8"
-    assert cli._with_device_count(flags, 4) == (
+    assert cli.with_device_count(flags, 4) == (
         "--xla_foo=1 --xla_force_host_platform_device_count=4")
 
 

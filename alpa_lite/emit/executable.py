@@ -17,6 +17,7 @@ from typing import Sequence
 import jax
 
 from alpa_lite.emit.accumulate import emit_accumulating_function, split_at_grad_boundary
+from alpa_lite.emit.transfer import place
 from alpa_lite.emit.shardings import (build_jax_mesh, build_node_evaluator, emit_flat_function,
                                       named_shardings)
 from alpa_lite.graph import OpGraph
@@ -98,7 +99,8 @@ class ShardExecutable:
         """The arguments with every dynamic leaf moved to the plan's sharding (if not there)."""
         static_argnums = tuple(sorted(self.traced.static_args))
         dynamic, static, dyn_idx = split_static_args(args, static_argnums)
-        placed = jax.device_put(tuple(dynamic), self.input_shardings)
+        leaves, tree = jax.tree_util.tree_flatten(tuple(dynamic))
+        placed = jax.tree_util.tree_unflatten(tree, place(leaves, self.in_shardings))
         result = list(args)
         for i, value in zip(dyn_idx, placed):
             result[i] = value

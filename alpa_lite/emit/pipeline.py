@@ -31,6 +31,7 @@ from alpa_lite.emit.accumulate import (combine_identity, combine_pair, find_defe
 from alpa_lite.emit.shardings import (build_node_evaluator, finish_partial_sum,
                                       spec_to_partition_spec, value_specs)
 from alpa_lite.emit.stages import PipelinePartition, Program
+from alpa_lite.emit.transfer import CrossMeshMove, multi_process, place
 from alpa_lite.graph import OpGraph
 from alpa_lite.inter_op.schedules import PipelineSchedule, TaskKind
 from alpa_lite.markers import grad_boundary_p
@@ -264,7 +265,7 @@ class PipelineExecutable:
                 targets.append(sharding)
                 slots.append(slot)
         if misplaced:
-            for slot, value in zip(slots, jax.device_put(misplaced, targets)):
+            for slot, value in zip(slots, place(misplaced, targets)):
                 regs[slot] = value
         for instruction in self.instructions:
             start = time.perf_counter()
@@ -386,7 +387,7 @@ class _ScheduleBuilder:
             return source
         moved_key = ("moved", key, sharding)
         if moved_key not in self.slots:
-            moves.append((source, self.slot(moved_key, sharding), sharding))
+            moves.append((source, self.slot(moved_key, sharding), sharding, v))
         return self.slots[moved_key]
 
     def emit_program(self, compiled: _Compiled, micro_batch: int) -> None:
@@ -403,11 +404,25 @@ class _ScheduleBuilder:
         self.emit(program.name, compiled.fn, reads + accs, writes)
 
     def emit_moves(self, moves: list, name: str) -> None:
-        if not moves:
-            return
-        shardings = [s for _, _, s in moves]
-        self.emit(f"move->{name}", lambda *xs: jax.device_put(list(xs), shardings),
-                  [m[0] for m in moves], [m[1] for m in moves])
+        """One batched `jax.device_put` for the moves; across processes, one jitted
+        `CrossMeshMove` per (source mesh, destination mesh) pair between disjoint devices."""
+        local, crossing = [], {}
+        for move in moves:
+            source = self.sharding_of[move[0]]
+            if multi_process() and not (source.device_set & move[2].device_set):
+                crossing.setdefault((source.mesh, move[2].mesh), []).append(move)
+            else:
+                local.append(move)
+        if local:
+            shardings = [m[2] for m in local]
+            self.emit(f"move->{name}", lambda *xs: jax.device_put(list(xs), shardings),
+                      [m[0] for m in local], [m[1] for m in local])
+        for group in crossing.values():
+            mover = CrossMeshMove([self.sharding_of[m[0]] for m in group],
+                                  [m[2] for m in group],
+                                  [self.ex.graph.avals[m[3]] for m in group])
+            self.emit(f"transfer->{name}", mover, [m[0] for m in group],
+                      [m[1] for m in group])
 
     def index_slot(self, mesh: int, micro_batch: int) -> int:
         slot = self.slot(("index", mesh, micro_batch))
