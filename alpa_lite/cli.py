@@ -93,9 +93,13 @@ def _run_profile_comm(args) -> int:
     from alpa_lite.profiling.comm import (describe_devices, format_collective_table,
                                           profile_collectives)
 
+    import jax
+
     rows = profile_collectives(devices, max_bytes=args.max_bytes, kinds=args.kinds,
                                group_sizes=args.group_sizes, repeats=args.repeats,
-                               show_progress=not args.no_progress)
+                               show_progress=not args.no_progress and jax.process_index() == 0)
+    if jax.process_index() != 0:  # every process measured; process 0 reports
+        return 0
     print(format_collective_table(rows))
     if args.out:
         _update_database(args.out, describe_devices(devices), collectives=rows)
@@ -126,12 +130,17 @@ def _start_devices(num_cpu_devices: int | None) -> list:
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
+    from alpa_lite import distributed
+
     if num_cpu_devices is not None:
         try:
             jax.config.update("jax_num_cpu_devices", num_cpu_devices)
         except RuntimeError:  # the backend already started; the check below explains
             pass
+    distributed.initialize()  # under alpa-lite launch, Slurm, ...: join the job first
     devices = jax.devices()
+    if num_cpu_devices is not None and jax.process_count() > 1:
+        num_cpu_devices *= jax.process_count()
     if num_cpu_devices is not None and (len(devices) != num_cpu_devices
                                         or devices[0].platform != "cpu"):
         raise InvalidConfigError(

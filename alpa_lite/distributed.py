@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import sys
 from typing import Any, Sequence
 
 from alpa_lite.errors import AlpaLiteError, InvalidConfigError
@@ -106,6 +107,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         num_processes=explicit["num_processes"], process_id=explicit["process_id"],
         local_device_ids=local_device_ids, initialization_timeout=initialization_timeout,
         heartbeat_timeout_seconds=heartbeat_timeout_seconds, **kwargs)
+    _exit_on_uncaught_exception()
     from jax._src import distributed as jax_distributed
 
     state = jax_distributed.global_state
@@ -113,6 +115,24 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                            state.coordinator_address, source)
     _state["info"] = info
     return info
+
+
+def _exit_on_uncaught_exception() -> None:
+    """An uncaught exception ends this process at once (status 1, traceback printed).
+
+    Without this, Python's exit runs jax's shutdown barrier, which waits up to
+    ``shutdown_timeout_seconds`` (300 s) for the other processes, while they wait in a
+    collective for this one: the job would hang instead of failing.
+    """
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        previous(kind, value, traceback)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    sys.excepthook = hook
 
 
 def _launcher_variables() -> dict[str, Any]:

@@ -105,7 +105,7 @@ def assign_manual(option: ManualStageOption, num_layers: int, num_devices: int) 
 
 def place_stages(submesh_shapes, devices, devices_per_host: int) -> list[tuple]:
     """The devices of each stage: a stage of ``(1, m)`` stays inside one host, a stage of
-    ``(n, m)`` takes ``n`` hosts' first ``m`` devices (hosts: consecutive groups of
+    ``(n, m)`` takes ``m`` devices on each of ``n`` hosts (hosts: consecutive groups of
     ``devices_per_host`` devices, i.e. processes in a multi-process job).
 
     Stages take consecutive devices in order when that keeps every stage within its hosts;
@@ -129,18 +129,12 @@ def place_stages(submesh_shapes, devices, devices_per_host: int) -> list[tuple]:
     order = sorted(range(len(submesh_shapes)), key=lambda s: -submesh_devices(submesh_shapes[s]))
     for stage in order:
         n_hosts, m = submesh_shapes[stage]
-        if n_hosts > 1 or m > per_host:
-            whole = [h for h, left in enumerate(free) if len(left) == per_host][:n_hosts]
-            if len(whole) < n_hosts or m > per_host:
-                break
-            placed[stage] = tuple(d for h in whole for d in free[h][:m])
-            for h in whole:
-                free[h] = free[h][m:]
-            continue
-        host = next((h for h, left in enumerate(free) if len(left) >= m), None)
-        if host is None:
+        chosen = [h for h, left in enumerate(free) if len(left) >= m][:n_hosts]
+        if len(chosen) < n_hosts:
             break
-        placed[stage], free[host] = tuple(free[host][:m]), free[host][m:]
+        placed[stage] = tuple(d for h in chosen for d in free[h][:m])
+        for h in chosen:
+            free[h] = free[h][m:]
     if len(placed) == len(submesh_shapes):
         return [placed[s] for s in range(len(submesh_shapes))]
     return in_order
@@ -149,10 +143,10 @@ def place_stages(submesh_shapes, devices, devices_per_host: int) -> list[tuple]:
 def _fits_hosts(shape, start: int, per_host: int) -> bool:
     """Consecutive devices from ``start`` keep a ``(1, m)`` stage inside one host and start
     an ``(n, m)`` stage on a host boundary."""
-    n = submesh_devices(shape)
-    if n <= per_host:
-        return start // per_host == (start + n - 1) // per_host
-    return start % per_host == 0
+    n_hosts, m = shape
+    if n_hosts == 1:
+        return start // per_host == (start + m - 1) // per_host
+    return start % per_host == 0 and m == per_host
 
 
 def logical_views(submesh: tuple[int, int]) -> list[tuple[int, ...]]:

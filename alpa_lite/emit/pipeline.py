@@ -59,6 +59,7 @@ class _Instruction:
     reads: tuple[int, ...]
     writes: tuple[int, ...]
     frees: tuple[int, ...] = ()
+    blocks: bool = False  # wait for the results (programs spanning processes)
 
 
 class PipelineExecutable:
@@ -273,6 +274,8 @@ class PipelineExecutable:
             if _timings is not None and instruction.name in self.programs:
                 jax.block_until_ready(results)
                 _timings.setdefault(instruction.name, []).append(time.perf_counter() - start)
+            if instruction.blocks:
+                jax.block_until_ready(results)
             for slot, value in zip(instruction.writes, results):
                 regs[slot] = value
             for slot in instruction.frees:
@@ -474,5 +477,15 @@ class _ScheduleBuilder:
         for slot, i in last.items():
             if slot not in keep and slot not in self.instructions[i].writes:
                 frees.setdefault(i, []).append(slot)
-        return [dataclasses.replace(ins, frees=tuple(frees.get(i, ())))
+        return [dataclasses.replace(ins, frees=tuple(frees.get(i, ())),
+                                    blocks=self.spans_processes(ins))
                 for i, ins in enumerate(self.instructions)]
+
+    def spans_processes(self, instruction: _Instruction) -> bool:
+        """Does the instruction run a collective across processes? Such programs run one at
+        a time: several in flight deadlocked on CPU (see emit/transfer.py)."""
+        if not multi_process():
+            return False
+        processes = {d.process_index for slot in instruction.reads + instruction.writes
+                     if slot in self.sharding_of for d in self.sharding_of[slot].device_set}
+        return len(processes) > 1

@@ -3,25 +3,32 @@
 In one process, `jax.device_put` moves arrays between any shardings. Across processes it does
 not work by default on CPU, and with jax's cross-host transfer flag it hung in 3 of 6 trials
 (``shared/design/JAX_FACTS.md`` section 7); jitted collectives were reliable. So when the
-job has several processes, a move between two disjoint device sets is a jitted
-``ppermute`` on the union of the two meshes (`CrossMeshMove`), which every process calls
-(a process owning none of the devices launches nothing).
+job has several processes, a move between two disjoint device sets is one jitted collective
+on the union of the two meshes (`CrossMeshMove`), which every process calls (a process owning
+none of the devices launches nothing).
+
+The collective is an all-reduce (``psum``) in which only the sending devices hold the data and
+every other device zeros, so each receiver ends with exactly the sent values (adding zeros is
+exact; a ``-0.0`` arrives as ``0.0``). A ``ppermute`` would move half the bytes, but
+back-to-back cross-process ``ppermute``s of different sizes broke gloo's message matching on
+CPU (``alpa-lite profile comm --kinds send-recv`` under the launcher aborted with "Received
+data size doesn't match expected size"); an all-reduce cannot finish on one process before
+every process has sent and received, so consecutive transfers cannot interleave.
 
 The union array is built from the source's shards without copying
-(`jax.make_array_from_single_device_arrays`): source devices hold their shards, destination
-devices zeros; after the ``ppermute`` the destination devices' shards are the data.
+(`jax.make_array_from_single_device_arrays`):
 
-- Same device count: the destination devices are laid out like the source mesh and receive
-  exactly the source's shards (one ``ppermute`` over a leading ``_pipe`` axis of size 2), then
-  the array is resharded on the destination to the wanted spec if that differs.
-- Different device counts: the source is first replicated over its mesh, then destination
-  device ``j`` receives a full copy from source device ``j mod n_src`` (one ``ppermute`` per
-  round of ``n_src`` receivers), then resharded on the destination.
+- Same device count: the destination devices are laid out like the source mesh; a leading
+  ``_pipe`` axis of size 2 pairs source device ``i`` with destination device ``i``, which
+  receives exactly that shard; then the array is resharded on the destination to the wanted
+  spec if that differs.
+- Different device counts: the source is first replicated over its mesh, one source device
+  contributes the full value to an all-reduce over all devices of both meshes, then the
+  destination resharding as above.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import jax
@@ -75,9 +82,8 @@ class CrossMeshMove:
             self.staged = [s.spec for s in self.src]
             self.landing = [NamedSharding(landing_mesh, s.spec) for s in self.src]
             self.prepare = None
-            perms = [[(0, 1)]]
+            self.senders = {d.id for d in a_devices}  # every source shard is sent
         else:
-            n_a, n_b = len(a_devices), len(b_devices)
             self.union = Mesh(np.array(a_devices + b_devices, dtype=object), (_PIPE,))
             replicated = NamedSharding(src_mesh, PartitionSpec())
             self.staged = [PartitionSpec() for _ in self.src]
@@ -85,24 +91,28 @@ class CrossMeshMove:
             self.landing = [NamedSharding(landing_mesh, PartitionSpec()) for _ in self.src]
             self.prepare = jax.jit(lambda *xs: xs, out_shardings=tuple(replicated
                                                                        for _ in self.src))
-            perms = [[(j % n_a, n_a + j) for j in range(start, min(start + n_a, n_b))]
-                     for start in range(0, n_b, n_a)]
+            self.senders = {a_devices[0].id}  # one full copy is sent
+        copies = 2 if self.aligned else len(self.union.devices.flat)
         self.union_shardings = [NamedSharding(self.union, self._union_spec(spec, shape))
                                 for spec, shape in zip(self.staged, self.shapes)]
-        self.union_shapes = [self._union_shape(shape, len(self.union.devices.flat) if not
-                                               self.aligned else 2)
-                             for shape in self.shapes]
+        self.union_shapes = [self._union_shape(shape, copies) for shape in self.shapes]
         specs = tuple(s.spec for s in self.union_shardings)
+        dtypes = self.dtypes
 
-        def permute(*blocks):
+        def exchange(*blocks):
+            # an all-reduce in which only the senders hold data (zeros elsewhere): every
+            # device ends with the sent value, and no process can run ahead into the next
+            # exchange before it has received (back-to-back cross-process ppermutes of
+            # different sizes broke gloo's message matching on CPU)
             out = []
-            for block in blocks:
-                received = [jax.lax.ppermute(block, _PIPE, perm) for perm in perms]
-                out.append(functools.reduce(jnp.add, received) if len(received) > 1
-                           else received[0])
+            for block, dtype in zip(blocks, dtypes):
+                if np.dtype(dtype) == np.bool_:
+                    out.append(jax.lax.psum(block.astype(jnp.uint8), _PIPE).astype(jnp.bool_))
+                else:
+                    out.append(jax.lax.psum(block, _PIPE))
             return tuple(out)
 
-        self.exchange = jax.jit(jax.shard_map(permute, mesh=self.union, in_specs=specs,
+        self.exchange = jax.jit(jax.shard_map(exchange, mesh=self.union, in_specs=specs,
                                               out_specs=specs, check_vma=False))
         self.finish = [_finisher(land, dst, len(shape), impl) for land, dst, shape, impl in
                        zip(self.landing, self.dst, self.shapes, self.key_impls)]
@@ -138,17 +148,15 @@ class CrossMeshMove:
         union_values = []
         for value, shape, union_shape, sharding, dtype in zip(
                 values, self.shapes, self.union_shapes, self.union_shardings, self.dtypes):
-            pieces = [s.data if shape else s.data.reshape(1) for s in value.addressable_shards]
-            if pieces:
-                block = pieces[0].shape
-            else:
-                block = sharding.shard_shape(union_shape)
-            for device in sharding.addressable_devices:
-                if device.id in self._b_ids:
-                    pieces.append(self._zeros_on(device, block, dtype))
+            block = sharding.shard_shape(union_shape)
+            pieces = [(s.data if shape else s.data.reshape(1)) if s.device.id in self.senders
+                      else self._zeros_on(s.device, block, dtype)
+                      for s in value.addressable_shards]
+            pieces += [self._zeros_on(device, block, dtype)
+                       for device in sharding.addressable_devices if device.id in self._b_ids]
             union_values.append(jax.make_array_from_single_device_arrays(
                 union_shape, sharding, pieces, dtype=dtype))
-        exchanged = self.exchange(*union_values)
+        exchanged = jax.block_until_ready(self.exchange(*union_values))
         results = []
         for value, shape, landing, finish, dtype in zip(exchanged, self.shapes, self.landing,
                                                         self.finish, self.dtypes):

@@ -117,6 +117,10 @@ def profile_collectives(devices: Sequence | None = None, *, sizes: Sequence[int]
     rows = []
     with progress_bar(show_progress, "collectives", len(cases)) as advance:
         for kind, (mesh, link), size in cases:
+            if jax.process_count() > 1:  # no process starts a case before all ended the last
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"alpa_lite profile {kind} {size}")
             row = _profile_one(kind, mesh, link, size, repeats)
             if row is not None:
                 rows.append(row)

@@ -46,6 +46,11 @@ def run_timed(fn: Callable, *args, repeats: int = 5, min_repeat_s: float = 1e-3)
     jax.block_until_ready(fn(*args))
     single_s = max(time.perf_counter() - start, 1e-9)
     calls = int(min(_MAX_CALLS_PER_REPEAT, max(1, min_repeat_s // single_s)))
+    if jax.process_count() > 1:
+        # every process must issue the same calls (a count from each one's own clock would
+        # differ and leave a collective waiting), one at a time (in-flight cross-process
+        # collectives can deadlock on CPU; see emit/transfer.py)
+        calls = 1
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -35,6 +35,10 @@ CASES = {
         num_micro_batches=2, layer_option="manual",
         stage_option=ManualStageOption(forward_stage_layer_ids=((0,), (1, 2), (3,)),
                                        submesh_shapes=((1, 2), (1, 4), (1, 2)))),
+    "pipeline_wide_stage": lambda: PipeshardParallel(
+        num_micro_batches=4, layer_option="manual",
+        stage_option=ManualStageOption(forward_stage_layer_ids=((0, 1), (2, 3)),
+                                       submesh_shapes=((2, 2), (2, 2)))),
     "pipeline_auto": lambda: PipeshardParallel(num_micro_batches=2,
                                                layer_option=AutoLayerOption(layer_num=4),
                                                stage_option="auto"),
