@@ -87,8 +87,8 @@ class Launcher:
                     os.environ, process_id=i, num_processes=self.num_processes,
                     coordinator=self.coordinator, devices_per_process=self.devices_per_process)
                 self.processes.append(subprocess.Popen(
-                    self.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=_die_with_parent))
+                    _dying_with_parent(self.command), env=env, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, start_new_session=True))
             for i, process in enumerate(self.processes):
                 thread = threading.Thread(target=self._pump, args=(i, process), daemon=True)
                 thread.start()
@@ -102,10 +102,11 @@ class Launcher:
                 signal.signal(sig, handler)
 
     def _pump(self, index: int, process: subprocess.Popen) -> None:
-        for raw in iter(process.stdout.readline, b""):
-            line = raw.decode(errors="replace").rstrip("\n")
-            with self._lock:
-                print(f"[{index}] {line}", file=self.out, flush=True)
+        with process.stdout:
+            for raw in iter(process.stdout.readline, b""):
+                line = raw.decode(errors="replace").rstrip("\n")
+                with self._lock:
+                    print(f"[{index}] {line}", file=self.out, flush=True)
 
     def _watch(self) -> int:
         while True:
@@ -145,14 +146,21 @@ class Launcher:
             print(f"[launch] {text}", file=self.out, flush=True)
 
 
-def _die_with_parent() -> None:
-    """Runs in each child before the command: on Linux, the kernel SIGKILLs the child when
-    the launcher dies (even by SIGKILL), so no process outlives the job."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+_EXEC_DYING_WITH_PARENT = (
+    "import ctypes, os, sys\n"
+    "ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG = SIGKILL\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(137)  # the launcher died before prctl\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n")
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+def _dying_with_parent(command: list[str]) -> list[str]:
+    """On Linux, ``command`` started through a small exec wrapper that asks the kernel to
+    SIGKILL it when the launcher dies (even by SIGKILL), so no process outlives the job.
+    (A ``preexec_fn`` would do the same but forces a fork of the multithreaded launcher.)"""
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-c", _EXEC_DYING_WITH_PARENT, str(os.getpid())] + command
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:

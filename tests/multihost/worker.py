@@ -69,7 +69,62 @@ def run(name: str) -> None:
     print(f"OK {name} process {jax.process_index()}", flush=True)
 
 
+def run_local_batch() -> None:
+    """Each process passes only its own rows (global_batch_from_local)."""
+    state, batch = make_mlp(32, 16, 4, optimizer=optax.sgd(0.1, momentum=0.9))
+    state, batch = jax.device_get((state, batch))
+    rows = len(batch["x"]) // jax.process_count()
+    mine = jax.tree_util.tree_map(lambda x: x[jax.process_index() * rows:][:rows], batch)
+    global_batch = distributed.global_batch_from_local(mine)
+    assert global_batch["x"].shape == batch["x"].shape
+    p = alpa_lite.parallelize(mse_step, method=alpa_lite.DataParallel())
+    got_state, got_loss = p(state, global_batch)
+    want_state, want_loss = jax.jit(mse_step)(state, batch)
+    assert_trees_close(distributed.to_host((got_state.params, got_loss)),
+                       jax.device_get((want_state.params, want_loss)), rtol=1e-5, atol=1e-6)
+    print(f"OK local_batch process {jax.process_index()}", flush=True)
+
+
+def run_stage_placement() -> None:
+    """A 2-stage pipeline puts its stages on different processes and moves values between
+    them with the cross-process collective, never device_put."""
+    state, batch = make_mlp(32, 16, 4, optimizer=optax.sgd(0.1, momentum=0.9),
+                            manual_boundaries=True)
+    state, batch = jax.device_get((state, batch))
+    p = alpa_lite.parallelize(mse_step, method=CASES["pipeline2"]())
+    p(state, batch)
+    executable = p._last
+    owners = [{d.process_index for d in mesh.devices.flat} for mesh in executable.meshes]
+    assert owners == [{0}, {1}], owners
+    names = [i.name for i in executable.instructions]
+    assert any(n.startswith("transfer->") for n in names), names
+    assert not any(n.startswith("move->") for n in names), names
+    print(f"OK stage_placement process {jax.process_index()}", flush=True)
+
+
+def run_mismatch() -> None:
+    """Process 1 calls with another batch size: every process must fail, none hang."""
+    state, batch = make_mlp(32 if jax.process_index() == 0 else 16, 16, 4)
+    state, batch = jax.device_get((state, batch))
+    alpa_lite.parallelize(mse_step, method=alpa_lite.DataParallel())(state, batch)
+    print("UNREACHED: the mismatch was not detected", flush=True)
+
+
+def run_die() -> None:
+    """Process 1 dies right after initialization; process 0 goes on into collectives."""
+    import os
+
+    if jax.process_index() == 1:
+        os._exit(3)
+    run("data")
+
+
 if __name__ == "__main__":
     assert info.num_processes == jax.process_count()
-    for case in sys.argv[1:] or list(CASES):
-        run(case)
+    assert distributed.initialize() is info  # a second call is harmless
+    print(f"SOURCE {info.source} process {jax.process_index()} of {jax.process_count()}",
+          flush=True)
+    special = {"local_batch": run_local_batch, "stage_placement": run_stage_placement,
+               "mismatch": run_mismatch, "die": run_die}
+    for case in sys.argv[1:] or list(CASES) + ["local_batch", "stage_placement"]:
+        special[case]() if case in special else run(case)
