@@ -136,14 +136,16 @@ def test_keyword_arguments_are_an_error():
         p(make_state(), batch=make_batch())
 
 
-def test_pipeline_rejects_donation_and_loaded_plans():
+def test_pipeline_rejects_donation_and_plans_of_another_method():
     method = alpa_lite.PipeshardParallel(num_micro_batches=2, stage_option="uniform")
     with pytest.raises(alpa_lite.InvalidConfigError, match="donate_argnums"):
         alpa_lite.parallelize(train_step, method=method, donate_argnums=(0,))
     p = alpa_lite.parallelize(train_step, method=method)
     plan = p.plan(make_state(), make_batch())
-    with pytest.raises(alpa_lite.InvalidConfigError, match="pipeline plans cannot be loaded"):
-        p.use_plan(plan)
+    shard = alpa_lite.parallelize(train_step, method=alpa_lite.ShardParallel())
+    with pytest.raises(alpa_lite.InvalidConfigError, match="PipeshardParallel plan for a "
+                                                           "ShardParallel function"):
+        shard.use_plan(plan)
 
 
 def test_solver_fallback_warns_once_per_plan(monkeypatch):

@@ -100,3 +100,26 @@ def test_uniform_stages_must_divide_layers():
 def test_invalid_pipeshard_options(kwargs, match):
     with pytest.raises(alpa_lite.InvalidConfigError, match=match):
         PipeshardParallel(**kwargs)
+
+
+@pytest.mark.parametrize("stage_option", ["auto", "uniform"])
+def test_a_saved_pipeline_plan_runs_without_solving(stage_option, monkeypatch):
+    state, batch = make_mlp(64, 16, 4, optimizer=optax.sgd(0.1, momentum=0.9))
+    method = PipeshardParallel(num_micro_batches=4, layer_option=AutoLayerOption(layer_num=4),
+                               stage_option=stage_option)
+    plan = alpa_lite.parallelize(mse_step, method=method).plan(state, batch)
+    loaded = alpa_lite.ParallelPlan.from_json(plan.to_json())
+
+    import alpa_lite.compile as compile_module
+
+    def no_solving(*args, **kwargs):
+        raise AssertionError("a loaded plan must not be solved again")
+
+    monkeypatch.setattr(compile_module, "solve_intra_op", no_solving)
+    monkeypatch.setattr(compile_module, "_auto_stages", no_solving)
+    p = alpa_lite.parallelize(mse_step, method=method).use_plan(loaded)
+    actual_state, actual_losses = run_steps(p, state, batch)
+    expected_state, expected_losses = run_steps(jax.jit(mse_step), state, batch)
+    assert_trees_close(actual_losses, expected_losses, rtol=1e-4, atol=1e-5)
+    assert_trees_close(actual_state.params, expected_state.params, rtol=1e-4, atol=1e-5)
+    assert p.plan(state, batch).stages == loaded.stages
