@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -61,6 +62,10 @@ class Launcher:
             raise InvalidConfigError(
                 "alpa-lite launch needs a command after '--', e.g. "
                 "alpa-lite launch --num-processes 2 -- python train.py")
+        if shutil.which(command[0]) is None:
+            raise InvalidConfigError(
+                f"alpa-lite launch: command {command[0]!r} not found (not an executable path "
+                "and not on PATH). Give the full path, e.g. -- $(which python) train.py.")
         if num_processes < 1:
             raise InvalidConfigError(f"--num-processes must be >= 1; got {num_processes}.")
         if devices_per_process is not None and devices_per_process < 1:

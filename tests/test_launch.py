@@ -122,6 +122,7 @@ def test_children_die_with_a_killed_launcher():
     ([], "needs a command"),
     (["--num-processes", "0"], "must be >= 1"),
     (["--coordinator", "nohostport"], "HOST:PORT"),
+    (["--", "no-such-command-here"], "not found"),
 ])
 def test_bad_launcher_arguments_are_clear_errors(args, message, capsys):
     from alpa_lite import cli
@@ -129,7 +130,7 @@ def test_bad_launcher_arguments_are_clear_errors(args, message, capsys):
     base = ["launch", "--num-processes", "2"]
     if args[:1] == ["--num-processes"]:
         base = ["launch"]
-    command = [] if args == [] else ["--", PY, "-c", "pass"]
+    command = [] if args == [] or "--" in args else ["--", PY, "-c", "pass"]
     assert cli.main(base + args + command) == 2
     assert message in capsys.readouterr().err
 
