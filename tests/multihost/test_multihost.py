@@ -97,3 +97,15 @@ def test_initialize_finds_a_slurm_job_without_the_launcher():
         assert p.returncode == 0, output[-4000:]
         assert f"SOURCE slurm process {rank} of 2" in output, output[-4000:]
         assert f"OK data process {rank}" in output
+
+
+def test_the_multihost_example_trains_under_the_launcher():
+    command = ["timeout", "-s", "KILL", "300"] + LAUNCH + [
+        "--num-processes", "2", "--devices-per-process", "4", "--", sys.executable,
+        "examples/multihost_train.py", "--method", "pipeshard", "--steps", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent.parent)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    losses = [float(x) for x in re.findall(r"^\[0\] step \d: loss ([\d.]+)", result.stdout,
+                                           flags=re.M)]
+    assert len(losses) == 2 and losses[1] < losses[0], result.stdout[-3000:]
+    assert "[0] 2 process(es) (alpa-lite launch), 8 devices" in result.stdout

@@ -70,18 +70,23 @@ def run(name: str) -> None:
 
 
 def run_local_batch() -> None:
-    """Each process passes only its own rows (global_batch_from_local)."""
-    state, batch = make_mlp(32, 16, 4, optimizer=optax.sgd(0.1, momentum=0.9))
+    """Each process passes only its own rows (global_batch_from_local), to a data-parallel
+    step (the batch already lies on the right devices) and to a pipeline (whose first stage
+    holds only some of them)."""
+    state, batch = make_mlp(32, 16, 4, optimizer=optax.sgd(0.1, momentum=0.9),
+                            manual_boundaries=True)
     state, batch = jax.device_get((state, batch))
     rows = len(batch["x"]) // jax.process_count()
     mine = jax.tree_util.tree_map(lambda x: x[jax.process_index() * rows:][:rows], batch)
     global_batch = distributed.global_batch_from_local(mine)
     assert global_batch["x"].shape == batch["x"].shape
-    p = alpa_lite.parallelize(mse_step, method=alpa_lite.DataParallel())
-    got_state, got_loss = p(state, global_batch)
     want_state, want_loss = jax.jit(mse_step)(state, batch)
-    assert_trees_close(distributed.to_host((got_state.params, got_loss)),
-                       jax.device_get((want_state.params, want_loss)), rtol=1e-5, atol=1e-6)
+    for method in (alpa_lite.DataParallel(), CASES["pipeline2"]()):
+        got_state, got_loss = alpa_lite.parallelize(mse_step, method=method)(state,
+                                                                             global_batch)
+        assert_trees_close(distributed.to_host((got_state.params, got_loss)),
+                           jax.device_get((want_state.params, want_loss)), rtol=1e-5,
+                           atol=1e-6)
     print(f"OK local_batch process {jax.process_index()}", flush=True)
 
 
