@@ -59,3 +59,35 @@ def key_impl_of_dtype(dtype):
     if impl is None:
         raise NotImplementedError(f"Cannot find the PRNG implementation of {dtype} on this jax.")
     return impl
+
+
+def backend_started() -> bool:
+    """Has jax's backend started in this process (too late for `jax.distributed`)?"""
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+
+
+def distributed_state():
+    """jax's `jax.distributed` state: ``process_id``, ``num_processes``,
+    ``coordinator_address`` and the coordination ``client`` (its key-value store)."""
+    from jax._src import distributed
+
+    return distributed.global_state
+
+
+def detected_cluster() -> str | None:
+    """The name of the cluster environment jax would detect here (``"slurm"``, ``"ompi"``,
+    ...), skipping opt-in detectors; None when there is none."""
+    from jax._src import clusters
+
+    for cluster in clusters.ClusterEnv._cluster_types:
+        if getattr(cluster, "opt_in_only_method", False):
+            continue
+        try:
+            present = cluster.is_env_present()
+        except Exception:  # a detector that cannot run here (no metadata server, ...)
+            present = False
+        if present:
+            return getattr(cluster, "name", cluster.__name__)
+    return None

@@ -22,6 +22,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from alpa_lite._jax_compat import backend_started, detected_cluster, distributed_state
 from alpa_lite.errors import AlpaLiteError, InvalidConfigError
 
 ENV_COORDINATOR = "ALPA_LITE_COORDINATOR"
@@ -81,6 +82,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
     if "info" in _state:
         return _state["info"]
+    if jax.distributed.is_initialized():  # the user called jax.distributed.initialize
+        _state["info"] = _info("jax.distributed")
+        return _state["info"]
     explicit = {"coordinator_address": coordinator_address, "num_processes": num_processes,
                 "process_id": process_id}
     launcher = _launcher_variables()
@@ -89,14 +93,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         if explicit[name] is None:
             explicit[name] = value
             source = source or "alpa-lite launch"
-    source = source or _detected_cluster()
+    source = source or detected_cluster()
     if source is None:
         info = DistributedInfo(0, 1, None, "single process")
         _state["info"] = info
         return info
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized():
+    if backend_started():
         raise InvalidConfigError(
             "alpa_lite.distributed.initialize() must run before any jax computation, but jax's "
             "backend has already started in this process (something called jax.devices(), "
@@ -108,13 +110,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         local_device_ids=local_device_ids, initialization_timeout=initialization_timeout,
         heartbeat_timeout_seconds=heartbeat_timeout_seconds, **kwargs)
     _exit_on_uncaught_exception()
-    from jax._src import distributed as jax_distributed
+    _state["info"] = _info(source)
+    return _state["info"]
 
-    state = jax_distributed.global_state
-    info = DistributedInfo(int(state.process_id), int(state.num_processes),
+
+def _info(source: str) -> DistributedInfo:
+    state = distributed_state()
+    return DistributedInfo(int(state.process_id), int(state.num_processes),
                            state.coordinator_address, source)
-    _state["info"] = info
-    return info
 
 
 def _exit_on_uncaught_exception() -> None:
@@ -149,28 +152,6 @@ def _launcher_variables() -> dict[str, Any]:
                     f"{key}={text!r} is not an integer; it should be set by alpa-lite launch "
                     f"(unset it, or set it to this process's {name.replace('_', ' ')}).") from None
     return found
-
-
-def _detected_cluster() -> str | None:
-    """The name of the cluster jax would detect here (Slurm, Open MPI, ...), or None."""
-    from jax._src import clusters
-
-    for cluster in clusters.ClusterEnv._cluster_types:
-        if getattr(cluster, "opt_in_only_method", False):
-            continue
-        try:
-            present = cluster.is_env_present()
-        except Exception:  # a detector that cannot run here (no metadata server, ...)
-            present = False
-        if present:
-            return getattr(cluster, "name", cluster.__name__)
-    return None
-
-
-def process_count() -> int:
-    import jax
-
-    return jax.process_count()
 
 
 # ------------------------------------------------------------------ global batches
@@ -244,9 +225,7 @@ def share_plan(make_plan_json, what: str, accept, *, timeout_s: float = 600.0) -
 
     if jax.process_count() == 1:
         return make_plan_json()
-    from jax._src import distributed as jax_distributed
-
-    client = jax_distributed.global_state.client
+    client = distributed_state().client
     count = _state.get("plans", 0)
     _state["plans"] = count + 1
     key = f"alpa_lite/plan/{count}"
@@ -279,8 +258,9 @@ def share_plan(make_plan_json, what: str, accept, *, timeout_s: float = 600.0) -
         message = (
             f"Process {jax.process_index()} is planning a different call than process 0 at "
             f"plan number {count} (signature digest {digest} on process {jax.process_index()}, "
-            f"{their_digest} on process 0): every process must run the same script with the same argument shapes and "
-            "static values, in the same order. Running on would deadlock, so this stops here.")
+            f"{their_digest} on process 0): every process must run the same script with the "
+            "same argument shapes and static values, in the same order. Running on would "
+            "deadlock, so this stops here.")
         client.key_value_set(ack, message)
         raise PlanMismatchError(message)
     try:

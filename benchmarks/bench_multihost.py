@@ -118,7 +118,8 @@ def main() -> None:
                JAX_PLATFORMS="cpu")
     one = results(run(me, env))
     with tempfile.TemporaryDirectory() as tmp:
-        profile = run(launch + [sys.executable, "-m", "alpa_lite.cli", "profile", "comm", "--kinds", "all-reduce",
+        profile = run(launch + [sys.executable, "-m", "alpa_lite.cli", "profile", "comm",
+                                "--kinds", "all-reduce",
                                 "--group-sizes", "2,8", "--max-bytes", "16MiB", "--repeats",
                                 "5", "--no-progress", "--out", os.path.join(tmp, "db.json")])
     bandwidth = bus_bandwidth(profile)

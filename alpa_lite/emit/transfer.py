@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alpa_lite._jax_compat import key_impl_of_dtype
+from alpa_lite.errors import InvalidConfigError
 
 _PIPE = "_pipe"
 
@@ -197,12 +198,19 @@ def place(values: Sequence, shardings: Sequence[NamedSharding]) -> list:
     batch = []
     for i, (value, sharding) in enumerate(zip(values, shardings)):
         if not isinstance(value, jax.Array) or not value.committed:
-            if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype,
-                                                                      jax.dtypes.prng_key):
-                result[i] = _place_host_key(value, sharding)
+            if _is_key(value):
+                result[i] = _place_key_data(np.asarray(jax.random.key_data(value)),
+                                            jax.random.key_impl(value), sharding)
             else:
                 batch.append(i)
             continue
+        if not isinstance(value.sharding, NamedSharding):
+            raise InvalidConfigError(
+                f"An argument is a jax array committed to {value.sharding}, which is not a "
+                "global value in a multi-process job (each process holds its own). Pass "
+                "numpy arrays or uncommitted jax arrays (the same on every process), arrays "
+                "returned by a parallelized step, or a batch from "
+                "alpa_lite.distributed.global_batch_from_local.")
         src, dst = _device_ids(value.sharding), _device_ids(sharding)
         if src == dst:
             batch.append(i)
@@ -212,11 +220,11 @@ def place(values: Sequence, shardings: Sequence[NamedSharding]) -> list:
                 _movers[key] = CrossMeshMove([value.sharding], [sharding],
                                              [jax.ShapeDtypeStruct(value.shape, value.dtype)])
             result[i] = _movers[key](value)[0]
+        elif _is_key(value):  # gathered as its data
+            result[i] = _place_key_data(gather_to_hosts(value), jax.random.key_impl(value),
+                                        sharding)
         else:
-            from jax.experimental import multihost_utils
-
-            result[i] = jax.device_put(
-                np.asarray(multihost_utils.process_allgather(value, tiled=True)), sharding)
+            result[i] = jax.device_put(gather_to_hosts(value), sharding)
     if batch:
         placed = jax.device_put([values[i] for i in batch], [shardings[i] for i in batch])
         for i, value in zip(batch, placed):
@@ -224,10 +232,14 @@ def place(values: Sequence, shardings: Sequence[NamedSharding]) -> list:
     return result
 
 
-def _place_host_key(value, sharding: NamedSharding):
-    data = np.asarray(jax.random.key_data(value))
+def _is_key(value) -> bool:
+    return isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype,
+                                                                  jax.dtypes.prng_key)
+
+
+def _place_key_data(data: np.ndarray, impl, sharding: NamedSharding):
+    """A global PRNG key array from its host data (device_put refuses key arrays there)."""
     placed = jax.device_put(data, NamedSharding(sharding.mesh, sharding.spec))
-    impl = jax.random.key_impl(value)
     return jax.jit(lambda x: jax.random.wrap_key_data(x, impl=impl),
                    out_shardings=sharding)(placed)
 
@@ -243,7 +255,7 @@ def gather_to_hosts(value) -> np.ndarray:
     # uncommitted array is a local value, the same on every process
     if not isinstance(value, jax.Array) or not multi_process() or not value.committed:
         return np.asarray(value)
-    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+    if _is_key(value):
         value = jax.random.key_data(value)
     from jax.experimental import multihost_utils
 

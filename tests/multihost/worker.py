@@ -90,6 +90,34 @@ def run_local_batch() -> None:
     print(f"OK local_batch process {jax.process_index()}", flush=True)
 
 
+def dropout_step(state, batch):
+    def loss_fn(params):
+        keep = jax.random.bernoulli(batch["key"], 0.8, batch["y"].shape)
+        out = state.apply_fn(params, batch["x"]) * keep
+        return jnp.mean((out - batch["y"]) ** 2)
+
+    loss, grads = alpa_lite.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), loss
+
+
+def run_keys() -> None:
+    """A typed PRNG key in the batch (dropout) crosses into global arrays and stages."""
+    state, batch = make_mlp(32, 16, 4, optimizer=optax.sgd(0.1, momentum=0.9),
+                            manual_boundaries=True)
+    state, batch = jax.device_get((state, batch))
+    batch["key"] = jax.random.key(7)
+    want_state, want_loss = jax.jit(dropout_step)(state, batch)
+    for method in (alpa_lite.DataParallel(), CASES["pipeline2"]()):
+        p = alpa_lite.parallelize(dropout_step, method=method)
+        got_state, got_loss = p(state, batch)
+        got_state, got_loss = p(got_state, batch)  # state back in, from the stage meshes
+        want2_state, want2_loss = jax.jit(dropout_step)(want_state, batch)
+        assert_trees_close(distributed.to_host((got_state.params, got_loss)),
+                           jax.device_get((want2_state.params, want2_loss)), rtol=1e-5,
+                           atol=1e-6)
+    print(f"OK keys process {jax.process_index()}", flush=True)
+
+
 def run_stage_placement() -> None:
     """A 2-stage pipeline puts its stages on different processes and moves values between
     them with the cross-process collective, never device_put."""
@@ -129,7 +157,7 @@ if __name__ == "__main__":
     assert distributed.initialize() is info  # a second call is harmless
     print(f"SOURCE {info.source} process {jax.process_index()} of {jax.process_count()}",
           flush=True)
-    special = {"local_batch": run_local_batch, "stage_placement": run_stage_placement,
+    special = {"local_batch": run_local_batch, "keys": run_keys, "stage_placement": run_stage_placement,
                "mismatch": run_mismatch, "die": run_die}
-    for case in sys.argv[1:] or list(CASES) + ["local_batch", "stage_placement"]:
+    for case in sys.argv[1:] or list(CASES) + ["local_batch", "keys", "stage_placement"]:
         special[case]() if case in special else run(case)
