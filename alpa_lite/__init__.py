@@ -8,6 +8,7 @@ from alpa_lite import testing as testing
 from alpa_lite import timeline as timeline
 from alpa_lite.api import ParallelizedFunction as ParallelizedFunction
 from alpa_lite.api import parallelize as parallelize
+from alpa_lite.cluster import ClusterSpec as ClusterSpec
 from alpa_lite.config import AutoLayerOption as AutoLayerOption
 from alpa_lite.config import AutoStageOption as AutoStageOption
 from alpa_lite.config import DataParallel as DataParallel
@@ -27,5 +28,6 @@ from alpa_lite.markers import mark_pipeline_boundary as mark_pipeline_boundary
 from alpa_lite.markers import value_and_grad as value_and_grad
 from alpa_lite.mesh import LogicalMesh as LogicalMesh
 from alpa_lite.plan import ParallelPlan as ParallelPlan
+from alpa_lite.profiling.database import ProfileDatabase as ProfileDatabase
 
 __version__ = "0.1.0"

@@ -26,7 +26,7 @@ def _as_tuple(value) -> tuple[int, ...]:
 
 def parallelize(fun: Callable | None = None, *, method: Any = None,
                 static_argnums: int | Sequence[int] = (), donate_argnums: int | Sequence[int] = (),
-                batch_argnums: int | Sequence[int] = (1,)):
+                batch_argnums: int | Sequence[int] = (1,), cluster=None):
     """Parallelizes a JAX function (usually a train step) over devices.
 
     Works as ``@parallelize`` (all devices on one axis, automatic sharding) or
@@ -41,6 +41,9 @@ def parallelize(fun: Callable | None = None, *, method: Any = None,
         donate_argnums: positional arguments whose buffers may be reused (as in jax.jit).
         batch_argnums: positional arguments holding the batch (split into micro-batches on
             dim 0).
+        cluster: a `ClusterSpec` whose links, compute peaks and profile price the plans
+            (e.g. ``ClusterSpec.from_devices(profile=ProfileDatabase.load("db.json"))``, from
+            ``alpa-lite profile ... --out db.json``). Default: built-in per-platform numbers.
 
     Example:
         >>> import jax.numpy as jnp
@@ -51,7 +54,8 @@ def parallelize(fun: Callable | None = None, *, method: Any = None,
     """
     if fun is None:
         return functools.partial(parallelize, method=method, static_argnums=static_argnums,
-                                 donate_argnums=donate_argnums, batch_argnums=batch_argnums)
+                                 donate_argnums=donate_argnums, batch_argnums=batch_argnums,
+                                 cluster=cluster)
     method = ShardParallel() if method is None else method
     if isinstance(method, PipeshardParallel) and _as_tuple(donate_argnums):
         raise InvalidConfigError(
@@ -59,7 +63,7 @@ def parallelize(fun: Callable | None = None, *, method: Any = None,
             "state lives on several stage meshes and is not donated yet. Drop donate_argnums "
             "(the pipeline frees activations itself), or use a ShardParallel-family method.")
     step = StepSpec(_as_tuple(static_argnums), _as_tuple(donate_argnums), _as_tuple(batch_argnums))
-    return ParallelizedFunction(fun, method, step)
+    return ParallelizedFunction(fun, method, step, cluster)
 
 
 class ParallelizedFunction:
@@ -71,10 +75,10 @@ class ParallelizedFunction:
     up (or makes) the plan for it.
     """
 
-    def __init__(self, fun: Callable, method: Any, step: StepSpec):
+    def __init__(self, fun: Callable, method: Any, step: StepSpec, cluster=None):
         if not callable(fun):
             raise InvalidConfigError(f"parallelize needs a callable; got {type(fun).__name__}.")
-        self.fun, self.method, self.step = fun, method, step
+        self.fun, self.method, self.step, self.cluster = fun, method, step, cluster
         self._cache: dict = {}
         self._loaded_plan: ParallelPlan | None = None
         self._last = None  # the executable of the last call (the fast path)
@@ -114,12 +118,16 @@ class ParallelizedFunction:
         return made["compiled"]
 
     def _plan_with(self, args, cluster, plan: ParallelPlan | None):
+        """Plans with a loaded ``plan`` or by solving; ``cluster`` given = simulation (no
+        devices), else executed on the local devices, priced with ``self.cluster``."""
+        simulate = cluster is not None
+        priced_by = cluster if simulate else self.cluster
         if isinstance(self.method, ShardParallel):
-            return plan_shard_parallel(self.fun, args, self.method, self.step,
-                                       plan=plan, cluster=cluster)
+            return plan_shard_parallel(self.fun, args, self.method, self.step, plan=plan,
+                                       cluster=priced_by, simulate=simulate)
         if isinstance(self.method, PipeshardParallel):
-            return plan_pipeshard(self.fun, args, self.method, self.step, cluster=cluster,
-                                  plan=plan)
+            return plan_pipeshard(self.fun, args, self.method, self.step, cluster=priced_by,
+                                  plan=plan, simulate=simulate)
         raise InvalidConfigError(
             f"Unknown method {self.method!r}; use ShardParallel, DataParallel, Zero2Parallel, "
             "Zero3Parallel or PipeshardParallel.")

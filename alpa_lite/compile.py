@@ -10,20 +10,23 @@ import json
 import math
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
-from alpa_lite.config import ShardParallel
-from alpa_lite.stage_planning import submesh_devices as sp_submesh_devices
+from alpa_lite import stage_planning as sp
+from alpa_lite.config import ManualStageOption, ShardParallel, UniformStageOption
+from alpa_lite.cost import estimate_op_cost
 from alpa_lite.emit.executable import ShardExecutable
+from alpa_lite.emit.stages import boundary_slice, build_subgraph, partition_pipeline
+from alpa_lite.inter_op import pricing
+from alpa_lite.inter_op.stage_dp import enumerate_submesh_shapes
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph, build_op_graph
 from alpa_lite.intra_op.planner import graph_fingerprint, solve_intra_op
 from alpa_lite.intra_op.problem import InputRole, SpecPolicy
 from alpa_lite.micro_batching import MicroBatchPlan, build_micro_batch_plan
-from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.mesh import LogicalMesh
 from alpa_lite.plan import PLAN_FORMAT_VERSION, ParallelPlan
 from alpa_lite.trace import (TracedFunction, abstractify, rebuild_args, split_static_args,
@@ -60,7 +63,7 @@ def resolve_devices(method: ShardParallel, available: Sequence | None = None) ->
     devices = list(method.devices) if method.devices is not None else list(
         available if available is not None else jax.devices())
     wanted = (len(devices) if method.mesh_shape is None
-              else int(__import__("math").prod(method.mesh_shape)))
+              else math.prod(method.mesh_shape))
     if wanted > len(devices):
         raise InvalidConfigError(
             f"mesh_shape {method.mesh_shape} needs {wanted} devices but only {len(devices)} are "
@@ -69,10 +72,19 @@ def resolve_devices(method: ShardParallel, available: Sequence | None = None) ->
     return devices[:wanted]
 
 
-def build_logical_mesh(method: ShardParallel, devices: Sequence) -> LogicalMesh:
-    """The method's logical mesh over ``devices``; without a user link model, an axis whose
-    device groups span processes (hosts) gets the slower inter-host default."""
+def build_logical_mesh(method: ShardParallel, devices: Sequence, cluster=None) -> LogicalMesh:
+    """The method's logical mesh over ``devices``.
+
+    With a ``cluster`` (e.g. ``ClusterSpec.from_devices(profile=...)``), its links, compute
+    and profile price the mesh: a mesh axis whose device groups span hosts gets the
+    inter-host link. Without one, the method's link model, else defaults in which such an
+    axis gets a slower inter-host default.
+    """
     shape = method.mesh_shape or (len(devices),)
+    if cluster is not None and method.mesh_alpha is None and method.mesh_beta is None:
+        hosts = len({getattr(d, "process_index", 0) for d in devices})
+        mesh = cluster.logical_mesh((hosts, len(devices) // hosts), shape)
+        return dataclasses.replace(mesh, memory_per_device_bytes=method.memory_budget_per_device)
     platform = devices[0].platform if devices else "cpu"
     spans = axes_spanning_processes(devices, shape)
     intra_beta = _DEFAULT_BETA_S_PER_BYTE.get(platform, 1e-10)
@@ -295,22 +307,25 @@ def trace_step(fun: Callable, args: Sequence, step: StepSpec, num_micro_batches:
 
 def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, step: StepSpec,
                         devices: Sequence | None = None,
-                        plan: ParallelPlan | None = None, cluster=None) -> CompiledPlan:
+                        plan: ParallelPlan | None = None, cluster=None,
+                        simulate: bool = False) -> CompiledPlan:
     """Traces and plans ``fun(*args)`` with a ShardParallel-family method.
 
-    With ``plan`` given (a loaded plan), checks that it belongs to the traced function and
-    uses it instead of solving.
+    With ``cluster``, the mesh is priced with the cluster's links, compute and profile
+    (executed on the local devices unless ``simulate``: then no devices are used). With
+    ``plan`` given (a loaded plan), checks that it belongs to the traced function and uses it
+    instead of solving.
     """
     start = time.perf_counter()
-    if cluster is None:
-        devices = resolve_devices(method, devices)
-        mesh = build_logical_mesh(method, devices)
-    else:  # simulation: the cluster's numbers, no devices
+    if simulate:
         devices = []
         mesh = cluster.logical_mesh((cluster.num_hosts, cluster.devices_per_host),
                                     method.mesh_shape or (cluster.num_devices,))
+    else:
+        devices = resolve_devices(method, devices)
+        mesh = build_logical_mesh(method, devices, cluster)
     k = method.micro_batches
-    traced, graph, micro = trace_step(fun, args, step, k, analyse=cluster is None)
+    traced, graph, micro = trace_step(fun, args, step, k, analyse=not simulate)
     if plan is not None:
         check_plan_matches(plan, graph, mesh)
         return CompiledPlan(traced, graph, plan, tuple(devices), micro)
@@ -324,9 +339,20 @@ def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, st
         solver=method.solver, time_limit_s=method.solver_time_limit_s,
         share_repeated_layers=method.share_repeated_layers)
     warn_plan_fallbacks(sharding)
+    sync = pricing.estimate_grad_sync_s(graph, sharding)
+    step_s = single_mesh_step_time_s(sharding.compute_s, sharding.objective, sync, k,
+                                     getattr(mesh, "launch_latency_s", 0.0))
     plan = ParallelPlan(method=type(method).__name__, num_micro_batches=k, sharding=sharding,
-                        plan_time_s=time.perf_counter() - start)
+                        plan_time_s=time.perf_counter() - start,
+                        extra={"grad_sync_s": sync, "predicted_step_time_s": step_s})
     return CompiledPlan(traced, graph, plan, tuple(devices), micro)
+
+
+def single_mesh_step_time_s(compute_s: float, comm_s: float, grad_sync_s: float, k: int,
+                            launch_latency_s: float = 0.0) -> float:
+    """One step of a single-mesh plan traced at micro-batch size: ``k`` micro-batches of
+    compute and activation collectives, the gradient sync once, one program launch."""
+    return k * (compute_s + comm_s - grad_sync_s) + grad_sync_s + launch_latency_s
 
 
 def check_plan_matches(plan: ParallelPlan, graph: OpGraph, mesh: LogicalMesh) -> None:
@@ -378,31 +404,27 @@ class CompiledPipeline:
 
 
 def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
-                   cluster=None, plan: ParallelPlan | None = None) -> CompiledPipeline:
+                   cluster=None, plan: ParallelPlan | None = None,
+                   simulate: bool = False) -> CompiledPipeline:
     """Traces ``fun`` with layer markers, builds stages (uniform / manual / DP), and plans
     every stage with the intra-op ILP on its own logical mesh.
 
-    With ``plan`` given (a loaded pipeline plan), its layers, stages and stage plans are used
-    instead of solving; they are checked against this trace.
+    Layers and stages are priced by `inter_op.pricing` (the path simulation uses too), on
+    the links of ``cluster`` when given, else of the method's link model. With ``simulate``,
+    no devices are used (the cluster's device count). With ``plan`` (a loaded pipeline plan),
+    its layers, stages and stage plans are used instead of solving, checked against this trace.
     """
-    from alpa_lite.config import AutoStageOption, ManualStageOption, UniformStageOption
-    from alpa_lite.emit.stages import boundary_slice, build_subgraph, partition_pipeline
-    from alpa_lite import stage_planning as sp
-
     start = time.perf_counter()
-    if cluster is not None:  # simulation: device count and links from the cluster spec
+    if simulate:
         devices = [_SimulatedDevice(i) for i in range(cluster.num_devices)]
         per_host = cluster.devices_per_host
-        method = dataclasses.replace(method, mesh_alpha=(
-            cluster.intra_host.alpha_s, cluster.inter_host.alpha_s), mesh_beta=(
-            cluster.intra_host.beta_s_per_byte, cluster.inter_host.beta_s_per_byte))
     else:
         devices = list(method.devices) if method.devices is not None else list(jax.devices())
         per_host = min(method.devices_per_host or jax.local_device_count(), len(devices))
     k = method.num_micro_batches
     record: dict = {}
     starts = None if plan is None else (plan.extra.get("layers") or {}).get("starts")
-    traced, graph, micro = trace_step(fun, args, step, k, analyse=cluster is None,
+    traced, graph, micro = trace_step(fun, args, step, k, analyse=not simulate,
                                       layer_option=method.layer_option, record=record,
                                       layer_starts=starts)
     num_layers = sp.count_layers(graph)
@@ -410,9 +432,14 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
         raise InvalidConfigError(
             "PipeshardParallel found no layers: compute gradients with alpa_lite.grad or "
             "alpa_lite.value_and_grad inside the step (they insert the layer markers).")
-    platform = devices[0].platform
-    peak = (cluster.peak_flops("float32") if cluster is not None
-            else _DEFAULT_PEAK_FLOPS.get(platform, 1e12))
+    mesh_of = stage_mesh_builder(method, cluster, devices[0].platform)
+    budget = method.memory_budget_per_device or default_memory_budget(cluster, devices)
+    roles = dict(zip(graph.inputs, input_roles(traced, optimizer_state_mask(args, step)[0])))
+    options = pricing.PricingOptions(
+        solver=method.solver, time_limit_s=method.solver_time_limit_s,
+        state_bytes_per_param_byte=pricing.estimate_state_bytes_per_param_byte(
+            [roles[v] for v in graph.inputs], [graph.avals[v] for v in graph.inputs]))
+    link = stage_link(cluster, method, per_host, len(devices))
     option = method.stage_option
     if plan is not None:
         assignment = loaded_assignment(plan, num_layers)
@@ -421,14 +448,22 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
     elif isinstance(option, ManualStageOption):
         assignment = sp.assign_manual(option, num_layers, len(devices))
     else:
-        assignment = _auto_stages(graph, traced, method, option, num_layers, len(devices),
-                                  per_host, platform, peak)
-    if assignment.num_stages == 1 and cluster is None:
+        candidates = [(tuple(shape), view) for shape in (
+            option.submesh_shapes or enumerate_submesh_shapes(max(len(devices) // per_host, 1),
+                                                              per_host))
+            if sp.submesh_devices(shape) <= len(devices) for view in sp.logical_views(shape)]
+        priced = pricing.price_layers(graph, num_layers, candidates, mesh_of, options)
+        assignment = pricing.solve_stages(
+            priced, {c: mesh_of(*c) for c in candidates}, num_devices=len(devices), k=k,
+            schedule=method.schedule, memory_budget_bytes=budget, link=link,
+            max_num_stages=option.max_num_stages)[0]
+    if assignment.num_stages == 1 and not simulate:
         return _plan_one_stage(fun, args, method, step, assignment, devices, start, plan)
+    stage_options = [(tuple(assignment.submesh_shapes[s]), tuple(assignment.logical_shapes[s]))
+                     for s in range(assignment.num_stages)]
     batch_inputs = [v for v, b in zip(graph.inputs, traced.batch_leaves) if b]
     partition = partition_pipeline(graph, batch_inputs, list(assignment.layer_to_stage),
                                    assignment.num_stages)
-    roles = dict(zip(graph.inputs, input_roles(traced, optimizer_state_mask(args, step)[0])))
     aliases = find_alias_pairs(traced)
     subgraphs, index_maps, plans = [], [], []
     stage_devices = sp.place_stages(assignment.submesh_shapes, devices, per_host)
@@ -439,38 +474,118 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
                  + [boundary_slice(partition.boundary, partition.sinks, s, -1)]
                  + [i for i in nodes if i > boundary_index])
         sub, index_map = build_subgraph(graph, items)
-        mesh = sp.link_model(method, assignment.logical_shapes[s], assignment.submesh_shapes[s],
-                             platform, peak, None)
-        sub_roles = [roles.get(v, InputRole.PARAM) for v in sub.inputs]
-        sub_aliases = _sub_alias_pairs(graph, sub, aliases)
+        mesh = mesh_of(*stage_options[s])
         if plan is not None:
             plans.append(loaded_stage_plan(plan, s, sub, mesh))
         else:
             plans.append(solve_intra_op(
-                sub, mesh, input_roles=sub_roles,
+                sub, mesh, input_roles=[roles.get(v, InputRole.PARAM) for v in sub.inputs],
                 input_paths=[_value_name(traced, graph, v) for v in sub.inputs],
-                alias_pairs=sub_aliases, strict=method.strict, solver=method.solver,
-                time_limit_s=method.solver_time_limit_s))
+                alias_pairs=_sub_alias_pairs(graph, sub, aliases), strict=method.strict,
+                solver=method.solver, time_limit_s=method.solver_time_limit_s,
+                memory_budget_bytes=budget))
         subgraphs.append(sub)
         index_maps.append(index_map)
-    stages = tuple(_stage_record(s, assignment, plans[s], partition, graph, k)
-                   for s in range(assignment.num_stages))
-    latency = _predicted_latency(stages, k, method.schedule)
+    if plan is not None:  # the loaded plan's predictions: nothing is solved again
+        stages, latency = tuple(plan.stages), plan.predicted_step_time_s
+    else:
+        priced = pricing.price_layers(graph, num_layers, sorted(set(stage_options)), mesh_of,
+                                      options)
+        stages, latency = build_stage_records(assignment, priced, stage_options, plans,
+                                              partition, graph, k, method.schedule, mesh_of,
+                                              link)
     plan = ParallelPlan(method="PipeshardParallel", num_micro_batches=k, sharding=None,
                         plan_time_s=time.perf_counter() - start, stages=stages,
                         extra={"objective": latency, "predicted_step_time_s": latency,
                                "schedule": method.schedule, "layers": record,
-                               "num_layers": num_layers,
-                               "dp_latency_s": assignment.predicted_latency_s})
+                               "num_layers": num_layers, "memory_budget_bytes": budget})
     return CompiledPipeline(traced, graph, plan, partition, tuple(subgraphs), tuple(index_maps),
                             tuple(plans), tuple(stage_devices), assignment, micro)
+
+
+def stage_mesh_builder(method, cluster, platform: str):
+    """``(submesh, view) -> LogicalMesh``: the cluster's links and compute when a cluster is
+    given, else the method's link model and per-platform defaults."""
+    if cluster is not None:
+        return lambda shape, view: cluster.logical_mesh(tuple(shape), tuple(view))
+    peak = _DEFAULT_PEAK_FLOPS.get(platform, 1e12)
+    return lambda shape, view: sp.link_model(method, tuple(view), tuple(shape), platform, peak,
+                                             None)
+
+
+def stage_link(cluster, method, per_host: int, num_devices: int) -> tuple[float, float]:
+    """(alpha, seconds per byte) of a stage-to-stage transfer: the inter-host link when the
+    devices span hosts (stages then usually sit on different hosts), else the intra-host."""
+    across = num_devices > per_host
+    if cluster is not None:
+        spec = cluster.inter_host if across else cluster.intra_host
+        return spec.alpha_s, spec.beta_s_per_byte
+    mesh = sp.link_model(method, (2,), (2, 1) if across else (1, 2), "cpu", 1.0, None)
+    return mesh.alpha_s[0], mesh.beta_s_per_byte[0]
+
+
+def default_memory_budget(cluster, devices) -> float | None:
+    """The memory of one device: the cluster's, else what the live devices report."""
+    if cluster is not None:
+        return float(cluster.memory_per_device_bytes)
+    if not devices or isinstance(devices[0], _SimulatedDevice):
+        return None
+    from alpa_lite.cluster import ClusterSpec
+
+    try:
+        return float(ClusterSpec.from_devices(devices).memory_per_device_bytes)
+    except InvalidConfigError:  # uneven hosts: no single number
+        return None
+
+
+def build_stage_records(assignment, priced, stage_options, plans, partition, graph, k: int,
+                        schedule: str, mesh_of, link) -> tuple[tuple[dict, ...], float]:
+    """Per stage: layers, meshes, predicted forward/backward/gradient-sync seconds and memory
+    from the layer prices (the DP's numbers); and the pipeline's predicted step time."""
+    num_stages = assignment.num_stages
+    times, syncs, records = [], [], []
+    for s in range(num_stages):
+        layers = assignment.stage_layers(s)
+        span = [priced[stage_options[s]][l] for l in layers]
+        t, g = pricing.estimate_stage(span, mesh_of(*stage_options[s]), link[1], link[0],
+                                      s == num_stages - 1)
+        times.append(t)
+        syncs.append(g)
+        share = _forward_share(partition, graph, s)
+        in_flight = pricing.in_flight_micro_batches(schedule, num_stages, s, k)
+        records.append({
+            "stage": s, "layers": layers, "submesh": list(assignment.submesh_shapes[s]),
+            "logical_mesh": list(plans[s].mesh.shape),
+            "forward_s": t * share, "backward_s": t * (1 - share), "grad_sync_s": g,
+            "peak_memory_bytes": sum(p.state_bytes for p in span)
+            + in_flight * sum(p.activation_bytes for p in span),
+            "ilp_peak_memory_bytes": plans[s].peak_memory_bytes,
+            "ilp_objective": plans[s].objective, "solver": plans[s].solver,
+            "num_operators": len(partition.forward[s].nodes) + len(partition.backward[s].nodes),
+            "plan": json.loads(ParallelPlan("stage", k, plans[s], 0.0).to_json())["sharding"],
+        })
+    return tuple(records), pricing.pipeline_step_time_s(times, syncs, k)
+
+
+def _forward_share(partition, graph: OpGraph, stage: int) -> float:
+    """The forward program's share of the stage's flops (splits its time into forward and
+    backward for the timeline)."""
+    def flops(program) -> float:
+        return sum(estimate_op_cost(graph.nodes[i].primitive, graph.nodes[i].params,
+                                    [graph.avals[v] if isinstance(v, int) else v.aval
+                                     for v in graph.nodes[i].invars],
+                                    [graph.avals[v] for v in graph.nodes[i].outvars]).flops
+                   for i in program.nodes)
+
+    forward, backward = flops(partition.forward[stage]), flops(partition.backward[stage])
+    return forward / (forward + backward) if forward + backward > 0 else 0.5
 
 
 def _plan_one_stage(fun, args, method, step, assignment, devices, start,
                     loaded: ParallelPlan | None = None) -> CompiledPlan:
     """A pipeline of one stage is intra-op parallelism on that stage's mesh: plan and run it
     as `ShardParallel` (one jitted program instead of the pipeline runtime)."""
-    num = sp_submesh_devices(assignment.submesh_shapes[0])
+    num = sp.submesh_devices(assignment.submesh_shapes[0])
     shard = ShardParallel(mesh_shape=assignment.logical_shapes[0], devices=tuple(devices[:num]),
                           num_micro_batches=method.num_micro_batches, strict=method.strict,
                           solver=method.solver, solver_time_limit_s=method.solver_time_limit_s)
@@ -488,8 +603,6 @@ def _plan_one_stage(fun, args, method, step, assignment, devices, start,
 def loaded_assignment(plan: ParallelPlan, num_layers: int):
     """The `StageAssignment` a loaded pipeline plan was made with (checked against the
     number of layers of this trace)."""
-    from alpa_lite.stage_planning import StageAssignment
-
     if plan.method != "PipeshardParallel":
         raise InvalidConfigError(
             f"The loaded plan is a {plan.method} plan; PipeshardParallel needs a pipeline plan "
@@ -497,7 +610,7 @@ def loaded_assignment(plan: ParallelPlan, num_layers: int):
     if plan.sharding is not None:  # one stage, run as ShardParallel
         logical = tuple(plan.extra["logical_mesh"])
         submesh = tuple(plan.extra.get("submesh") or (1, math.prod(logical)))
-        return StageAssignment((0,) * num_layers, (submesh,), (logical,))
+        return sp.StageAssignment((0,) * num_layers, (submesh,), (logical,))
     layer_to_stage = [None] * num_layers
     for stage in plan.stages:
         for layer in stage["layers"]:
@@ -509,9 +622,9 @@ def loaded_assignment(plan: ParallelPlan, num_layers: int):
             f"The loaded pipeline plan has {sum(len(s['layers']) for s in plan.stages)} layers "
             f"in its stages; this function traced to {num_layers}. Plan again for this "
             "function (parallelize(...).plan(...)).")
-    return StageAssignment(tuple(layer_to_stage),
-                           tuple(tuple(s["submesh"]) for s in plan.stages),
-                           tuple(tuple(s["logical_mesh"]) for s in plan.stages))
+    return sp.StageAssignment(tuple(layer_to_stage),
+                              tuple(tuple(s["submesh"]) for s in plan.stages),
+                              tuple(tuple(s["logical_mesh"]) for s in plan.stages))
 
 
 def loaded_stage_plan(plan: ParallelPlan, stage: int, sub: OpGraph, mesh: LogicalMesh):
@@ -553,86 +666,3 @@ def _value_name(traced: TracedFunction, graph: OpGraph, v: int) -> str:
     if v in graph.inputs:
         return traced.in_paths[graph.inputs.index(v)]
     return f"value{v}"
-
-
-def _stage_record(stage: int, assignment, plan, partition, graph: OpGraph, k: int) -> dict:
-    from alpa_lite.cost import estimate_op_cost
-
-    def program_time(program) -> float:
-        flops = sum(estimate_op_cost(graph.nodes[i].primitive, graph.nodes[i].params,
-                                     [graph.avals[v] if isinstance(v, int) else v.aval
-                                      for v in graph.nodes[i].invars],
-                                     [graph.avals[v] for v in graph.nodes[i].outvars]).flops
-                    for i in program.nodes)
-        return flops / (plan.mesh.num_devices * plan.mesh.peak_flops_per_s)
-
-    fwd, bwd = partition.forward[stage], partition.backward[stage]
-    comm = plan.objective
-    return {
-        "stage": stage, "layers": assignment.stage_layers(stage),
-        "submesh": list(assignment.submesh_shapes[stage]),
-        "logical_mesh": list(plan.mesh.shape),
-        "forward_s": program_time(fwd) + comm / 3, "backward_s": program_time(bwd) + 2 * comm / 3,
-        "peak_memory_bytes": plan.peak_memory_bytes, "ilp_objective": plan.objective,
-        "solver": plan.solver, "num_operators": len(fwd.nodes) + len(bwd.nodes),
-        "plan": json.loads(ParallelPlan("stage", k, plan, 0.0).to_json())["sharding"],
-    }
-
-
-def _predicted_latency(stages, k: int, schedule: str) -> float:
-    """Pipeline latency: fill + drain once, then (k - 1) micro-batches at the slowest stage."""
-    times = [s["forward_s"] + s["backward_s"] for s in stages]
-    return float(sum(times) + (k - 1) * max(times))
-
-
-def _auto_stages(graph, traced, method, option, num_layers, num_devices, per_host, platform,
-                 peak):
-    """Prices each layer on each candidate (submesh, view) with the intra-op ILP, then DP."""
-    from alpa_lite.emit.stages import assign_regions, build_subgraph
-    from alpa_lite import stage_planning as sp
-    from alpa_lite.inter_op.stage_dp import enumerate_submesh_shapes
-
-    regions = assign_regions(graph, range(len(graph.nodes)))
-    boundary = next(n.index for n in graph.nodes if n.name == "grad_boundary")
-    layer_nodes = [[i for i, (_, layer) in regions.items() if layer == l and i < boundary]
-                   for l in range(num_layers)]
-    num_hosts = max(num_devices // per_host, 1)
-    shapes = option.submesh_shapes or enumerate_submesh_shapes(num_hosts, per_host)
-    costs, memory, cache = {}, {}, {}
-    for shape in shapes:
-        if sp.submesh_devices(shape) > num_devices:
-            continue
-        for view in sp.logical_views(shape):
-            mesh = sp.link_model(method, view, shape, platform, peak, None)
-            per_layer, weights, acts = [], [], []
-            for nodes in layer_nodes:
-                key = (tuple((graph.nodes[i].name, tuple(str(graph.avals[v]) for v in
-                              graph.nodes[i].outvars)) for i in nodes), view, shape)
-                if key not in cache:
-                    cache[key] = _price_layer(graph, nodes, mesh, method)
-                c, w, a = cache[key]
-                per_layer.append(c)
-                weights.append(w)
-                acts.append(a)
-            costs[(tuple(shape), view)] = per_layer
-            memory[(tuple(shape), view)] = (weights, acts)
-    return sp.solve_auto_stages(costs, memory, option, num_devices, per_host,
-                                method.num_micro_batches, None)
-
-
-def _price_layer(graph, nodes, mesh, method) -> tuple[float, float, float]:
-    from alpa_lite.cost import estimate_op_cost
-    from alpa_lite.emit.stages import build_subgraph
-    from alpa_lite.intra_op.strategies import spec_shards
-
-    sub, _ = build_subgraph(graph, nodes)
-    plan = solve_intra_op(sub, mesh, input_roles=[InputRole.PARAM] * len(sub.inputs),
-                          input_paths=[f"v{v}" for v in sub.inputs], strict=False,
-                          solver=method.solver, time_limit_s=method.solver_time_limit_s,
-                          share_repeated_layers=False)
-    inputs = set(graph.inputs)
-    weights = sum(tensor_bytes(graph.avals[v]) / spec_shards(s, mesh)
-                  for v, s in zip(sub.inputs, plan.input_specs) if v in inputs)
-    acts = sum(tensor_bytes(graph.avals[v]) / spec_shards(s, mesh)
-               for v, s in zip(sub.outputs, plan.output_specs))
-    return plan.objective + plan.compute_s, weights * 4, acts

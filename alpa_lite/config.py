@@ -249,6 +249,10 @@ class PipeshardParallel:
         devices: the devices to use (default: all of jax.devices()).
         devices_per_host: how devices group into hosts (default: jax.local_device_count()).
         mesh_alpha / mesh_beta: link model (intra-host, inter-host) when no cluster is given.
+        memory_budget_per_device: bytes each device may hold: the stage DP keeps every stage's
+            state plus its in-flight activations (1F1B and GPipe differ) under it, and every
+            stage's ILP gets it. Default: the device's memory (the cluster's, when planning for
+            a `ClusterSpec`).
         strict: see `ShardParallel`.
         solver_time_limit_s: per-stage ILP time limit.
 
@@ -266,12 +270,17 @@ class PipeshardParallel:
     devices_per_host: int | None = None
     mesh_alpha: tuple[float, float] | None = None
     mesh_beta: tuple[float, float] | None = None
+    memory_budget_per_device: float | None = None
     strict: bool = False
     solver: str = "auto"
     solver_time_limit_s: float = 60.0
 
     def __post_init__(self):
         _check_positive_int("num_micro_batches", self.num_micro_batches, allow_none=False)
+        if self.memory_budget_per_device is not None and not self.memory_budget_per_device > 0:
+            raise InvalidConfigError(
+                f"memory_budget_per_device must be a positive number of bytes; got "
+                f"{self.memory_budget_per_device!r}. For example memory_budget_per_device=2**30.")
         layer = self.layer_option
         if layer == "manual":
             layer = ManualLayerOption()

@@ -115,9 +115,13 @@ class ParallelPlan:
 
     @property
     def predicted_step_time_s(self) -> float:
-        if self.sharding is not None:
+        """The planner's predicted seconds per step (`inter_op.pricing` for pipelines,
+        `compile.single_mesh_step_time_s` otherwise)."""
+        if "predicted_step_time_s" in self.extra:
+            return float(self.extra["predicted_step_time_s"])
+        if self.sharding is not None:  # plans saved before the gradient sync was split out
             return self.num_micro_batches * self.sharding.compute_s + self.sharding.objective
-        return float(self.extra.get("predicted_step_time_s", math.nan))
+        return math.nan
 
     def summary(self, max_rows: int = 40) -> str:
         """A readable table: mesh, objective, solver, inputs and the main operator choices."""

@@ -22,11 +22,10 @@ import functools
 import math
 import time
 
-import jax
 import numpy as np
 
 from alpa_lite.cluster import ClusterSpec
-from alpa_lite.config import AutoLayerOption, AutoStageOption, PipeshardParallel
+from alpa_lite.config import AutoLayerOption
 from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
 from alpa_lite.graph import build_op_graph
 from alpa_lite.intra_op.planner import solve_intra_op
@@ -36,6 +35,9 @@ from alpa_lite.markers import layer_construction
 from alpa_lite.models.presets import ModelPreset
 from alpa_lite.models.train import build_workload
 from alpa_lite import stage_planning as sp
+from alpa_lite.compile import (StepSpec, find_alias_pairs, input_roles, optimizer_state_mask,
+                               single_mesh_step_time_s)
+from alpa_lite.inter_op import pricing
 from alpa_lite.trace import trace_function
 
 MAX_DP_LAYERS = 32
@@ -113,31 +115,23 @@ def _default_micro_batches(preset: ModelPreset, cluster: ClusterSpec) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _price_layers(preset, cluster, num_micro_batches):
-    """Per (submesh, view): [(seconds, weight bytes, activation bytes)] of the 3 traced layers.
-
-    Cached: `--compare` prices once for the pipeline search and the Megatron grid.
-    """
+    """Per (submesh, view): the `LayerPrice`s of the 3 traced layers (`inter_op.pricing`, the
+    path `parallelize` uses). Cached: `--compare` prices once for the pipeline search and
+    the Megatron grid."""
     small = _micro_batch_preset(preset, num_micro_batches, min(3, _num_blocks(preset)))
     work = build_workload(small, abstract=True)
     option = AutoLayerOption(layer_num=min(3, _num_blocks(small)), method="names")
     with layer_construction(build_layer_transform(option)):
         traced = trace_function(work.train_step, (work.state, work.batch), batch_argnums=(1,))
     graph = build_op_graph(traced.closed_jaxpr)
-    from alpa_lite.compile import _price_layer
-    from alpa_lite.emit.stages import assign_regions
-
-    regions = assign_regions(graph, range(len(graph.nodes)))
-    boundary = next(n.index for n in graph.nodes if n.name == "grad_boundary")
     num_layers = sp.count_layers(graph)
-    layer_nodes = [[i for i, (_, layer) in regions.items() if layer == l and i < boundary]
-                   for l in range(num_layers)]
-    method = PipeshardParallel(solver_time_limit_s=60.0)
-    priced = {}
-    for shape in candidate_submeshes(cluster):
-        for view in sp.logical_views(shape):
-            mesh = cluster.logical_mesh(shape, view)
-            priced[(tuple(shape), view)] = [_price_layer(graph, nodes, mesh, method)
-                                            for nodes in layer_nodes]
+    roles = input_roles(traced, optimizer_state_mask((work.state, work.batch), StepSpec())[0])
+    options = pricing.PricingOptions(
+        time_limit_s=60.0, state_bytes_per_param_byte=pricing.estimate_state_bytes_per_param_byte(
+            roles, [graph.avals[v] for v in graph.inputs]))
+    candidates = [(tuple(shape), view) for shape in candidate_submeshes(cluster)
+                  for view in sp.logical_views(shape)]
+    priced = pricing.price_layers(graph, num_layers, candidates, cluster.logical_mesh, options)
     return priced, num_layers
 
 
@@ -157,16 +151,17 @@ def candidate_submeshes(cluster: ClusterSpec) -> list[tuple[int, int]]:
     return shapes
 
 
-def _expand(values, num_blocks: int) -> list[float]:
+def _expand(values, num_blocks: int) -> list:
     """Layer values of the traced 3-block model -> L blocks: first, middle x (L-2), last."""
     if num_blocks <= len(values):
         return list(values[:num_blocks])
     return [values[0]] + [values[1]] * (num_blocks - 2) + [values[-1]]
 
 
-def _group(values, groups: int) -> list[float]:
-    bounds = np.linspace(0, len(values), groups + 1).round().astype(int)
-    return [float(sum(values[a:b])) for a, b in zip(bounds, bounds[1:])], bounds
+def _group(prices, groups: int):
+    """At most ``groups`` contiguous groups of layer prices (for the stage DP's size)."""
+    bounds = np.linspace(0, len(prices), groups + 1).round().astype(int)
+    return [pricing.combine_prices(prices[a:b]) for a, b in zip(bounds, bounds[1:])], bounds
 
 
 def _micro_batch_options(preset: ModelPreset, cluster: ClusterSpec, given: int | None):
@@ -179,10 +174,9 @@ def _micro_batch_options(preset: ModelPreset, cluster: ClusterSpec, given: int |
 
 
 def _scaled(priced, k0: int, k: int):
-    """Layer prices at k micro-batches from prices at k0: time and activations scale with the
-    micro-batch size (k0 / k), weights do not. Keeps the search to one pricing pass."""
-    factor = k0 / k
-    return {key: [(c * factor, w, a * factor) for c, w, a in layers]
+    """Layer prices at k micro-batches from prices at k0 (see `pricing.scale_prices`):
+    keeps the search to one pricing pass."""
+    return {key: [pricing.scale_prices(p, k0 / k) for p in layers]
             for key, layers in priced.items()}
 
 
@@ -199,38 +193,36 @@ def _simulate_pipeline(preset, cluster, num_micro_batches) -> SimulationResult:
     return best[1]
 
 
+def _stage_link(cluster: ClusterSpec) -> tuple[float, float]:
+    spec = cluster.inter_host if cluster.num_hosts > 1 else cluster.intra_host
+    return spec.alpha_s, spec.beta_s_per_byte
+
+
 def _pipeline_for(preset, cluster, priced, k) -> SimulationResult:
     blocks = _num_blocks(preset)
     groups = min(blocks, MAX_DP_LAYERS)
-    costs, memory, bounds = {}, {}, None
+    grouped, bounds = {}, None
     for key, layers in priced.items():
-        times, bounds = _group(_expand([c for c, _, _ in layers], blocks), groups)
-        weights, _ = _group(_expand([w for _, w, _ in layers], blocks), groups)
-        acts, _ = _group(_expand([a for _, _, a in layers], blocks), groups)
-        costs[key], memory[key] = times, (weights, acts)
+        grouped[key], bounds = _group(_expand(layers, blocks), groups)
+    meshes = {key: cluster.logical_mesh(*key) for key in grouped}
+    solve = functools.partial(pricing.solve_stages, grouped, meshes,
+                              num_devices=cluster.num_devices, k=k, schedule="1f1b",
+                              link=_stage_link(cluster))
     fits = True
     try:
-        assignment = sp.solve_auto_stages(costs, memory, AutoStageOption(), cluster.num_devices,
-                                          cluster.devices_per_host, k,
-                                          cluster.memory_per_device_bytes)
+        assignment, times, _, memory = solve(memory_budget_bytes=cluster.memory_per_device_bytes)
     except InfeasiblePlanError:
         # Report the fastest plan and how much memory it would need, rather than nothing.
         fits = False
-        assignment = sp.solve_auto_stages(costs, memory, AutoStageOption(), cluster.num_devices,
-                                          cluster.devices_per_host, k, None)
+        assignment, times, _, memory = solve(memory_budget_bytes=None)
     stages = []
-    peak = 0.0
     for s in range(assignment.num_stages):
         layers = assignment.stage_layers(s)
-        shape, view = assignment.submesh_shapes[s], assignment.logical_shapes[s]
-        weights, acts = memory[(tuple(shape), tuple(view))]
-        in_flight = min(assignment.num_stages - s, k)
-        mem = sum(weights[l] for l in layers) + in_flight * sum(acts[l] for l in layers)
-        peak = max(peak, mem)
         stages.append({"blocks": [int(bounds[layers[0]]), int(bounds[layers[-1] + 1]) - 1],
-                       "submesh": list(shape), "logical_mesh": list(view),
-                       "time_per_micro_batch_s": assignment.stage_costs_s[s],
-                       "memory_per_device_bytes": mem})
+                       "submesh": list(assignment.submesh_shapes[s]),
+                       "logical_mesh": list(assignment.logical_shapes[s]),
+                       "time_per_micro_batch_s": times[s], "memory_per_device_bytes": memory[s]})
+    peak = max(memory)
     return SimulationResult("auto", assignment.predicted_latency_s, peak, 0.0, stages,
                             {"num_micro_batches": k, "dp_layers": groups,
                              "fits_memory": fits and peak <= cluster.memory_per_device_bytes})
@@ -244,14 +236,13 @@ def _plan_full_step(preset, cluster, policy, blocks, k, view):
     work = build_workload(small, abstract=True)
     traced = trace_function(work.train_step, (work.state, work.batch), batch_argnums=(1,))
     graph = build_op_graph(traced.closed_jaxpr)
-    from alpa_lite.compile import StepSpec, find_alias_pairs, input_roles, optimizer_state_mask
-
     shape = (cluster.num_hosts, cluster.devices_per_host)
     mesh = cluster.logical_mesh(shape, view)
     opt_state, _ = optimizer_state_mask((work.state, work.batch), StepSpec())
-    return solve_intra_op(graph, mesh, input_roles=input_roles(traced, opt_state),
+    plan = solve_intra_op(graph, mesh, input_roles=input_roles(traced, opt_state),
                           input_paths=list(traced.in_paths), policy=policy,
                           alias_pairs=find_alias_pairs(traced), share_repeated_layers=True)
+    return plan, pricing.estimate_grad_sync_s(graph, plan)
 
 
 def _simulate_single_mesh(preset, cluster, policy, num_micro_batches) -> SimulationResult:
@@ -262,14 +253,18 @@ def _simulate_single_mesh(preset, cluster, policy, num_micro_batches) -> Simulat
         views.append((cluster.num_hosts, cluster.devices_per_host))
     best = None
     for view in views:
-        plans = [_plan_full_step(preset, cluster, policy, b, k, view)
-                 for b in ((2, 3) if blocks > 3 else (blocks,))]
-        per_block = (lambda f: f(plans[1]) - f(plans[0])) if len(plans) == 2 else (lambda f: 0.0)
+        priced = [_plan_full_step(preset, cluster, policy, b, k, view)
+                  for b in ((2, 3) if blocks > 3 else (blocks,))]
+        plans = [p for p, _ in priced]
+        per_block = (lambda f: f(priced[1]) - f(priced[0])) if len(priced) == 2 else (
+            lambda f: 0.0)
         extra = blocks - 2 if len(plans) == 2 else 0
-        comm = plans[0].objective + extra * per_block(lambda p: p.objective)
-        compute = plans[0].compute_s + extra * per_block(lambda p: p.compute_s)
-        memory = plans[0].peak_memory_bytes + extra * per_block(lambda p: p.peak_memory_bytes)
-        step = k * (compute + comm)
+        comm = plans[0].objective + extra * per_block(lambda p: p[0].objective)
+        sync = priced[0][1] + extra * per_block(lambda p: p[1])
+        compute = plans[0].compute_s + extra * per_block(lambda p: p[0].compute_s)
+        memory = plans[0].peak_memory_bytes + extra * per_block(
+            lambda p: p[0].peak_memory_bytes)
+        step = single_mesh_step_time_s(compute, comm, sync, k)
         if best is None or step < best[0]:
             best = (step, memory, view, plans[0].solver)
     step, memory, view, solver = best
@@ -296,15 +291,18 @@ def _simulate_megatron(preset, cluster, num_micro_batches) -> SimulationResult:
             for view in sp.logical_views(shape):
                 if (tuple(shape), view) not in priced:
                     continue
-                layers = priced[(tuple(shape), view)]
-                times = _expand([c for c, _, _ in layers], blocks)
-                weights = _expand([w for _, w, _ in layers], blocks)
-                acts = _expand([a for _, _, a in layers], blocks)
+                layers = _expand(priced[(tuple(shape), view)], blocks)
+                mesh = cluster.logical_mesh(tuple(shape), view)
                 per = blocks // pp
-                stage_t = [sum(times[s * per:(s + 1) * per]) for s in range(pp)]
-                mem = max(sum(weights[s * per:(s + 1) * per])
-                          + min(pp - s, k) * sum(acts[s * per:(s + 1) * per]) for s in range(pp))
-                latency = sum(stage_t) + (k - 1) * max(stage_t)
+                spans = [layers[s * per:(s + 1) * per] for s in range(pp)]
+                alpha, beta = _stage_link(cluster)
+                estimates = [pricing.estimate_stage(span, mesh, beta, alpha, s == pp - 1)
+                             for s, span in enumerate(spans)]
+                mem = max(sum(p.state_bytes for p in span) + pricing.in_flight_micro_batches(
+                    "1f1b", pp, s, k) * sum(p.activation_bytes for p in span)
+                    for s, span in enumerate(spans))
+                latency = pricing.pipeline_step_time_s([t for t, _ in estimates],
+                                                       [g for _, g in estimates], k)
                 fits = mem <= cluster.memory_per_device_bytes
                 key = (not fits, latency)
                 if best is None or key < best[0]:

@@ -1,9 +1,9 @@
-"""Stage construction: which layers form which stage, on which submesh, viewed how.
+"""Stage assignment: which layers form which stage, on which submesh, viewed how.
 
-Input: the traced step graph (with layer markers), the devices and a stage option. Output:
-`StageAssignment`. Uniform and manual options are arithmetic; the automatic option prices
-every (layer, submesh, logical view) with the intra-op planner, sums layers into stage costs
-and solves Alpa's stage DP (`inter_op.stage_dp`).
+`StageAssignment` and the arithmetic options (uniform, manual), the logical views of a submesh,
+the link model of a stage mesh without a cluster, and where stages go on the devices
+(`place_stages`). The automatic option is priced and solved in `inter_op.pricing` (the path
+`parallelize` and simulation share) with Alpa's stage DP (`inter_op.stage_dp`).
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ import itertools
 import logging
 import math
 
-import numpy as np
 
-from alpa_lite.config import (AutoStageOption, ManualStageOption, PipeshardParallel,
+from alpa_lite.config import (ManualStageOption, PipeshardParallel,
                               UniformStageOption)
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
-from alpa_lite.inter_op.stage_dp import StageProblem, enumerate_submesh_shapes, solve_stage_dp
 from alpa_lite.markers import layer_boundary_p
 from alpa_lite.mesh import LogicalMesh
 
@@ -160,68 +158,6 @@ def logical_views(submesh: tuple[int, int]) -> list[tuple[int, ...]]:
             views.append((n // mp, mp))
         mp *= 2
     return views
-
-
-def solve_auto_stages(layer_costs, layer_memory, option: AutoStageOption, num_devices: int,
-                      devices_per_host: int, num_micro_batches: int,
-                      memory_per_device: float | None) -> StageAssignment:
-    """Alpa's stage DP over per-layer costs.
-
-    Args:
-        layer_costs: ``{(submesh, view): [seconds per layer]}`` — forward+backward of one
-            micro-batch of each layer on that submesh and logical view.
-        layer_memory: ``{(submesh, view): ([weight bytes per layer], [activation bytes per
-            layer per micro-batch])}`` per device.
-    """
-    num_hosts = max(num_devices // devices_per_host, 1)
-    shapes = list(option.submesh_shapes or enumerate_submesh_shapes(num_hosts, min(
-        devices_per_host, num_devices)))
-    shapes = [s for s in shapes if submesh_devices(s) <= num_devices]
-    num_layers = len(next(iter(layer_costs.values())))
-    cost = np.full((num_layers, num_layers, len(shapes)), np.inf)
-    succ = np.full((num_layers, num_layers, len(shapes)), np.inf)
-    best_view = {}
-    for j, shape in enumerate(shapes):
-        for start, end in itertools.combinations_with_replacement(range(num_layers), 2):
-            for view in logical_views(shape):
-                if (shape, view) not in layer_costs:
-                    continue
-                c = float(sum(layer_costs[(shape, view)][start:end + 1]))
-                if c < cost[start, end, j]:
-                    cost[start, end, j] = c
-                    best_view[(start, end, j)] = view
-                    succ[start, end, j] = _max_succ(layer_memory[(shape, view)], start, end,
-                                                    memory_per_device)
-    problem = StageProblem(num_layers=num_layers, num_devices=num_devices,
-                           num_micro_batches=num_micro_batches,
-                           submesh_sizes=tuple(submesh_devices(s) for s in shapes),
-                           stage_cost_s=cost,
-                           max_n_succ_stages=None if memory_per_device is None else succ)
-    solution = solve_stage_dp(problem, max_num_stages=option.max_num_stages)
-    layer_to_stage = [0] * num_layers
-    submeshes, views, costs = [], [], []
-    for stage, (start, end, j) in enumerate(solution.stages):
-        for layer in range(start, end + 1):
-            layer_to_stage[layer] = stage
-        submeshes.append(shapes[j])
-        views.append(best_view[(start, end, j)])
-        costs.append(float(cost[start, end, j]))
-    return StageAssignment(tuple(layer_to_stage), tuple(submeshes), tuple(views),
-                           solution.cost_s, tuple(costs))
-
-
-def _max_succ(memory, start: int, end: int, budget: float | None) -> float:
-    """How many stages may follow this one before 1F1B's in-flight activations overflow."""
-    if budget is None:
-        return np.inf
-    weights, activations = memory
-    w = float(sum(weights[start:end + 1]))
-    a = float(sum(activations[start:end + 1]))
-    if w > budget:
-        return -1.0
-    if a <= 0:
-        return np.inf
-    return math.floor((budget - w) / a) - 1
 
 
 def link_model(method: PipeshardParallel, shape: tuple[int, ...], submesh: tuple[int, int],

@@ -111,12 +111,13 @@ def test_a_saved_pipeline_plan_runs_without_solving(stage_option, monkeypatch):
     loaded = alpa_lite.ParallelPlan.from_json(plan.to_json())
 
     import alpa_lite.compile as compile_module
+    import alpa_lite.inter_op.pricing as pricing_module
 
     def no_solving(*args, **kwargs):
         raise AssertionError("a loaded plan must not be solved again")
 
     monkeypatch.setattr(compile_module, "solve_intra_op", no_solving)
-    monkeypatch.setattr(compile_module, "_auto_stages", no_solving)
+    monkeypatch.setattr(pricing_module, "solve_intra_op", no_solving)
     p = alpa_lite.parallelize(mse_step, method=method).use_plan(loaded)
     actual_state, actual_losses = run_steps(p, state, batch)
     expected_state, expected_losses = run_steps(jax.jit(mse_step), state, batch)

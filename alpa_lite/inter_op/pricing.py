@@ -1,0 +1,318 @@
+"""Pricing layers and stages of a pipeline: the one cost path of `parallelize` and simulation.
+
+Input: the traced step graph with layer markers, candidate (submesh, logical view) pairs with
+their `LogicalMesh`es, and the number of micro-batches. Output: a `LayerPrice` per (layer,
+submesh, view) and, through the stage DP, a `StageAssignment`.
+
+What a layer costs (`price_layer`), from the intra-op ILP's plan of the layer's forward and
+backward operators on the mesh:
+
+- ``compute_s``: forward + backward compute of one micro-batch per device;
+- ``comm_s``: collectives run per micro-batch (activations);
+- ``grad_sync_s``: collectives that only feed gradients: the runtime defers them and runs them
+  once per step (ShardParallel and pipelines alike), so they are priced once, not k times;
+- ``state_bytes``: parameters + their gradients + optimizer state per device (the optimizer's
+  bytes per parameter byte are measured from the step's own arguments);
+- ``activation_bytes``: what the forward pass keeps for the backward pass, per micro-batch;
+- ``boundary_bytes``: the layer's output activations (whole tensors), what a stage boundary
+  after it sends forward (and its gradient backward) per micro-batch.
+
+A stage of layers ``a..b`` takes ``sum(compute_s + comm_s) + launches`` per micro-batch, plus
+the transfer of its boundary; a pipeline of stage times ``t_s`` takes
+``sum(t_s) + (k - 1) * max(t_s) + max(grad_sync_s)`` (`pipeline_step_time_s`). Memory of a
+stage: ``state + in_flight * activations``, where 1F1B keeps ``min(S - s, k)`` micro-batches
+in flight on stage ``s`` and GPipe all ``k``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+from alpa_lite.emit.shardings import value_specs
+from alpa_lite.emit.stages import assign_regions, build_subgraph
+from alpa_lite.errors import InfeasiblePlanError
+from alpa_lite.graph import OpGraph
+from alpa_lite.intra_op.planner import solve_intra_op
+from alpa_lite.intra_op.problem import InputRole
+from alpa_lite.intra_op.resharding import tensor_bytes
+from alpa_lite.intra_op.strategies import spec_shards
+from alpa_lite.inter_op.stage_dp import StageProblem, solve_stage_dp
+from alpa_lite.mesh import LogicalMesh
+
+SubmeshView = tuple[tuple[int, int], tuple[int, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPrice:
+    """What one layer costs on one (submesh, view); see the module docstring."""
+
+    compute_s: float
+    comm_s: float
+    grad_sync_s: float
+    state_bytes: float
+    activation_bytes: float
+    boundary_bytes: float
+
+    @property
+    def micro_batch_s(self) -> float:
+        return self.compute_s + self.comm_s
+
+
+@dataclasses.dataclass(frozen=True)
+class PricingOptions:
+    """Solver settings and step facts shared by every layer pricing."""
+
+    solver: str = "auto"
+    time_limit_s: float = 60.0
+    state_bytes_per_param_byte: float = 4.0  # params + grads + optimizer state
+
+
+def build_layer_nodes(graph: OpGraph, num_layers: int) -> tuple[list[list[int]], list[set[int]]]:
+    """Per layer: its operators before the gradient boundary (forward and backward), and the
+    forward ones among them."""
+    regions = assign_regions(graph, range(len(graph.nodes)))
+    boundary = next(n.index for n in graph.nodes if n.name == "grad_boundary")
+    nodes = [[i for i, (_, layer) in regions.items() if layer == l and i < boundary]
+             for l in range(num_layers)]
+    forward = [{i for i in layer if regions[i][0] == "F"} for layer in nodes]
+    return nodes, forward
+
+
+def gradient_values(graph: OpGraph) -> set[int]:
+    """The values entering the gradient boundary (gradients, loss, aux); none without one."""
+    boundary = next((n for n in graph.nodes if n.name == "grad_boundary"), None)
+    return set() if boundary is None else {v for v in boundary.invars if isinstance(v, int)}
+
+
+def estimate_grad_sync_s(graph: OpGraph, plan) -> float:
+    """Seconds of a sharding plan's collectives that only feed gradients: deferred by the
+    runtime and run once per step, however many micro-batches."""
+    decisions = {d.index: d for d in plan.nodes}
+    return float(sum(decisions[i].comm_s for i in _gradient_only_nodes(graph, gradient_values(
+        graph)) if i in decisions))
+
+
+def combine_prices(prices: Sequence[LayerPrice]) -> LayerPrice:
+    """Consecutive layers as one (their sums; the boundary is the last layer's)."""
+    return LayerPrice(*(sum(getattr(p, f) for p in prices) for f in (
+        "compute_s", "comm_s", "grad_sync_s", "state_bytes", "activation_bytes")),
+        boundary_bytes=prices[-1].boundary_bytes)
+
+
+def scale_prices(price: LayerPrice, factor: float) -> LayerPrice:
+    """The price at ``factor`` times the micro-batch size: compute, activation comm,
+    activations and boundary scale; state and gradient sync do not (simulation's shortcut)."""
+    return dataclasses.replace(price, compute_s=price.compute_s * factor,
+                               comm_s=price.comm_s * factor,
+                               activation_bytes=price.activation_bytes * factor,
+                               boundary_bytes=price.boundary_bytes * factor)
+
+
+def estimate_state_bytes_per_param_byte(roles: Sequence, avals: Sequence) -> float:
+    """(parameters + gradients + optimizer state) bytes per parameter byte, from the step's
+    arguments (2 for plain SGD, 3 with momentum, 4 with Adam)."""
+    params = sum(tensor_bytes(a) for r, a in zip(roles, avals) if r is InputRole.PARAM)
+    state = sum(tensor_bytes(a) for r, a in zip(roles, avals) if r is InputRole.OPT_STATE)
+    return 2.0 + (state / params if params else 2.0)
+
+
+def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: LogicalMesh,
+                options: PricingOptions, gradients: set[int]) -> LayerPrice:
+    """Plans the layer's operators on ``mesh`` with the intra-op ILP and prices the plan."""
+    sub, _ = build_subgraph(graph, list(nodes))
+    plan = solve_intra_op(sub, mesh, input_roles=[InputRole.PARAM] * len(sub.inputs),
+                          input_paths=[f"v{v}" for v in sub.inputs], strict=False,
+                          solver=options.solver, time_limit_s=options.time_limit_s,
+                          share_repeated_layers=False)
+    specs = value_specs(sub, plan)
+    grad_only = _gradient_only_nodes(sub, gradients)
+    decisions = {d.index: d for d in plan.nodes}
+    grad_sync = sum(decisions[i].comm_s for i in grad_only if i in decisions)
+    comm = sum(d.comm_s for d in plan.nodes) - grad_sync
+    resharding = max(plan.objective - sum(d.comm_s for d in plan.nodes), 0.0)
+
+    def per_device(values) -> float:
+        return float(sum(tensor_bytes(graph.avals[v]) / spec_shards(specs[v], mesh)
+                         for v in values if v in specs))
+
+    inputs = set(graph.inputs)
+    weights = per_device(v for v in sub.inputs if v in inputs)
+    forward_out = {v for i in forward for v in graph.nodes[i].outvars}
+    users = graph.users()
+    backward = set(nodes) - forward
+    kept = {v for v in forward_out if any(u in backward for u in users[v])}
+    leaving = {v for v in forward_out if v in set(sub.outputs) and v not in gradients
+               and any(u not in set(nodes) for u in users[v])}
+    return LayerPrice(
+        compute_s=plan.compute_s, comm_s=comm + resharding, grad_sync_s=grad_sync,
+        state_bytes=weights * options.state_bytes_per_param_byte,
+        activation_bytes=per_device(kept),
+        boundary_bytes=float(sum(tensor_bytes(graph.avals[v]) for v in leaving)))
+
+
+def _gradient_only_nodes(sub: OpGraph, gradients: set[int]) -> set[int]:
+    """Sub-graph operators whose every output only feeds gradients (the deferred reductions
+    of the runtime: run once per step).
+
+    A value only feeds gradients if it enters the gradient boundary, or if it is used inside
+    the sub-graph only, by such operators. Operators come in topological order, so walking
+    them backwards sees every consumer before its producer.
+    """
+    users: dict[int, list[int]] = {}
+    for node in sub.nodes:
+        for v in node.invars:
+            if isinstance(v, int):
+                users.setdefault(v, []).append(node.index)
+    leaves_sub = set(sub.outputs) - gradients
+    result: set[int] = set()
+
+    def only_feeds_gradients(v: int) -> bool:
+        if v in gradients:
+            return True
+        consumers = users.get(v, [])
+        return bool(consumers) and v not in leaves_sub and all(u in result for u in consumers)
+
+    for node in reversed(sub.nodes):
+        if node.outvars and all(only_feeds_gradients(v) for v in node.outvars):
+            result.add(node.index)
+    return result
+
+
+def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshView],
+                 mesh_of: Callable[[tuple[int, int], tuple[int, ...]], LogicalMesh],
+                 options: PricingOptions) -> dict[SubmeshView, list[LayerPrice]]:
+    """Every layer priced on every candidate; identical layers (same operators and shapes)
+    are priced once per candidate."""
+    nodes, forward = build_layer_nodes(graph, num_layers)
+    gradients = gradient_values(graph)
+    cache: dict = {}
+    priced = {}
+    for shape, view in candidates:
+        mesh = mesh_of(shape, view)
+        layers = []
+        for layer_nodes, layer_forward in zip(nodes, forward):
+            key = (tuple((graph.nodes[i].name, tuple(str(graph.avals[v]) for v in
+                                                     graph.nodes[i].outvars))
+                         for i in layer_nodes), shape, view)
+            if key not in cache:
+                cache[key] = price_layer(graph, layer_nodes, layer_forward, mesh, options,
+                                         gradients)
+            layers.append(cache[key])
+        priced[(tuple(shape), tuple(view))] = layers
+    return priced
+
+
+def in_flight_micro_batches(schedule: str, num_stages: int, stage: int, k: int) -> int:
+    """Micro-batches whose activations a stage holds at once: 1F1B ``min(S - s, k)``,
+    GPipe all ``k``."""
+    return k if schedule == "gpipe" else min(num_stages - stage, k)
+
+
+def estimate_stage(prices: Sequence[LayerPrice], mesh: LogicalMesh, link_s_per_byte: float,
+                   link_alpha_s: float, last: bool) -> tuple[float, float]:
+    """(seconds per micro-batch, gradient-sync seconds per step) of a stage of ``prices``:
+    its layers, two program launches (forward, backward) and, unless it is the last stage,
+    sending its boundary forward and receiving its gradient back."""
+    launches = 2 * getattr(mesh, "launch_latency_s", 0.0)
+    transfer = 0.0 if last else 2 * (link_alpha_s + prices[-1].boundary_bytes * link_s_per_byte)
+    return (sum(p.micro_batch_s for p in prices) + launches + transfer,
+            sum(p.grad_sync_s for p in prices))
+
+
+def pipeline_step_time_s(stage_micro_batch_s: Sequence[float], grad_sync_s: Sequence[float],
+                         k: int) -> float:
+    """Fill and drain once, then ``k - 1`` micro-batches at the slowest stage, then the
+    stages' gradient syncs (run in parallel, once per step)."""
+    return float(sum(stage_micro_batch_s) + (k - 1) * max(stage_micro_batch_s)
+                 + max(grad_sync_s, default=0.0))
+
+
+def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
+                 meshes: dict[SubmeshView, LogicalMesh], *, num_devices: int, k: int,
+                 schedule: str, memory_budget_bytes: float | None,
+                 link: tuple[float, float], max_num_stages: int | None = None):
+    """Alpa's stage DP over (submesh, view) options: each (submesh, view) pair is one
+    option, so views are chosen by time subject to memory inside the DP.
+
+    Returns ``(StageAssignment, stage micro-batch seconds, stage grad-sync seconds,
+    stage memory bytes)``.
+
+    Raises:
+        InfeasiblePlanError: no assignment fits ``memory_budget_bytes``; states the smallest
+            per-device memory of any assignment.
+    """
+    from alpa_lite.stage_planning import StageAssignment
+
+    options = list(priced)
+    num_layers = len(next(iter(priced.values())))
+    alpha, beta = link
+    cost = np.full((num_layers, num_layers, len(options)), np.inf)
+    succ = np.full((num_layers, num_layers, len(options)), np.inf)
+    state = np.zeros((num_layers, num_layers, len(options)))
+    for j, option in enumerate(options):
+        layers = priced[option]
+        for start, end in itertools.combinations_with_replacement(range(num_layers), 2):
+            span = layers[start:end + 1]
+            # the stage's micro-batch time; the last stage's transfer is not known here, so
+            # every stage pays for sending its boundary (the DP's stage sum then counts one
+            # boundary too many: the last layer's, which carries the loss only)
+            cost[start, end, j] = estimate_stage(span, meshes[option], beta, alpha,
+                                                 end == num_layers - 1)[0]
+            w = sum(p.state_bytes for p in span)
+            a = sum(p.activation_bytes for p in span)
+            state[start, end, j] = w + a
+            succ[start, end, j] = _max_successors(w, a, memory_budget_bytes, schedule, k)
+    problem = StageProblem(num_layers=num_layers, num_devices=num_devices,
+                           num_micro_batches=k,
+                           submesh_sizes=tuple(math.prod(s) for s, _ in options),
+                           stage_cost_s=cost,
+                           max_n_succ_stages=None if memory_budget_bytes is None else succ)
+    try:
+        solution = solve_stage_dp(problem, max_num_stages=max_num_stages)
+    except InfeasiblePlanError:
+        if memory_budget_bytes is None:
+            raise
+        need = float(np.min(state[np.isfinite(cost)])) if np.isfinite(cost).any() else math.nan
+        raise InfeasiblePlanError(
+            f"No pipeline plan fits the memory budget of {memory_budget_bytes / 2**30:.3g} GiB "
+            f"per device with {k} micro-batches ({schedule}); even the lightest stage needs "
+            f"about {need / 2**30:.3g} GiB. Raise memory_budget_per_device, use more devices, "
+            "fewer micro-batches in flight (1F1B instead of GPipe), or a smaller batch.",
+            budget_bytes=memory_budget_bytes, min_bytes=need) from None
+    layer_to_stage = [0] * num_layers
+    submeshes, views, times, syncs, memory = [], [], [], [], []
+    num_stages = len(solution.stages)
+    for stage, (start, end, j) in enumerate(solution.stages):
+        for layer in range(start, end + 1):
+            layer_to_stage[layer] = stage
+        shape, view = options[j]
+        span = priced[options[j]][start:end + 1]
+        t, g = estimate_stage(span, meshes[options[j]], beta, alpha, stage == num_stages - 1)
+        submeshes.append(tuple(shape))
+        views.append(tuple(view))
+        times.append(t)
+        syncs.append(g)
+        memory.append(sum(p.state_bytes for p in span) + in_flight_micro_batches(
+            schedule, num_stages, stage, k) * sum(p.activation_bytes for p in span))
+    assignment = StageAssignment(tuple(layer_to_stage), tuple(submeshes), tuple(views),
+                                 pipeline_step_time_s(times, syncs, k), tuple(times))
+    return assignment, times, syncs, memory
+
+
+def _max_successors(state: float, activations: float, budget: float | None, schedule: str,
+                    k: int) -> float:
+    """How many stages may follow a stage before its in-flight activations overflow."""
+    if budget is None:
+        return np.inf
+    if schedule == "gpipe":
+        return np.inf if state + k * activations <= budget else -1.0
+    if state + activations > budget:
+        return -1.0
+    if activations <= 0 or state + k * activations <= budget:
+        return np.inf
+    return math.floor((budget - state) / activations) - 1
