@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from alpa_lite import stage_planning as sp
-from alpa_lite.config import ManualStageOption, ShardParallel, UniformStageOption
+from alpa_lite.config import (AutoStageOption, ManualStageOption, ShardParallel,
+                              UniformStageOption)
 from alpa_lite.cost import estimate_op_cost
 from alpa_lite.emit.executable import ShardExecutable
 from alpa_lite.emit.stages import boundary_slice, build_subgraph, partition_pipeline
@@ -453,12 +454,15 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
                                                               per_host))
             if sp.submesh_devices(shape) <= len(devices) for view in sp.logical_views(shape)]
         priced = pricing.price_layers(graph, num_layers, candidates, mesh_of, options)
-        assignment = pricing.solve_stages(
+        assignment, _, _, dp_memory = pricing.solve_stages(
             priced, {c: mesh_of(*c) for c in candidates}, num_devices=len(devices), k=k,
             schedule=method.schedule, memory_budget_bytes=budget, link=link,
-            max_num_stages=option.max_num_stages)[0]
+            max_num_stages=option.max_num_stages)
     if assignment.num_stages == 1 and not simulate:
-        return _plan_one_stage(fun, args, method, step, assignment, devices, start, plan)
+        compiled = _plan_one_stage(fun, args, method, step, assignment, devices, start, plan)
+        if plan is None and isinstance(option, AutoStageOption):
+            compiled.plan.extra["stage_memory_bytes"] = list(dp_memory)
+        return compiled
     stage_options = [(tuple(assignment.submesh_shapes[s]), tuple(assignment.logical_shapes[s]))
                      for s in range(assignment.num_stages)]
     batch_inputs = [v for v, b in zip(graph.inputs, traced.batch_leaves) if b]
