@@ -6,7 +6,6 @@ Each step is a call into the module that owns it; this file only wires them toge
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 import warnings
@@ -29,7 +28,7 @@ from alpa_lite.intra_op.planner import graph_fingerprint, solve_intra_op
 from alpa_lite.intra_op.problem import InputRole, SpecPolicy
 from alpa_lite.micro_batching import MicroBatchPlan, build_micro_batch_plan
 from alpa_lite.mesh import LogicalMesh
-from alpa_lite.plan import PLAN_FORMAT_VERSION, ParallelPlan
+from alpa_lite.plan import ParallelPlan, StagePlan
 from alpa_lite.trace import (TracedFunction, abstractify, rebuild_args, split_static_args,
                              trace_function)
 
@@ -543,7 +542,7 @@ def default_memory_budget(cluster, devices) -> float | None:
 
 
 def build_stage_records(assignment, priced, stage_options, plans, partition, graph, k: int,
-                        schedule: str, mesh_of, link) -> tuple[tuple[dict, ...], float]:
+                        schedule: str, mesh_of, link) -> tuple[tuple[StagePlan, ...], float]:
     """Per stage: layers, meshes, predicted forward/backward/gradient-sync seconds and memory
     from the layer prices (the DP's numbers); and the pipeline's predicted step time."""
     num_stages = assignment.num_stages
@@ -557,17 +556,13 @@ def build_stage_records(assignment, priced, stage_options, plans, partition, gra
         syncs.append(g)
         share = _forward_share(partition, graph, s)
         in_flight = pricing.in_flight_micro_batches(schedule, num_stages, s, k)
-        records.append({
-            "stage": s, "layers": layers, "submesh": list(assignment.submesh_shapes[s]),
-            "logical_mesh": list(plans[s].mesh.shape),
-            "forward_s": t * share, "backward_s": t * (1 - share), "grad_sync_s": g,
-            "peak_memory_bytes": sum(p.state_bytes for p in span)
-            + in_flight * sum(p.activation_bytes for p in span),
-            "ilp_peak_memory_bytes": plans[s].peak_memory_bytes,
-            "ilp_objective": plans[s].objective, "solver": plans[s].solver,
-            "num_operators": len(partition.forward[s].nodes) + len(partition.backward[s].nodes),
-            "plan": json.loads(ParallelPlan("stage", k, plans[s], 0.0).to_json())["sharding"],
-        })
+        records.append(StagePlan(
+            stage=s, layers=tuple(layers), submesh=tuple(assignment.submesh_shapes[s]),
+            logical_mesh=tuple(plans[s].mesh.shape), forward_s=t * share,
+            backward_s=t * (1 - share), grad_sync_s=g,
+            peak_memory_bytes=sum(p.state_bytes for p in span)
+            + in_flight * sum(p.activation_bytes for p in span), plan=plans[s],
+            num_operators=len(partition.forward[s].nodes) + len(partition.backward[s].nodes)))
     return tuple(records), pricing.pipeline_step_time_s(times, syncs, k)
 
 
@@ -617,28 +612,25 @@ def loaded_assignment(plan: ParallelPlan, num_layers: int):
         return sp.StageAssignment((0,) * num_layers, (submesh,), (logical,))
     layer_to_stage = [None] * num_layers
     for stage in plan.stages:
-        for layer in stage["layers"]:
+        for layer in stage.layers:
             if layer >= num_layers:
                 break
-            layer_to_stage[layer] = stage["stage"]
-    if None in layer_to_stage or sum(len(s["layers"]) for s in plan.stages) != num_layers:
+            layer_to_stage[layer] = stage.stage
+    planned = sum(len(s.layers) for s in plan.stages)
+    if None in layer_to_stage or planned != num_layers:
         raise InvalidConfigError(
-            f"The loaded pipeline plan has {sum(len(s['layers']) for s in plan.stages)} layers "
-            f"in its stages; this function traced to {num_layers}. Plan again for this "
-            "function (parallelize(...).plan(...)).")
-    return sp.StageAssignment(tuple(layer_to_stage),
-                              tuple(tuple(s["submesh"]) for s in plan.stages),
-                              tuple(tuple(s["logical_mesh"]) for s in plan.stages))
+            f"The loaded pipeline plan has {planned} layers in its stages; this function "
+            f"traced to {num_layers}. Plan again for this function (parallelize(...).plan(...)).")
+    return sp.StageAssignment(tuple(layer_to_stage), tuple(s.submesh for s in plan.stages),
+                              tuple(s.logical_mesh for s in plan.stages))
 
 
 def loaded_stage_plan(plan: ParallelPlan, stage: int, sub: OpGraph, mesh: LogicalMesh):
     """Stage ``stage``'s `ShardingPlan` from a loaded pipeline plan, checked against the
     stage's sub-graph."""
-    loaded = ParallelPlan.from_json(json.dumps({
-        "format_version": PLAN_FORMAT_VERSION, "method": "stage", "num_micro_batches": 1,
-        "plan_time_s": 0.0, "sharding": plan.stages[stage]["plan"]}))
-    check_plan_matches(loaded, sub, mesh)
-    return loaded.sharding
+    loaded = plan.stages[stage].plan
+    check_plan_matches(ParallelPlan("stage", 1, loaded, 0.0), sub, mesh)
+    return loaded
 
 
 def compile_pipeshard(compiled: CompiledPipeline, method, signature: tuple):

@@ -88,6 +88,52 @@ class ShardingPlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """One pipeline stage of a plan: what runs where and what it is predicted to cost.
+
+    Attributes:
+        stage: its index (0 reads the batch).
+        layers: the layers it runs.
+        submesh: ``(hosts, devices per host)`` it runs on.
+        logical_mesh: the logical view of the submesh its sharding plan uses.
+        forward_s / backward_s: predicted seconds of one micro-batch's forward / backward
+            (layers' compute and collectives, launches, the transfer of its boundary).
+        grad_sync_s: predicted seconds of its gradient sync (once per step).
+        peak_memory_bytes: predicted peak per device: parameters, gradients, optimizer
+            state, and the activations its schedule keeps in flight.
+        plan: the stage's intra-op `ShardingPlan`.
+        num_operators: operators in its forward and backward programs.
+    """
+
+    stage: int
+    layers: tuple[int, ...]
+    submesh: tuple[int, int]
+    logical_mesh: tuple[int, ...]
+    forward_s: float
+    backward_s: float
+    grad_sync_s: float
+    peak_memory_bytes: float
+    plan: ShardingPlan
+    num_operators: int = 0
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data.update(layers=list(self.layers), submesh=list(self.submesh),
+                    logical_mesh=list(self.logical_mesh), plan=_sharding_to_dict(self.plan))
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StagePlan":
+        return cls(stage=data["stage"], layers=tuple(data["layers"]),
+                   submesh=tuple(data["submesh"]), logical_mesh=tuple(data["logical_mesh"]),
+                   forward_s=data["forward_s"], backward_s=data["backward_s"],
+                   grad_sync_s=data.get("grad_sync_s", 0.0),
+                   peak_memory_bytes=data["peak_memory_bytes"],
+                   plan=_sharding_from_dict(data["plan"]),
+                   num_operators=data.get("num_operators", 0))
+
+
+@dataclasses.dataclass(frozen=True)
 class ParallelPlan:
     """What `parallelize(...).plan(...)` returns.
 
@@ -96,7 +142,7 @@ class ParallelPlan:
         num_micro_batches: micro-batches per step (1 = none).
         sharding: the intra-op plan (for ShardParallel-family methods).
         plan_time_s: seconds spent tracing and solving.
-        stages: per-stage plans for pipelined methods (empty otherwise).
+        stages: one `StagePlan` per stage for pipelined methods (empty otherwise).
         extra: method-specific data (JSON-compatible).
     """
 
@@ -104,7 +150,7 @@ class ParallelPlan:
     num_micro_batches: int
     sharding: ShardingPlan | None
     plan_time_s: float
-    stages: tuple = ()
+    stages: tuple[StagePlan, ...] = ()
     extra: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -146,7 +192,7 @@ class ParallelPlan:
             num_micro_batches=data["num_micro_batches"],
             sharding=None if sharding is None else _sharding_from_dict(sharding),
             plan_time_s=data["plan_time_s"],
-            stages=tuple(data.get("stages", ())),
+            stages=tuple(StagePlan.from_dict(st) for st in data.get("stages", ())),
             extra=data.get("extra", {}),
         )
 
@@ -160,28 +206,29 @@ def _spec_from_json(data) -> Spec | None:
 
 
 def _to_jsonable(plan: ParallelPlan) -> dict[str, Any]:
-    sharding = None
-    if plan.sharding is not None:
-        s = plan.sharding
-        sharding = {
-            "mesh": s.mesh.to_dict(),
-            "input_specs": [_spec_to_json(x) for x in s.input_specs],
-            "output_specs": [_spec_to_json(x) for x in s.output_specs],
-            "nodes": [{
-                "index": n.index, "primitive": n.primitive, "strategy": n.strategy,
-                "in_specs": [_spec_to_json(x) for x in n.in_specs],
-                "out_specs": [_spec_to_json(x) for x in n.out_specs],
-                "anchor": n.anchor, "fallback": n.fallback, "comm_s": n.comm_s,
-                "collectives": [[k, list(a), b] for k, a, b in n.collectives],
-            } for n in s.nodes],
-            "objective": s.objective, "compute_s": s.compute_s,
-            "peak_memory_bytes": s.peak_memory_bytes, "solver": s.solver,
-            "graph_fingerprint": s.graph_fingerprint, "input_names": list(s.input_names),
-        }
     return {
         "format_version": PLAN_FORMAT_VERSION, "method": plan.method,
         "num_micro_batches": plan.num_micro_batches, "plan_time_s": plan.plan_time_s,
-        "sharding": sharding, "stages": list(plan.stages), "extra": plan.extra,
+        "sharding": None if plan.sharding is None else _sharding_to_dict(plan.sharding),
+        "stages": [st.to_dict() for st in plan.stages], "extra": plan.extra,
+    }
+
+
+def _sharding_to_dict(s: ShardingPlan) -> dict[str, Any]:
+    return {
+        "mesh": s.mesh.to_dict(),
+        "input_specs": [_spec_to_json(x) for x in s.input_specs],
+        "output_specs": [_spec_to_json(x) for x in s.output_specs],
+        "nodes": [{
+            "index": n.index, "primitive": n.primitive, "strategy": n.strategy,
+            "in_specs": [_spec_to_json(x) for x in n.in_specs],
+            "out_specs": [_spec_to_json(x) for x in n.out_specs],
+            "anchor": n.anchor, "fallback": n.fallback, "comm_s": n.comm_s,
+            "collectives": [[k, list(a), b] for k, a, b in n.collectives],
+        } for n in s.nodes],
+        "objective": s.objective, "compute_s": s.compute_s,
+        "peak_memory_bytes": s.peak_memory_bytes, "solver": s.solver,
+        "graph_fingerprint": s.graph_fingerprint, "input_names": list(s.input_names),
     }
 
 

@@ -65,13 +65,13 @@ def _stage_lines(plan) -> list[str]:
              f"(clustering: {layers.get('method')}, flops imbalance "
              f"{layers.get('imbalance', float('nan')):.2f})",
              f"predicted step time {plan.predicted_step_time_s:.4g}s "
-             "(sum of stage times + (micro-batches - 1) x slowest stage)", "",
+             "(sum of stage times + (micro-batches - 1) x slowest stage + gradient sync)", "",
              f"{'stage':>5} {'layers':<14} {'submesh':<9} {'logical':<9} {'fwd (s)':>10} "
              f"{'bwd (s)':>10} {'peak mem':>12} {'operators':>9}"]
     for st in plan.stages:
-        layer_text = ",".join(str(x) for x in st["layers"])
-        lines.append(f"{st['stage']:>5} {layer_text[:14]:<14} {str(tuple(st['submesh'])):<9} "
-                     f"{str(tuple(st['logical_mesh'])):<9} {st['forward_s']:>10.3g} "
-                     f"{st['backward_s']:>10.3g} {_format_bytes(st['peak_memory_bytes']):>12} "
-                     f"{st['num_operators']:>9}")
+        layer_text = ",".join(str(x) for x in st.layers)
+        lines.append(f"{st.stage:>5} {layer_text[:14]:<14} {str(st.submesh):<9} "
+                     f"{str(st.logical_mesh):<9} {st.forward_s:>10.3g} "
+                     f"{st.backward_s:>10.3g} {_format_bytes(st.peak_memory_bytes):>12} "
+                     f"{st.num_operators:>9}")
     return lines

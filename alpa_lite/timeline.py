@@ -90,8 +90,8 @@ def plot_timeline(events: Sequence[TimelineEvent], path: str, *, title: str = ""
 
 def plan_timeline(plan, schedule: PipelineSchedule) -> list[TimelineEvent]:
     """The timeline a pipelined `ParallelPlan` predicts."""
-    forward = [s["forward_s"] for s in plan.stages]
-    backward = [s["backward_s"] for s in plan.stages]
+    forward = [s.forward_s for s in plan.stages]
+    backward = [s.backward_s for s in plan.stages]
     return simulate_timeline(schedule, forward, backward)
 
 

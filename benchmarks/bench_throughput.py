@@ -170,10 +170,10 @@ class Runner:
                 if plan.sharding is not None:
                     r.predicted_mem = plan.sharding.peak_memory_bytes
                 else:
-                    r.predicted_mem = max(s["peak_memory_bytes"] for s in plan.stages)
+                    r.predicted_mem = max(s.peak_memory_bytes for s in plan.stages)
                     r.stages = " | ".join(
-                        f"layers {','.join(map(str, s['layers']))} on {tuple(s['submesh'])} "
-                        f"as {tuple(s['logical_mesh'])}" for s in plan.stages)
+                        f"layers {','.join(map(str, s.layers))} on {s.submesh} "
+                        f"as {s.logical_mesh}" for s in plan.stages)
             start = time.perf_counter()
             self.state, self.loss = jax.block_until_ready(self.fn(work.state, work.batch))
             r.compile_s = time.perf_counter() - start

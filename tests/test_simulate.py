@@ -75,4 +75,4 @@ def test_python_api_plans_for_a_cluster_without_devices():
         num_micro_batches=2, layer_option=alpa_lite.AutoLayerOption(layer_num=2),
         stage_option="uniform"))
     stages = pipe.plan(work.state, work.batch, cluster=cluster).stages
-    assert sum(s["submesh"][0] * s["submesh"][1] for s in stages) == 32
+    assert sum(s.submesh[0] * s.submesh[1] for s in stages) == 32

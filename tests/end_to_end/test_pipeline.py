@@ -44,7 +44,7 @@ def test_mlp_pipeline_matches_serial(layers, stages, schedule):
                                stage_option=STAGES[stages], schedule=schedule)
     p = check_pipeline(mse_step, state, batch, method)
     plan = p.plan(state, batch)
-    assert sum(len(s["layers"]) for s in plan.stages) == 4
+    assert sum(len(s.layers) for s in plan.stages) == 4
 
 
 def test_mlp_pipeline_auto_stages_matches_serial():
@@ -53,7 +53,7 @@ def test_mlp_pipeline_auto_stages_matches_serial():
                                stage_option="auto")
     p = check_pipeline(mse_step, state, batch, method)
     plan = p.plan(state, batch)
-    assert sum(s["submesh"][0] * s["submesh"][1] for s in plan.stages) == 8
+    assert sum(s.submesh[0] * s.submesh[1] for s in plan.stages) == 8
     summary = plan.summary()
     assert "stage" in summary and "predicted" in summary
 

@@ -22,10 +22,10 @@ def test_parallelize_and_simulation_give_the_same_plan_and_time():
                                layer_option=AutoLayerOption(layer_num=3, method="names"))
     plan = alpa_lite.parallelize(work.train_step, method=method).plan(
         work.state, work.batch, cluster=cluster)
-    assert [s["layers"] for s in plan.stages] == [
+    assert [list(s.layers) for s in plan.stages] == [
         list(range(s["blocks"][0], s["blocks"][1] + 1)) for s in simulated.stages]
-    assert [s["submesh"] for s in plan.stages] == [s["submesh"] for s in simulated.stages]
-    assert [s["logical_mesh"] for s in plan.stages] == [s["logical_mesh"]
+    assert [list(s.submesh) for s in plan.stages] == [s["submesh"] for s in simulated.stages]
+    assert [list(s.logical_mesh) for s in plan.stages] == [s["logical_mesh"]
                                                         for s in simulated.stages]
     assert plan.predicted_step_time_s == pytest.approx(simulated.predicted_step_time_s,
                                                        rel=1e-9)
@@ -71,7 +71,7 @@ def test_a_budget_no_pipeline_meets_names_the_smallest_need(mlp):
 
 def _stage_memory(plan) -> list[float]:
     if plan.stages:
-        return [s["peak_memory_bytes"] for s in plan.stages]
+        return [s.peak_memory_bytes for s in plan.stages]
     return plan.extra["stage_memory_bytes"]  # one stage, run as ShardParallel
 
 
