@@ -635,7 +635,7 @@ def loaded_stage_plan(plan: ParallelPlan, stage: int, sub: OpGraph, mesh: Logica
 
 def compile_pipeshard(compiled: CompiledPipeline, method, signature: tuple):
     from alpa_lite.emit.pipeline import PipelineExecutable
-    from alpa_lite.emit.shardings import build_jax_mesh
+    from alpa_lite.emit.specs import build_jax_mesh
     from alpa_lite.inter_op.schedules import build_schedule
 
     meshes = [build_jax_mesh(plan.mesh, devices)

@@ -16,23 +16,16 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import primitives as prims
 
 from alpa_lite.emit.random_bits import (distinct_micro_batch_bits, is_sliceable,
                                         micro_batch_random_bits)
-from alpa_lite.emit.shardings import finish_partial_sum, reduction_axes, value_specs
+from alpa_lite.emit.deferred import find_deferred_reductions, finish_partial_sum
+from alpa_lite.emit.specs import value_specs
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
-from alpa_lite.markers import grad_boundary_p, layer_boundary_p
+from alpa_lite.markers import grad_boundary_p
 from alpa_lite.micro_batching import Combine, MicroBatchPlan
 from alpa_lite.plan import ShardingPlan
-
-# Operators whose cross-device reduction is a sum (and so can be postponed and summed once).
-_SUM_REDUCERS = (prims.reduce_sum_p, prims.dot_general_p, prims.conv_general_dilated_p,
-                 prims.scatter_add_p)
-# Linear operators a partial sum may pass through on its way to the gradient boundary.
-_LINEAR_CARRIERS = (prims.transpose_p, prims.reshape_p, prims.squeeze_p, prims.copy_p,
-                    prims.convert_element_type_p, prims.neg_p, prims.add_jaxvals_p, prims.add_p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,89 +93,6 @@ def split_at_grad_boundary(graph: OpGraph, batch_inputs: list[int],
         else:
             pre.append(node.index)
     return GradSplit(tuple(pre), tuple(compute), tuple(post), boundary)
-
-
-@dataclasses.dataclass
-class DeferredReductions:
-    """Reductions postponed from every micro-batch to once per step.
-
-    Attributes:
-        reductions: node index -> mesh axes of the reduction it would do (emitted unreduced).
-        carriers: linear nodes between those reductions and the boundary (run on partials).
-        boundary_axes: boundary operand value id -> axes, for operands that arrive unreduced.
-        partial_values: filled while tracing: value ids currently holding partial sums.
-    """
-
-    reductions: dict[int, tuple[str, ...]]
-    carriers: set[int]
-    boundary_axes: dict[int, tuple[str, ...]]
-    partial_values: set = dataclasses.field(default_factory=set)
-
-
-def find_deferred_reductions(graph: OpGraph, plan: ShardingPlan, nodes,
-                             boundary_index: int, summed=None) -> DeferredReductions:
-    """Finds cross-device reductions whose results only flow, linearly, into gradients.
-
-    Such a reduction (the all-reduce of a weight gradient under data parallelism, say) can be
-    postponed: each device accumulates its unreduced local result over the micro-batches and
-    the reduction runs once per step, as Alpa does. A value qualifies when every path from it
-    reaches the boundary node through `_LINEAR_CARRIERS` among ``nodes`` only, all of whose
-    array operands carry partial sums over the same mesh axes.
-
-    Args:
-        graph: the graph ``nodes`` and ``boundary_index`` index into.
-        plan: its sharding plan.
-        nodes: the nodes run once per micro-batch (program order).
-        boundary_index: the grad_boundary node whose operands are accumulated.
-        summed: the boundary operands accumulated by summing (sums, means, gradients); None
-            means all. Maxima, minima, per-example and batch-independent values are not.
-    """
-    decisions = {d.index: d for d in plan.nodes}
-    nodes = [i for i in nodes if i != boundary_index]
-    inside = set(nodes)
-    axes_of: dict[int, tuple[str, ...]] = {}
-    for index in nodes:
-        node, decision = graph.nodes[index], decisions.get(index)
-        if node.primitive is layer_boundary_p:  # identity per operand
-            for src, dst in zip(node.invars, node.outvars):
-                if isinstance(src, int) and src in axes_of:
-                    axes_of[dst] = axes_of[src]
-        elif (decision is not None and node.primitive in _SUM_REDUCERS
-              and reduction_axes(decision) and len(node.outvars) == 1):
-            axes_of[node.outvars[0]] = reduction_axes(decision)
-        elif node.primitive in _LINEAR_CARRIERS and len(node.outvars) == 1:
-            ins = {axes_of.get(v) for v in node.invars if isinstance(v, int)}
-            if len(ins) == 1 and None not in ins:
-                axes_of[node.outvars[0]] = ins.pop()
-    users = graph.users()
-    ok: dict[int, bool] = {}
-
-    def carried(user: int, v: int) -> list[int]:
-        """The outputs of ``user`` that carry ``v`` on, if ``user`` is a linear carrier."""
-        node = graph.nodes[user]
-        if user not in inside:
-            return []
-        if node.primitive is layer_boundary_p:
-            return [d for s_, d in zip(node.invars, node.outvars) if s_ == v]
-        return list(node.outvars) if node.primitive in _LINEAR_CARRIERS else []
-
-    boundary_ok = lambda v: summed is None or v in summed
-    for index in reversed(nodes):  # a value is deferrable if all its users are
-        for v in graph.nodes[index].outvars:
-            ok[v] = v in axes_of and bool(users[v]) and all(
-                (u == boundary_index and boundary_ok(v))
-                or (carried(u, v) and all(ok.get(o) for o in carried(u, v)))
-                for u in users[v])
-    is_carrier = lambda i: graph.nodes[i].primitive in _LINEAR_CARRIERS or \
-        graph.nodes[i].primitive is layer_boundary_p
-    reductions = {i: axes_of[graph.nodes[i].outvars[0]] for i in nodes
-                  if not is_carrier(i) and graph.nodes[i].outvars
-                  and ok.get(graph.nodes[i].outvars[0])}
-    carriers = {i for i in nodes if is_carrier(i)
-                and any(ok.get(o) for o in graph.nodes[i].outvars)}
-    boundary = graph.nodes[boundary_index]
-    boundary_axes = {v: axes_of[v] for v in boundary.invars if isinstance(v, int) and ok.get(v)}
-    return DeferredReductions(reductions, carriers, boundary_axes)
 
 
 def split_micro_batches(x, num_micro_batches: int):

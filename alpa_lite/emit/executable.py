@@ -17,9 +17,9 @@ from typing import Sequence
 import jax
 
 from alpa_lite.emit.accumulate import emit_accumulating_function, split_at_grad_boundary
+from alpa_lite.emit.shardings import build_node_evaluator, emit_flat_function
+from alpa_lite.emit.specs import build_jax_mesh, named_shardings
 from alpa_lite.emit.transfer import place
-from alpa_lite.emit.shardings import (build_jax_mesh, build_node_evaluator, emit_flat_function,
-                                      named_shardings)
 from alpa_lite.graph import OpGraph
 from alpa_lite.micro_batching import MicroBatchPlan
 from alpa_lite.plan import ParallelPlan

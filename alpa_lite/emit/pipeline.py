@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from alpa_lite.emit.accumulate import (combine_identity, combine_pair, find_deferred_reductions,
-                                       interleave_micro_batches, random_slice_override)
-from alpa_lite.emit.shardings import (build_node_evaluator, finish_partial_sum,
-                                      spec_to_partition_spec, value_specs)
+from alpa_lite.emit.accumulate import (combine_identity, combine_pair, interleave_micro_batches,
+                                       random_slice_override)
+from alpa_lite.emit.deferred import find_deferred_reductions, finish_partial_sum
+from alpa_lite.emit.shardings import build_node_evaluator
+from alpa_lite.emit.specs import spec_to_partition_spec, value_specs
 from alpa_lite.emit.stages import PipelinePartition, Program
 from alpa_lite.emit.transfer import CrossMeshMove, multi_process, place
 from alpa_lite.graph import OpGraph

@@ -13,61 +13,21 @@ collectives follow the plan.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from alpa_lite._jax_compat import bind_params
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.problem import is_transparent
 from alpa_lite.intra_op.resharding import build_resharding_steps
-from alpa_lite.intra_op.strategies import Spec, replicated_spec
-from alpa_lite.mesh import LogicalMesh
+from alpa_lite.intra_op.strategies import Spec
+from alpa_lite.emit.deferred import (DeferredReductions, bind_over_partials,
+                                     emit_partial_result, emit_reduce_scatter,
+                                     scatter_collective)
+from alpa_lite.emit.specs import spec_to_partition_spec, value_specs
 from alpa_lite.plan import ShardingPlan
-
-if TYPE_CHECKING:
-    from alpa_lite.emit.accumulate import DeferredReductions
-
-
-def spec_to_partition_spec(spec: Spec) -> PartitionSpec:
-    """``(("x",), (), ("x","y"))`` -> ``P("x", None, ("x", "y"))``.
-
-    Example:
-        >>> spec_to_partition_spec((("x",), (), ("x", "y")))
-        PartitionSpec('x', None, ('x', 'y'))
-    """
-    return PartitionSpec(*[None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
-                           for axes in spec])
-
-
-def build_jax_mesh(mesh: LogicalMesh, devices) -> Mesh:
-    """A jax `Mesh` over ``devices`` with the logical mesh's shape and axis names."""
-    devices = np.asarray(devices, dtype=object).reshape(mesh.shape)
-    return Mesh(devices, mesh.axis_names)
-
-
-def named_shardings(specs, jax_mesh: Mesh) -> tuple[NamedSharding, ...]:
-    return tuple(NamedSharding(jax_mesh, spec_to_partition_spec(s)) for s in specs)
-
-
-def value_specs(graph: OpGraph, plan: ShardingPlan) -> dict[int, Spec]:
-    """The planned spec of every value id."""
-    specs: dict[int, Spec] = dict(zip(graph.inputs, plan.input_specs))
-    for vid, _ in graph.consts:
-        specs[vid] = replicated_spec(len(graph.avals[vid].shape))
-    decisions = {d.index: d for d in plan.nodes}
-    for node in graph.nodes:
-        decision = decisions.get(node.index)
-        if decision is None:  # transparent: outputs are the inputs
-            for src, dst in zip(node.invars, node.outvars):
-                specs[dst] = specs[src] if isinstance(src, int) else replicated_spec(
-                    len(graph.avals[dst].shape))
-            continue
-        for vid, spec in zip(node.outvars, decision.out_specs):
-            specs[vid] = spec
-    return specs
 
 
 def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> Callable:
@@ -102,7 +62,7 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
                 value = constrain(value, spec)
         return value
 
-    def eval_nodes(env: dict, node_indices, deferred: "DeferredReductions | None" = None,
+    def eval_nodes(env: dict, node_indices, deferred: DeferredReductions | None = None,
                    overrides: dict | None = None):
         for index in node_indices:
             node = graph.nodes[index]
@@ -113,7 +73,7 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
                 continue
             params = bind_params(node.primitive, node.params)
             if deferred is not None and index in deferred.carriers:
-                outs = _bind_over_partials(node, params, env, deferred.partial_values)
+                outs = bind_over_partials(node, params, env, deferred.partial_values)
                 if not is_transparent(node.primitive):
                     deferred.partial_values.update(node.outvars)
                 env.update(zip(node.outvars, outs))
@@ -124,7 +84,7 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
                 deferred.partial_values.update(node.outvars)
                 env.update(zip(node.outvars, outs))
                 continue
-            if decision is not None and _scatter_collective(decision) is not None:
+            if decision is not None and scatter_collective(decision) is not None:
                 outs = [emit_reduce_scatter(node, decision, invals, jax_mesh)]
             else:
                 outs = node.primitive.bind(*invals, **params)
@@ -155,99 +115,6 @@ def find_unpinned_resharded_values(graph: OpGraph, plan: ShardingPlan,
                  if isinstance(v, int) and want is not None and want != planned[v]}
     anchored = {v for d in plan.nodes if d.anchor for v in graph.nodes[d.index].outvars}
     return resharded - anchored - set(graph.inputs)
-
-
-def _bind_over_partials(node, params, env, partial_values):
-    """Applies a linear node to values that carry a leading partial-sum dim (vmapped).
-
-    Identity markers pass their operands through unchanged (they lower to nothing anyway).
-    """
-    args = [env[v] if isinstance(v, int) else v.val for v in node.invars]
-    if is_transparent(node.primitive):
-        partial_values.update(d for s, d in zip(node.invars, node.outvars)
-                              if isinstance(s, int) and s in partial_values)
-        return args
-    axes = [0 if isinstance(v, int) and v in partial_values else None for v in node.invars]
-    out = jax.vmap(lambda *a: node.primitive.bind(*a, **params), in_axes=axes)(*args)
-    return out if node.primitive.multiple_results else [out]
-
-
-def _pre_reduction_spec(decision) -> Spec:
-    """The result spec before the strategy's collective (a reduce-scatter's dim unsplit)."""
-    out_spec = decision.out_specs[0]
-    scatter = _scatter_collective(decision)
-    if scatter is None:
-        return out_spec
-    return tuple(() if tuple(a) == tuple(scatter[1]) else a for a in out_spec)
-
-
-def reduction_axes(decision) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(a for kind, axes, _ in decision.collectives
-                               if kind in ("all-reduce", "reduce-scatter") for a in axes))
-
-
-def emit_partial_result(node, decision, invals, jax_mesh: Mesh):
-    """The node's local results, unreduced: shape ``[devices along R, *result]``.
-
-    Summing over the leading dim later (once per step) performs the reduction the strategy
-    would otherwise do on every micro-batch.
-    """
-    axes = reduction_axes(decision)
-    params = bind_params(node.primitive, node.params)
-    in_specs = tuple(spec_to_partition_spec(s) if s is not None else PartitionSpec()
-                     for s in decision.in_specs)
-    out_spec = spec_to_partition_spec(((axes),) + _pre_reduction_spec(decision))
-    return jax.shard_map(lambda *ops: node.primitive.bind(*ops, **params)[None], mesh=jax_mesh,
-                         in_specs=in_specs, out_specs=out_spec, check_vma=False)(*invals)
-
-
-def finish_partial_sum(value, axes: tuple[str, ...], spec: Spec, jax_mesh: Mesh):
-    """Reduces ``[devices along axes, *shape]`` partial sums to the planned ``spec``.
-
-    One all-reduce over ``axes`` (a reduce-scatter when ``spec`` splits a dim over exactly
-    ``axes``).
-    """
-    axes = tuple(axes)
-    scatter_dim = next((d for d, a in enumerate(spec) if tuple(a) == axes), None)
-    without = tuple(tuple(x for x in a if x not in axes) for a in spec)
-    result_spec = tuple(axes if d == scatter_dim else a for d, a in enumerate(without))
-
-    def reduce(block):
-        if scatter_dim is None:
-            return jax.lax.psum(block[0], axes)
-        return jax.lax.psum_scatter(block[0], axes, scatter_dimension=scatter_dim, tiled=True)
-
-    reduced = jax.shard_map(reduce, mesh=jax_mesh,
-                            in_specs=spec_to_partition_spec((axes,) + without),
-                            out_specs=spec_to_partition_spec(result_spec), check_vma=False)(value)
-    if result_spec == spec:
-        return reduced
-    return jax.lax.with_sharding_constraint(
-        reduced, NamedSharding(jax_mesh, spec_to_partition_spec(spec)))
-
-
-def _scatter_collective(decision):
-    return next((c for c in decision.collectives if c[0] == "reduce-scatter"), None)
-
-
-def emit_reduce_scatter(node, decision, invals, jax_mesh: Mesh):
-    """Emits a reduce-scatter strategy literally: local op, then `psum_scatter`.
-
-    XLA's CPU pipeline turns "partial result constrained to a sharded layout" into an
-    all-reduce plus a slice; writing the op under `shard_map` keeps the planned collective.
-    """
-    _, axes, _ = _scatter_collective(decision)
-    out_spec = decision.out_specs[0]
-    dim = next(d for d, a in enumerate(out_spec) if tuple(a) == tuple(axes))
-    params = bind_params(node.primitive, node.params)
-
-    def local(*operands):
-        partial = node.primitive.bind(*operands, **params)
-        return jax.lax.psum_scatter(partial, tuple(axes), scatter_dimension=dim, tiled=True)
-
-    in_specs = tuple(spec_to_partition_spec(s) for s in decision.in_specs)
-    return jax.shard_map(local, mesh=jax_mesh, in_specs=in_specs,
-                         out_specs=spec_to_partition_spec(out_spec), check_vma=False)(*invals)
 
 
 def emit_flat_function(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> Callable:

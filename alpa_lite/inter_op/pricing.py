@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from alpa_lite.emit.shardings import value_specs
+from alpa_lite.emit.specs import value_specs
 from alpa_lite.emit.stages import assign_regions, build_subgraph
 from alpa_lite.errors import InfeasiblePlanError
 from alpa_lite.graph import OpGraph

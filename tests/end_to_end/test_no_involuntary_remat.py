@@ -17,7 +17,8 @@ REMAT_LOG = "Involuntary full rematerialization"
 # Compiles ``fun`` under a hand-written plan: per operator (in_specs, out_specs, anchor).
 COMPILE_PLAN = """
 import jax, jax.numpy as jnp
-from alpa_lite.emit.shardings import build_jax_mesh, emit_flat_function, named_shardings
+from alpa_lite.emit.shardings import emit_flat_function
+from alpa_lite.emit.specs import build_jax_mesh, named_shardings
 from alpa_lite.graph import build_op_graph
 from alpa_lite.mesh import LogicalMesh
 from alpa_lite.plan import NodeDecision, ShardingPlan
