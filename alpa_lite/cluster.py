@@ -556,12 +556,13 @@ CLUSTER_PRESETS: Mapping[str, ClusterSpec] = types.MappingProxyType({
     # alone reaches ~6e10 fp32 / ~5e10 bf16 flop/s, and the 8 devices share those 2 cores, so
     # each gets about 1/8 of that when all compute. These numbers describe a small VM, nothing
     # else; memory is 2 GiB of the host's 23 GiB per device. `alpa-lite profile compute` here
-    # measured ~7 GB/s for a 64 MiB y = 2x pass on one device (shared by 8: ~0.9 GB/s each)
-    # and ~0.1 ms for a trivial program on all 8 devices (7 us on one).
+    # measured 2.7-7.6 GB/s (load-dependent) for a 64 MiB y = 2x pass on one device, which the
+    # 8 devices share (~0.6 GB/s each), and 0.11-0.36 ms (median of runs ~0.17 ms) for a
+    # trivial program on all 8 devices (6 us on one).
     "cpu-sim": ClusterSpec(
         num_hosts=1, devices_per_host=8, memory_per_device_bytes=2 * 2**30,
         peak_flops_per_s=(("float32", 7.5e9), ("bfloat16", 6e9)),
-        memory_bandwidth_bytes_per_s=0.9e9, launch_latency_s=1e-4,
+        memory_bandwidth_bytes_per_s=0.6e9, launch_latency_s=1.7e-4,
         intra_host=LinkSpec(alpha_s=7e-4, bandwidth_bytes_per_s=0.8e9),
         inter_host=LinkSpec(alpha_s=7e-4, bandwidth_bytes_per_s=0.8e9),
         device_kind="cpu", name="cpu-sim"),
