@@ -3,6 +3,7 @@
     alpa-lite profile comm [--devices N] [--max-bytes 64MiB] [--kinds all-reduce,...]
                            [--group-sizes 2,8] [--repeats 5] [--out db.json]
     alpa-lite profile compute [--devices N] [--dtypes float32,bfloat16] [--sizes 256,1024]
+                              [--bandwidth-bytes 4MiB,64MiB] [--launch-repeats 50]
                               [--out db.json]
     alpa-lite cluster show PRESET|FILE [--profile db.json]
     alpa-lite launch --num-processes N [--devices-per-process K] [--coordinator HOST:PORT]
@@ -69,13 +70,19 @@ def _add_profile_command(subparsers) -> None:
     comm.add_argument("--repeats", type=int, default=5, help="timed repeats (median kept)")
     comm.set_defaults(handler=_run_profile_comm)
 
-    compute = kinds.add_parser("compute", help="time square matmuls per dtype")
+    compute = kinds.add_parser(
+        "compute", help="time square matmuls per dtype, launch latency and memory bandwidth")
     _add_device_options(compute)
     compute.add_argument("--dtypes", type=_comma_list, default=["float32", "bfloat16"],
                          help="comma-separated jax dtype names")
     compute.add_argument("--sizes", type=_int_list, default=None,
                          help="matrix sizes n of n x n matmuls, e.g. 256,1024")
     compute.add_argument("--repeats", type=int, default=5, help="timed repeats (median kept)")
+    compute.add_argument("--bandwidth-bytes", type=_byte_list, default=None,
+                         help="array sizes of the memory-bandwidth pass, e.g. 4MiB,64MiB "
+                              "(default: by platform)")
+    compute.add_argument("--launch-repeats", type=int, default=50,
+                         help="blocked calls of the trivial program (median kept)")
     compute.set_defaults(handler=_run_profile_compute)
 
 
@@ -109,13 +116,20 @@ def _run_profile_comm(args) -> int:
 def _run_profile_compute(args) -> int:
     devices = _start_devices(args.devices)
     from alpa_lite.profiling.comm import describe_devices
-    from alpa_lite.profiling.compute import format_matmul_table, profile_matmul
+    from alpa_lite.profiling.compute import (format_launch_and_memory, format_matmul_table,
+                                             profile_launch_latency, profile_matmul,
+                                             profile_memory_bandwidth)
 
     rows = profile_matmul(devices[0], dtypes=args.dtypes, sizes=args.sizes,
                           repeats=args.repeats, show_progress=not args.no_progress)
+    launches = profile_launch_latency(devices, repeats=args.launch_repeats)
+    bandwidths = profile_memory_bandwidth(devices[0], array_bytes=args.bandwidth_bytes,
+                                          repeats=args.repeats)
     print(format_matmul_table(rows))
+    print(format_launch_and_memory(launches, bandwidths))
     if args.out:
-        _update_database(args.out, describe_devices(devices), matmuls=rows)
+        _update_database(args.out, describe_devices(devices), matmuls=rows, launches=launches,
+                         memory_bandwidths=bandwidths)
     return 0
 
 
@@ -206,6 +220,10 @@ def _byte_count(text: str) -> int:
         return parse_bytes(text)
     except InvalidConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _byte_list(text: str) -> list[int]:
+    return [_byte_count(item) for item in _comma_list(text)]
 
 
 def _int_list(text: str) -> list[int]:

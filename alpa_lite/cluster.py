@@ -1,4 +1,5 @@
-"""Cluster descriptions: hosts, devices, memory, peak flop/s and links; the planner's input.
+"""Cluster descriptions: hosts, devices, memory, peak flop/s, links, memory bandwidth and
+launch latency; the planner's input.
 
 A `ClusterSpec` describes machines you may not have (presets, JSON files) or the ones you run
 on (`ClusterSpec.from_devices`). `ClusterSpec.logical_mesh` turns a submesh of it (Alpa §5:
@@ -28,7 +29,7 @@ from alpa_lite.profiling.database import ProfileDatabase
 CLUSTER_FORMAT_VERSION = 1
 _JSON_KEYS = ("format_version", "name", "device_kind", "num_hosts", "devices_per_host",
               "memory_per_device_bytes", "peak_flops_per_s", "intra_host", "inter_host",
-              "profile")
+              "profile", "memory_bandwidth_bytes_per_s", "launch_latency_s")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
                   "f16": "float16", "half": "float16", "tf32": "tensorfloat32"}
 
@@ -75,6 +76,10 @@ class ClusterSpec:
         device_kind: e.g. ``"NVIDIA A100-SXM4-80GB"``.
         name: a label (the preset name, or ``""``).
         profile: measured timings; a `LogicalMesh` built from this spec carries it.
+        memory_bandwidth_bytes_per_s: achievable memory bandwidth of one device (the roofline's
+            bytes term), or None when unknown.
+        launch_latency_s: fixed seconds of launching one program (dispatch to completion);
+            a profile's measurement for the submesh's device count takes precedence.
 
     Example:
         >>> spec = get_cluster_preset("a100-80gb-8x").with_hosts(2)
@@ -92,6 +97,8 @@ class ClusterSpec:
     device_kind: str = "unknown"
     name: str = ""
     profile: ProfileDatabase | None = None
+    memory_bandwidth_bytes_per_s: float | None = None
+    launch_latency_s: float = 0.0
 
     def __post_init__(self):
         _check_count(self.num_hosts, "num_hosts", "hosts")
@@ -113,6 +120,18 @@ class ClusterSpec:
             raise InvalidConfigError(
                 f"profile must be a ProfileDatabase or None; got {type(self.profile).__name__}. "
                 "Load one with ProfileDatabase.load(path).")
+        bandwidth = self.memory_bandwidth_bytes_per_s
+        if bandwidth is not None and (isinstance(bandwidth, bool) or not isinstance(
+                bandwidth, (int, float)) or not (math.isfinite(bandwidth) and bandwidth > 0)):
+            raise InvalidConfigError(
+                f"memory_bandwidth_bytes_per_s must be positive and finite, or None when "
+                f"unknown; got {bandwidth!r}. Use e.g. 2.0e12 for 2 TB/s.")
+        latency = self.launch_latency_s
+        if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not (
+                math.isfinite(latency) and latency >= 0):
+            raise InvalidConfigError(
+                f"launch_latency_s must be a finite number of seconds >= 0; got {latency!r}. "
+                "Use e.g. launch_latency_s=2e-5.")
 
     # ----------------------------------------------------------------- queries
 
@@ -156,7 +175,8 @@ class ClusterSpec:
                 ``n_devices <= devices_per_host``.
             logical_shape: 1 or 2 axis sizes whose product is ``n_hosts * n_devices``, e.g.
                 ``(2, 8)``, ``(4, 4)``, ``(16, 1)`` or ``(16,)`` for submesh ``(2, 8)``.
-            dtype: which peak flop/s the mesh gets.
+            dtype: which peak flop/s the mesh gets for dtypes without a peak of their own
+                (the mesh also gets every per-dtype peak of this spec).
             axis_names: names of the logical axes.
 
         Raises:
@@ -179,7 +199,19 @@ class ClusterSpec:
             alpha_s=tuple(s.alpha_s for s in link_specs),
             beta_s_per_byte=tuple(s.beta_s_per_byte for s in link_specs),
             memory_per_device_bytes=self.memory_per_device_bytes,
-            peak_flops_per_s=self.peak_flops(dtype), profile=self.profile, axis_links=links)
+            peak_flops_per_s=self.peak_flops(dtype), profile=self.profile, axis_links=links,
+            peak_flops_by_dtype=self.peak_flops_per_s,
+            memory_bandwidth_bytes_per_s=self.memory_bandwidth_bytes_per_s,
+            launch_latency_s=self.launch_latency_for(n_hosts * n_devices))
+
+    def launch_latency_for(self, num_devices: int) -> float:
+        """Launch latency of a program on ``num_devices`` devices.
+
+        The profile's measurement for that many devices, else its single-device one, else
+        ``launch_latency_s``.
+        """
+        measured = None if self.profile is None else self.profile.launch_latency_s(num_devices)
+        return self.launch_latency_s if measured is None else measured
 
     # ----------------------------------------------------------------- copies
 
@@ -194,8 +226,16 @@ class ClusterSpec:
         return dataclasses.replace(self, memory_per_device_bytes=memory)
 
     def with_profile(self, profile: ProfileDatabase) -> "ClusterSpec":
-        """Attach measured timings; links measured in ``profile`` get its alpha-beta fit."""
+        """Attach measured timings.
+
+        Links measured in ``profile`` get its alpha-beta fit; a measured memory bandwidth and
+        single-device launch latency replace this spec's.
+        """
         changes: dict = {"profile": profile}
+        if profile.memory_bandwidth_bytes_per_s() is not None:
+            changes["memory_bandwidth_bytes_per_s"] = profile.memory_bandwidth_bytes_per_s()
+        if profile.launch_latency_s(1) is not None:
+            changes["launch_latency_s"] = profile.launch_latency_s(1)
         for link, field in (("intra", "intra_host"), ("inter", "inter_host")):
             if profile.has_link(link):
                 alpha, beta = profile.fit_alpha_beta(link)
@@ -249,6 +289,8 @@ class ClusterSpec:
             "intra_host": dataclasses.asdict(self.intra_host),
             "inter_host": dataclasses.asdict(self.inter_host),
             "profile": None if self.profile is None else self.profile.to_dict(),
+            "memory_bandwidth_bytes_per_s": self.memory_bandwidth_bytes_per_s,
+            "launch_latency_s": self.launch_latency_s,
         }
 
     @classmethod
@@ -304,12 +346,17 @@ class ClusterSpec:
             "peak/device    " + ", ".join(
                 f"{dtype} {flops / 1e12:g} TFLOP/s" for dtype, flops in self.peak_flops_per_s),
         ]
+        if self.memory_bandwidth_bytes_per_s is not None:
+            lines.append(f"memory bw      {self.memory_bandwidth_bytes_per_s / 1e9:.4g} GB/s")
+        lines.append(f"launch         {self.launch_latency_s * 1e6:.3g} us per program")
         for label, link in (("intra-host", self.intra_host), ("inter-host", self.inter_host)):
             lines.append(f"{label:<15}alpha {link.alpha_s * 1e6:.3g} us, bus bandwidth "
                          f"{link.bandwidth_bytes_per_s / 1e9:.3g} GB/s")
         if self.profile is not None:
             lines.append(f"profile        {len(self.profile.collectives)} collective rows, "
-                         f"{len(self.profile.matmuls)} matmul rows")
+                         f"{len(self.profile.matmuls)} matmul rows, "
+                         f"{len(self.profile.launches)} launch rows, "
+                         f"{len(self.profile.memory_bandwidths)} memory-bandwidth rows")
         return "\n".join(lines)
 
 
@@ -447,6 +494,10 @@ def _device_memory_bytes(device, devices_per_host: int) -> int:
 # 75-85 % of that (seed 003 prints 215.6 GB/s for 8 A100s). Network: a host's NICs together,
 # e.g. 4 x 200 Gb/s HDR InfiniBand = 100 GB/s. Alphas are typical NCCL small-message latencies
 # (order of magnitude only, not from a datasheet): profile your cluster for real values.
+# Memory bandwidths are datasheet HBM figures: V100 SXM2 900 GB/s, A100 SXM4 80GB 2,039 GB/s,
+# H100 SXM5 3.35 TB/s; kernels reach roughly 80-90 % of them. Launch latencies are a typical
+# jax dispatch-to-completion of a tiny jitted program on a GPU (tens of microseconds; order
+# of magnitude only): `alpa-lite profile compute` measures yours.
 
 _A100_PEAK = (("float32", 19.5e12), ("tensorfloat32", 156e12), ("bfloat16", 312e12),
               ("float16", 312e12))  # A100 SXM4 datasheet
@@ -455,6 +506,9 @@ _H100_PEAK = (("float32", 67e12), ("tensorfloat32", 494.5e12), ("bfloat16", 989.
 # V100 SXM2 datasheet: 15.7 TFLOP/s fp32, 125 TFLOP/s fp16 tensor cores. It has no bf16
 # tensor cores; XLA computes bf16 dots there at about the fp32 rate.
 _V100_PEAK = (("float32", 15.7e12), ("bfloat16", 15.7e12), ("float16", 125e12))
+
+_V100_HBM, _A100_80GB_HBM, _H100_HBM = 900e9, 2039e9, 3.35e12
+_GPU_LAUNCH_S = 2e-5
 
 _NVLINK3 = LinkSpec(alpha_s=1e-5, bandwidth_bytes_per_s=300e9)
 _NVLINK4 = LinkSpec(alpha_s=1e-5, bandwidth_bytes_per_s=450e9)
@@ -468,20 +522,24 @@ CLUSTER_PRESETS: Mapping[str, ClusterSpec] = types.MappingProxyType({
     "a100-80gb-8x": ClusterSpec(
         num_hosts=1, devices_per_host=8, memory_per_device_bytes=80 * 2**30,
         peak_flops_per_s=_A100_PEAK, intra_host=_NVLINK3, inter_host=_IB_4X200,
-        device_kind="NVIDIA A100-SXM4-80GB", name="a100-80gb-8x"),
+        device_kind="NVIDIA A100-SXM4-80GB", name="a100-80gb-8x",
+        memory_bandwidth_bytes_per_s=_A100_80GB_HBM, launch_latency_s=_GPU_LAUNCH_S),
     "h100-80gb-8x": ClusterSpec(
         num_hosts=1, devices_per_host=8, memory_per_device_bytes=80 * 2**30,
         peak_flops_per_s=_H100_PEAK, intra_host=_NVLINK4, inter_host=_IB_8X400,
-        device_kind="NVIDIA H100 80GB HBM3", name="h100-80gb-8x"),
+        device_kind="NVIDIA H100 80GB HBM3", name="h100-80gb-8x",
+        memory_bandwidth_bytes_per_s=_H100_HBM, launch_latency_s=_GPU_LAUNCH_S),
     # Alpa's paper cluster (AWS p3) had 25 Gb/s Ethernet between hosts.
     "v100-16gb-4x": ClusterSpec(
         num_hosts=1, devices_per_host=4, memory_per_device_bytes=16 * 2**30,
         peak_flops_per_s=_V100_PEAK, intra_host=_NVLINK2, inter_host=_ETH_25,
-        device_kind="Tesla V100-SXM2-16GB", name="v100-16gb-4x"),
+        device_kind="Tesla V100-SXM2-16GB", name="v100-16gb-4x",
+        memory_bandwidth_bytes_per_s=_V100_HBM, launch_latency_s=_GPU_LAUNCH_S),
     "v100-32gb-4x": ClusterSpec(
         num_hosts=1, devices_per_host=4, memory_per_device_bytes=32 * 2**30,
         peak_flops_per_s=_V100_PEAK, intra_host=_NVLINK2, inter_host=_IB_100,
-        device_kind="Tesla V100-SXM2-32GB", name="v100-32gb-4x"),
+        device_kind="Tesla V100-SXM2-32GB", name="v100-32gb-4x",
+        memory_bandwidth_bytes_per_s=_V100_HBM, launch_latency_s=_GPU_LAUNCH_S),
     # Seed 001's simulation: 50 nodes x 4 GPUs, 32 GB each. It gives ClusterEnvironment
     # alpha = [1, 1], beta = [1, 0.01] in unstated units (inter-node 100x slower than
     # intra-node); those are not seconds, so this preset uses V100-32GB numbers instead
@@ -490,16 +548,21 @@ CLUSTER_PRESETS: Mapping[str, ClusterSpec] = types.MappingProxyType({
     "seed-50x4-32gb": ClusterSpec(
         num_hosts=50, devices_per_host=4, memory_per_device_bytes=32 * 2**30,
         peak_flops_per_s=_V100_PEAK, intra_host=_NVLINK2, inter_host=_IB_100,
-        device_kind="Tesla V100-SXM2-32GB", name="seed-50x4-32gb"),
+        device_kind="Tesla V100-SXM2-32GB", name="seed-50x4-32gb",
+        memory_bandwidth_bytes_per_s=_V100_HBM, launch_latency_s=_GPU_LAUNCH_S),
     # This repository's test machine: 8 devices simulated on one 2-core CPU host
     # (XLA_FLAGS=--xla_force_host_platform_device_count=8), rounded from the profile in
     # docs/profiling.md: all-reduce etc. fit alpha ~0.7 ms, bus bandwidth ~0.8 GB/s; one device
     # alone reaches ~6e10 fp32 / ~5e10 bf16 flop/s, and the 8 devices share those 2 cores, so
     # each gets about 1/8 of that when all compute. These numbers describe a small VM, nothing
-    # else; memory is 2 GiB of the host's 23 GiB per device.
+    # else; memory is 2 GiB of the host's 23 GiB per device. `alpa-lite profile compute` here
+    # measured 2.7-7.6 GB/s (load-dependent) for a 64 MiB y = 2x pass on one device, which the
+    # 8 devices share (~0.6 GB/s each), and 0.11-0.36 ms (median of runs ~0.17 ms) for a
+    # trivial program on all 8 devices (6 us on one).
     "cpu-sim": ClusterSpec(
         num_hosts=1, devices_per_host=8, memory_per_device_bytes=2 * 2**30,
         peak_flops_per_s=(("float32", 7.5e9), ("bfloat16", 6e9)),
+        memory_bandwidth_bytes_per_s=0.6e9, launch_latency_s=1.7e-4,
         intra_host=LinkSpec(alpha_s=7e-4, bandwidth_bytes_per_s=0.8e9),
         inter_host=LinkSpec(alpha_s=7e-4, bandwidth_bytes_per_s=0.8e9),
         device_kind="cpu", name="cpu-sim"),

@@ -1,9 +1,10 @@
-"""Logical device meshes: axis sizes, names and a per-axis alpha-beta link model.
+"""Logical device meshes: axis sizes, names, a per-axis alpha-beta link model, a roofline.
 
 A `LogicalMesh` is what the planner sees of a cluster: a 1-D or 2-D grid of devices where a
 collective along mesh axis ``i`` costs ``alpha[i] + beta[i] * bytes * factor`` seconds
-(Alpa, OSDI'22, section 4; nccl-tests bus-bandwidth factors). It holds numbers only; the jax
-`Mesh` is built from it at emit time.
+(Alpa, OSDI'22, section 4; nccl-tests bus-bandwidth factors), and where one operator costs
+``max(flops / peak[dtype], hbm_bytes / memory_bandwidth)`` seconds (the roofline model,
+Williams et al. 2009). It holds numbers only; the jax `Mesh` is built from it at emit time.
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ class LogicalMesh:
         alpha_s: latency per collective along each mesh axis, in seconds (or abstract units).
         beta_s_per_byte: inverse bandwidth along each mesh axis, in seconds per byte.
         memory_per_device_bytes: device memory, or None when unknown/unlimited.
-        peak_flops_per_s: peak dense flop/s of one device (used for compute-time estimates).
+        peak_flops_per_s: peak dense flop/s of one device for dtypes that
+            ``peak_flops_by_dtype`` does not list.
+        peak_flops_by_dtype: ``((dtype name, flop/s), ...)`` per-dtype peaks of one device
+            (a dict is accepted and turned into sorted pairs so the mesh stays hashable).
+        memory_bandwidth_bytes_per_s: achievable memory bandwidth of one device, or None
+            when unknown (then `compute_time_s` prices flops only, unless ``profile`` has a
+            measured bandwidth).
+        launch_latency_s: fixed cost of launching one program on this mesh, in seconds.
         profile: measured collective times (`alpa_lite.profiling.ProfileDatabase`); when set,
             `estimate_collective_s` interpolates them instead of using alpha/beta.
         axis_links: link class of each mesh axis, ``"intra"`` (within a host) or ``"inter"``
@@ -51,6 +59,9 @@ class LogicalMesh:
     peak_flops_per_s: float = 1e12
     profile: "ProfileDatabase | None" = None
     axis_links: tuple[str, ...] = ()
+    peak_flops_by_dtype: tuple[tuple[str, float], ...] = ()
+    memory_bandwidth_bytes_per_s: float | None = None
+    launch_latency_s: float = 0.0
 
     def __post_init__(self):
         shape = tuple(int(s) for s in self.shape)
@@ -75,6 +86,20 @@ class LogicalMesh:
                 f"memory_per_device_bytes must be positive; got {self.memory_per_device_bytes}."
             )
         object.__setattr__(self, "axis_links", _axis_links(self.axis_links, len(shape)))
+        _check_rate(self.peak_flops_per_s, "peak_flops_per_s", "19.5e12")
+        object.__setattr__(self, "peak_flops_by_dtype", _dtype_pairs(self.peak_flops_by_dtype))
+        if self.memory_bandwidth_bytes_per_s is not None:
+            _check_rate(self.memory_bandwidth_bytes_per_s, "memory_bandwidth_bytes_per_s",
+                        "2.0e12")
+            object.__setattr__(self, "memory_bandwidth_bytes_per_s",
+                               float(self.memory_bandwidth_bytes_per_s))
+        latency = self.launch_latency_s
+        if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not (
+                math.isfinite(latency) and latency >= 0):
+            raise InvalidConfigError(
+                f"launch_latency_s must be a finite number of seconds >= 0; got {latency!r}. "
+                "Use e.g. launch_latency_s=1e-5, or 0 to ignore launch costs.")
+        object.__setattr__(self, "launch_latency_s", float(latency))
 
     @property
     def num_devices(self) -> int:
@@ -101,6 +126,59 @@ class LogicalMesh:
         links = self.axis_links or ("intra",) * len(self.shape)
         return "inter" if any(links[self.axis_names.index(a)] == "inter" for a in axes) else "intra"
 
+    def flops_per_s(self, dtype: str, flops: float = 0.0) -> float:
+        """Flop/s one device reaches on an operator of ``flops`` flops in ``dtype``.
+
+        The profile's measured matmul throughput at that size when it has rows for
+        ``dtype`` (`ProfileDatabase.matmul_flops_per_s`), else the dtype's peak from
+        ``peak_flops_by_dtype``, else ``peak_flops_per_s``.
+
+        Example:
+            >>> mesh = LogicalMesh(shape=(2,), peak_flops_per_s=1e12,
+            ...                    peak_flops_by_dtype={"bfloat16": 2e12})
+            >>> mesh.flops_per_s("bfloat16"), mesh.flops_per_s("int32")
+            (2000000000000.0, 1000000000000.0)
+        """
+        name = str(dtype)
+        if self.profile is not None and name in self.profile.matmul_dtypes:
+            return self.profile.matmul_flops_per_s(name, flops)
+        return dict(self.peak_flops_by_dtype).get(name, self.peak_flops_per_s)
+
+    @property
+    def effective_memory_bandwidth_bytes_per_s(self) -> float | None:
+        """``memory_bandwidth_bytes_per_s``, else the profile's measured bandwidth, else None."""
+        if self.memory_bandwidth_bytes_per_s is not None:
+            return self.memory_bandwidth_bytes_per_s
+        if self.profile is not None:
+            return self.profile.memory_bandwidth_bytes_per_s()
+        return None
+
+    def compute_time_s(self, flops: float, hbm_bytes: float = 0.0,
+                       dtype: str = "float32") -> float:
+        """Roofline seconds of one operator on one device.
+
+        ``t = max(flops / F(dtype, flops), hbm_bytes / W)`` where ``F`` is `flops_per_s`
+        (measured matmul throughput, else the dtype's peak) and ``W`` the memory bandwidth;
+        the second term is left out when the bandwidth is unknown, which gives the plain
+        ``flops / peak`` estimate.
+
+        Args:
+            flops: floating-point operations of the operator (on this device).
+            hbm_bytes: bytes it reads and writes in device memory (on this device).
+            dtype: the dtype it computes in, e.g. ``"bfloat16"``.
+
+        Example:
+            >>> mesh = LogicalMesh(shape=(2,), peak_flops_per_s=1e12,
+            ...                    memory_bandwidth_bytes_per_s=1e11)
+            >>> mesh.compute_time_s(1e12, 1e9), mesh.compute_time_s(1e9, 1e12)
+            (1.0, 10.0)
+        """
+        flop_s = float(flops) / self.flops_per_s(dtype, flops) if flops > 0 else 0.0
+        bandwidth = self.effective_memory_bandwidth_bytes_per_s
+        if bandwidth is None or hbm_bytes <= 0:
+            return flop_s
+        return max(flop_s, float(hbm_bytes) / bandwidth)
+
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["profile"] = None if self.profile is None else self.profile.to_dict()
@@ -115,6 +193,28 @@ class LogicalMesh:
 
             kw["profile"] = ProfileDatabase.from_dict(kw["profile"])
         return cls(**kw)
+
+
+def _check_rate(value, name: str, example: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise InvalidConfigError(
+            f"{name} must be a positive finite rate; got {value!r}. Use e.g. {name}={example}.")
+
+
+def _dtype_pairs(peaks) -> tuple[tuple[str, float], ...]:
+    """``{dtype: flop/s}`` or pairs (also JSON lists of lists) -> sorted ``(str, float)`` pairs."""
+    items = peaks.items() if isinstance(peaks, dict) else peaks
+    pairs = []
+    for item in items:
+        if len(item) != 2:
+            raise InvalidConfigError(
+                f"peak_flops_by_dtype needs (dtype name, flop/s) pairs; got {item!r} in "
+                f"{peaks!r}. Use e.g. {{'float32': 19.5e12, 'bfloat16': 312e12}}.")
+        name, value = item
+        _check_rate(value, f"peak_flops_by_dtype[{name!r}]", "312e12")
+        pairs.append((str(name), float(value)))
+    return tuple(sorted(pairs))
 
 
 def _axis_links(links, ndim: int) -> tuple[str, ...]:

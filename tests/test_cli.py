@@ -59,9 +59,14 @@ def test_profile_comm_then_compute_fill_one_database(tmp_path, capsys, restore_e
                      "--no-progress", "--out", str(out)]) == 0
     assert "# all-reduce: 1 group(s) of 8 devices, intra-host" in capsys.readouterr().out
     assert cli.main(["profile", "compute", "--dtypes", "float32", "--sizes", "32",
-                     "--repeats", "1", "--no-progress", "--out", str(out)]) == 0
+                     "--repeats", "1", "--bandwidth-bytes", "64KiB", "--launch-repeats", "3",
+                     "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "TFLOP/s" in printed and "launch latency" in printed and "GB/s" in printed
     db = ProfileDatabase.load(out)
     assert len(db.collectives) == 4 and len(db.matmuls) == 1
+    assert [r.num_devices for r in db.launches] == [1, len(jax.devices())]
+    assert [r.num_bytes for r in db.memory_bandwidths] == [2 * 64 * 1024]
     assert dict(db.metadata)["num_devices"] == str(len(jax.devices()))
 
 

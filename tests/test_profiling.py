@@ -10,11 +10,13 @@ from alpa_lite.cluster import ClusterSpec, LinkSpec
 from alpa_lite.cost.collectives import Collective, estimate_collective_s
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.mesh import LogicalMesh
-from alpa_lite.profiling import (COLLECTIVE_KINDS, CollectiveRow, MatmulRow, ProfileDatabase,
-                                 bus_bandwidth_factor)
+from alpa_lite.profiling import (COLLECTIVE_KINDS, CollectiveRow, LaunchRow, MatmulRow,
+                                 MemoryBandwidthRow, ProfileDatabase, bus_bandwidth_factor)
 from alpa_lite.profiling.comm import (default_message_sizes, format_collective_table,
                                       profile_collectives)
-from alpa_lite.profiling.compute import format_matmul_table, profile_matmul
+from alpa_lite.profiling.compute import (format_launch_and_memory, format_matmul_table,
+                                        profile_launch_latency, profile_matmul,
+                                        profile_memory_bandwidth)
 
 
 def ar(group_size, num_bytes, time_s, link="intra", kind="all-reduce"):
@@ -204,3 +206,51 @@ def test_real_matmul_profile_on_cpu():
     rows = profile_matmul(dtypes=("float32",), sizes=(32, 64), repeats=1)
     assert [r.m for r in rows] == [32, 64] and all(r.flops_per_s > 0 for r in rows)
     assert "TFLOP/s" in format_matmul_table(rows)
+
+
+LAUNCHES = (LaunchRow(num_devices=8, time_s=1e-4), LaunchRow(num_devices=1, time_s=7e-6))
+BANDWIDTHS = (MemoryBandwidthRow(num_bytes=2**27, time_s=0.02),
+              MemoryBandwidthRow(num_bytes=2**23, time_s=1e-3))
+
+
+def test_database_with_launch_and_memory_rows_round_trips(tmp_path):
+    db = DB.replace(launches=LAUNCHES, memory_bandwidths=BANDWIDTHS)
+    db.save(tmp_path / "db.json")
+    loaded = ProfileDatabase.load(tmp_path / "db.json")
+    assert loaded == db and hash(loaded) == hash(db) and hash(db) != hash(DB)
+    assert [r.num_devices for r in loaded.launches] == [1, 8]
+    assert loaded.launch_latency_s(8) == 1e-4 and loaded.launch_latency_s(2) == 7e-6
+    assert loaded.memory_bandwidth_bytes_per_s() == pytest.approx(2**27 / 0.02)
+
+
+def test_old_database_without_launch_and_memory_sections_loads():
+    data = json.loads(DB.to_json())
+    del data["launches"], data["memory_bandwidths"]
+    old = ProfileDatabase.from_dict(data)
+    assert old == DB
+    assert old.launch_latency_s() is None and old.memory_bandwidth_bytes_per_s() is None
+
+
+def test_launch_and_memory_rows_validate_their_fields():
+    with pytest.raises(InvalidConfigError, match="num_devices must be a positive"):
+        LaunchRow(num_devices=0, time_s=1e-5)
+    with pytest.raises(InvalidConfigError, match="time_s must be a positive"):
+        MemoryBandwidthRow(num_bytes=8, time_s=0.0)
+    with pytest.raises(InvalidConfigError, match="launch rows with"):
+        ProfileDatabase.from_dict({"format_version": 1, "launches": [{"devices": 1}]})
+
+
+def test_real_launch_latency_on_one_device_and_on_all():
+    rows = profile_launch_latency(repeats=3)
+    assert [r.num_devices for r in rows] == [1, len(jax.devices())]
+    assert all(0 < r.time_s < 1.0 for r in rows)
+
+
+def test_real_memory_bandwidth_on_cpu():
+    rows = profile_memory_bandwidth(array_bytes=(4096, 2**16 + 2), repeats=1)
+    assert [r.num_bytes for r in rows] == [8192, 2**17]  # read + write, whole float32s
+    assert all(r.bytes_per_s > 0 for r in rows)
+    text = format_launch_and_memory(profile_launch_latency(jax.devices()[:1], repeats=1), rows)
+    assert "launch latency" in text and "GB/s" in text
+    with pytest.raises(InvalidConfigError, match="at least 4 bytes"):
+        profile_memory_bandwidth(array_bytes=(2,))

@@ -93,6 +93,33 @@ def itemsize(dtype) -> int:
     return int(size) if size is not None else np.dtype(dtype).itemsize
 
 
+def compute_dtype_name(avals_in, avals_out) -> str:
+    """The dtype an operator computes in: its first floating-point operand's, else its output's.
+
+    Operands come first because a mixed-precision matmul (bf16 operands, f32 result via
+    ``preferred_element_type``) runs at the bf16 rate. ``"float32"`` when nothing has a dtype.
+
+    Example:
+        >>> import jax
+        >>> bf16 = jax.ShapeDtypeStruct((2, 2), jax.numpy.bfloat16)
+        >>> f32 = jax.ShapeDtypeStruct((2, 2), np.float32)
+        >>> i32 = jax.ShapeDtypeStruct((2,), np.int32)
+        >>> compute_dtype_name((bf16, bf16), (f32,)), compute_dtype_name((i32,), (f32,))
+        ('bfloat16', 'float32')
+    """
+    inputs = [_dtype_name(a) for a in avals_in]
+    floating = [name for name in inputs if name.startswith(("float", "bfloat"))]
+    if floating:
+        return floating[0]
+    outputs = [name for name in map(_dtype_name, avals_out) if name]
+    return outputs[0] if outputs else "float32"
+
+
+def _dtype_name(aval) -> str:
+    dtype = getattr(aval, "dtype", None)
+    return "" if dtype is None else str(dtype)
+
+
 def estimate_op_cost(primitive, params: dict, avals_in, avals_out) -> OpCost:
     """The cost of one equation (the fallback when no rule is registered)."""
     rule = _COST_RULES.get(primitive)

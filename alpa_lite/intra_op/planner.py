@@ -6,6 +6,7 @@ import hashlib
 import logging
 import time
 
+from alpa_lite.cost import compute_dtype_name, estimate_op_cost
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.ilp import solve_sharding_problem
 from alpa_lite.intra_op.layer_sharing import (build_layer_classes, build_quotient_problem,
@@ -89,13 +90,29 @@ def solve_intra_op(
                        solution.peak_memory_bytes, stats, input_paths)
 
 
+def estimate_unit_compute_s(graph: OpGraph, mesh: LogicalMesh, node_index: int, flops: float,
+                            work_divisor: int) -> float:
+    """Roofline seconds of one operator on one device (`LogicalMesh.compute_time_s`).
+
+    Its flops and memory bytes are both divided by the strategy's ``work_divisor`` (the
+    number of devices sharing the work); it computes in `compute_dtype_name` of its values.
+    """
+    node = graph.nodes[node_index]
+    avals_in = tuple(v.aval if not isinstance(v, int) else graph.avals[v] for v in node.invars)
+    avals_out = tuple(graph.avals[v] for v in node.outvars)
+    hbm_bytes = estimate_op_cost(node.primitive, node.params, avals_in, avals_out).hbm_bytes
+    divisor = max(work_divisor, 1)
+    return mesh.compute_time_s(flops / divisor, hbm_bytes / divisor,
+                               compute_dtype_name(avals_in, avals_out))
+
+
 def decode_plan(graph, mesh, planning: PlanningProblem, choices, objective, peak_memory_bytes,
                 stats, input_paths) -> ShardingPlan:
     strategies = planning.unit_strategies(choices)
     roots = {}
     for u, g in enumerate(planning.group_of):
         roots.setdefault(g, u)
-    nodes, compute_s = [], 0.0
+    nodes, compute_s = [], mesh.launch_latency_s  # one program per plan
     for u, unit in enumerate(planning.units):
         if unit.node < 0:
             continue
@@ -106,7 +123,7 @@ def decode_plan(graph, mesh, planning: PlanningProblem, choices, objective, peak
             in_specs=s.in_specs, out_specs=s.out_specs, anchor=anchor, fallback=unit.fallback,
             comm_s=s.comm_s,
             collectives=tuple((c.kind.value, c.axes, c.num_bytes) for c in s.collectives)))
-        compute_s += unit.flops / max(s.work_divisor, 1) / mesh.peak_flops_per_s
+        compute_s += estimate_unit_compute_s(graph, mesh, unit.node, unit.flops, s.work_divisor)
     input_specs = tuple(strategies[u].out_specs[0] for u in planning.input_units)
     output_specs = []
     for pos, value in enumerate(graph.outputs):

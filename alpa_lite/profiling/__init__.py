@@ -1,4 +1,4 @@
-"""Cluster profiling: measured collective and matmul timings, and the database holding them.
+"""Cluster profiling: measured collective, matmul, launch and memory timings, and their database.
 
 `ProfileDatabase` (JSON, hashable) is what the cost model reads; `profile_collectives` and
 `profile_matmul` measure it on live devices. The profilers import jax, so they load on first
@@ -8,7 +8,9 @@ touches no backend.
 
 from alpa_lite.profiling.database import COLLECTIVE_KINDS as COLLECTIVE_KINDS
 from alpa_lite.profiling.database import CollectiveRow as CollectiveRow
+from alpa_lite.profiling.database import LaunchRow as LaunchRow
 from alpa_lite.profiling.database import MatmulRow as MatmulRow
+from alpa_lite.profiling.database import MemoryBandwidthRow as MemoryBandwidthRow
 from alpa_lite.profiling.database import ProfileDatabase as ProfileDatabase
 from alpa_lite.profiling.database import bus_bandwidth_factor as bus_bandwidth_factor
 
@@ -17,6 +19,9 @@ _LAZY = {
     "format_collective_table": "alpa_lite.profiling.comm",
     "profile_matmul": "alpa_lite.profiling.compute",
     "format_matmul_table": "alpa_lite.profiling.compute",
+    "profile_launch_latency": "alpa_lite.profiling.compute",
+    "profile_memory_bandwidth": "alpa_lite.profiling.compute",
+    "format_launch_and_memory": "alpa_lite.profiling.compute",
 }
 
 

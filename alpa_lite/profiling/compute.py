@@ -1,7 +1,9 @@
-"""Matmul throughput per dtype, and the timing loop every profiler here uses.
+"""Matmul throughput per dtype, launch latency, memory bandwidth, and the timing loop.
 
-Input: a device and square matmul sizes. Output: `MatmulRow`s (``2 n^3`` flops, median time)
-for the `ProfileDatabase`, and `format_matmul_table` to print them.
+Input: devices, square matmul sizes and array sizes. Output: `MatmulRow`s (``2 n^3`` flops,
+median time), `LaunchRow`s (blocked round trip of a trivial program on one device and on all
+of them) and `MemoryBandwidthRow`s (an elementwise pass over a large array) for the
+`ProfileDatabase`, and `format_matmul_table` / `format_launch_and_memory` to print them.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from alpa_lite.errors import InvalidConfigError
-from alpa_lite.profiling.database import MatmulRow
+from alpa_lite.profiling.database import LaunchRow, MatmulRow, MemoryBandwidthRow
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MATMUL_SIZES = {"cpu": (128, 256, 512, 1024), "gpu": (1024, 2048, 4096, 8192)}
+# Array sizes (bytes of the input; a pass reads and writes it) of the bandwidth test. The
+# largest should dwarf the last-level cache (CPU) or L2 (GPU: 50 MB on H100).
+DEFAULT_BANDWIDTH_ARRAY_BYTES = {"cpu": (2**22, 2**26), "gpu": (2**24, 2**30)}
 _MAX_CALLS_PER_REPEAT = 64
 
 
@@ -97,6 +103,104 @@ def profile_matmul(device=None, *, dtypes: Sequence[str] = ("float32", "bfloat16
             rows.append(MatmulRow(dtype=str(jnp.dtype(dtype)), m=n, n=n, k=n, time_s=seconds))
             advance(f"matmul {dtype} n={n}")
     return tuple(rows)
+
+
+def profile_launch_latency(devices=None, *, repeats: int = 50) -> tuple[LaunchRow, ...]:
+    """Median blocked wall time of a trivial jitted program, on one device and on all.
+
+    Each of ``repeats`` calls of ``x + 1`` (one element per device) is issued and waited for
+    on its own, so the time is the whole fixed cost of a program: dispatch from Python,
+    launch, and completion, with no overlap between calls (unlike `run_timed`).
+
+    Args:
+        devices: the devices (default: ``jax.devices()``); the single-device program runs
+            on the first one, the sharded one over a 1-D mesh of all of them.
+        repeats: timed calls; the median is kept.
+
+    Returns:
+        ``LaunchRow(num_devices=1, ...)`` and, with several devices, a second row for all.
+
+    Example:
+        >>> rows = profile_launch_latency(jax.devices()[:1], repeats=3)
+        >>> [r.num_devices for r in rows], rows[0].time_s > 0
+        ([1], True)
+    """
+    if repeats < 1:
+        raise InvalidConfigError(f"repeats must be >= 1; got {repeats}. Use e.g. repeats=50.")
+    devices = list(devices) if devices is not None else jax.devices()
+    program = jax.jit(lambda x: x + 1)
+    rows = [LaunchRow(num_devices=1, time_s=_median_blocked_call_s(
+        program, jax.device_put(jnp.zeros((1,), jnp.float32), devices[0]), repeats))]
+    if len(devices) > 1:
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("devices",))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+        # from a callback, so that it also builds a global array when devices span processes
+        sharded = jax.make_array_from_callback(
+            (len(devices),), sharding, lambda index: np.zeros((len(devices),), np.float32)[index])
+        rows.append(LaunchRow(num_devices=len(devices),
+                              time_s=_median_blocked_call_s(program, sharded, repeats)))
+    return tuple(rows)
+
+
+def _median_blocked_call_s(fn: Callable, arg, repeats: int) -> float:
+    jax.block_until_ready(fn(arg))  # compile
+    jax.block_until_ready(fn(arg))  # first warm run: caches settle
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(arg))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def profile_memory_bandwidth(device=None, *, array_bytes: Sequence[int] | None = None,
+                             repeats: int = 5) -> tuple[MemoryBandwidthRow, ...]:
+    """Achieved memory bandwidth: time of ``y = 2 * x`` over a large float32 array.
+
+    The pass reads ``x`` and writes ``y``, so it moves twice the array's bytes; the row's
+    ``bytes_per_s`` is that divided by the median time (`run_timed`). This is the ``W`` of
+    the roofline ``max(flops / peak, bytes / W)`` (`LogicalMesh.compute_time_s`).
+
+    Args:
+        device: the device (default: ``jax.devices()[0]``).
+        array_bytes: sizes of ``x`` in bytes (default: by platform, see
+            `DEFAULT_BANDWIDTH_ARRAY_BYTES`); rounded down to whole float32 elements.
+        repeats: timed repeats; the median is kept.
+
+    Example:
+        >>> (row,) = profile_memory_bandwidth(array_bytes=[4096], repeats=2)
+        >>> row.num_bytes, row.bytes_per_s > 0
+        (8192, True)
+    """
+    device = device if device is not None else jax.devices()[0]
+    sizes = tuple(array_bytes) if array_bytes is not None else DEFAULT_BANDWIDTH_ARRAY_BYTES.get(
+        device.platform, DEFAULT_BANDWIDTH_ARRAY_BYTES["gpu"])
+    if any(int(size) < 4 for size in sizes):
+        raise InvalidConfigError(
+            f"array_bytes must be at least 4 bytes (one float32) each; got {list(sizes)}. "
+            "Use e.g. array_bytes=[2**26].")
+    scale = jax.jit(lambda x: x * 2)
+    rows = []
+    for size in sizes:
+        elements = int(size) // 4
+        x = jax.device_put(jnp.ones((elements,), jnp.float32), device)
+        seconds = run_timed(scale, x, repeats=repeats)
+        rows.append(MemoryBandwidthRow(num_bytes=2 * 4 * elements, time_s=seconds))
+        del x
+    return tuple(rows)
+
+
+def format_launch_and_memory(launches: Sequence[LaunchRow],
+                             bandwidths: Sequence[MemoryBandwidthRow]) -> str:
+    """Launch latency per device count and memory bandwidth per array size, as a table."""
+    lines = ["# launch latency: one blocked call of a trivial jitted program",
+             "#  devices    time (us)"]
+    lines += [f"{r.num_devices:>10} {r.time_s * 1e6:>12.1f}" for r in launches]
+    lines += ["# memory bandwidth: y = 2 * x, bytes read + written",
+              "#    bytes moved    time (us)      GB/s"]
+    lines += [f"{r.num_bytes:>16} {r.time_s * 1e6:>12.1f} {r.bytes_per_s / 1e9:>9.2f}"
+              for r in bandwidths]
+    return "\n".join(lines)
 
 
 def format_matmul_table(rows: Sequence[MatmulRow]) -> str:

@@ -1,8 +1,9 @@
-"""The profile database: measured collective and matmul timings, and how to read them back.
+"""The profile database: measured collective, matmul, launch and memory timings.
 
 Input: rows measured by `alpa_lite.profiling.comm` / `compute` (or loaded from JSON). Output:
-``collective_time_s(kind, group_size, num_bytes, link)`` and ``matmul_flops_per_s(dtype,
-flops)`` for the cost model, and an alpha-beta fit per link class for `ClusterSpec`.
+``collective_time_s(kind, group_size, num_bytes, link)``, ``matmul_flops_per_s(dtype,
+flops)``, ``launch_latency_s(num_devices)`` and ``memory_bandwidth_bytes_per_s()`` for the
+cost model, and an alpha-beta fit per link class for `ClusterSpec`.
 
 Sizes follow nccl-tests: ``num_bytes`` is the per-device buffer of the collective (all-reduce:
 the buffer reduced; all-gather: the gathered result; reduce-scatter: the input before
@@ -115,6 +116,44 @@ class MatmulRow:
         return self.flops / self.time_s
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LaunchRow:
+    """Median wall time of launching a trivial jitted program on ``num_devices`` devices.
+
+    The program (``x + 1`` on a tiny array, sharded over the devices when there are several)
+    does almost no work, so its blocked round trip is the fixed cost every program pays:
+    Python dispatch, the runtime's launch, and the wait for completion.
+    """
+
+    num_devices: int
+    time_s: float
+
+    def __post_init__(self):
+        _check_positive(self.num_devices, "num_devices")
+        _check_positive(self.time_s, "time_s")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryBandwidthRow:
+    """One measured elementwise pass over device memory (``y = 2 * x`` on one device).
+
+    Attributes:
+        num_bytes: bytes read plus bytes written (twice the array size).
+        time_s: median seconds of one pass.
+    """
+
+    num_bytes: int
+    time_s: float
+
+    def __post_init__(self):
+        _check_positive(self.num_bytes, "num_bytes")
+        _check_positive(self.time_s, "time_s")
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.num_bytes / self.time_s
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=True)
 class ProfileDatabase:
     """Measured timings of one cluster, queried by the cost model.
@@ -122,6 +161,8 @@ class ProfileDatabase:
     Attributes:
         collectives: measured collectives (any kinds, group sizes, link classes).
         matmuls: measured matmuls (any dtypes and sizes).
+        launches: launch latency of a trivial program, per number of devices it spans.
+        memory_bandwidths: measured elementwise passes over one device's memory.
         metadata: ``(key, value)`` string pairs (device kind, jax version, ...).
 
     Example:
@@ -134,6 +175,8 @@ class ProfileDatabase:
 
     collectives: tuple[CollectiveRow, ...] = ()
     matmuls: tuple[MatmulRow, ...] = ()
+    launches: tuple[LaunchRow, ...] = ()
+    memory_bandwidths: tuple[MemoryBandwidthRow, ...] = ()
     metadata: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
@@ -145,10 +188,14 @@ class ProfileDatabase:
         object.__setattr__(self, "collectives", collectives)
         object.__setattr__(self, "matmuls", matmuls)
         object.__setattr__(self, "metadata", metadata)
+        launches = tuple(sorted(self.launches, key=lambda r: (r.num_devices, r.time_s)))
+        bandwidths = tuple(sorted(self.memory_bandwidths, key=lambda r: (r.num_bytes, r.time_s)))
+        object.__setattr__(self, "launches", launches)
+        object.__setattr__(self, "memory_bandwidths", bandwidths)
         # Derived lookup tables and the hash are computed once: the database is immutable,
         # and the planner hashes meshes (which carry it) on every cached strategy lookup.
         object.__setattr__(self, "_curves", _build_curves(collectives))
-        object.__setattr__(self, "_hash", hash((collectives, matmuls, metadata)))
+        object.__setattr__(self, "_hash", hash((collectives, matmuls, launches, bandwidths, metadata)))
 
     def __hash__(self) -> int:
         return self._hash
@@ -245,11 +292,42 @@ class ProfileDatabase:
     def matmul_dtypes(self) -> tuple[str, ...]:
         return tuple(sorted({r.dtype for r in self.matmuls}))
 
+    def launch_latency_s(self, num_devices: int = 1) -> float | None:
+        """Measured launch latency of a program on ``num_devices`` devices.
+
+        The row of exactly that many devices, else the single-device row, else None (nothing
+        measured). Several rows of one size are averaged.
+
+        Example:
+            >>> db = ProfileDatabase(launches=(LaunchRow(num_devices=1, time_s=2e-5),
+            ...                                LaunchRow(num_devices=8, time_s=9e-5)))
+            >>> db.launch_latency_s(8), db.launch_latency_s(4), ProfileDatabase().launch_latency_s()
+            (9e-05, 2e-05, None)
+        """
+        for size in (int(num_devices), 1):
+            times = [r.time_s for r in self.launches if r.num_devices == size]
+            if times:
+                return sum(times) / len(times)
+        return None
+
+    def memory_bandwidth_bytes_per_s(self) -> float | None:
+        """Achieved memory bandwidth of one device, or None when not measured.
+
+        The largest measured pass is used: smaller ones may run from cache and overstate
+        the bandwidth of device memory.
+        """
+        if not self.memory_bandwidths:
+            return None
+        largest = max(r.num_bytes for r in self.memory_bandwidths)
+        rows = [r for r in self.memory_bandwidths if r.num_bytes == largest]
+        return sum(r.bytes_per_s for r in rows) / len(rows)
+
     # ------------------------------------------------------------- building
 
     def replace(self, **changes) -> "ProfileDatabase":
         """A copy with some fields replaced (e.g. new ``collectives`` after a re-profile)."""
         fields = {"collectives": self.collectives, "matmuls": self.matmuls,
+                  "launches": self.launches, "memory_bandwidths": self.memory_bandwidths,
                   "metadata": self.metadata}
         fields.update(changes)
         return ProfileDatabase(**fields)
@@ -262,6 +340,8 @@ class ProfileDatabase:
             "metadata": dict(self.metadata),
             "collectives": [dataclasses.asdict(r) for r in self.collectives],
             "matmuls": [dataclasses.asdict(r) for r in self.matmuls],
+            "launches": [dataclasses.asdict(r) for r in self.launches],
+            "memory_bandwidths": [dataclasses.asdict(r) for r in self.memory_bandwidths],
         }
 
     @classmethod
@@ -274,14 +354,20 @@ class ProfileDatabase:
         try:
             collectives = tuple(CollectiveRow(**row) for row in data.get("collectives", ()))
             matmuls = tuple(MatmulRow(**row) for row in data.get("matmuls", ()))
+            # launches and memory_bandwidths are newer sections: older files lack them
+            launches = tuple(LaunchRow(**row) for row in data.get("launches", ()))
+            bandwidths = tuple(MemoryBandwidthRow(**row)
+                               for row in data.get("memory_bandwidths", ()))
         except TypeError as err:
             raise InvalidConfigError(
                 f"A profile database row has unexpected or missing fields: {err}. Expected "
-                f"collective rows with {[f.name for f in dataclasses.fields(CollectiveRow)]} "
-                f"and matmul rows with {[f.name for f in dataclasses.fields(MatmulRow)]}."
+                f"collective rows with {[f.name for f in dataclasses.fields(CollectiveRow)]}, "
+                f"matmul rows with {[f.name for f in dataclasses.fields(MatmulRow)]}, launch "
+                f"rows with {[f.name for f in dataclasses.fields(LaunchRow)]} and memory rows "
+                f"with {[f.name for f in dataclasses.fields(MemoryBandwidthRow)]}."
             ) from err
-        return cls(collectives=collectives, matmuls=matmuls,
-                   metadata=tuple(data.get("metadata", {}).items()))
+        return cls(collectives=collectives, matmuls=matmuls, launches=launches,
+                   memory_bandwidths=bandwidths, metadata=tuple(data.get("metadata", {}).items()))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
