@@ -112,7 +112,7 @@ def decode_plan(graph, mesh, planning: PlanningProblem, choices, objective, peak
     roots = {}
     for u, g in enumerate(planning.group_of):
         roots.setdefault(g, u)
-    nodes, compute_s = [], mesh.launch_latency_s  # one program per plan
+    nodes, compute_s = [], 0.0  # operators only: launches are priced per program run
     for u, unit in enumerate(planning.units):
         if unit.node < 0:
             continue
