@@ -207,7 +207,7 @@ class ClusterSpec:
     def launch_latency_for(self, num_devices: int) -> float:
         """Launch latency of a program on ``num_devices`` devices.
 
-        The profile's measurement for that many devices, else its single-device one, else
+        The profile's measurements interpolated to that many devices, else
         ``launch_latency_s``.
         """
         measured = None if self.profile is None else self.profile.launch_latency_s(num_devices)

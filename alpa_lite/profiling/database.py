@@ -295,19 +295,22 @@ class ProfileDatabase:
     def launch_latency_s(self, num_devices: int = 1) -> float | None:
         """Measured launch latency of a program on ``num_devices`` devices.
 
-        The row of exactly that many devices, else the single-device row, else None (nothing
-        measured). Several rows of one size are averaged.
+        Interpolated linearly in the device count between the measured counts (clamped to
+        the nearest one outside them); None when nothing was measured. Several rows of one
+        count are averaged.
 
         Example:
             >>> db = ProfileDatabase(launches=(LaunchRow(num_devices=1, time_s=2e-5),
             ...                                LaunchRow(num_devices=8, time_s=9e-5)))
             >>> db.launch_latency_s(8), db.launch_latency_s(4), ProfileDatabase().launch_latency_s()
-            (9e-05, 2e-05, None)
+            (9e-05, 5e-05, None)
         """
-        for size in (int(num_devices), 1):
-            times = [r.time_s for r in self.launches if r.num_devices == size]
-            if times:
-                return sum(times) / len(times)
+        by_count: dict[int, list[float]] = {}
+        for row in self.launches:
+            by_count.setdefault(row.num_devices, []).append(row.time_s)
+        if by_count:
+            points = sorted((n, sum(t) / len(t)) for n, t in by_count.items())
+            return _interpolate_clamped(points, float(num_devices))
         return None
 
     def memory_bandwidth_bytes_per_s(self) -> float | None:

@@ -169,7 +169,8 @@ def test_with_profile_takes_measured_bandwidth_and_launch_latency_per_mesh_size(
     assert spec.memory_bandwidth_bytes_per_s == pytest.approx(2**27 / 1e-2)  # largest pass
     assert spec.launch_latency_s == 7e-6
     assert spec.logical_mesh((1, 8), (8,)).launch_latency_s == 1e-4
-    assert spec.logical_mesh((1, 4), (4,)).launch_latency_s == 7e-6  # single-device fallback
+    assert spec.logical_mesh((1, 4), (4,)).launch_latency_s == pytest.approx(
+        7e-6 + 3 * (1e-4 - 7e-6) / 7)  # interpolated between 1 and 8 devices
     loaded = ClusterSpec.from_json(spec.to_json())
     assert loaded == spec
 
