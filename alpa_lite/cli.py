@@ -120,10 +120,11 @@ def _run_profile_compute(args) -> int:
                                              profile_launch_latency, profile_matmul,
                                              profile_memory_bandwidth)
 
-    rows = profile_matmul(devices[0], dtypes=args.dtypes, sizes=args.sizes,
+    # every device computes at once: what each achieves in a mesh (shared CPU cores)
+    rows = profile_matmul(devices=devices, dtypes=args.dtypes, sizes=args.sizes,
                           repeats=args.repeats, show_progress=not args.no_progress)
     launches = profile_launch_latency(devices, repeats=args.launch_repeats)
-    bandwidths = profile_memory_bandwidth(devices[0], array_bytes=args.bandwidth_bytes,
+    bandwidths = profile_memory_bandwidth(devices=devices, array_bytes=args.bandwidth_bytes,
                                           repeats=args.repeats)
     print(format_matmul_table(rows))
     print(format_launch_and_memory(launches, bandwidths))

@@ -202,7 +202,14 @@ class ClusterSpec:
             peak_flops_per_s=self.peak_flops(dtype), profile=self.profile, axis_links=links,
             peak_flops_by_dtype=self.peak_flops_per_s,
             memory_bandwidth_bytes_per_s=self.memory_bandwidth_bytes_per_s,
-            launch_latency_s=self.launch_latency_for(n_hosts * n_devices))
+            launch_latency_s=self.launch_latency_for(n_hosts * n_devices),
+            op_latency_s=self.op_latency_for(n_hosts * n_devices))
+
+    def op_latency_for(self, num_devices: int) -> float:
+        """Extra seconds per operator of a program on ``num_devices`` devices: the profile's
+        measurement (interpolated), else 0 (not modelled)."""
+        measured = None if self.profile is None else self.profile.op_latency_s(num_devices)
+        return 0.0 if measured is None else measured
 
     def launch_latency_for(self, num_devices: int) -> float:
         """Launch latency of a program on ``num_devices`` devices.

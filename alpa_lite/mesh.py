@@ -40,6 +40,7 @@ class LogicalMesh:
             when unknown (then `compute_time_s` prices flops only, unless ``profile`` has a
             measured bandwidth).
         launch_latency_s: fixed cost of launching one program on this mesh, in seconds.
+        op_latency_s: fixed cost of each unfused operator (kernel) in a program, in seconds.
         profile: measured collective times (`alpa_lite.profiling.ProfileDatabase`); when set,
             `estimate_collective_s` interpolates them instead of using alpha/beta.
         axis_links: link class of each mesh axis, ``"intra"`` (within a host) or ``"inter"``
@@ -62,6 +63,7 @@ class LogicalMesh:
     peak_flops_by_dtype: tuple[tuple[str, float], ...] = ()
     memory_bandwidth_bytes_per_s: float | None = None
     launch_latency_s: float = 0.0
+    op_latency_s: float = 0.0
 
     def __post_init__(self):
         shape = tuple(int(s) for s in self.shape)
@@ -100,6 +102,11 @@ class LogicalMesh:
                 f"launch_latency_s must be a finite number of seconds >= 0; got {latency!r}. "
                 "Use e.g. launch_latency_s=1e-5, or 0 to ignore launch costs.")
         object.__setattr__(self, "launch_latency_s", float(latency))
+        if not (math.isfinite(self.op_latency_s) and self.op_latency_s >= 0):
+            raise InvalidConfigError(
+                f"op_latency_s must be a finite number of seconds >= 0; got "
+                f"{self.op_latency_s!r}.")
+        object.__setattr__(self, "op_latency_s", float(self.op_latency_s))
 
     @property
     def num_devices(self) -> int:

@@ -84,7 +84,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out-dir", default="docs/benchmarks")
     parser.add_argument("--no-write", dest="write", action="store_false")
+    parser.add_argument("--profile", default=None, metavar="DB.json",
+                        help="price plans with this profile database (from alpa-lite profile "
+                             "comm|compute --out DB.json): parallelize(..., cluster="
+                             "ClusterSpec.from_devices(profile=...))")
     args = parser.parse_args()
+    args.cluster = None
+    if args.profile:
+        args.cluster = alpa_lite.ClusterSpec.from_devices(
+            profile=alpa_lite.ProfileDatabase.load(args.profile))
     args.pipeline_layers, args.memory = args.layers, True
     command = f"python {' '.join(sys.argv)}"
     print(f"Command: `{command}`\n{machine_info()}", flush=True)
@@ -133,7 +141,8 @@ def main() -> None:
     print("\n" + text)
     if args.write:
         os.makedirs(args.out_dir, exist_ok=True)
-        path = os.path.join(args.out_dir, "cost_model.md")
+        path = os.path.join(args.out_dir,
+                            "cost_model_profiled.md" if args.profile else "cost_model.md")
         with open(path, "w") as f:
             f.write(text + "\n")
         print(f"\nwrote {path}")

@@ -162,7 +162,8 @@ class Runner:
             if self.method is None:
                 self.fn = jax.jit(work.train_step)
             else:
-                self.fn = alpa_lite.parallelize(work.train_step, method=self.method)
+                self.fn = alpa_lite.parallelize(work.train_step, method=self.method,
+                                                cluster=getattr(self.args, "cluster", None))
                 start = time.perf_counter()
                 plan = self.fn.plan(work.state, work.batch)
                 r.plan_s = time.perf_counter() - start

@@ -41,6 +41,22 @@ DATA_MOVEMENT_PRIMITIVES = (
     grad_boundary_p, layer_boundary_p, manual_boundary_p,
 )
 
+# XLA fuses these into the loop of the operator they feed (or read from): they move no bytes
+# of their own through device memory, so the roofline prices their flops only.
+FUSED_PRIMITIVES = ELEMENTWISE_PRIMITIVES + (
+    prims.broadcast_in_dim_p, prims.reshape_p, prims.squeeze_p, prims.iota_p,
+    grad_boundary_p, layer_boundary_p, manual_boundary_p,
+)
+
+# Operators that stay kernels of their own after XLA's fusion (matmuls, convolutions,
+# reductions, gathers and scatters, sorts): each pays a per-kernel latency (`op_latency_s`).
+KERNEL_PRIMITIVES = (
+    prims.dot_general_p, prims.conv_general_dilated_p, prims.reduce_sum_p, prims.reduce_max_p,
+    prims.reduce_min_p, prims.reduce_prod_p, prims.argmax_p, prims.argmin_p, prims.cumsum_p,
+    prims.cumprod_p, prims.cummax_p, prims.cummin_p, prims.cumlogsumexp_p, prims.sort_p,
+    prims.gather_p, prims.scatter_p, prims.scatter_add_p, prims.dynamic_update_slice_p,
+)
+
 REDUCTION_PRIMITIVES = (
     prims.reduce_sum_p, prims.reduce_max_p, prims.reduce_min_p, prims.reduce_prod_p,
     prims.reduce_and_p, prims.reduce_or_p, prims.reduce_xor_p, prims.argmax_p, prims.argmin_p,

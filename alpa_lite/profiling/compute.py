@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.profiling.database import LaunchRow, MatmulRow, MemoryBandwidthRow
@@ -69,11 +71,19 @@ def run_timed(fn: Callable, *args, repeats: int = 5, min_repeat_s: float = 1e-3)
 
 def profile_matmul(device=None, *, dtypes: Sequence[str] = ("float32", "bfloat16"),
                    sizes: Sequence[int] | None = None, repeats: int = 5,
-                   show_progress: bool = False) -> tuple[MatmulRow, ...]:
-    """Times square ``(n, n) @ (n, n)`` matmuls on one device for every dtype and size.
+                   show_progress: bool = False, devices: Sequence | None = None
+                   ) -> tuple[MatmulRow, ...]:
+    """Times square ``(n, n) @ (n, n)`` matmuls for every dtype and size.
+
+    With ``devices``, every one of them runs its own matmul at the same time (one sharded
+    program) and the row is the time of one device's matmul while all compute: what a
+    device of a mesh achieves when its neighbours are busy too. That matters where devices
+    share hardware (simulated CPU devices share the host's cores); on GPUs it equals the
+    single-device number.
 
     Args:
-        device: the device (default: ``jax.devices()[0]``).
+        device: the device when ``devices`` is not given (default: ``jax.devices()[0]``).
+        devices: devices to load at once (see above).
         dtypes: jax dtype names, e.g. ``("float32", "bfloat16")``.
         sizes: matrix sizes ``n`` (default: by platform, see `DEFAULT_MATMUL_SIZES`).
         repeats: timed repeats; the median is kept.
@@ -83,7 +93,9 @@ def profile_matmul(device=None, *, dtypes: Sequence[str] = ("float32", "bfloat16
         One `MatmulRow` per (dtype, size); ``row.flops_per_s`` is the achieved throughput.
         On GPUs, float32 dots use jax's default precision (TF32 on Ampere and newer).
     """
-    device = device if device is not None else jax.devices()[0]
+    devices = list(devices) if devices is not None else [
+        device if device is not None else jax.devices()[0]]
+    device = devices[0]
     sizes = tuple(sizes) if sizes is not None else DEFAULT_MATMUL_SIZES.get(
         device.platform, DEFAULT_MATMUL_SIZES["gpu"])
     for dtype in dtypes:
@@ -97,9 +109,11 @@ def profile_matmul(device=None, *, dtypes: Sequence[str] = ("float32", "bfloat16
     rows = []
     with progress_bar(show_progress, "matmul", len(cases)) as advance:
         for dtype, n in cases:
-            lhs = jax.device_put(jnp.ones((n, n), dtype), device)
-            rhs = jax.device_put(jnp.ones((n, n), dtype), device)
-            seconds = run_timed(jax.jit(jnp.matmul), lhs, rhs, repeats=repeats)
+            sharding = NamedSharding(Mesh(np.array(devices), ("d",)), P("d"))
+            lhs = jax.device_put(jnp.ones((len(devices), n, n), dtype), sharding)
+            rhs = jax.device_put(jnp.ones((len(devices), n, n), dtype), sharding)
+            seconds = run_timed(jax.jit(jnp.matmul, out_shardings=sharding), lhs, rhs,
+                                repeats=repeats)
             rows.append(MatmulRow(dtype=str(jnp.dtype(dtype)), m=n, n=n, k=n, time_s=seconds))
             advance(f"matmul {dtype} n={n}")
     return tuple(rows)
@@ -118,12 +132,14 @@ def profile_launch_latency(devices=None, *, repeats: int = 50) -> tuple[LaunchRo
         repeats: timed calls; the median is kept.
 
     Returns:
-        ``LaunchRow(num_devices=1, ...)`` and, with several devices, a second row for all.
+        ``LaunchRow(num_devices=1, ...)`` and, with several devices, a second row for all;
+        then ``kind="operator"`` rows: the extra time per operator of a program on 1, half
+        and all of the devices.
 
     Example:
         >>> rows = profile_launch_latency(jax.devices()[:1], repeats=3)
-        >>> [r.num_devices for r in rows], rows[0].time_s > 0
-        ([1], True)
+        >>> [(r.num_devices, r.kind) for r in rows], rows[0].time_s > 0
+        ([(1, 'program'), (1, 'operator')], True)
     """
     if repeats < 1:
         raise InvalidConfigError(f"repeats must be >= 1; got {repeats}. Use e.g. repeats=50.")
@@ -139,7 +155,28 @@ def profile_launch_latency(devices=None, *, repeats: int = 50) -> tuple[LaunchRo
             (len(devices),), sharding, lambda index: np.zeros((len(devices),), np.float32)[index])
         rows.append(LaunchRow(num_devices=len(devices),
                               time_s=_median_blocked_call_s(program, sharded, repeats)))
+    counts = sorted({1, len(devices)} | ({len(devices) // 2} if len(devices) > 2 else set()))
+    rows += [LaunchRow(num_devices=n, time_s=_operator_latency_s(devices[:n]), kind="operator")
+             for n in counts]
     return tuple(rows)
+
+
+def _operator_latency_s(devices, short: int = 10, long: int = 200) -> float:
+    """Seconds per extra operator in a program on ``devices``: each device runs a chain of
+    tiny matmuls (one kernel each); the slope between a short and a long chain."""
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("d",)),
+                                          jax.sharding.PartitionSpec("d"))
+    x = jax.device_put(jnp.ones((len(devices), 16, 16), jnp.float32), sharding)
+
+    def chain(length: int):
+        def run(x):
+            for _ in range(length):
+                x = jnp.tanh(x @ x) * 0.5
+            return x
+        return jax.jit(run, out_shardings=sharding)
+
+    times = [run_timed(chain(n), x, repeats=5) for n in (short, long)]
+    return max((times[1] - times[0]) / (long - short), 1e-9)
 
 
 def _median_blocked_call_s(fn: Callable, arg, repeats: int) -> float:
@@ -154,7 +191,8 @@ def _median_blocked_call_s(fn: Callable, arg, repeats: int) -> float:
 
 
 def profile_memory_bandwidth(device=None, *, array_bytes: Sequence[int] | None = None,
-                             repeats: int = 5) -> tuple[MemoryBandwidthRow, ...]:
+                             repeats: int = 5, devices: Sequence | None = None
+                             ) -> tuple[MemoryBandwidthRow, ...]:
     """Achieved memory bandwidth: time of ``y = 2 * x`` over a large float32 array.
 
     The pass reads ``x`` and writes ``y``, so it moves twice the array's bytes; the row's
@@ -162,8 +200,10 @@ def profile_memory_bandwidth(device=None, *, array_bytes: Sequence[int] | None =
     the roofline ``max(flops / peak, bytes / W)`` (`LogicalMesh.compute_time_s`).
 
     Args:
-        device: the device (default: ``jax.devices()[0]``).
-        array_bytes: sizes of ``x`` in bytes (default: by platform, see
+        device: the device when ``devices`` is not given (default: ``jax.devices()[0]``).
+        devices: devices that each scale their own array at once (per-device bandwidth while
+            all are busy, as `profile_matmul`).
+        array_bytes: sizes of ``x`` in bytes (per device) (default: by platform, see
             `DEFAULT_BANDWIDTH_ARRAY_BYTES`); rounded down to whole float32 elements.
         repeats: timed repeats; the median is kept.
 
@@ -172,18 +212,21 @@ def profile_memory_bandwidth(device=None, *, array_bytes: Sequence[int] | None =
         >>> row.num_bytes, row.bytes_per_s > 0
         (8192, True)
     """
-    device = device if device is not None else jax.devices()[0]
+    devices = list(devices) if devices is not None else [
+        device if device is not None else jax.devices()[0]]
+    device = devices[0]
     sizes = tuple(array_bytes) if array_bytes is not None else DEFAULT_BANDWIDTH_ARRAY_BYTES.get(
         device.platform, DEFAULT_BANDWIDTH_ARRAY_BYTES["gpu"])
     if any(int(size) < 4 for size in sizes):
         raise InvalidConfigError(
             f"array_bytes must be at least 4 bytes (one float32) each; got {list(sizes)}. "
             "Use e.g. array_bytes=[2**26].")
-    scale = jax.jit(lambda x: x * 2)
+    sharding = NamedSharding(Mesh(np.array(devices), ("d",)), P("d"))
+    scale = jax.jit(lambda x: x * 2, out_shardings=sharding)
     rows = []
     for size in sizes:
         elements = int(size) // 4
-        x = jax.device_put(jnp.ones((elements,), jnp.float32), device)
+        x = jax.device_put(jnp.ones((len(devices) * elements,), jnp.float32), sharding)
         seconds = run_timed(scale, x, repeats=repeats)
         rows.append(MemoryBandwidthRow(num_bytes=2 * 4 * elements, time_s=seconds))
         del x
@@ -193,9 +236,10 @@ def profile_memory_bandwidth(device=None, *, array_bytes: Sequence[int] | None =
 def format_launch_and_memory(launches: Sequence[LaunchRow],
                              bandwidths: Sequence[MemoryBandwidthRow]) -> str:
     """Launch latency per device count and memory bandwidth per array size, as a table."""
-    lines = ["# launch latency: one blocked call of a trivial jitted program",
-             "#  devices    time (us)"]
-    lines += [f"{r.num_devices:>10} {r.time_s * 1e6:>12.1f}" for r in launches]
+    lines = ["# launch latency: one blocked call of a trivial jitted program (program), and the",
+             "# extra time per operator inside a program (operator)",
+             "#  devices    time (us)  kind"]
+    lines += [f"{r.num_devices:>10} {r.time_s * 1e6:>12.2f}  {r.kind}" for r in launches]
     lines += ["# memory bandwidth: y = 2 * x, bytes read + written",
               "#    bytes moved    time (us)      GB/s"]
     lines += [f"{r.num_bytes:>16} {r.time_s * 1e6:>12.1f} {r.bytes_per_s / 1e9:>9.2f}"

@@ -118,19 +118,24 @@ class MatmulRow:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LaunchRow:
-    """Median wall time of launching a trivial jitted program on ``num_devices`` devices.
+    """A fixed cost measured on ``num_devices`` devices.
 
-    The program (``x + 1`` on a tiny array, sharded over the devices when there are several)
-    does almost no work, so its blocked round trip is the fixed cost every program pays:
-    Python dispatch, the runtime's launch, and the wait for completion.
+    ``kind="program"``: the median wall time of launching a trivial jitted program (``x + 1``
+    on a tiny array, sharded over the devices when there are several): the fixed cost every
+    program pays (Python dispatch, the runtime's launch, the wait for completion).
+    ``kind="operator"``: the extra time per operator (kernel) inside a program, from a chain
+    of tiny matmuls (the slope between a short and a long chain): what each unfused operator
+    costs beyond its flops and bytes (on CPU, the devices' kernels share the host's cores).
     """
 
     num_devices: int
     time_s: float
+    kind: str = "program"
 
     def __post_init__(self):
         _check_positive(self.num_devices, "num_devices")
         _check_positive(self.time_s, "time_s")
+        _check_choice(self.kind, ("program", "operator"), "LaunchRow.kind")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -188,7 +193,7 @@ class ProfileDatabase:
         object.__setattr__(self, "collectives", collectives)
         object.__setattr__(self, "matmuls", matmuls)
         object.__setattr__(self, "metadata", metadata)
-        launches = tuple(sorted(self.launches, key=lambda r: (r.num_devices, r.time_s)))
+        launches = tuple(sorted(self.launches, key=lambda r: (r.kind, r.num_devices, r.time_s)))
         bandwidths = tuple(sorted(self.memory_bandwidths, key=lambda r: (r.num_bytes, r.time_s)))
         object.__setattr__(self, "launches", launches)
         object.__setattr__(self, "memory_bandwidths", bandwidths)
@@ -305,9 +310,18 @@ class ProfileDatabase:
             >>> db.launch_latency_s(8), db.launch_latency_s(4), ProfileDatabase().launch_latency_s()
             (9e-05, 5e-05, None)
         """
+        return self._fixed_cost_s("program", num_devices)
+
+    def op_latency_s(self, num_devices: int = 1) -> float | None:
+        """Measured extra seconds per operator of a program on ``num_devices`` devices
+        (interpolated like `launch_latency_s`), or None."""
+        return self._fixed_cost_s("operator", num_devices)
+
+    def _fixed_cost_s(self, kind: str, num_devices: int) -> float | None:
         by_count: dict[int, list[float]] = {}
         for row in self.launches:
-            by_count.setdefault(row.num_devices, []).append(row.time_s)
+            if row.kind == kind:
+                by_count.setdefault(row.num_devices, []).append(row.time_s)
         if by_count:
             points = sorted((n, sum(t) / len(t)) for n, t in by_count.items())
             return _interpolate_clamped(points, float(num_devices))
