@@ -243,8 +243,12 @@ def test_launch_and_memory_rows_validate_their_fields():
 
 def test_real_launch_latency_on_one_device_and_on_all():
     rows = profile_launch_latency(repeats=3)
-    assert [r.num_devices for r in rows] == [1, len(jax.devices())]
+    n = len(jax.devices())
+    assert [(r.num_devices, r.kind) for r in rows] == [
+        (1, "program"), (n, "program"), (1, "operator"), (n // 2, "operator"), (n, "operator")]
     assert all(0 < r.time_s < 1.0 for r in rows)
+    db = ProfileDatabase(launches=rows)
+    assert db.op_latency_s(n) > 0 and db.launch_latency_s(n) == rows[1].time_s
 
 
 def test_real_memory_bandwidth_on_cpu():
