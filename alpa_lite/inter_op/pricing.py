@@ -43,6 +43,7 @@ from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.intra_op.strategies import spec_shards
 from alpa_lite.inter_op.stage_dp import StageProblem, solve_stage_dp
 from alpa_lite.mesh import LogicalMesh
+from alpa_lite.stage_planning import StageAssignment
 
 SubmeshView = tuple[tuple[int, int], tuple[int, ...]]
 
@@ -246,8 +247,6 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
         InfeasiblePlanError: no assignment fits ``memory_budget_bytes``; states the smallest
             per-device memory of any assignment.
     """
-    from alpa_lite.stage_planning import StageAssignment
-
     options = list(priced)
     num_layers = len(next(iter(priced.values())))
     alpha, beta = link
