@@ -17,8 +17,8 @@ and `MemoryPairTerm`s over liveness points (one point per graph node), so that
 
 XLA fuses chains of elementwise and layout operators into the operator that consumes them, so
 their intermediate results never get a buffer: a value produced by such an operator and read
-only by such operators or reductions is not counted (its operands instead stay live until the
-fused consumer runs). What is not modelled: the exact choices of XLA's fusion heuristics
+by exactly one such operator or reduction is not counted (its operands instead stay live
+until the fused consumer runs). What is not modelled: the exact choices of XLA's fusion heuristics
 (duplication vs. materialisation of values read many times), buffer reuse across differently
 shaped values, scheduling that moves collectives, and allocator fragmentation. These make the
 prediction an estimate (within about 25 % on the GPT presets, see
@@ -50,20 +50,28 @@ FUSING_READERS = FUSIBLE_PRIMITIVES | {
 
 
 def find_fused_values(graph, is_transparent) -> set[int]:
-    """Values XLA computes inside the fusion of their readers (no buffer of their own)."""
-    readers: dict[int, list] = {}
+    """Values XLA computes inside the fusion of their reader (no buffer of their own).
+
+    A result of a fusible operator (elementwise, broadcast, reshape, transpose, ...) that
+    exactly one operator reads, and that operator can fuse it (another fusible operator or a
+    reduction), is computed inside that reader's fusion. A value read by several operators
+    (e.g. the residual stream, read by the next layer and by the backward pass) gets a buffer:
+    XLA duplicates only cheap producers into several fusions, and those duplicates would keep
+    their own operands live instead, so the buffer is the better estimate.
+    """
+    readers: dict[int, dict[int, object]] = {}
     for node in graph.nodes:
         for v in node.invars:
             if isinstance(v, int):
-                readers.setdefault(v, []).append(node.primitive)
+                readers.setdefault(v, {})[node.index] = node.primitive
     outputs = {v for v in graph.outputs if isinstance(v, int)}
     fused = set()
     for node in graph.nodes:
         if node.primitive not in FUSIBLE_PRIMITIVES or is_transparent(node.primitive):
             continue
         for vid in node.outvars:
-            users = readers.get(vid, ())
-            if vid not in outputs and users and all(p in FUSING_READERS for p in users):
+            users = list(readers.get(vid, {}).values())
+            if vid not in outputs and len(users) == 1 and users[0] in FUSING_READERS:
                 fused.add(vid)
     return fused
 
