@@ -11,8 +11,8 @@ per edge (u, v), a resharding cost matrix R_uv:
 
 Most memory terms belong to one group. A *pair* term (a resharded copy of a value, or a step
 output whose producer's layout may differ from the output's) has bytes m[p, q] that depend on
-two groups' choices; `memory_profile` evaluates it exactly, while the ILP's memory constraint
-uses the linear upper bound max_p m[p, q] . s_v[q] (exact when either group has one strategy).
+two groups' choices; it enters the memory constraints through one continuous y per term with
+y >= m[p, q] (s_u[p] + s_v[q] - 1), which equals m at the chosen (p, q) for binary s.
 
 Strategies whose rows (columns) of R_uv are equal are grouped into one class, which keeps the
 model small without weakening it; with binary s the flow constraints force e to be 0/1, so e
@@ -277,6 +277,7 @@ class _ModelBuilder:
         problem = self.problem
         model = pulp.LpProblem("alpa_lite_sharding", pulp.LpMinimize)
         self.s_vars = []
+        self.pair_vars: dict[int, pulp.LpVariable] = {}
         objective = []
         for g, costs in enumerate(self.node_costs):
             if len(costs) == 1:
@@ -326,26 +327,36 @@ class _ModelBuilder:
                 continue
             for x, b in zip(vars_g, term.bytes_per_strategy):
                 coeffs[x] = coeffs.get(x, 0.0) + float(b)
-        for term in self.problem.memory_pair_terms:
+        for i, term in enumerate(self.problem.memory_pair_terms):
             if term.first_point <= t <= term.last_point:
-                constant += self._add_pair_coeffs(term, coeffs)
+                constant += self._add_pair_coeffs(model, i, term, coeffs)
         expr = pulp.LpAffineExpression(list(coeffs.items()))
         if budget_var is None:
             model += expr <= self.problem.memory_budget_bytes - constant
         else:
             model += expr - budget_var <= -constant
 
-    def _add_pair_coeffs(self, term: MemoryPairTerm, coeffs: dict) -> float:
-        """Adds a linear bound of a pair term to ``coeffs``; returns its constant part."""
+    def _add_pair_coeffs(self, model, index: int, term: MemoryPairTerm, coeffs: dict) -> float:
+        """Adds a pair term's bytes to ``coeffs`` (linear in s); returns its constant part."""
         src, dst = self.s_vars[term.src_group], self.s_vars[term.dst_group]
         matrix = np.asarray(term.bytes_matrix, dtype=float)
         if src is None and dst is None:
             return float(matrix[0, 0])
-        # Exact when one side is fixed; otherwise the worst case over the source's choice.
-        vars_g, column = (dst, matrix[0, :]) if src is None else (
-            (src, matrix[:, 0]) if dst is None else (dst, matrix.max(axis=0)))
-        for x, b in zip(vars_g, column):
-            coeffs[x] = coeffs.get(x, 0.0) + float(b)
+        if src is None or dst is None:  # one side fixed: a row or column of the matrix
+            vars_g, column = (dst, matrix[0, :]) if src is None else (src, matrix[:, 0])
+            for x, b in zip(vars_g, column):
+                coeffs[x] = coeffs.get(x, 0.0) + float(b)
+            return 0.0
+        if index not in self.pair_vars:
+            # y >= m[p, q] (s_u[p] + s_v[q] - 1): y is m[choice] at the optimum, since it only
+            # appears on the left of <= constraints.
+            y = model.add_variable(f"m{index}", 0, None)
+            for p, q in zip(*np.nonzero(matrix)):
+                model += pulp.LpAffineExpression(
+                    [(y, 1.0), (src[p], -matrix[p, q]), (dst[q], -matrix[p, q])]
+                ) >= -float(matrix[p, q])
+            self.pair_vars[index] = y
+        coeffs[self.pair_vars[index]] = coeffs.get(self.pair_vars[index], 0.0) + 1.0
         return 0.0
 
     def decode(self) -> tuple[int, ...] | None:
