@@ -120,3 +120,28 @@ def test_ilp_with_pair_terms_respects_the_budget_like_brute_force():
     got = solve_sharding_problem(problem)
     assert got.peak_memory_bytes <= 6.0
     assert got.objective == pytest.approx(expected.objective)
+
+
+def _sgd_step_plan(donated_inputs):
+    import jax
+
+    from alpa_lite.graph import build_op_graph
+    from alpa_lite.intra_op.planner import solve_intra_op
+    from alpa_lite.intra_op.problem import InputRole, SpecPolicy
+    from alpa_lite.mesh import LogicalMesh
+
+    def step(w, x):
+        grad = jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w)))(w)
+        return w - 0.1 * grad
+
+    w, x = jnp.ones((256, 256)), jnp.ones((64, 256))
+    graph = build_op_graph(jax.make_jaxpr(step)(w, x))
+    return solve_intra_op(graph, LogicalMesh(shape=(8,)), input_roles=[InputRole.PARAM,
+                          InputRole.BATCH], input_paths=["w", "x"], policy=SpecPolicy.DATA,
+                          alias_pairs=[(0, 0)], donated_inputs=donated_inputs)
+
+
+def test_donated_state_is_counted_once():
+    kept, donated = _sgd_step_plan(frozenset()), _sgd_step_plan(frozenset({0}))
+    param_bytes = 256 * 256 * 4  # replicated under data parallelism
+    assert kept.peak_memory_bytes - donated.peak_memory_bytes == pytest.approx(param_bytes)
