@@ -18,11 +18,16 @@ and `MemoryPairTerm`s over liveness points (one point per graph node), so that
 XLA fuses chains of elementwise and layout operators into the operator that consumes them, so
 their intermediate results never get a buffer: a value produced by such an operator and read
 by exactly one such operator or reduction is not counted (its operands instead stay live
-until the fused consumer runs). What is not modelled: the exact choices of XLA's fusion heuristics
-(duplication vs. materialisation of values read many times), buffer reuse across differently
-shaped values, scheduling that moves collectives, and allocator fragmentation. These make the
-prediction an estimate (within about 25 % on the GPT presets, see
-tests/intra_op/test_memory_accuracy.py), not a bound.
+until the fused consumer runs). A fusible value whose reader needs another spec is materialised for the
+collective. What is not modelled: the exact choices of XLA's fusion heuristics (duplication
+vs. materialisation of values read many times; XLA:CPU's custom reduction fusions, which read
+some broadcasts as materialised buffers), its scheduler (which may compute a broadcast of a
+parameter at the start of the program and keep it until the backward pass, or move
+collectives), buffer reuse across differently shaped values (temporaries placed in output
+buffers before those are written are modelled; other sharing is not) and allocator
+fragmentation. So the prediction is an estimate (within 25 % of XLA's footprint on gpt-tiny
+presets for every ShardParallel-family method, see tests/intra_op/test_memory_accuracy.py),
+not a bound.
 """
 
 from __future__ import annotations
@@ -122,10 +127,14 @@ def build_memory_terms(graph, mesh, builder, grouping, group_of, output_units,
     always_live = set(graph.inputs) | {vid for vid, _ in graph.consts}
     terms, pair_terms = [], []
     for vid, (unit, idx) in builder.owner.items():
-        if builder.units[unit].outputs[idx] != vid or vid in fused:
-            continue  # an alias of another value (counted at its source), or fused away
+        if builder.units[unit].outputs[idx] != vid:
+            continue  # an alias of another value: counted once, at its source
         specs = grouping.out_specs(vid)
         per_strategy = _bytes_per_spec(graph.avals[vid], specs, mesh)
+        if vid in fused:
+            _add_unfused_for_resharding(graph, vid, specs, per_strategy, builder, grouping,
+                                        group_of, terms, pair_terms)
+            continue
         first = max(graph.producer[vid], 0)
         if vid in always_live or vid in plain_out:
             first = 0 if vid in always_live else first
@@ -173,6 +182,20 @@ def _add_pair(terms, pair_terms, src, dst, matrix, first, last) -> None:
         terms.append(MemoryTerm(src, np.diag(matrix).copy(), first, last))
     else:
         pair_terms.append(MemoryPairTerm(src, dst, matrix, first, last))
+
+
+def _add_unfused_for_resharding(graph, vid, specs, per_strategy, builder, grouping, group_of,
+                                terms, pair_terms) -> None:
+    """A fusible value whose reader wants another spec is materialised for the collective."""
+    for u, unit in enumerate(builder.units):
+        if unit.node < 0 or vid not in unit.operands:
+            continue
+        wanted = grouping.in_specs(u, unit.operands.index(vid))
+        matrix = np.array([[0.0 if w is None or w == s else b for w in wanted]
+                           for s, b in zip(specs, per_strategy)])
+        first = max(graph.producer[vid], 0)
+        _add_pair(terms, pair_terms, group_of[grouping.owner[vid][0]], group_of[u], matrix,
+                  first, max(unit.node, first))
 
 
 def _add_resharding_terms(graph, mesh, builder, grouping, group_of, terms, pair_terms):
