@@ -30,7 +30,7 @@ from alpa_lite.intra_op.ilp import ShardingProblem
 from alpa_lite.intra_op.memory_terms import build_memory_terms
 from alpa_lite.intra_op.resharding import estimate_resharding_s, tensor_bytes
 from alpa_lite.intra_op.strategies import (FactorRule, Spec, Strategy, enumerate_factor_strategies,
-                                           format_spec, replicated_spec, spec_shards)
+                                           format_spec, replicated_spec)
 from alpa_lite.intra_op.strategy_rules import (StrategyContext, build_node_rule,
                                                enumerate_node_strategies, replicated_for)
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
