@@ -169,6 +169,24 @@ class ParallelPlan:
             return self.num_micro_batches * self.sharding.compute_s + self.sharding.objective
         return math.nan
 
+    @property
+    def peak_memory_bytes(self) -> float:
+        """Predicted peak memory per device (bytes), for every method.
+
+        The intra-op plan's peak for the ShardParallel family; for pipelines, the largest of
+        the stages' peaks (each stage runs on its own devices); NaN when the plan has neither.
+
+        Example:
+            >>> ParallelPlan("PipeshardParallel", 2, None, 0.0, stages=(
+            ...     {"peak_memory_bytes": 3.0}, {"peak_memory_bytes": 5.0})).peak_memory_bytes
+            5.0
+        """
+        if self.sharding is not None:
+            return float(self.sharding.peak_memory_bytes)
+        peaks = [float(s["peak_memory_bytes"]) for s in self.stages
+                 if isinstance(s, dict) and "peak_memory_bytes" in s]
+        return max(peaks) if peaks else math.nan
+
     def summary(self, max_rows: int = 40) -> str:
         """A readable table: mesh, objective, solver, inputs and the main operator choices."""
         from alpa_lite.summary import format_plan_summary

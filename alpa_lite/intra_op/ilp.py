@@ -9,6 +9,11 @@ per edge (u, v), a resharding cost matrix R_uv:
                sum_a e_uv[a, b] = sum_{q in b} s_v[q]      (column classes b of R_uv)
                sum_{terms live at t} m_term . s_g(term) <= M   for every liveness point t
 
+Most memory terms belong to one group. A *pair* term (a resharded copy of a value, or a step
+output whose producer's layout may differ from the output's) has bytes m[p, q] that depend on
+two groups' choices; it enters the memory constraints through one continuous y per term with
+y >= m[p, q] (s_u[p] + s_v[q] - 1), which equals m at the chosen (p, q) for binary s.
+
 Strategies whose rows (columns) of R_uv are equal are grouped into one class, which keeps the
 model small without weakening it; with binary s the flow constraints force e to be 0/1, so e
 is continuous. Memory constraints are added lazily: solve, find the points above the budget,
@@ -42,6 +47,18 @@ class MemoryTerm:
 
 
 @dataclasses.dataclass(frozen=True)
+class MemoryPairTerm:
+    """Bytes per device ``bytes_matrix[p, q]`` when group ``src_group`` picks p and
+    ``dst_group`` picks q, live on points first..last (a copy made by resharding)."""
+
+    src_group: int
+    dst_group: int
+    bytes_matrix: np.ndarray
+    first_point: int
+    last_point: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ShardingProblem:
     """The ILP's input: numbers only.
 
@@ -52,6 +69,7 @@ class ShardingProblem:
         num_points: number of liveness points (memory terms index into ``range(num_points)``).
         memory_budget_bytes: per-device budget, or None for no memory constraint.
         names: a readable name per group (for messages).
+        memory_pair_terms: values whose bytes depend on two groups' choices.
     """
 
     node_costs: tuple[np.ndarray, ...]
@@ -60,6 +78,7 @@ class ShardingProblem:
     num_points: int = 1
     memory_budget_bytes: float | None = None
     names: tuple[str, ...] = ()
+    memory_pair_terms: tuple[MemoryPairTerm, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +117,10 @@ def memory_profile(problem: ShardingProblem, choices) -> np.ndarray:
     diff = np.zeros(problem.num_points + 1)
     for term in problem.memory_terms:
         b = float(term.bytes_per_strategy[choices[term.group]])
+        diff[term.first_point] += b
+        diff[term.last_point + 1] -= b
+    for term in problem.memory_pair_terms:
+        b = float(term.bytes_matrix[choices[term.src_group], choices[term.dst_group]])
         diff[term.first_point] += b
         diff[term.last_point + 1] -= b
     return np.cumsum(diff)[:-1]
@@ -204,6 +227,10 @@ def _memory_lower_bound(problem: ShardingProblem) -> float:
         b = float(np.min(term.bytes_per_strategy))
         diff[term.first_point] += b
         diff[term.last_point + 1] -= b
+    for term in problem.memory_pair_terms:
+        b = float(np.min(term.bytes_matrix))
+        diff[term.first_point] += b
+        diff[term.last_point + 1] -= b
     return float(np.cumsum(diff)[:-1].max(initial=0))
 
 
@@ -250,6 +277,7 @@ class _ModelBuilder:
         problem = self.problem
         model = pulp.LpProblem("alpa_lite_sharding", pulp.LpMinimize)
         self.s_vars = []
+        self.pair_vars: dict[int, pulp.LpVariable] = {}
         objective = []
         for g, costs in enumerate(self.node_costs):
             if len(costs) == 1:
@@ -299,11 +327,37 @@ class _ModelBuilder:
                 continue
             for x, b in zip(vars_g, term.bytes_per_strategy):
                 coeffs[x] = coeffs.get(x, 0.0) + float(b)
+        for i, term in enumerate(self.problem.memory_pair_terms):
+            if term.first_point <= t <= term.last_point:
+                constant += self._add_pair_coeffs(model, i, term, coeffs)
         expr = pulp.LpAffineExpression(list(coeffs.items()))
         if budget_var is None:
             model += expr <= self.problem.memory_budget_bytes - constant
         else:
             model += expr - budget_var <= -constant
+
+    def _add_pair_coeffs(self, model, index: int, term: MemoryPairTerm, coeffs: dict) -> float:
+        """Adds a pair term's bytes to ``coeffs`` (linear in s); returns its constant part."""
+        src, dst = self.s_vars[term.src_group], self.s_vars[term.dst_group]
+        matrix = np.asarray(term.bytes_matrix, dtype=float)
+        if src is None and dst is None:
+            return float(matrix[0, 0])
+        if src is None or dst is None:  # one side fixed: a row or column of the matrix
+            vars_g, column = (dst, matrix[0, :]) if src is None else (src, matrix[:, 0])
+            for x, b in zip(vars_g, column):
+                coeffs[x] = coeffs.get(x, 0.0) + float(b)
+            return 0.0
+        if index not in self.pair_vars:
+            # y >= m[p, q] (s_u[p] + s_v[q] - 1): y is m[choice] at the optimum, since it only
+            # appears on the left of <= constraints.
+            y = model.add_variable(f"m{index}", 0, None)
+            for p, q in zip(*np.nonzero(matrix)):
+                model += pulp.LpAffineExpression(
+                    [(y, 1.0), (src[p], -matrix[p, q]), (dst[q], -matrix[p, q])]
+                ) >= -float(matrix[p, q])
+            self.pair_vars[index] = y
+        coeffs[self.pair_vars[index]] = coeffs.get(self.pair_vars[index], 0.0) + 1.0
+        return 0.0
 
     def decode(self) -> tuple[int, ...] | None:
         choices = []

@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from alpa_lite.graph import OpGraph
-from alpa_lite.intra_op.ilp import MemoryTerm, ShardingProblem
+from alpa_lite.intra_op.ilp import MemoryPairTerm, MemoryTerm, ShardingProblem
 
 MIN_REPEATS = 4
 _INDEXED = re.compile(r"(?<![\w])([A-Za-z][A-Za-z_]*?)_(\d+)(?![\w])")
@@ -104,10 +104,18 @@ def build_quotient_problem(problem: ShardingProblem, group_class: list[int]) -> 
             costs[cu] = costs[cu] + np.diag(r)
         else:
             edges.append((cu, cv, r))
-    terms = tuple(MemoryTerm(group_class[t.group], t.bytes_per_strategy, t.first_point,
-                             t.last_point) for t in problem.memory_terms)
+    terms = [MemoryTerm(group_class[t.group], t.bytes_per_strategy, t.first_point,
+                        t.last_point) for t in problem.memory_terms]
+    pair_terms = []
+    for t in problem.memory_pair_terms:
+        cu, cv = group_class[t.src_group], group_class[t.dst_group]
+        if cu == cv:
+            terms.append(MemoryTerm(cu, np.diag(t.bytes_matrix), t.first_point, t.last_point))
+        else:
+            pair_terms.append(MemoryPairTerm(cu, cv, t.bytes_matrix, t.first_point,
+                                             t.last_point))
     names = [""] * num_classes
     for group, c in enumerate(group_class):
         names[c] = names[c] or problem.names[group]
-    return ShardingProblem(tuple(costs), tuple(edges), terms, problem.num_points,
-                           problem.memory_budget_bytes, tuple(names))
+    return ShardingProblem(tuple(costs), tuple(edges), tuple(terms), problem.num_points,
+                           problem.memory_budget_bytes, tuple(names), tuple(pair_terms))

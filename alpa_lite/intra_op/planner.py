@@ -49,12 +49,14 @@ def solve_intra_op(
     solver: str = "auto",
     time_limit_s: float = 60.0,
     share_repeated_layers: bool | None = None,
+    donated_inputs: frozenset[int] = frozenset(),
 ) -> ShardingPlan:
     """Plans the sharding of every operator of ``graph`` on ``mesh``.
 
     ``share_repeated_layers``: None shares one strategy choice across repeated layers when the
     graph has a layer family and the ILP has at least `_SHARING_MIN_GROUPS` groups; True/False
-    force it on/off.
+    force it on/off. ``donated_inputs``: flat input positions donated to the step, whose
+    aliased outputs then reuse the input buffers (peak memory counts them once).
 
     Returns:
         A `ShardingPlan` whose ``objective`` is the ILP optimum (collective and resharding
@@ -63,7 +65,8 @@ def solve_intra_op(
     start = time.perf_counter()
     planning = build_planning_problem(
         graph, mesh, input_roles=input_roles, input_paths=input_paths, policy=policy,
-        alias_pairs=alias_pairs, memory_budget_bytes=memory_budget_bytes, strict=strict)
+        alias_pairs=alias_pairs, memory_budget_bytes=memory_budget_bytes, strict=strict,
+        donated_inputs=frozenset(donated_inputs))
     problem, group_class, family = planning.problem, None, None
     if share_repeated_layers is not False:
         family = detect_layer_family(graph)

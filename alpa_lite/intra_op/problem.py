@@ -26,10 +26,11 @@ from alpa_lite._jax_compat import optimization_barrier_primitive
 from alpa_lite.cost.collectives import Collective
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
-from alpa_lite.intra_op.ilp import MemoryTerm, ShardingProblem
+from alpa_lite.intra_op.ilp import ShardingProblem
+from alpa_lite.intra_op.memory_terms import build_memory_terms
 from alpa_lite.intra_op.resharding import estimate_resharding_s, tensor_bytes
 from alpa_lite.intra_op.strategies import (FactorRule, Spec, Strategy, enumerate_factor_strategies,
-                                           format_spec, replicated_spec, spec_shards)
+                                           format_spec, replicated_spec)
 from alpa_lite.intra_op.strategy_rules import (StrategyContext, build_node_rule,
                                                enumerate_node_strategies, replicated_for)
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
@@ -137,6 +138,7 @@ def build_planning_problem(
     alias_pairs: list[tuple[int, int]] = (),
     memory_budget_bytes: float | None = None,
     strict: bool = False,
+    donated_inputs: frozenset[int] = frozenset(),
 ) -> PlanningProblem:
     """Builds the ILP for ``graph`` on ``mesh``.
 
@@ -150,6 +152,8 @@ def build_planning_problem(
             (the new state of a train step and the state it came from).
         memory_budget_bytes: per-device budget, or None.
         strict: raise instead of replicating operators that have no rule.
+        donated_inputs: flat input positions donated to the step (``donate_argnums``): their
+            aliased outputs reuse the input buffers and are not counted again in memory.
     """
     builder = _UnitBuilder(graph, mesh, policy, strict)
     builder.add_inputs(input_roles, input_paths)
@@ -160,7 +164,8 @@ def build_planning_problem(
     grouping.follow_consumers(builder.consumers())
     for out_pos, unit in output_units.items():
         grouping.attach(unit, builder.input_units[dict(alias_pairs)[out_pos]])
-    problem = _assemble(graph, mesh, builder, grouping, memory_budget_bytes)
+    problem = _assemble(graph, mesh, builder, grouping, memory_budget_bytes,
+                        (output_units, alias_pairs, donated_inputs))
     return PlanningProblem(problem, builder.units, grouping.group_index(), grouping.member_map,
                            builder.owner, builder.input_units, output_units)
 
@@ -410,7 +415,7 @@ def _unique_matches(wanted: list, available: list) -> list[int] | None:
 
 
 def _assemble(graph: OpGraph, mesh: LogicalMesh, builder: _UnitBuilder, grouping: _Grouping,
-              memory_budget_bytes) -> ShardingProblem:
+              memory_budget_bytes, outputs) -> ShardingProblem:
     group_of = grouping.group_index()
     num_groups = max(group_of) + 1
     sizes = [0] * num_groups
@@ -430,12 +435,12 @@ def _assemble(graph: OpGraph, mesh: LogicalMesh, builder: _UnitBuilder, grouping
                 costs[dst_group] += np.diag(matrix)
             elif np.any(matrix):
                 edges.append((src_group, dst_group, matrix))
-    terms = _memory_terms(graph, mesh, builder, grouping, group_of)
+    terms, pair_terms = build_memory_terms(graph, mesh, builder, grouping, group_of, *outputs)
     names = [""] * num_groups
     for u in reversed(range(len(builder.units))):
         names[group_of[u]] = builder.units[u].name
     return ShardingProblem(tuple(costs), tuple(edges), tuple(terms), max(len(graph.nodes), 1),
-                           memory_budget_bytes, tuple(names))
+                           memory_budget_bytes, tuple(names), tuple(pair_terms))
 
 
 def _resharding_matrix(src_specs, dst_specs, num_bytes, mesh) -> np.ndarray:
@@ -456,28 +461,3 @@ def _resharding_matrix_cached(src_specs, dst_specs, num_bytes, mesh) -> np.ndarr
             result[:, j] = small[rows, uniq_dst.index(spec)]
     result.flags.writeable = False
     return result
-
-
-def _memory_terms(graph, mesh, builder, grouping, group_of) -> list[MemoryTerm]:
-    last_point = max(len(graph.nodes) - 1, 0)
-    last_use = graph.last_use()
-    for node in graph.nodes:  # a transparent node's outputs keep its inputs alive
-        if is_transparent(node.primitive):
-            for src, dst in zip(node.invars, node.outvars):
-                if isinstance(src, int):
-                    last_use[src] = max(last_use[src], last_use[dst])
-    always_live = set(graph.inputs) | {vid for vid, _ in graph.consts}
-    terms = []
-    for vid, (unit, idx) in builder.owner.items():
-        if builder.units[unit].outputs[idx] != vid:
-            continue  # an alias of another value: counted once, at its source
-        specs = grouping.out_specs(vid)
-        nbytes = tensor_bytes(graph.avals[vid])
-        per_strategy = np.array([nbytes / spec_shards(s, mesh) for s in specs])
-        if vid in always_live:
-            first, last = 0, last_point
-        else:
-            first = max(graph.producer[vid], 0)
-            last = min(max(int(last_use[vid]), first), last_point)
-        terms.append(MemoryTerm(group_of[unit], per_strategy, first, last))
-    return terms
