@@ -336,6 +336,7 @@ def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, st
         input_paths=list(traced.in_paths),
         policy=method.policy, alias_pairs=find_alias_pairs(traced),
         memory_budget_bytes=method.memory_budget_per_device, strict=method.strict,
+        donated_inputs=donated_leaves(traced, step.donate_argnums, len(args)),
         solver=method.solver, time_limit_s=method.solver_time_limit_s,
         share_repeated_layers=method.share_repeated_layers)
     warn_plan_fallbacks(sharding)
@@ -346,6 +347,13 @@ def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, st
                         plan_time_s=time.perf_counter() - start,
                         extra={"grad_sync_s": sync, "predicted_step_time_s": step_s})
     return CompiledPlan(traced, graph, plan, tuple(devices), micro)
+
+
+def donated_leaves(traced: TracedFunction, donate_argnums, num_args: int) -> frozenset[int]:
+    """Flat input positions of the donated arguments' leaves (their buffers are reused for
+    the aliased outputs, so the memory model counts those once)."""
+    donated = {i % num_args for i in donate_argnums}
+    return frozenset(i for i, argnum in enumerate(traced.in_argnums) if argnum in donated)
 
 
 def single_mesh_step_time_s(compute_s: float, comm_s: float, grad_sync_s: float, k: int,

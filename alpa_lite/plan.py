@@ -177,15 +177,12 @@ class ParallelPlan:
         the stages' peaks (each stage runs on its own devices); NaN when the plan has neither.
 
         Example:
-            >>> ParallelPlan("PipeshardParallel", 2, None, 0.0, stages=(
-            ...     {"peak_memory_bytes": 3.0}, {"peak_memory_bytes": 5.0})).peak_memory_bytes
-            5.0
+            >>> ParallelPlan("ShardParallel", 1, None, 0.0).peak_memory_bytes
+            nan
         """
         if self.sharding is not None:
             return float(self.sharding.peak_memory_bytes)
-        peaks = [float(s["peak_memory_bytes"]) for s in self.stages
-                 if isinstance(s, dict) and "peak_memory_bytes" in s]
-        return max(peaks) if peaks else math.nan
+        return max((float(s.peak_memory_bytes) for s in self.stages), default=math.nan)
 
     def summary(self, max_rows: int = 40) -> str:
         """A readable table: mesh, objective, solver, inputs and the main operator choices."""

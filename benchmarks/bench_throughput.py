@@ -206,7 +206,9 @@ class Runner:
                 r.matches = self._check(reference)
             if r.kind != "pipeline" and self.args.memory:
                 stats = self.fn.lower(self.state, self.work.batch).compile().memory_analysis()
-                r.measured_mem = getattr(stats, "peak_memory_in_bytes", None)
+                # XLA's per-device footprint: arguments + outputs + temporaries - aliased
+                r.measured_mem = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                                  + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
         except Exception as err:  # noqa: BLE001
             self._fail(err)
         return r

@@ -85,7 +85,7 @@ def test_pipeline_plan_peak_memory_is_the_largest_stage_peak():
         num_micro_batches=2, layer_option=alpa_lite.AutoLayerOption(layer_num=2),
         stage_option="uniform"))
     plan = p.plan(work.state, work.batch)
-    peaks = [s["peak_memory_bytes"] for s in plan.stages]
+    peaks = [s.peak_memory_bytes for s in plan.stages]
     assert len(peaks) == 2 and min(peaks) > 0
     assert plan.peak_memory_bytes == max(peaks)
     again = alpa_lite.ParallelPlan.from_json(plan.to_json())
