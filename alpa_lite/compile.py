@@ -15,19 +15,25 @@ import jax
 import numpy as np
 
 from alpa_lite import stage_planning as sp
+from alpa_lite.cluster import ClusterSpec
 from alpa_lite.config import (AutoStageOption, ManualStageOption, ShardParallel,
                               UniformStageOption)
 from alpa_lite.cost import estimate_op_cost
 from alpa_lite.emit.executable import ShardExecutable
+from alpa_lite.emit.pipeline import PipelineExecutable
+from alpa_lite.emit.specs import build_jax_mesh
 from alpa_lite.emit.stages import boundary_slice, build_subgraph, partition_pipeline
 from alpa_lite.inter_op import pricing
+from alpa_lite.inter_op.schedules import build_schedule
 from alpa_lite.inter_op.stage_dp import enumerate_submesh_shapes
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph, build_op_graph
 from alpa_lite.intra_op.planner import graph_fingerprint, solve_intra_op
 from alpa_lite.intra_op.problem import InputRole, SpecPolicy
-from alpa_lite.micro_batching import MicroBatchPlan, build_micro_batch_plan
+from alpa_lite.layers import build_layer_transform
+from alpa_lite.markers import layer_construction
 from alpa_lite.mesh import LogicalMesh
+from alpa_lite.micro_batching import MicroBatchPlan, build_micro_batch_plan
 from alpa_lite.plan import ParallelPlan, StagePlan
 from alpa_lite.trace import (TracedFunction, abstractify, rebuild_args, split_static_args,
                              trace_function)
@@ -281,8 +287,6 @@ def trace_step(fun: Callable, args: Sequence, step: StepSpec, num_micro_batches:
     `build_micro_batch_plan` decides how each value crossing the gradient boundary combines
     over micro-batches.
     """
-    from alpa_lite.layers import build_layer_transform
-    from alpa_lite.markers import layer_construction
 
     mask = batch_leaf_mask(args, step)
     k = num_micro_batches
@@ -541,8 +545,6 @@ def default_memory_budget(cluster, devices) -> float | None:
         return float(cluster.memory_per_device_bytes)
     if not devices or isinstance(devices[0], _SimulatedDevice):
         return None
-    from alpa_lite.cluster import ClusterSpec
-
     try:
         return float(ClusterSpec.from_devices(devices).memory_per_device_bytes)
     except InvalidConfigError:  # uneven hosts: no single number
@@ -642,10 +644,6 @@ def loaded_stage_plan(plan: ParallelPlan, stage: int, sub: OpGraph, mesh: Logica
 
 
 def compile_pipeshard(compiled: CompiledPipeline, method, signature: tuple):
-    from alpa_lite.emit.pipeline import PipelineExecutable
-    from alpa_lite.emit.specs import build_jax_mesh
-    from alpa_lite.inter_op.schedules import build_schedule
-
     meshes = [build_jax_mesh(plan.mesh, devices)
               for plan, devices in zip(compiled.stage_plans, compiled.stage_devices)]
     schedule = build_schedule(method.schedule, len(meshes), method.num_micro_batches)
