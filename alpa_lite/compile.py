@@ -287,7 +287,6 @@ def trace_step(fun: Callable, args: Sequence, step: StepSpec, num_micro_batches:
     `build_micro_batch_plan` decides how each value crossing the gradient boundary combines
     over micro-batches.
     """
-
     mask = batch_leaf_mask(args, step)
     k = num_micro_batches
     record = {} if record is None else record
