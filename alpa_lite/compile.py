@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from alpa_lite import stage_planning as sp
+from alpa_lite.inter_op import assignment as sp
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.config import (AutoStageOption, ManualStageOption, ShardParallel,
                               UniformStageOption)

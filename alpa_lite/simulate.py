@@ -34,7 +34,7 @@ from alpa_lite.layers import build_layer_transform
 from alpa_lite.markers import layer_construction
 from alpa_lite.models.presets import ModelPreset
 from alpa_lite.models.train import build_workload
-from alpa_lite import stage_planning as sp
+from alpa_lite.inter_op import assignment as sp
 from alpa_lite.compile import (StepSpec, find_alias_pairs, input_roles, optimizer_state_mask,
                                single_mesh_step_time_s)
 from alpa_lite.inter_op import pricing

@@ -15,7 +15,7 @@ import pytest
 from alpa_lite import distributed
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.launch import Launcher, process_environment
-from alpa_lite.stage_planning import place_stages
+from alpa_lite.inter_op.assignment import place_stages
 
 PY = sys.executable
 

@@ -43,7 +43,7 @@ from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.intra_op.strategies import spec_shards
 from alpa_lite.inter_op.stage_dp import StageProblem, solve_stage_dp
 from alpa_lite.mesh import LogicalMesh
-from alpa_lite.stage_planning import StageAssignment
+from alpa_lite.inter_op.assignment import StageAssignment
 
 SubmeshView = tuple[tuple[int, int], tuple[int, ...]]
 
