@@ -23,7 +23,7 @@ import types
 from typing import Mapping, Sequence
 
 from alpa_lite.errors import InvalidConfigError
-from alpa_lite.mesh import DEFAULT_AXIS_NAMES, LogicalMesh
+from alpa_lite.mesh import DEFAULT_AXIS_NAMES, LogicalMesh, check_rate, check_seconds
 from alpa_lite.profiling.database import ProfileDatabase
 
 CLUSTER_FORMAT_VERSION = 1
@@ -120,18 +120,10 @@ class ClusterSpec:
             raise InvalidConfigError(
                 f"profile must be a ProfileDatabase or None; got {type(self.profile).__name__}. "
                 "Load one with ProfileDatabase.load(path).")
-        bandwidth = self.memory_bandwidth_bytes_per_s
-        if bandwidth is not None and (isinstance(bandwidth, bool) or not isinstance(
-                bandwidth, (int, float)) or not (math.isfinite(bandwidth) and bandwidth > 0)):
-            raise InvalidConfigError(
-                f"memory_bandwidth_bytes_per_s must be positive and finite, or None when "
-                f"unknown; got {bandwidth!r}. Use e.g. 2.0e12 for 2 TB/s.")
-        latency = self.launch_latency_s
-        if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not (
-                math.isfinite(latency) and latency >= 0):
-            raise InvalidConfigError(
-                f"launch_latency_s must be a finite number of seconds >= 0; got {latency!r}. "
-                "Use e.g. launch_latency_s=2e-5.")
+        if self.memory_bandwidth_bytes_per_s is not None:
+            check_rate(self.memory_bandwidth_bytes_per_s, "memory_bandwidth_bytes_per_s",
+                       "2.0e12")
+        check_seconds(self.launch_latency_s, "launch_latency_s", "2e-5")
 
     # ----------------------------------------------------------------- queries
 

@@ -88,25 +88,16 @@ class LogicalMesh:
                 f"memory_per_device_bytes must be positive; got {self.memory_per_device_bytes}."
             )
         object.__setattr__(self, "axis_links", _axis_links(self.axis_links, len(shape)))
-        _check_rate(self.peak_flops_per_s, "peak_flops_per_s", "19.5e12")
+        check_rate(self.peak_flops_per_s, "peak_flops_per_s", "19.5e12")
         object.__setattr__(self, "peak_flops_by_dtype", _dtype_pairs(self.peak_flops_by_dtype))
         if self.memory_bandwidth_bytes_per_s is not None:
-            _check_rate(self.memory_bandwidth_bytes_per_s, "memory_bandwidth_bytes_per_s",
+            check_rate(self.memory_bandwidth_bytes_per_s, "memory_bandwidth_bytes_per_s",
                         "2.0e12")
             object.__setattr__(self, "memory_bandwidth_bytes_per_s",
                                float(self.memory_bandwidth_bytes_per_s))
-        latency = self.launch_latency_s
-        if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not (
-                math.isfinite(latency) and latency >= 0):
-            raise InvalidConfigError(
-                f"launch_latency_s must be a finite number of seconds >= 0; got {latency!r}. "
-                "Use e.g. launch_latency_s=1e-5, or 0 to ignore launch costs.")
-        object.__setattr__(self, "launch_latency_s", float(latency))
-        if not (math.isfinite(self.op_latency_s) and self.op_latency_s >= 0):
-            raise InvalidConfigError(
-                f"op_latency_s must be a finite number of seconds >= 0; got "
-                f"{self.op_latency_s!r}.")
-        object.__setattr__(self, "op_latency_s", float(self.op_latency_s))
+        for name in ("launch_latency_s", "op_latency_s"):
+            check_seconds(getattr(self, name), name, "1e-5")
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @property
     def num_devices(self) -> int:
@@ -202,7 +193,16 @@ class LogicalMesh:
         return cls(**kw)
 
 
-def _check_rate(value, name: str, example: str) -> None:
+def check_seconds(value, name: str, example: str) -> None:
+    """A fixed cost in seconds: a finite number >= 0 (0 ignores it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value >= 0):
+        raise InvalidConfigError(
+            f"{name} must be a finite number of seconds >= 0; got {value!r}. Use e.g. "
+            f"{name}={example}, or 0 to ignore it.")
+
+
+def check_rate(value, name: str, example: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             math.isfinite(value) and value > 0):
         raise InvalidConfigError(
@@ -219,7 +219,7 @@ def _dtype_pairs(peaks) -> tuple[tuple[str, float], ...]:
                 f"peak_flops_by_dtype needs (dtype name, flop/s) pairs; got {item!r} in "
                 f"{peaks!r}. Use e.g. {{'float32': 19.5e12, 'bfloat16': 312e12}}.")
         name, value = item
-        _check_rate(value, f"peak_flops_by_dtype[{name!r}]", "312e12")
+        check_rate(value, f"peak_flops_by_dtype[{name!r}]", "312e12")
         pairs.append((str(name), float(value)))
     return tuple(sorted(pairs))
 

@@ -23,6 +23,14 @@ def assert_trees_close(actual, expected, *, rtol: float = 1e-5, atol: float = 1e
                                    err_msg=f"at leaf {jax.tree_util.keystr(path)}")
 
 
+def xla_footprint_bytes(compiled) -> int:
+    """Per-device memory of a compiled program as XLA accounts it: arguments + outputs +
+    temporaries - aliased (donated) bytes of ``compiled.memory_analysis()``."""
+    stats = compiled.memory_analysis()
+    return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+            + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
 def assert_matches_serial(step, parallel_step, *args, rtol: float = 1e-5,
                           atol: float = 1e-6) -> None:
     """``parallel_step(*args)`` must equal the serial reference ``jax.jit(step)(*args)``."""

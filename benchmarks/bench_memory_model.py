@@ -53,7 +53,7 @@ def main() -> None:
             stats = p.lower(work.state, work.batch).compile().memory_analysis()
             parts = (stats.argument_size_in_bytes, stats.output_size_in_bytes,
                      stats.temp_size_in_bytes)
-            xla = sum(parts) - stats.alias_size_in_bytes
+            xla = sum(parts) - stats.alias_size_in_bytes  # = testing.xla_footprint_bytes
             print(f"| L{layers} h{hidden} b{batch} | {name} | {predicted / 2**20:.2f} | "
                   f"{xla / 2**20:.2f} | {(predicted - xla) / xla * 100:+.0f} | "
                   f"{' / '.join(f'{b / 2**20:.2f}' for b in parts)} |", flush=True)

@@ -50,6 +50,7 @@ import optax  # noqa: E402
 
 import alpa_lite  # noqa: E402
 from alpa_lite.models import build_workload, get_preset  # noqa: E402
+from alpa_lite.testing import xla_footprint_bytes  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -205,10 +206,8 @@ class Runner:
             if reference is not None:
                 r.matches = self._check(reference)
             if r.kind != "pipeline" and self.args.memory:
-                stats = self.fn.lower(self.state, self.work.batch).compile().memory_analysis()
-                # XLA's per-device footprint: arguments + outputs + temporaries - aliased
-                r.measured_mem = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-                                  + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+                r.measured_mem = xla_footprint_bytes(
+                    self.fn.lower(self.state, self.work.batch).compile())
         except Exception as err:  # noqa: BLE001
             self._fail(err)
         return r

@@ -7,18 +7,27 @@ reuse decisions), on a model where parameters dominate (the bench's gpt-tiny) an
 wider layers.
 """
 
-import dataclasses
+import sys
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import alpa_lite
+from alpa_lite.graph import build_op_graph
 from alpa_lite.intra_op.ilp import (MemoryPairTerm, MemoryTerm, ShardingProblem, memory_profile,
                                     solve_brute_force, solve_sharding_problem)
+from alpa_lite.intra_op.planner import solve_intra_op
+from alpa_lite.intra_op.problem import InputRole, SpecPolicy
+from alpa_lite.mesh import LogicalMesh
 from alpa_lite.models import build_workload
 from alpa_lite.models.presets import get_preset
+from alpa_lite.testing import xla_footprint_bytes
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+from bench_memory_model import build  # noqa: E402  (the benchmark's model: one definition)
 
 SIZES = {  # name: (layers, hidden, batch)
     "bench": (4, 64, 32),
@@ -36,13 +45,7 @@ METHODS = {
 
 @pytest.fixture(scope="module", params=list(SIZES))
 def workload(request):
-    layers, hidden, batch = SIZES[request.param]
-    preset = get_preset("gpt-tiny").with_overrides(num_layers=layers, batch_size=batch)
-    preset = dataclasses.replace(preset, config=dataclasses.replace(preset.config,
-                                                                    hidden_size=hidden))
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, eps=1e-3))
-    work = build_workload(preset, optimizer=optimizer)
-    return work._replace(state=work.state.replace(step=jnp.asarray(work.state.step, jnp.int32)))
+    return build(*SIZES[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +57,8 @@ def measure(workload):
         if method not in cache:
             p = alpa_lite.parallelize(workload.train_step, method=METHODS[method]())
             plan = p.plan(workload.state, workload.batch)
-            stats = p.lower(workload.state, workload.batch).compile().memory_analysis()
-            cache[method] = plan, (stats.argument_size_in_bytes + stats.output_size_in_bytes
-                                   + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+            cache[method] = plan, xla_footprint_bytes(
+                p.lower(workload.state, workload.batch).compile())
         return cache[method]
 
     return run
@@ -123,13 +125,6 @@ def test_ilp_with_pair_terms_respects_the_budget_like_brute_force():
 
 
 def _sgd_step_plan(donated_inputs):
-    import jax
-
-    from alpa_lite.graph import build_op_graph
-    from alpa_lite.intra_op.planner import solve_intra_op
-    from alpa_lite.intra_op.problem import InputRole, SpecPolicy
-    from alpa_lite.mesh import LogicalMesh
-
     def step(w, x):
         grad = jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w)))(w)
         return w - 0.1 * grad
