@@ -452,6 +452,7 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
             [roles[v] for v in graph.inputs], [graph.avals[v] for v in graph.inputs]))
     link = stage_link(cluster, method, per_host, len(devices))
     option = method.stage_option
+    priced = None  # layer prices per (submesh, view), when the stage DP made them
     if plan is not None:
         assignment = loaded_assignment(plan, num_layers)
     elif isinstance(option, UniformStageOption):
@@ -503,8 +504,9 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
     if plan is not None:  # the loaded plan's predictions: nothing is solved again
         stages, latency = tuple(plan.stages), plan.predicted_step_time_s
     else:
-        priced = pricing.price_layers(graph, num_layers, sorted(set(stage_options)), mesh_of,
-                                      options)
+        if priced is None:  # uniform / manual stages: price the chosen (submesh, view)s only
+            priced = pricing.price_layers(graph, num_layers, sorted(set(stage_options)),
+                                          mesh_of, options)
         stages, latency = build_stage_records(assignment, priced, stage_options, plans,
                                               partition, graph, k, method.schedule, mesh_of,
                                               link)

@@ -36,17 +36,20 @@ import numpy as np
 from jax.extend.core import primitives as prims
 
 from alpa_lite.cost.collectives import Collective
-from alpa_lite.cost.rules import ELEMENTWISE_PRIMITIVES
+from alpa_lite.cost.rules import FUSED_PRIMITIVES
 from alpa_lite.intra_op.ilp import MemoryPairTerm, MemoryTerm
 from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.intra_op.strategies import spec_shards
+from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
 
 # Operators XLA fuses into their consumers (loop fusion): their results need no buffer when
-# every reader can take them fused.
-FUSIBLE_PRIMITIVES = frozenset(ELEMENTWISE_PRIMITIVES) | {
-    prims.broadcast_in_dim_p, prims.reshape_p, prims.squeeze_p, prims.transpose_p,
-    prims.slice_p, prims.pad_p, prims.concatenate_p, prims.rev_p, prims.iota_p,
-}
+# every reader can take them fused. Wider than the compute model's `FUSED_PRIMITIVES`:
+# a fused transpose, slice, pad or concatenation still moves its bytes (priced as time) but
+# holds no buffer of its own.
+# (The markers in `FUSED_PRIMITIVES` are transparent: the planner looks through them.)
+FUSIBLE_PRIMITIVES = (frozenset(FUSED_PRIMITIVES) - {
+    grad_boundary_p, layer_boundary_p, manual_boundary_p}) | {
+    prims.transpose_p, prims.slice_p, prims.pad_p, prims.concatenate_p, prims.rev_p}
 # Readers that take a fusible producer into their own fusion (loop and reduction fusions).
 FUSING_READERS = FUSIBLE_PRIMITIVES | {
     prims.reduce_sum_p, prims.reduce_max_p, prims.reduce_min_p, prims.reduce_prod_p,
@@ -100,7 +103,7 @@ def estimate_last_use(graph, fused: set[int], is_transparent) -> np.ndarray:
 
 
 def build_memory_terms(graph, mesh, builder, grouping, group_of, output_units,
-                       alias_pairs, donated_inputs=frozenset()):
+                       alias_pairs, donated_inputs=frozenset(), *, is_transparent):
     """All memory terms of a planning problem (see the module docstring).
 
     Args:
@@ -112,12 +115,11 @@ def build_memory_terms(graph, mesh, builder, grouping, group_of, output_units,
         output_units: output position -> aliased-output unit.
         alias_pairs: ``(output position, input position)`` pairs.
         donated_inputs: flat input positions whose buffers are donated to their aliased output.
+        is_transparent: the planner's predicate for identity-like nodes it looks through.
 
     Returns:
         ``(terms, pair_terms)``.
     """
-    from alpa_lite.intra_op.problem import is_transparent  # problem imports this module
-
     last_point = max(len(graph.nodes) - 1, 0)
     fused = find_fused_values(graph, is_transparent)
     last_use = estimate_last_use(graph, fused, is_transparent)

@@ -435,7 +435,8 @@ def _assemble(graph: OpGraph, mesh: LogicalMesh, builder: _UnitBuilder, grouping
                 costs[dst_group] += np.diag(matrix)
             elif np.any(matrix):
                 edges.append((src_group, dst_group, matrix))
-    terms, pair_terms = build_memory_terms(graph, mesh, builder, grouping, group_of, *outputs)
+    terms, pair_terms = build_memory_terms(graph, mesh, builder, grouping, group_of, *outputs,
+                                           is_transparent=is_transparent)
     names = [""] * num_groups
     for u in reversed(range(len(builder.units))):
         names[group_of[u]] = builder.units[u].name
