@@ -82,6 +82,11 @@ def partition_pipeline(graph: OpGraph, batch_inputs: list[int], layer_to_stage: 
                        num_stages: int) -> PipelinePartition:
     """Splits the step into forward/backward programs per stage and phased apply programs."""
     split = split_at_grad_boundary(graph, batch_inputs)
+    # Batch-independent operators after the boundary (constants the optimizer builds, e.g. a
+    # zero tree) run with the update that reads them, not on the first layer's mesh.
+    late = [i for i in split.pre if i > split.boundary]
+    split = dataclasses.replace(split, pre=tuple(i for i in split.pre if i < split.boundary),
+                                post=tuple(sorted(split.post + tuple(late))))
     boundary = graph.nodes[split.boundary]
     compute_nodes = sorted(set(split.pre) | set(split.compute) - {split.boundary})
     regions = assign_regions(graph, compute_nodes)
@@ -150,6 +155,10 @@ def _place_apply(graph, post, known: dict[int, int]) -> dict[int, int]:
                 changed = True
         for index in reversed(post):
             node = graph.nodes[index]
+            used_on = [location[v] for v in node.outvars if v in location]
+            if index not in mesh and used_on:
+                mesh[index] = used_on[0]
+                changed = True
             if index in mesh:
                 for v in node.invars:
                     if isinstance(v, int) and v not in location:

@@ -71,6 +71,17 @@ def test_gpt_pipeline_with_global_norm_clipping_matches_serial(stage_option):
     meshes_in_first_phase = {prog.mesh for prog in executable.partition.apply
                              if prog.name.startswith("apply[0]")}
     assert meshes_in_first_phase == {0, 1}  # each stage reduces its own gradients' norm first
+    # Every update runs where its gradient is: only scalars (norm partial sums, the step count)
+    # cross meshes in the apply phase, never a tensor (a cross-mesh copy every step).
+    partition = executable.partition
+    made_on = {v: prog.mesh for prog in partition.forward + partition.backward + partition.apply
+               for v in prog.outputs}
+    made_on.update({dst: made_on[src] for src, dst in zip(partition.boundary.invars,
+                                                          partition.boundary.outvars)
+                    if src in made_on})
+    crossing = [(prog.name, executable.graph.avals[v]) for prog in partition.apply
+                for v in prog.inputs if made_on.get(v, prog.mesh) != prog.mesh]
+    assert crossing and all(aval.ndim == 0 for _, aval in crossing), crossing
 
 
 def test_pipeline_needs_alpa_lite_grad():
