@@ -29,7 +29,8 @@ from alpa_lite.profiling.database import ProfileDatabase
 CLUSTER_FORMAT_VERSION = 1
 _JSON_KEYS = ("format_version", "name", "device_kind", "num_hosts", "devices_per_host",
               "memory_per_device_bytes", "peak_flops_per_s", "intra_host", "inter_host",
-              "profile", "memory_bandwidth_bytes_per_s", "launch_latency_s")
+              "profile", "memory_bandwidth_bytes_per_s", "launch_latency_s",
+              "shared_host_compute")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
                   "f16": "float16", "half": "float16", "tf32": "tensorfloat32"}
 
@@ -80,6 +81,10 @@ class ClusterSpec:
             bytes term), or None when unknown.
         launch_latency_s: fixed seconds of launching one program (dispatch to completion);
             a profile's measurement for the submesh's device count takes precedence.
+        shared_host_compute: the devices of a host share one pool of compute (simulated CPU
+            devices share the host's cores), so programs on different submeshes of a host
+            take turns instead of running side by side: a pipeline's stages on one host
+            cost the sum of their work, not the overlapped schedule.
 
     Example:
         >>> spec = get_cluster_preset("a100-80gb-8x").with_hosts(2)
@@ -99,6 +104,7 @@ class ClusterSpec:
     profile: ProfileDatabase | None = None
     memory_bandwidth_bytes_per_s: float | None = None
     launch_latency_s: float = 0.0
+    shared_host_compute: bool = False
 
     def __post_init__(self):
         _check_count(self.num_hosts, "num_hosts", "hosts")
@@ -290,6 +296,7 @@ class ClusterSpec:
             "profile": None if self.profile is None else self.profile.to_dict(),
             "memory_bandwidth_bytes_per_s": self.memory_bandwidth_bytes_per_s,
             "launch_latency_s": self.launch_latency_s,
+            "shared_host_compute": self.shared_host_compute,
         }
 
     @classmethod
@@ -561,7 +568,7 @@ CLUSTER_PRESETS: Mapping[str, ClusterSpec] = types.MappingProxyType({
     "cpu-sim": ClusterSpec(
         num_hosts=1, devices_per_host=8, memory_per_device_bytes=2 * 2**30,
         peak_flops_per_s=(("float32", 7.5e9), ("bfloat16", 6e9)),
-        memory_bandwidth_bytes_per_s=0.6e9, launch_latency_s=1.7e-4,
+        memory_bandwidth_bytes_per_s=0.6e9, launch_latency_s=1.7e-4, shared_host_compute=True,
         intra_host=LinkSpec(alpha_s=7e-4, bandwidth_bytes_per_s=0.8e9),
         inter_host=LinkSpec(alpha_s=7e-4, bandwidth_bytes_per_s=0.8e9),
         device_kind="cpu", name="cpu-sim"),

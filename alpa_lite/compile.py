@@ -343,12 +343,13 @@ def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, st
         solver=method.solver, time_limit_s=method.solver_time_limit_s,
         share_repeated_layers=method.share_repeated_layers)
     warn_plan_fallbacks(sharding)
-    sync = pricing.estimate_grad_sync_s(graph, sharding)
-    step_s = single_mesh_step_time_s(sharding.compute_s, sharding.objective, sync, k,
+    sync, update = pricing.estimate_once_per_step_s(graph, sharding)
+    step_s = single_mesh_step_time_s(sharding.compute_s, sharding.objective, sync + update, k,
                                      getattr(mesh, "launch_latency_s", 0.0))
     plan = ParallelPlan(method=type(method).__name__, num_micro_batches=k, sharding=sharding,
                         plan_time_s=time.perf_counter() - start,
-                        extra={"grad_sync_s": sync, "predicted_step_time_s": step_s})
+                        extra={"grad_sync_s": sync, "apply_s": update,
+                               "predicted_step_time_s": step_s})
     return CompiledPlan(traced, graph, plan, tuple(devices), micro)
 
 
@@ -359,11 +360,12 @@ def donated_leaves(traced: TracedFunction, donate_argnums, num_args: int) -> fro
     return frozenset(i for i, argnum in enumerate(traced.in_argnums) if argnum in donated)
 
 
-def single_mesh_step_time_s(compute_s: float, comm_s: float, grad_sync_s: float, k: int,
+def single_mesh_step_time_s(compute_s: float, comm_s: float, once_per_step_s: float, k: int,
                             launch_latency_s: float = 0.0) -> float:
     """One step of a single-mesh plan traced at micro-batch size: ``k`` micro-batches of
-    compute and activation collectives, the gradient sync once, one program launch."""
-    return k * (compute_s + comm_s - grad_sync_s) + grad_sync_s + launch_latency_s
+    compute and activation collectives, the once-per-step part (gradient sync and optimizer
+    update, `pricing.estimate_once_per_step_s`) once, one program launch."""
+    return k * (compute_s + comm_s - once_per_step_s) + once_per_step_s + launch_latency_s
 
 
 def check_plan_matches(plan: ParallelPlan, graph: OpGraph, mesh: LogicalMesh) -> None:
@@ -451,6 +453,9 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
         state_bytes_per_param_byte=pricing.estimate_state_bytes_per_param_byte(
             [roles[v] for v in graph.inputs], [graph.avals[v] for v in graph.inputs]))
     link = stage_link(cluster, method, per_host, len(devices))
+    # devices per host when a host's devices share compute (simulated CPU devices)
+    shared = per_host if (cluster.shared_host_compute if cluster is not None
+                          else devices[0].platform == "cpu") else None
     option = method.stage_option
     priced = None  # layer prices per (submesh, view), when the stage DP made them
     if plan is not None:
@@ -468,7 +473,7 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
         assignment, _, _, dp_memory = pricing.solve_stages(
             priced, {c: mesh_of(*c) for c in candidates}, num_devices=len(devices), k=k,
             schedule=method.schedule, memory_budget_bytes=budget, link=link,
-            max_num_stages=option.max_num_stages)
+            max_num_stages=option.max_num_stages, shared_compute_per_host=shared)
     if assignment.num_stages == 1 and not simulate:
         compiled = _plan_one_stage(fun, args, method, step, assignment, devices, start, plan)
         if plan is None and isinstance(option, AutoStageOption):
@@ -507,9 +512,9 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
         if priced is None:  # uniform / manual stages: price the chosen (submesh, view)s only
             priced = pricing.price_layers(graph, num_layers, sorted(set(stage_options)),
                                           mesh_of, options)
-        stages, latency = build_stage_records(assignment, priced, stage_options, plans,
-                                              partition, graph, k, method.schedule, mesh_of,
-                                              link)
+        stages, latency = build_stage_records(
+            assignment, priced, stage_options, plans, partition, graph, k, method.schedule,
+            mesh_of, link, pricing.shared_stage_hosts(assignment.submesh_shapes, shared))
     plan = ParallelPlan(method="PipeshardParallel", num_micro_batches=k, sharding=None,
                         plan_time_s=time.perf_counter() - start, stages=stages,
                         extra={"objective": latency, "predicted_step_time_s": latency,
@@ -553,28 +558,31 @@ def default_memory_budget(cluster, devices) -> float | None:
 
 
 def build_stage_records(assignment, priced, stage_options, plans, partition, graph, k: int,
-                        schedule: str, mesh_of, link) -> tuple[tuple[StagePlan, ...], float]:
-    """Per stage: layers, meshes, predicted forward/backward/gradient-sync seconds and memory
-    from the layer prices (the DP's numbers); and the pipeline's predicted step time."""
+                        schedule: str, mesh_of, link, stage_hosts=None
+                        ) -> tuple[tuple[StagePlan, ...], float]:
+    """Per stage: layers, meshes, predicted forward/backward/gradient-sync/update seconds and
+    memory from the layer prices (the DP's numbers); and the pipeline's predicted step time
+    (`pricing.pipeline_step_time_s`; ``stage_hosts`` when hosts share compute)."""
     num_stages = assignment.num_stages
-    times, syncs, records = [], [], []
+    times, once, records = [], [], []
     for s in range(num_stages):
         layers = assignment.stage_layers(s)
         span = [priced[stage_options[s]][l] for l in layers]
-        t, g = pricing.estimate_stage(span, mesh_of(*stage_options[s]), link[1], link[0],
-                                      s == num_stages - 1)
+        t, g, u = pricing.estimate_stage(span, mesh_of(*stage_options[s]), link[1], link[0],
+                                         s == num_stages - 1)
         times.append(t)
-        syncs.append(g)
+        once.append(g + u)
         share = _forward_share(partition, graph, s)
         in_flight = pricing.in_flight_micro_batches(schedule, num_stages, s, k)
         records.append(StagePlan(
             stage=s, layers=tuple(layers), submesh=tuple(assignment.submesh_shapes[s]),
             logical_mesh=tuple(plans[s].mesh.shape), forward_s=t * share,
-            backward_s=t * (1 - share), grad_sync_s=g,
+            backward_s=t * (1 - share), grad_sync_s=g, apply_s=u,
             peak_memory_bytes=sum(p.state_bytes for p in span)
             + in_flight * sum(p.activation_bytes for p in span), plan=plans[s],
             num_operators=len(partition.forward[s].nodes) + len(partition.backward[s].nodes)))
-    return tuple(records), pricing.pipeline_step_time_s(times, syncs, k)
+    return tuple(records), pricing.pipeline_step_time_s(times, once, k,
+                                                        stage_hosts=stage_hosts)
 
 
 def _forward_share(partition, graph: OpGraph, stage: int) -> float:

@@ -33,6 +33,7 @@ class NodeDecision:
         anchor: emit pins the outputs with a sharding constraint (group leaders, collectives).
         fallback: replicated because no rule knew the primitive.
         comm_s: predicted collective time of the strategy.
+        compute_s: predicted compute time of the operator on one device under the strategy.
         collectives: ``(kind, mesh axes, bytes per device)`` of each collective.
     """
 
@@ -44,6 +45,7 @@ class NodeDecision:
     anchor: bool = False
     fallback: bool = False
     comm_s: float = 0.0
+    compute_s: float = 0.0
     collectives: tuple[tuple[str, tuple[str, ...], float], ...] = ()
 
 
@@ -99,6 +101,7 @@ class StagePlan:
         forward_s / backward_s: predicted seconds of one micro-batch's forward / backward
             (layers' compute and collectives, launches, the transfer of its boundary).
         grad_sync_s: predicted seconds of its gradient sync (once per step).
+        apply_s: predicted seconds of its optimizer update (once per step, with its launch).
         peak_memory_bytes: predicted peak per device: parameters, gradients, optimizer
             state, and the activations its schedule keeps in flight.
         plan: the stage's intra-op `ShardingPlan`.
@@ -115,6 +118,7 @@ class StagePlan:
     peak_memory_bytes: float
     plan: ShardingPlan
     num_operators: int = 0
+    apply_s: float = 0.0
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -130,7 +134,8 @@ class StagePlan:
                    grad_sync_s=data.get("grad_sync_s", 0.0),
                    peak_memory_bytes=data["peak_memory_bytes"],
                    plan=_sharding_from_dict(data["plan"]),
-                   num_operators=data.get("num_operators", 0))
+                   num_operators=data.get("num_operators", 0),
+                   apply_s=data.get("apply_s", 0.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +244,7 @@ def _sharding_to_dict(s: ShardingPlan) -> dict[str, Any]:
             "in_specs": [_spec_to_json(x) for x in n.in_specs],
             "out_specs": [_spec_to_json(x) for x in n.out_specs],
             "anchor": n.anchor, "fallback": n.fallback, "comm_s": n.comm_s,
+            "compute_s": n.compute_s,
             "collectives": [[k, list(a), b] for k, a, b in n.collectives],
         } for n in s.nodes],
         "objective": s.objective, "compute_s": s.compute_s,
@@ -253,6 +259,7 @@ def _sharding_from_dict(data: dict) -> ShardingPlan:
         in_specs=tuple(_spec_from_json(x) for x in n["in_specs"]),
         out_specs=tuple(_spec_from_json(x) for x in n["out_specs"]),
         anchor=n["anchor"], fallback=n["fallback"], comm_s=n["comm_s"],
+        compute_s=n.get("compute_s", 0.0),
         collectives=tuple((k, tuple(a), b) for k, a, b in n["collectives"]),
     ) for n in data["nodes"])
     return ShardingPlan(

@@ -198,6 +198,11 @@ def _stage_link(cluster: ClusterSpec) -> tuple[float, float]:
     return spec.alpha_s, spec.beta_s_per_byte
 
 
+def _shared(cluster: ClusterSpec) -> int | None:
+    """Devices per host when a host's devices share compute (`pricing.shared_stage_hosts`)."""
+    return cluster.devices_per_host if cluster.shared_host_compute else None
+
+
 def _pipeline_for(preset, cluster, priced, k) -> SimulationResult:
     blocks = _num_blocks(preset)
     groups = min(blocks, MAX_DP_LAYERS)
@@ -207,7 +212,8 @@ def _pipeline_for(preset, cluster, priced, k) -> SimulationResult:
     meshes = {key: cluster.logical_mesh(*key) for key in grouped}
     solve = functools.partial(pricing.solve_stages, grouped, meshes,
                               num_devices=cluster.num_devices, k=k, schedule="1f1b",
-                              link=_stage_link(cluster))
+                              link=_stage_link(cluster),
+                              shared_compute_per_host=_shared(cluster))
     fits = True
     try:
         assignment, times, _, memory = solve(memory_budget_bytes=cluster.memory_per_device_bytes)
@@ -242,7 +248,7 @@ def _plan_full_step(preset, cluster, policy, blocks, k, view):
     plan = solve_intra_op(graph, mesh, input_roles=input_roles(traced, opt_state),
                           input_paths=list(traced.in_paths), policy=policy,
                           alias_pairs=find_alias_pairs(traced), share_repeated_layers=True)
-    return plan, pricing.estimate_grad_sync_s(graph, plan)
+    return plan, sum(pricing.estimate_once_per_step_s(graph, plan))
 
 
 def _simulate_single_mesh(preset, cluster, policy, num_micro_batches) -> SimulationResult:
@@ -260,11 +266,11 @@ def _simulate_single_mesh(preset, cluster, policy, num_micro_batches) -> Simulat
             lambda f: 0.0)
         extra = blocks - 2 if len(plans) == 2 else 0
         comm = plans[0].objective + extra * per_block(lambda p: p[0].objective)
-        sync = priced[0][1] + extra * per_block(lambda p: p[1])
+        once = priced[0][1] + extra * per_block(lambda p: p[1])
         compute = plans[0].compute_s + extra * per_block(lambda p: p[0].compute_s)
         memory = plans[0].peak_memory_bytes + extra * per_block(
             lambda p: p[0].peak_memory_bytes)
-        step = single_mesh_step_time_s(compute, comm, sync, k)
+        step = single_mesh_step_time_s(compute, comm, once, k)
         if best is None or step < best[0]:
             best = (step, memory, view, plans[0].solver)
     step, memory, view, solver = best
@@ -301,8 +307,9 @@ def _simulate_megatron(preset, cluster, num_micro_batches) -> SimulationResult:
                 mem = max(sum(p.state_bytes for p in span) + pricing.in_flight_micro_batches(
                     "1f1b", pp, s, k) * sum(p.activation_bytes for p in span)
                     for s, span in enumerate(spans))
-                latency = pricing.pipeline_step_time_s([t for t, _ in estimates],
-                                                       [g for _, g in estimates], k)
+                latency = pricing.pipeline_step_time_s(
+                    [t for t, _, _ in estimates], [g + u for _, g, u in estimates], k,
+                    stage_hosts=pricing.shared_stage_hosts([shape] * pp, _shared(cluster)))
                 fits = mem <= cluster.memory_per_device_bytes
                 key = (not fits, latency)
                 if best is None or key < best[0]:

@@ -15,11 +15,16 @@ backward operators on the mesh:
   bytes per parameter byte are measured from the step's own arguments);
 - ``activation_bytes``: what the forward pass keeps for the backward pass, per micro-batch;
 - ``boundary_bytes``: the layer's output activations (whole tensors), what a stage boundary
-  after it sends forward (and its gradient backward) per micro-batch.
+  after it sends forward (and its gradient backward) per micro-batch;
+- ``apply_s``: the optimizer update of its parameters (the apply operators the pipeline
+  runtime places with the layer), planned by the ILP on its own, once per step.
 
 A stage of layers ``a..b`` takes ``sum(compute_s + comm_s) + launches`` per micro-batch, plus
-the transfer of its boundary; a pipeline of stage times ``t_s`` takes
-``sum(t_s) + (k - 1) * max(t_s) + max(grad_sync_s)`` (`pipeline_step_time_s`). Memory of a
+the transfer of its boundary, and ``sum(grad_sync_s + apply_s)`` once per step; a pipeline of
+stage times ``t_s`` and once-per-step times ``o_s`` takes
+``sum(t_s) + (k - 1) * max(t_s) + max(o_s)``, and on hosts whose devices share compute
+(simulated CPU devices) at least the sum of the work of the stages on one host
+(`pipeline_step_time_s`). Memory of a
 stage: ``state + in_flight * activations``, where 1F1B keeps ``min(S - s, k)`` micro-batches
 in flight on stage ``s`` and GPipe all ``k``.
 """
@@ -34,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from alpa_lite.emit.specs import value_specs
-from alpa_lite.emit.stages import assign_regions, build_subgraph
+from alpa_lite.emit.stages import assign_regions, build_subgraph, partition_pipeline
 from alpa_lite.errors import InfeasiblePlanError
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.planner import solve_intra_op
@@ -43,7 +48,7 @@ from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.intra_op.strategies import spec_shards
 from alpa_lite.inter_op.stage_dp import StageProblem, solve_stage_dp
 from alpa_lite.mesh import LogicalMesh
-from alpa_lite.inter_op.assignment import StageAssignment
+from alpa_lite.inter_op.assignment import StageAssignment, place_stages
 
 SubmeshView = tuple[tuple[int, int], tuple[int, ...]]
 
@@ -58,6 +63,7 @@ class LayerPrice:
     state_bytes: float
     activation_bytes: float
     boundary_bytes: float
+    apply_s: float = 0.0
 
     @property
     def micro_batch_s(self) -> float:
@@ -90,24 +96,30 @@ def gradient_values(graph: OpGraph) -> set[int]:
     return set() if boundary is None else {v for v in boundary.invars if isinstance(v, int)}
 
 
-def estimate_grad_sync_s(graph: OpGraph, plan) -> float:
-    """Seconds of a sharding plan's collectives that only feed gradients: deferred by the
-    runtime and run once per step, however many micro-batches."""
+def estimate_once_per_step_s(graph: OpGraph, plan) -> tuple[float, float]:
+    """``(gradient sync, optimizer update)`` seconds of a sharding plan that run once per step,
+    however many micro-batches: the collectives that only feed gradients (deferred by the
+    runtime), and every operator after the gradient boundary (its compute and collectives)."""
     decisions = {d.index: d for d in plan.nodes}
-    return float(sum(decisions[i].comm_s for i in _gradient_only_nodes(graph, gradient_values(
-        graph)) if i in decisions))
+    sync = sum(decisions[i].comm_s for i in _gradient_only_nodes(graph, gradient_values(graph))
+               if i in decisions)
+    boundary = next((n.index for n in graph.nodes if n.name == "grad_boundary"), None)
+    update = 0.0 if boundary is None else sum(d.compute_s + d.comm_s for d in plan.nodes
+                                              if d.index > boundary)
+    return float(sync), float(update)
 
 
 def combine_prices(prices: Sequence[LayerPrice]) -> LayerPrice:
     """Consecutive layers as one (their sums; the boundary is the last layer's)."""
-    return LayerPrice(*(sum(getattr(p, f) for p in prices) for f in (
-        "compute_s", "comm_s", "grad_sync_s", "state_bytes", "activation_bytes")),
-        boundary_bytes=prices[-1].boundary_bytes)
+    total = {f: sum(getattr(p, f) for p in prices) for f in (
+        "compute_s", "comm_s", "grad_sync_s", "state_bytes", "activation_bytes", "apply_s")}
+    return LayerPrice(**total, boundary_bytes=prices[-1].boundary_bytes)
 
 
 def scale_prices(price: LayerPrice, factor: float) -> LayerPrice:
     """The price at ``factor`` times the micro-batch size: compute, activation comm,
-    activations and boundary scale; state and gradient sync do not (simulation's shortcut)."""
+    activations and boundary scale; state, gradient sync and update do not (simulation's
+    shortcut)."""
     return dataclasses.replace(price, compute_s=price.compute_s * factor,
                                comm_s=price.comm_s * factor,
                                activation_bytes=price.activation_bytes * factor,
@@ -122,14 +134,26 @@ def estimate_state_bytes_per_param_byte(roles: Sequence, avals: Sequence) -> flo
     return 2.0 + (state / params if params else 2.0)
 
 
-def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: LogicalMesh,
-                options: PricingOptions, gradients: set[int]) -> LayerPrice:
-    """Plans the layer's operators on ``mesh`` with the intra-op ILP and prices the plan."""
+def _plan_nodes(graph: OpGraph, nodes: Sequence[int], mesh: LogicalMesh,
+                options: PricingOptions):
     sub, _ = build_subgraph(graph, list(nodes))
-    plan = solve_intra_op(sub, mesh, input_roles=[InputRole.PARAM] * len(sub.inputs),
-                          input_paths=[f"v{v}" for v in sub.inputs], strict=False,
-                          solver=options.solver, time_limit_s=options.time_limit_s,
-                          share_repeated_layers=False)
+    return sub, solve_intra_op(sub, mesh, input_roles=[InputRole.PARAM] * len(sub.inputs),
+                               input_paths=[f"v{v}" for v in sub.inputs], strict=False,
+                               solver=options.solver, time_limit_s=options.time_limit_s,
+                               share_repeated_layers=False)
+
+
+def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: LogicalMesh,
+                options: PricingOptions, gradients: set[int],
+                update_nodes: Sequence[int] = ()) -> LayerPrice:
+    """Plans the layer's operators on ``mesh`` with the intra-op ILP and prices the plan;
+    ``update_nodes`` (its parameters' optimizer update, run once per step) are planned and
+    priced on their own."""
+    sub, plan = _plan_nodes(graph, nodes, mesh, options)
+    update_s = 0.0
+    if update_nodes:
+        update = _plan_nodes(graph, update_nodes, mesh, options)[1]
+        update_s = update.compute_s + update.objective
     specs = value_specs(sub, plan)
     grad_only = _gradient_only_nodes(sub, gradients)
     decisions = {d.index: d for d in plan.nodes}
@@ -153,7 +177,8 @@ def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: L
         compute_s=plan.compute_s, comm_s=comm + resharding, grad_sync_s=grad_sync,
         state_bytes=weights * options.state_bytes_per_param_byte,
         activation_bytes=per_device(kept),
-        boundary_bytes=float(sum(tensor_bytes(graph.avals[v]) for v in leaving)))
+        boundary_bytes=float(sum(tensor_bytes(graph.avals[v]) for v in leaving)),
+        apply_s=float(update_s))
 
 
 def _gradient_only_nodes(sub: OpGraph, gradients: set[int]) -> set[int]:
@@ -188,24 +213,38 @@ def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshVi
                  mesh_of: Callable[[tuple[int, int], tuple[int, ...]], LogicalMesh],
                  options: PricingOptions) -> dict[SubmeshView, list[LayerPrice]]:
     """Every layer priced on every candidate; identical layers (same operators and shapes)
-    are priced once per candidate."""
+    are priced once per candidate. A layer's optimizer update is the apply part the pipeline
+    runtime would place with it if every layer were a stage (`partition_pipeline`)."""
     nodes, forward = build_layer_nodes(graph, num_layers)
     gradients = gradient_values(graph)
+    updates = layer_update_nodes(graph, num_layers)
+
+    def signature(indices):
+        return tuple((graph.nodes[i].name, tuple(str(graph.avals[v]) for v in
+                                                 graph.nodes[i].outvars)) for i in indices)
+
     cache: dict = {}
     priced = {}
     for shape, view in candidates:
         mesh = mesh_of(shape, view)
         layers = []
-        for layer_nodes, layer_forward in zip(nodes, forward):
-            key = (tuple((graph.nodes[i].name, tuple(str(graph.avals[v]) for v in
-                                                     graph.nodes[i].outvars))
-                         for i in layer_nodes), shape, view)
+        for layer_nodes, layer_forward, update in zip(nodes, forward, updates):
+            key = (signature(layer_nodes), signature(update), shape, view)
             if key not in cache:
                 cache[key] = price_layer(graph, layer_nodes, layer_forward, mesh, options,
-                                         gradients)
+                                         gradients, update)
             layers.append(cache[key])
         priced[(tuple(shape), tuple(view))] = layers
     return priced
+
+
+def layer_update_nodes(graph: OpGraph, num_layers: int) -> list[list[int]]:
+    """Per layer: the operators after the gradient boundary that update its parameters."""
+    if not any(n.name == "grad_boundary" for n in graph.nodes):
+        return [[] for _ in range(num_layers)]
+    partition = partition_pipeline(graph, [], list(range(num_layers)), num_layers)
+    boundary = partition.boundary.index
+    return [[i for i in partition.mesh_nodes[l] if i > boundary] for l in range(num_layers)]
 
 
 def in_flight_micro_batches(schedule: str, num_stages: int, stage: int, k: int) -> int:
@@ -215,32 +254,63 @@ def in_flight_micro_batches(schedule: str, num_stages: int, stage: int, k: int) 
 
 
 def estimate_stage(prices: Sequence[LayerPrice], mesh: LogicalMesh, link_s_per_byte: float,
-                   link_alpha_s: float, last: bool) -> tuple[float, float]:
-    """(seconds per micro-batch, gradient-sync seconds per step) of a stage of ``prices``:
-    its layers, two program launches (forward, backward) and, unless it is the last stage,
-    sending its boundary forward and receiving its gradient back."""
-    launches = 2 * getattr(mesh, "launch_latency_s", 0.0)
+                   link_alpha_s: float, last: bool) -> tuple[float, float, float]:
+    """(seconds per micro-batch, gradient-sync seconds per step, update seconds per step) of
+    a stage of ``prices``: its layers, two program launches (forward, backward) and, unless it
+    is the last stage, sending its boundary forward and receiving its gradient back; once per
+    step its gradient sync, and its optimizer update with one more launch."""
+    launch = getattr(mesh, "launch_latency_s", 0.0)
     transfer = 0.0 if last else 2 * (link_alpha_s + prices[-1].boundary_bytes * link_s_per_byte)
-    return (sum(p.micro_batch_s for p in prices) + launches + transfer,
-            sum(p.grad_sync_s for p in prices))
+    return (sum(p.micro_batch_s for p in prices) + 2 * launch + transfer,
+            sum(p.grad_sync_s for p in prices), sum(p.apply_s for p in prices) + launch)
 
 
-def pipeline_step_time_s(stage_micro_batch_s: Sequence[float], grad_sync_s: Sequence[float],
-                         k: int) -> float:
+def pipeline_step_time_s(stage_micro_batch_s: Sequence[float], once_per_step_s: Sequence[float],
+                         k: int, *, stage_hosts: Sequence[Sequence[int]] | None = None) -> float:
     """Fill and drain once, then ``k - 1`` micro-batches at the slowest stage, then the
-    stages' gradient syncs (run in parallel, once per step)."""
-    return float(sum(stage_micro_batch_s) + (k - 1) * max(stage_micro_batch_s)
-                 + max(grad_sync_s, default=0.0))
+    stages' once-per-step work (gradient sync and optimizer update, side by side).
+
+    With ``stage_hosts`` (per stage, the hosts it runs on, for hosts whose devices share
+    compute: `ClusterSpec.shared_host_compute`), stages of one host take turns, so the step
+    also lasts at least each host's whole work, ``sum(k * t_s + once_s)`` over its stages.
+
+    Example:
+        >>> pipeline_step_time_s([1.0, 2.0], [0.5, 0.0], k=4)
+        9.5
+        >>> pipeline_step_time_s([1.0, 2.0], [0.5, 0.0], k=4, stage_hosts=[[0], [0]])
+        12.5
+    """
+    overlapped = (sum(stage_micro_batch_s) + (k - 1) * max(stage_micro_batch_s)
+                  + max(once_per_step_s, default=0.0))
+    host_work: dict[int, float] = {}
+    for t, once, hosts in zip(stage_micro_batch_s, once_per_step_s, stage_hosts or ()):
+        for host in hosts:
+            host_work[host] = host_work.get(host, 0.0) + k * t + once
+    return float(max([overlapped, *host_work.values()]))
+
+
+def shared_stage_hosts(submesh_shapes, devices_per_host: int | None) -> list[list[int]] | None:
+    """The hosts of each stage as `assignment.place_stages` places them, for
+    `pipeline_step_time_s`; None when hosts do not share compute (``devices_per_host``
+    None)."""
+    if devices_per_host is None:
+        return None
+    devices = range(sum(n * m for n, m in submesh_shapes))
+    return [sorted({d // devices_per_host for d in placed})
+            for placed in place_stages(submesh_shapes, devices, devices_per_host)]
 
 
 def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
                  meshes: dict[SubmeshView, LogicalMesh], *, num_devices: int, k: int,
                  schedule: str, memory_budget_bytes: float | None,
-                 link: tuple[float, float], max_num_stages: int | None = None):
+                 link: tuple[float, float], max_num_stages: int | None = None,
+                 shared_compute_per_host: int | None = None):
     """Alpa's stage DP over (submesh, view) options: each (submesh, view) pair is one
     option, so views are chosen by time subject to memory inside the DP.
+    ``shared_compute_per_host``: devices per host when a host's devices share compute
+    (`pipeline_step_time_s`'s ``stage_hosts``).
 
-    Returns ``(StageAssignment, stage micro-batch seconds, stage grad-sync seconds,
+    Returns ``(StageAssignment, stage micro-batch seconds, stage once-per-step seconds,
     stage memory bytes)``.
 
     Raises:
@@ -291,15 +361,18 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
             layer_to_stage[layer] = stage
         shape, view = options[j]
         span = priced[options[j]][start:end + 1]
-        t, g = estimate_stage(span, meshes[options[j]], beta, alpha, stage == num_stages - 1)
+        t, g, u = estimate_stage(span, meshes[options[j]], beta, alpha,
+                                 stage == num_stages - 1)
         submeshes.append(tuple(shape))
         views.append(tuple(view))
         times.append(t)
-        syncs.append(g)
+        syncs.append(g + u)
         memory.append(sum(p.state_bytes for p in span) + in_flight_micro_batches(
             schedule, num_stages, stage, k) * sum(p.activation_bytes for p in span))
+    hosts = shared_stage_hosts(submeshes, shared_compute_per_host)
     assignment = StageAssignment(tuple(layer_to_stage), tuple(submeshes), tuple(views),
-                                 pipeline_step_time_s(times, syncs, k), tuple(times))
+                                 pipeline_step_time_s(times, syncs, k, stage_hosts=hosts),
+                                 tuple(times))
     return assignment, times, syncs, memory
 
 
