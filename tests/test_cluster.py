@@ -79,7 +79,7 @@ def test_cluster_spec_is_hashable_and_peak_pairs_sorted():
 def test_json_round_trip_with_profile(tmp_path):
     db = ProfileDatabase(collectives=(
         CollectiveRow(kind="all-reduce", group_size=8, num_bytes=1024, time_s=2e-5),))
-    spec = make_spec(profile=db, name="mine")
+    spec = make_spec(profile=db, name="mine", shared_host_compute=True)
     assert ClusterSpec.from_json(spec.to_json()) == spec
     spec.save(tmp_path / "c.json")
     assert ClusterSpec.load(tmp_path / "c.json") == spec

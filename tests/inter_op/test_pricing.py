@@ -42,6 +42,58 @@ def test_gradient_sync_is_priced_once_per_step():
     assert pricing.pipeline_step_time_s(stage, [0.5, 0.25], 4) == 1 + 2 + 3 * 2 + 0.5
 
 
+def test_stages_sharing_a_hosts_compute_take_turns():
+    # side by side: fill/drain + 3 x the slowest + the largest once-per-step work
+    assert pricing.pipeline_step_time_s([1.0, 2.0], [0.5, 0.25], 4) == 9.5
+    # on one host whose devices share compute: the host's whole work, 4 + 0.5 + 8 + 0.25
+    one_host = pricing.shared_stage_hosts([(1, 2), (1, 2)], devices_per_host=4)
+    assert one_host == [[0], [0]]
+    assert pricing.pipeline_step_time_s([1.0, 2.0], [0.5, 0.25], 4,
+                                        stage_hosts=one_host) == 12.75
+    # one stage per host: they overlap again
+    two_hosts = pricing.shared_stage_hosts([(1, 2), (1, 2)], devices_per_host=2)
+    assert two_hosts == [[0], [1]]
+    assert pricing.pipeline_step_time_s([1.0, 2.0], [0.5, 0.25], 4,
+                                        stage_hosts=two_hosts) == 9.5
+    assert pricing.shared_stage_hosts([(1, 2)], devices_per_host=None) is None
+
+
+def _single_mesh_plan(k: int):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "end_to_end"))
+    from tiny_models import make_mlp, mse_step
+
+    # the same micro-batch (16 examples) whatever k: only the number of micro-batches changes
+    state, batch = make_mlp(16 * k, 64, 4, optimizer=optax.adam(1e-3))
+    method = alpa_lite.DataParallel(num_micro_batches=k)
+    return alpa_lite.parallelize(mse_step, method=method).plan(state, batch)
+
+
+def test_the_optimizer_update_is_priced_once_per_step_not_per_micro_batch():
+    two, four = _single_mesh_plan(2), _single_mesh_plan(4)
+    assert two.extra["apply_s"] > 0 and two.extra["apply_s"] == pytest.approx(
+        four.extra["apply_s"])
+    once = two.extra["apply_s"] + two.extra["grad_sync_s"]
+    per_micro_batch = (two.predicted_step_time_s - once - two.sharding.mesh.launch_latency_s) / 2
+    # two more micro-batches add two micro-batches of work, and no second update or sync
+    assert four.predicted_step_time_s == pytest.approx(
+        two.predicted_step_time_s + 2 * per_micro_batch, rel=1e-9)
+    assert per_micro_batch > 0
+
+
+def test_pipeline_stages_record_their_update(mlp):
+    state, batch, step = mlp
+    method = PipeshardParallel(num_micro_batches=4, layer_option=AutoLayerOption(layer_num=4),
+                               stage_option=alpa_lite.UniformStageOption(num_stages=2))
+    plan = alpa_lite.parallelize(step, method=method).plan(state, batch)
+    stages = plan.stages
+    assert len(stages) == 2 and all(s.apply_s > 0 for s in stages)
+    again = alpa_lite.ParallelPlan.from_json(plan.to_json())
+    assert [s.apply_s for s in again.stages] == [s.apply_s for s in stages]
+
+
 @pytest.fixture
 def mlp():
     import sys
