@@ -16,6 +16,7 @@ from typing import Any
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.intra_op.strategies import Spec, format_spec
 from alpa_lite.mesh import LogicalMesh
+from alpa_lite.summary import format_plan_summary
 
 PLAN_FORMAT_VERSION = 1
 
@@ -191,8 +192,6 @@ class ParallelPlan:
 
     def summary(self, max_rows: int = 40) -> str:
         """A readable table: mesh, objective, solver, inputs and the main operator choices."""
-        from alpa_lite.summary import format_plan_summary
-
         return format_plan_summary(self, max_rows=max_rows)
 
     def to_json(self) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from alpa_lite.inter_op.schedules import PipelineSchedule, TaskKind
+from alpa_lite.inter_op.schedules import PipelineSchedule, TaskKind, build_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +97,6 @@ def plan_timeline(plan, schedule: PipelineSchedule) -> list[TimelineEvent]:
 
 def write_plan_timeline(plan, path: str) -> str:
     """PNG of the timeline a pipelined plan predicts (from its per-stage times)."""
-    from alpa_lite.inter_op.schedules import build_schedule
-
     schedule = build_schedule(plan.extra["schedule"], len(plan.stages), plan.num_micro_batches)
     title = (f"predicted: {plan.extra['schedule']}, {len(plan.stages)} stages x "
              f"{plan.num_micro_batches} micro-batches")

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from alpa_lite.emit.accumulate import (combine_identity, combine_pair, interleave_micro_batches,
                                        random_slice_override)
 from alpa_lite.emit.deferred import find_deferred_reductions, finish_partial_sum
+from alpa_lite.emit.executable import PlanMismatch
 from alpa_lite.emit.shardings import build_node_evaluator
 from alpa_lite.emit.specs import spec_to_partition_spec, value_specs
 from alpa_lite.emit.stages import PipelinePartition, Program
@@ -237,8 +238,6 @@ class PipelineExecutable:
 
     def call_unplaced(self, *args):
         """Runs the step if the arguments match the plan; else raises `PlanMismatch`."""
-        from alpa_lite.emit.executable import PlanMismatch
-
         dynamic, static, _ = split_static_args(args, tuple(sorted(self.traced.static_args)))
         leaves, tree = jax.tree_util.tree_flatten(tuple(dynamic))
         if self.signature is not None and (

@@ -23,6 +23,7 @@ import numpy as np
 from jax.extend.core import primitives as prims
 
 from alpa_lite._jax_compat import optimization_barrier_primitive
+from alpa_lite.cost import estimate_op_cost
 from alpa_lite.cost.collectives import Collective
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
@@ -234,7 +235,6 @@ class _UnitBuilder:
             operands = tuple(v if isinstance(v, int) else None for v in node.invars)
             out_bdims = self.propagate_batch(rule, operands, node.outvars)
             strategies = self.filter_strategies(ctx, rule, strategies, operands, out_bdims)
-            from alpa_lite.cost import estimate_op_cost  # local: cost imports markers lazily
             flops = estimate_op_cost(node.primitive, node.params, avals_in, avals_out).flops
             self.new_unit(Unit(f"{node.name}#{node.index}", strategies, operands, node.outvars,
                                node.index, fallback, getattr(rule, "heavy", False), flops))
