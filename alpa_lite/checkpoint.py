@@ -2,7 +2,7 @@
 
 Input: a pytree of `jax.Array`s (e.g. a `TrainState` returned by a parallelized step, whose
 leaves may lie on several stage meshes) and a step number. Output: a step directory
-``<directory>/<step>/`` holding the state (orbax's ``StandardSave``: every process writes
+``<directory>/<step>/`` holding the state (orbax's PyTree format: every process writes
 only the shards it owns) and, when given, the `ParallelPlan` as JSON. Everything that makes
 a save safe is orbax's: it writes into a temporary directory and renames it when the step is
 complete (so a step is whole on disk or absent, also after a SIGKILL), it keeps the last N
@@ -41,7 +41,7 @@ def _manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
              async_: bool = False, create: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                            enable_async_checkpointing=async_)
-    handlers = {_STATE: ocp.StandardCheckpointHandler(), _PLAN: ocp.JsonCheckpointHandler()}
+    handlers = {_STATE: ocp.PyTreeCheckpointHandler(), _PLAN: ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                  item_handlers=handlers)
 
@@ -85,7 +85,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"Step {step} is already saved in {self.directory}. Save under a new step "
                 "number, or delete that step directory first.")
-        items = {_STATE: ocp.args.StandardSave(state)}
+        items = {_STATE: ocp.args.PyTreeSave(state)}
         if plan is not None:
             items[_PLAN] = ocp.args.JsonSave(json.loads(plan.to_json()))
         self._manager.save(step, args=ocp.args.Composite(**items))
@@ -220,7 +220,7 @@ def _check_like(like: Any, saved: dict[str, Any], where: Path) -> None:
                 "config the checkpoint was saved with.")
 
 
-def _target(like: Any, shardings: Any) -> Any:
+def _targets(like: Any, shardings: Any) -> tuple[list, Any]:
     leaves, tree = jax.tree_util.tree_flatten(like)
     if shardings is None:
         device = jax.local_devices()[0]
@@ -233,9 +233,19 @@ def _target(like: Any, shardings: Any) -> Any:
                 f"`shardings` has {len(targets)} leaves but `like` has {len(leaves)}; pass "
                 "the shardings of the same argument, e.g. p.input_shardings(state, "
                 "batch)[0] for the state.")
-    return jax.tree_util.tree_unflatten(tree, [
-        jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-        for leaf, sharding in zip(leaves, targets)])
+    return [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+            for leaf, sharding in zip(leaves, targets)], tree
+
+
+def _has_local_shards(target: jax.ShapeDtypeStruct) -> bool:
+    return any(d.process_index == jax.process_index() for d in target.sharding.device_set)
+
+
+def _without_local_shards(target: jax.ShapeDtypeStruct) -> jax.Array:
+    """The global array of a leaf that lives only on other processes' devices (e.g. a
+    pipeline stage on another host): nothing to read here."""
+    return jax.make_array_from_single_device_arrays(target.shape, target.sharding, [],
+                                                    dtype=target.dtype)
 
 
 def restore(directory: str | os.PathLike, like: Any, step: int | None = None, *,
@@ -272,9 +282,24 @@ def restore(directory: str | os.PathLike, like: Any, step: int | None = None, *,
     where = directory / str(step)
     metadata = manager.item_metadata(step)[_STATE]
     _check_like(like, _saved_leaves(metadata), where)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardRestore(_target(like, shardings))}))
-    return restored[_STATE]
+    targets, tree = _targets(like, shardings)
+    # A leaf with no shard on this process is skipped (orbax's PLACEHOLDER): orbax cannot
+    # build an array without local shards, so it is made here, empty, as jax wants it.
+    wanted = [t if _has_local_shards(t) else ocp.PLACEHOLDER for t in targets]
+    restore_args = [ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
+                                         dtype=t.dtype) if t is not ocp.PLACEHOLDER else t
+                    for t in wanted]
+    restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeRestore(
+        item=jax.tree_util.tree_unflatten(tree, wanted),
+        restore_args=jax.tree_util.tree_unflatten(tree, restore_args))}))
+    leaves = jax.tree_util.tree_leaves(restored[_STATE],
+                                       is_leaf=lambda x: x is ocp.PLACEHOLDER)
+    if len(leaves) != len(targets):
+        raise CheckpointError(f"Restoring {directory / str(step)} gave {len(leaves)} arrays "
+                              f"for the {len(targets)} leaves of `like`.")
+    return jax.tree_util.tree_unflatten(tree, [
+        _without_local_shards(t) if leaf is ocp.PLACEHOLDER else leaf
+        for leaf, t in zip(leaves, targets)])
 
 
 def load_plan(directory: str | os.PathLike, step: int | None = None) -> ParallelPlan | None:
