@@ -45,6 +45,9 @@ METHODS = {
 }
 
 
+MAX_STEPS = 100_000
+
+
 def load_corpus(package: str = "optax", max_bytes: int = 4 * 2**20) -> np.ndarray:
     """The sorted ``*.py`` files of an installed package as byte tokens (int32, < 128)."""
     module = __import__(package)
@@ -78,7 +81,9 @@ def build(args):
 def train(args, method_name: str, stop_at: int, tokens: np.ndarray, resume: bool) -> np.ndarray:
     """Trains (or resumes) up to step ``stop_at``; returns the loss history so far."""
     state, train_step = build(args)
-    losses = np.full((args.steps,), np.nan, np.float32)
+    # The loss history is saved with the state; a fixed length, so a resume with another
+    # --steps still fits the saved shape.
+    losses = np.full((MAX_STEPS,), np.nan, np.float32)
     first_batch = get_batch(tokens, 0, args.batch_size, args.seq_len)
     if method_name == "serial":
         step_fn = jax.jit(train_step)
@@ -119,13 +124,14 @@ def train(args, method_name: str, stop_at: int, tokens: np.ndarray, resume: bool
                 ckpt.save({"state": state, "losses": jnp.asarray(losses)}, done, plan=plan)
     if ckpt is not None:
         ckpt.close()  # waits for the last async save
-    return losses
+    return losses[:stop_at]
 
 
 def plot(curves: dict, path: str) -> str:
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, (x, y) in curves.items():
-        ax.plot(x, y, label=label)
+    for i, (label, (x, y)) in enumerate(curves.items()):
+        ax.plot(x, y, label=label, linestyle=":" if i == 0 and len(curves) > 1 else "-",
+                linewidth=3 if i == 0 and len(curves) > 1 else 1.5, zorder=3 if i == 0 else 2)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/byte)")
     ax.legend()
@@ -175,6 +181,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="CI: a tiny model, 16 steps, stop at 8 and resume on DataParallel")
     args = parser.parse_args()
+    if not 1 <= args.steps <= MAX_STEPS:
+        parser.error(f"--steps must be in 1..{MAX_STEPS}; got {args.steps}")
     os.makedirs(args.out_dir, exist_ok=True)
     tokens = load_corpus(args.corpus_package)
     print(f"corpus: {tokens.size} bytes of {args.corpus_package}'s Python sources")

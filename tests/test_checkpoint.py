@@ -21,6 +21,8 @@ import pytest
 from flax.training import train_state
 
 import alpa_lite
+import alpa_lite.compile as compile_module
+import alpa_lite.inter_op.pricing as pricing_module
 from alpa_lite import checkpoint
 from alpa_lite.config import (AutoLayerOption, DataParallel, PipeshardParallel, ShardParallel,
                               UniformStageOption, Zero2Parallel, Zero3Parallel)
@@ -78,8 +80,8 @@ def run(step_fn, state, batch, num_steps):
 
 def abstract(tree):
     """`jax.ShapeDtypeStruct`s of a state (a fresh TrainState's step is a Python int)."""
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype),
-                                  tree)
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype), tree)
 
 
 def array_leaves(tree):
@@ -153,9 +155,6 @@ def test_the_saved_plan_resumes_without_solving(name, tmp_path, monkeypatch):
     checkpoint.save(tmp_path, saved, step=1, plan=plan)
     loaded = checkpoint.load_plan(tmp_path)
     assert loaded.to_json() == plan.to_json()
-
-    import alpa_lite.compile as compile_module
-    import alpa_lite.inter_op.pricing as pricing_module
 
     def no_solving(*args, **kwargs):
         raise AssertionError("a loaded plan must not be solved again")
