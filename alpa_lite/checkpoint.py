@@ -203,6 +203,14 @@ def _saved_leaves(metadata) -> dict[str, Any]:
     return {leaf.name: leaf for leaf in leaves if hasattr(leaf, "shape")}
 
 
+def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], Any]:
+    """Shape and dtype of a `like` leaf: an array, a ShapeDtypeStruct or a Python/NumPy
+    scalar (a fresh `TrainState`'s step is the Python int 0, saved as an int32 array)."""
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+        return tuple(leaf.shape), jax.numpy.dtype(leaf.dtype)
+    return (), jax.numpy.asarray(leaf).dtype
+
+
 def _check_like(like: Any, saved: dict[str, Any], where: Path) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(like)[0]:
         name = _leaf_name(path)
@@ -212,7 +220,7 @@ def _check_like(like: Any, saved: dict[str, Any], where: Path) -> None:
                 f"{len(saved)} arrays, e.g. {sorted(saved)[:5]}). Pass a `like` with the "
                 "structure of the saved state.")
         got = saved[name]
-        want_shape, want_dtype = tuple(leaf.shape), jax.numpy.dtype(leaf.dtype)
+        want_shape, want_dtype = _shape_dtype(leaf)
         if tuple(got.shape) != want_shape or jax.numpy.dtype(got.dtype) != want_dtype:
             raise CheckpointError(
                 f"Leaf {name!r}: `like` wants {want_dtype}{list(want_shape)}, the checkpoint "
@@ -233,7 +241,7 @@ def _targets(like: Any, shardings: Any) -> tuple[list, Any]:
                 f"`shardings` has {len(targets)} leaves but `like` has {len(leaves)}; pass "
                 "the shardings of the same argument, e.g. p.input_shardings(state, "
                 "batch)[0] for the state.")
-    return [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+    return [jax.ShapeDtypeStruct(*_shape_dtype(leaf), sharding=sharding)
             for leaf, sharding in zip(leaves, targets)], tree
 
 

@@ -117,6 +117,8 @@ def test_restore_without_shardings_is_whole_on_the_first_device(tmp_path):
         assert leaf.sharding.device_set == {jax.local_devices()[0]}
     assert_trees_close(restored.params, state.params, rtol=0, atol=0)
     assert restored.apply_fn is state.apply_fn  # non-array parts come from `like`
+    fresh, _ = make_state()  # its step is the Python int 0
+    assert int(checkpoint.restore(tmp_path, like=fresh).step) == 1
 
 
 @pytest.mark.parametrize("before,after", [("shard(2,4)", "shard(4,2)"), ("shard(2,4)", "data"),
