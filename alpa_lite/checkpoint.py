@@ -149,22 +149,24 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     """
     if not Path(directory).is_dir():
         return None
-    return _manager(directory).latest_step()
+    with _manager(directory) as manager:
+        return manager.latest_step()
 
 
 def all_steps(directory: str | os.PathLike) -> list[int]:
     """Every complete step in ``directory``, oldest first ([] when none)."""
     if not Path(directory).is_dir():
         return []
-    return sorted(_manager(directory).all_steps())
+    with _manager(directory) as manager:
+        return sorted(manager.all_steps())
 
 
-def _step_directory(directory: Path, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+def _check_step(directory: Path, step: int | None) -> int:
+    """The step to read (the latest when None), after checking that it is complete."""
     if not directory.is_dir():
         raise CheckpointError(f"No checkpoint directory at {directory}: it does not exist. "
                               "Pass the directory `save` wrote to.")
-    manager = _manager(directory)
-    steps = sorted(manager.all_steps())
+    steps = all_steps(directory)
     if not steps:
         raise CheckpointError(
             f"{directory} holds no complete checkpoint step: expected subdirectories named "
@@ -184,7 +186,7 @@ def _step_directory(directory: Path, step: int | None) -> tuple[ocp.CheckpointMa
             f"{state_dir} {'is missing' if state_dir.is_dir() else 'does not exist'}"
             f"{' (' + ', '.join(missing) + ')' if state_dir.is_dir() else ''}. Restore "
             f"another step (complete steps: {steps}) or save again.")
-    return manager, step
+    return step
 
 
 def _leaf_name(path) -> str:
@@ -286,25 +288,26 @@ def restore(directory: str | os.PathLike, like: Any, step: int | None = None, *,
         Array([0., 1., 2., 3.], dtype=float32)
     """
     directory = Path(directory).absolute()
-    manager, step = _step_directory(directory, step)
+    step = _check_step(directory, step)
     where = directory / str(step)
-    metadata = manager.item_metadata(step)[_STATE]
-    _check_like(like, _saved_leaves(metadata), where)
-    targets, tree = _targets(like, shardings)
-    # A leaf with no shard on this process is skipped (orbax's PLACEHOLDER): orbax cannot
-    # build an array without local shards, so it is made here, empty, as jax wants it.
-    wanted = [t if _has_local_shards(t) else ocp.PLACEHOLDER for t in targets]
-    restore_args = [ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
-                                         dtype=t.dtype) if t is not ocp.PLACEHOLDER else t
-                    for t in wanted]
-    restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeRestore(
-        item=jax.tree_util.tree_unflatten(tree, wanted),
-        restore_args=jax.tree_util.tree_unflatten(tree, restore_args))}))
-    leaves = jax.tree_util.tree_leaves(restored[_STATE],
-                                       is_leaf=lambda x: x is ocp.PLACEHOLDER)
-    if len(leaves) != len(targets):
-        raise CheckpointError(f"Restoring {directory / str(step)} gave {len(leaves)} arrays "
-                              f"for the {len(targets)} leaves of `like`.")
+    with _manager(directory) as manager:
+        _check_like(like, _saved_leaves(manager.item_metadata(step)[_STATE]), where)
+        targets, tree = _targets(like, shardings)
+        # A leaf with no shard on this process is skipped (orbax's PLACEHOLDER): orbax
+        # cannot build an array without local shards, so it is made here, empty.
+        wanted = [t if _has_local_shards(t) else ocp.PLACEHOLDER for t in targets]
+        restore_args = [ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
+                                             dtype=t.dtype) if t is not ocp.PLACEHOLDER else t
+                        for t in wanted]
+        restored = manager.restore(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.PyTreeRestore(
+                item=jax.tree_util.tree_unflatten(tree, wanted),
+                restore_args=jax.tree_util.tree_unflatten(tree, restore_args))}))[_STATE]
+    leaves, got_tree = jax.tree_util.tree_flatten(restored,
+                                                  is_leaf=lambda x: x is ocp.PLACEHOLDER)
+    if got_tree != tree:  # leaves are matched by position below: the structure must agree
+        raise CheckpointError(f"Restoring {where} gave a tree of another structure than "
+                              f"`like`: {got_tree} instead of {tree}.")
     return jax.tree_util.tree_unflatten(tree, [
         _without_local_shards(t) if leaf is ocp.PLACEHOLDER else leaf
         for leaf, t in zip(leaves, targets)])
@@ -317,9 +320,10 @@ def load_plan(directory: str | os.PathLike, step: int | None = None) -> Parallel
     solving again.
     """
     directory = Path(directory).absolute()
-    manager, step = _step_directory(directory, step)
+    step = _check_step(directory, step)
     if not (directory / str(step) / _PLAN).is_dir():
         return None
-    restored = manager.restore(step, args=ocp.args.Composite(
-        **{_PLAN: ocp.args.JsonRestore()}))
+    with _manager(directory) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{_PLAN: ocp.args.JsonRestore()}))
     return ParallelPlan.from_json(json.dumps(restored[_PLAN]))
