@@ -278,3 +278,17 @@ def test_bad_save_arguments_are_clear_errors(tmp_path):
         checkpoint.save(tmp_path, {"w": jnp.ones(3)}, step=-1)
     with pytest.raises(checkpoint.CheckpointError, match="max_to_keep must be a positive int"):
         checkpoint.Checkpointer(tmp_path, max_to_keep=0)
+
+
+def test_input_shardings_has_one_entry_per_argument_and_none_for_static_ones():
+    def f(w, x, scale):
+        return jnp.sum(x @ w) * scale
+
+    w, x = jnp.ones((8, 8)), jnp.ones((16, 8))
+    p = alpa_lite.parallelize(f, method=DataParallel(), static_argnums=2)
+    shardings = p.input_shardings(w, x, 2.0)
+    assert len(shardings) == 3 and shardings[2] is None
+    assert shardings[0].is_fully_replicated  # data parallel: weights replicated
+    assert not shardings[1].is_fully_replicated  # the batch is split over the devices
+    assert float(p(jax.device_put(w, shardings[0]), jax.device_put(x, shardings[1]), 2.0)) \
+        == float(jax.jit(f, static_argnums=2)(w, x, 2.0))
