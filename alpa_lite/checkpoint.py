@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from alpa_lite import distributed
 from alpa_lite.errors import AlpaLiteError
 from alpa_lite.plan import ParallelPlan
 
@@ -44,6 +45,21 @@ def _manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
     handlers = {_STATE: ocp.PyTreeCheckpointHandler(), _PLAN: ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                  item_handlers=handlers)
+
+
+def _spans_all_processes(x: jax.Array) -> bool:
+    return len({d.process_index for d in x.sharding.device_set}) == jax.process_count()
+
+
+def _savable(state: Any) -> Any:
+    """``state`` with every leaf that lives on the devices of only some processes (a pipeline
+    stage on one host) gathered to a host array on every process: orbax writes global arrays
+    shard by shard, but refuses arrays that are local to one process of several."""
+    if jax.process_count() == 1:
+        return state
+    return jax.tree_util.tree_map(
+        lambda x: distributed.to_host(x) if isinstance(x, jax.Array)
+        and not _spans_all_processes(x) else x, state)
 
 
 class Checkpointer:
@@ -85,7 +101,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"Step {step} is already saved in {self.directory}. Save under a new step "
                 "number, or delete that step directory first.")
-        items = {_STATE: ocp.args.PyTreeSave(state)}
+        items = {_STATE: ocp.args.PyTreeSave(_savable(state))}
         if plan is not None:
             items[_PLAN] = ocp.args.JsonSave(json.loads(plan.to_json()))
         self._manager.save(step, args=ocp.args.Composite(**items))

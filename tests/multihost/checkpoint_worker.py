@@ -2,7 +2,8 @@
 processes (each process writes and reads only its own shards, through orbax).
 
 ``save DIR``: 2 steps under ShardParallel (2, 4) (the state spans both processes), saved as
-step 2. ``resume DIR``: restores the step a single process saved into a 2-stage pipeline's
+step 2; ``save_pipeline DIR`` the same under a 2-stage pipeline (one stage per process,
+so each process holds only some leaves). ``resume DIR``: restores the step a single process saved into a 2-stage pipeline's
 shardings (one stage per process), runs 2 more steps and checks them against 4 serial steps.
 Prints ``OK <mode> process <i>``.
 """
@@ -31,14 +32,21 @@ def make():
     return jax.device_get((state, batch))  # the same host values on every process
 
 
-def save(directory: str) -> None:
+def pipeline():
+    return PipeshardParallel(num_micro_batches=2, layer_option="manual",
+                             stage_option=UniformStageOption(num_stages=2))
+
+
+def save(directory: str, method=None) -> None:
     state, batch = make()
-    p = alpa_lite.parallelize(mse_step, method=alpa_lite.ShardParallel(mesh_shape=(2, 4)))
+    p = alpa_lite.parallelize(mse_step,
+                              method=method or alpa_lite.ShardParallel(mesh_shape=(2, 4)))
     for _ in range(2):
         state, _ = p(state, batch)
     assert not all(x.is_fully_addressable for x in jax.tree_util.tree_leaves(state.params))
     checkpoint.save(directory, state, step=2, plan=p.plan(state, batch))
-    print(f"OK save process {jax.process_index()}", flush=True)
+    mode = "save" if method is None else "save_pipeline"
+    print(f"OK {mode} process {jax.process_index()}", flush=True)
 
 
 def resume(directory: str) -> None:
@@ -46,9 +54,7 @@ def resume(directory: str) -> None:
     expected = state
     for _ in range(4):
         expected, expected_loss = jax.jit(mse_step)(expected, batch)
-    method = PipeshardParallel(num_micro_batches=2, layer_option="manual",
-                               stage_option=UniformStageOption(num_stages=2))
-    p = alpa_lite.parallelize(mse_step, method=method)
+    p = alpa_lite.parallelize(mse_step, method=pipeline())
     like = jax.eval_shape(lambda: state)
     restored = checkpoint.restore(directory, like=like,
                                   shardings=p.input_shardings(like, batch)[0])
@@ -62,4 +68,5 @@ def resume(directory: str) -> None:
 
 
 if __name__ == "__main__":
-    {"save": save, "resume": resume}[sys.argv[1]](sys.argv[2])
+    modes = {"save": save, "save_pipeline": lambda d: save(d, pipeline()), "resume": resume}
+    modes[sys.argv[1]](sys.argv[2])

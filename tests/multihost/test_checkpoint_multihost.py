@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import optax
+import pytest
 
 import alpa_lite
 from alpa_lite import checkpoint
@@ -50,9 +51,11 @@ def serial(state, batch, num_steps):
     return state, loss
 
 
-def test_saved_on_two_processes_resumes_on_one_under_data_parallel(tmp_path):
-    launch("save", tmp_path)
-    assert checkpoint.load_plan(tmp_path).method == "ShardParallel"
+@pytest.mark.parametrize("mode,method", [("save", "ShardParallel"),
+                                         ("save_pipeline", "PipeshardParallel")])
+def test_saved_on_two_processes_resumes_on_one_under_data_parallel(mode, method, tmp_path):
+    launch(mode, tmp_path)
+    assert checkpoint.load_plan(tmp_path).method == method
     state, batch = make()
     p = alpa_lite.parallelize(mse_step, method=alpa_lite.DataParallel())
     like = jax.eval_shape(lambda: state)
