@@ -3,6 +3,7 @@
 Importing this package touches no backend and reads no environment variable.
 """
 
+from alpa_lite import checkpoint as checkpoint
 from alpa_lite import distributed as distributed
 from alpa_lite import testing as testing
 from alpa_lite import timeline as timeline

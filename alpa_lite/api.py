@@ -187,6 +187,32 @@ class ParallelizedFunction:
         """
         return self._compiled_plan(args, cluster)["plan"].plan
 
+    def input_shardings(self, *args) -> tuple:
+        """Where the plan for these arguments wants each of them (plans and compiles once).
+
+        Use it to place a restored state, e.g. ``checkpoint.restore(directory, like=state,
+        shardings=p.input_shardings(state, batch)[0])``, so the next step moves nothing.
+
+        Args:
+            *args: the step's arguments, or `jax.ShapeDtypeStruct`s of them.
+
+        Returns:
+            One entry per argument: a pytree of `jax.sharding.NamedSharding` matching it, or
+            None for a static argument. For `PipeshardParallel` each leaf's sharding lies on
+            the submesh of the stage that first reads it.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> p = parallelize(lambda w, x: jnp.sum(x @ w), method=ShardParallel(
+            ...     mesh_shape=(1,)))
+            >>> type(p.input_shardings(jnp.ones((4, 4)), jnp.ones((2, 4)))[0]).__name__
+            'NamedSharding'
+        """
+        executable = self.get_executable(*args)
+        static = set(self.step.static_argnums)
+        dynamic = iter(executable.input_shardings)
+        return tuple(None if i in static else next(dynamic) for i in range(len(args)))
+
     def lower(self, *args):
         """Lowers the parallel program (`.compile().as_text()` shows its collectives).
 

@@ -72,6 +72,8 @@ class PipelineExecutable:
         schedule: the `PipelineSchedule` being run.
         programs: name -> jitted program (for inspection and timing).
         instructions: the compiled step (see the module docstring).
+        input_shardings: where the step wants each dynamic argument leaf (a pytree matching
+            the dynamic arguments): on the submesh of the first program reading it.
     """
 
     def __init__(self, traced: TracedFunction, graph: OpGraph, partition: PipelinePartition,
@@ -102,6 +104,16 @@ class PipelineExecutable:
         self.programs = {name: c.fn for name, c in self.compiled.items()}
         self.instructions, self._inputs, self._initial, self._outputs = \
             _ScheduleBuilder(self).build()
+        self.input_shardings = self._first_read_shardings()
+
+    def _first_read_shardings(self):
+        first: dict[int, NamedSharding] = {}
+        for position, _, sharding in self._inputs:
+            if sharding is not None:
+                first.setdefault(position, sharding)
+        unread = self.replicated(0)  # a leaf no program reads: anywhere will do
+        flat = [first.get(i, unread) for i in range(len(self.graph.inputs))]
+        return jax.tree_util.tree_unflatten(self.traced.in_tree, flat)
 
     # --- compilation ---------------------------------------------------------------------
 
