@@ -328,7 +328,8 @@ def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, st
         devices = resolve_devices(method, devices)
         mesh = build_logical_mesh(method, devices, cluster)
     k = method.micro_batches
-    traced, graph, micro = trace_step(fun, args, step, k, analyse=not simulate)
+    traced, graph, micro = trace_step(fun, args, step, k, analyse=not simulate,
+                                      layer_option=method.layer_option)
     if plan is not None:
         check_plan_matches(plan, graph, mesh)
         return CompiledPlan(traced, graph, plan, tuple(devices), micro)
@@ -598,7 +599,8 @@ def _plan_one_stage(fun, args, method, step, assignment, devices, start,
     num = sp.submesh_devices(assignment.submesh_shapes[0])
     shard = ShardParallel(mesh_shape=assignment.logical_shapes[0], devices=tuple(devices[:num]),
                           num_micro_batches=method.num_micro_batches, strict=method.strict,
-                          solver=method.solver, solver_time_limit_s=method.solver_time_limit_s)
+                          solver=method.solver, solver_time_limit_s=method.solver_time_limit_s,
+                          layer_option=_remat_layer_option(method.layer_option, assignment))
     compiled = plan_shard_parallel(fun, args, shard, step, plan=loaded)
     if loaded is not None:
         return compiled
@@ -608,6 +610,15 @@ def _plan_one_stage(fun, args, method, step, assignment, devices, start,
                "logical_mesh": list(assignment.logical_shapes[0]),
                "submesh": list(assignment.submesh_shapes[0])})
     return dataclasses.replace(compiled, plan=plan)
+
+
+def _remat_layer_option(option, assignment):
+    """The layer option a one-stage pipeline keeps for its ShardParallel run: the option
+    (with ``remat_layer=True``) when its stage rematerializes, else None (no markers)."""
+    remat = getattr(assignment, "remat", None)
+    if remat is None:
+        remat = (option.remat_layer is True,)
+    return dataclasses.replace(option, remat_layer=True) if remat[0] else None
 
 
 def loaded_assignment(plan: ParallelPlan, num_layers: int):
