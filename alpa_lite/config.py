@@ -341,6 +341,11 @@ class PipeshardParallel:
         if self.solver not in SOLVERS:
             raise InvalidConfigError(f"solver must be one of {SOLVERS}; got {self.solver!r}.")
         _check_positive_int("devices_per_host", self.devices_per_host)
+        if layer.remat_layer == "auto" and not isinstance(stage, AutoStageOption):
+            raise InvalidConfigError(
+                f"remat_layer='auto' lets the stage DP choose, so it needs stage_option='auto'; "
+                f"got {type(stage).__name__}. Use stage_option='auto', or remat_layer=True or "
+                "False with these stages.")
         object.__setattr__(self, "layer_option", layer)
         object.__setattr__(self, "stage_option", stage)
         if self.devices is not None:

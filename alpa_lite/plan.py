@@ -103,6 +103,7 @@ class StagePlan:
             state, and the activations its schedule keeps in flight.
         plan: the stage's intra-op `ShardingPlan`.
         num_operators: operators in its forward and backward programs.
+        remat: whether its layers' forwards are recomputed in the backward pass.
     """
 
     stage: int
@@ -115,6 +116,7 @@ class StagePlan:
     peak_memory_bytes: float
     plan: ShardingPlan
     num_operators: int = 0
+    remat: bool = False
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
