@@ -257,6 +257,11 @@ def _add_plan_command(subparsers) -> None:
     plan.add_argument("--batch-size", type=int, default=None)
     plan.add_argument("--seq-len", type=int, default=None)
     plan.add_argument("--micro-batches", type=int, default=None)
+    plan.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                      help="compute dtype (parameters and optimizer state stay float32)")
+    plan.add_argument("--remat", default="off", choices=("off", "layer", "auto"),
+                      help="recompute each layer's forward in the backward pass: never, "
+                           "always, or where the planner needs it to fit (pipelines)")
     plan.add_argument("--method", default="auto",
                       choices=("auto", "shard", "dp", "zero2", "zero3", "megatron"))
     plan.add_argument("--compare", action="store_true",
@@ -286,7 +291,8 @@ def _run_plan(args) -> int:
 
     cluster = _plan_cluster(args)
     preset = get_preset(args.model).with_overrides(
-        num_layers=args.num_layers, batch_size=args.batch_size, seq_len=args.seq_len)
+        num_layers=args.num_layers, batch_size=args.batch_size, seq_len=args.seq_len,
+        dtype=None if args.dtype == "float32" else args.dtype)
     methods = [args.method] + ([m for m in ("megatron", "zero2", "zero3") if m != args.method]
                                if args.compare else [])
     results, skipped = [], []
@@ -294,10 +300,10 @@ def _run_plan(args) -> int:
         print(f"# planning {preset.name} ({preset.config.num_layers} layers, batch "
               f"{preset.default_batch_size}) on {cluster.num_hosts}x{cluster.devices_per_host} "
               f"devices, {cluster.memory_per_device_bytes / 2**30:.0f} GiB each, method "
-              f"{method} ...", file=sys.stderr)
+              f"{method}, {args.dtype}, remat {args.remat} ...", file=sys.stderr)
         try:
             results.append(simulate(preset, cluster, method=method,
-                                    num_micro_batches=args.micro_batches))
+                                    num_micro_batches=args.micro_batches, remat=args.remat))
         except AlpaLiteError as err:
             if method == args.method:
                 raise
@@ -310,7 +316,8 @@ def _run_plan(args) -> int:
         print(_format_comparison(results, cluster))
     if args.json:
         payload = {"model": preset.name, "num_layers": preset.config.num_layers,
-                   "batch_size": preset.default_batch_size,
+                   "batch_size": preset.default_batch_size, "dtype": args.dtype,
+                   "remat": args.remat,
                    "cluster": json.loads(cluster.to_json()),
                    **{k: v for k, v in results[0].to_dict().items()},
                    "compare": [r.to_dict() for r in results[1:]]}
@@ -330,12 +337,13 @@ def _format_simulation(result, cluster) -> str:
              f"  details: {result.details}"]
     if result.stages:
         lines.append(f"  {'stage':>5} {'blocks':<12} {'submesh':<9} {'logical':<9} "
-                     f"{'s/micro-batch':>14} {'memory/device':>14}")
+                     f"{'s/micro-batch':>14} {'memory/device':>14} {'remat':>5}")
         for i, st in enumerate(result.stages):
             blocks = f"{st['blocks'][0]}-{st['blocks'][1]}"
             lines.append(f"  {i:>5} {blocks:<12} {str(tuple(st['submesh'])):<9} "
                          f"{str(tuple(st['logical_mesh'])):<9} {st['time_per_micro_batch_s']:>14.4g} "
-                         f"{st['memory_per_device_bytes'] / gib:>11.2f} GiB")
+                         f"{st['memory_per_device_bytes'] / gib:>11.2f} GiB "
+                         f"{'yes' if st.get('remat') else 'no':>5}")
     return "\n".join(lines)
 
 

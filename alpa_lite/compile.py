@@ -279,19 +279,22 @@ class CompiledPlan:
 
 def trace_step(fun: Callable, args: Sequence, step: StepSpec, num_micro_batches: int, *,
                analyse: bool = True, layer_option=None, record: dict | None = None,
-               layer_starts: Sequence[int] | None = None):
+               layer_starts: Sequence[int] | None = None,
+               remat_layers: Sequence[bool] | None = None):
     """Traces the step at micro-batch size; returns (traced, graph, micro-batch plan).
 
     With more than one micro-batch (and ``analyse``), the step is traced at full batch size
     too (with the same layers, if ``layer_option`` constructs them), and
     `build_micro_batch_plan` decides how each value crossing the gradient boundary combines
-    over micro-batches.
+    over micro-batches. ``remat_layers`` (one flag per layer) overrides the option's
+    ``remat_layer`` (the stage DP's choice for ``remat_layer="auto"``).
     """
     mask = batch_leaf_mask(args, step)
     k = num_micro_batches
     record = {} if record is None else record
     transform = None if layer_option is None else build_layer_transform(
-        layer_option, record, starts=None if layer_starts is None else list(layer_starts))
+        layer_option, record, starts=None if layer_starts is None else list(layer_starts),
+        remat_layers=remat_layers)
     trace_args = args if k == 1 else micro_batch_args(args, mask, k, step.static_argnums)
     with layer_construction(transform):
         traced = trace_function(fun, trace_args, static_argnums=step.static_argnums,
@@ -300,7 +303,7 @@ def trace_step(fun: Callable, args: Sequence, step: StepSpec, num_micro_batches:
     micro = None
     if k > 1 and analyse:
         same_layers = None if layer_option is None else build_layer_transform(
-            layer_option, starts=record.get("starts"))
+            layer_option, starts=record.get("starts"), remat_layers=record.get("remat_layers"))
         with layer_construction(same_layers):
             full = trace_function(fun, args, static_argnums=step.static_argnums,
                                   batch_leaves=mask)
@@ -328,7 +331,8 @@ def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, st
         devices = resolve_devices(method, devices)
         mesh = build_logical_mesh(method, devices, cluster)
     k = method.micro_batches
-    traced, graph, micro = trace_step(fun, args, step, k, analyse=not simulate)
+    traced, graph, micro = trace_step(fun, args, step, k, analyse=not simulate,
+                                      layer_option=method.layer_option)
     if plan is not None:
         check_plan_matches(plan, graph, mesh)
         return CompiledPlan(traced, graph, plan, tuple(devices), micro)
@@ -436,10 +440,12 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
         per_host = min(method.devices_per_host or jax.local_device_count(), len(devices))
     k = method.num_micro_batches
     record: dict = {}
-    starts = None if plan is None else (plan.extra.get("layers") or {}).get("starts")
+    loaded_layers = {} if plan is None else (plan.extra.get("layers") or {})
+    starts = loaded_layers.get("starts")
     traced, graph, micro = trace_step(fun, args, step, k, analyse=not simulate,
                                       layer_option=method.layer_option, record=record,
-                                      layer_starts=starts)
+                                      layer_starts=starts,
+                                      remat_layers=loaded_layers.get("remat_layers"))
     num_layers = sp.count_layers(graph)
     if num_layers == 0:
         raise InvalidConfigError(
@@ -470,10 +476,31 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
                                                               per_host))
             if sp.submesh_devices(shape) <= len(devices) for view in sp.logical_views(shape)]
         priced = pricing.price_layers(graph, num_layers, candidates, mesh_of, options)
+        remat_priced = None
+        if method.layer_option.remat_layer == "auto":  # price every layer rematerialized too
+            _, remat_graph, _ = trace_step(
+                fun, args, step, k, analyse=False, layer_starts=record["starts"],
+                layer_option=dataclasses.replace(method.layer_option, remat_layer=True))
+            remat_priced = pricing.price_layers(remat_graph, num_layers, candidates, mesh_of,
+                                                options)
         assignment, _, _, dp_memory = pricing.solve_stages(
             priced, {c: mesh_of(*c) for c in candidates}, num_devices=len(devices), k=k,
             schedule=method.schedule, memory_budget_bytes=budget, link=link,
-            max_num_stages=option.max_num_stages, shared_compute_per_host=shared)
+            max_num_stages=option.max_num_stages, shared_compute_per_host=shared,
+            remat_priced=remat_priced)
+        if remat_priced is not None:
+            flags = [assignment.remat[s] for s in assignment.layer_to_stage]
+            priced = {c: [remat_priced[c][l] if flags[l] else priced[c][l]
+                          for l in range(num_layers)] for c in priced}
+            if any(flags):  # trace again with the chosen layers rematerialized
+                traced, graph, micro = trace_step(
+                    fun, args, step, k, analyse=not simulate, layer_option=method.layer_option,
+                    record=record, layer_starts=record["starts"], remat_layers=flags)
+    if assignment.remat is None:  # as traced: a stage rematerializes if its layers do
+        flags = record.get("remat_layers") or [False] * num_layers
+        assignment = dataclasses.replace(assignment, remat=tuple(
+            any(flags[l] for l in assignment.stage_layers(s))
+            for s in range(assignment.num_stages)))
     if assignment.num_stages == 1 and not simulate:
         compiled = _plan_one_stage(fun, args, method, step, assignment, devices, start, plan)
         if plan is None and isinstance(option, AutoStageOption):
@@ -575,7 +602,8 @@ def build_stage_records(assignment, priced, stage_options, plans, partition, gra
         share = _forward_share(partition, graph, s)
         in_flight = pricing.in_flight_micro_batches(schedule, num_stages, s, k)
         records.append(StagePlan(
-            stage=s, layers=tuple(layers), submesh=tuple(assignment.submesh_shapes[s]),
+            stage=s, layers=tuple(layers), remat=_stage_remat(assignment, layers),
+            submesh=tuple(assignment.submesh_shapes[s]),
             logical_mesh=tuple(plans[s].mesh.shape), forward_s=t * share,
             backward_s=t * (1 - share), grad_sync_s=g, apply_s=u,
             peak_memory_bytes=sum(p.state_bytes for p in span)
@@ -583,6 +611,11 @@ def build_stage_records(assignment, priced, stage_options, plans, partition, gra
             num_operators=len(partition.forward[s].nodes) + len(partition.backward[s].nodes)))
     return tuple(records), pricing.pipeline_step_time_s(times, once, k,
                                                         stage_hosts=stage_hosts)
+
+
+def _stage_remat(assignment, layers) -> bool:
+    """Whether a stage's layers are rematerialized (the DP's choice, else the option's)."""
+    return bool(assignment.remat[assignment.layer_to_stage[layers[0]]])
 
 
 def _forward_share(partition, graph: OpGraph, stage: int) -> float:
@@ -606,7 +639,8 @@ def _plan_one_stage(fun, args, method, step, assignment, devices, start,
     num = sp.submesh_devices(assignment.submesh_shapes[0])
     shard = ShardParallel(mesh_shape=assignment.logical_shapes[0], devices=tuple(devices[:num]),
                           num_micro_batches=method.num_micro_batches, strict=method.strict,
-                          solver=method.solver, solver_time_limit_s=method.solver_time_limit_s)
+                          solver=method.solver, solver_time_limit_s=method.solver_time_limit_s,
+                          layer_option=_remat_layer_option(method.layer_option, assignment))
     compiled = plan_shard_parallel(fun, args, shard, step, plan=loaded)
     if loaded is not None:
         return compiled
@@ -614,8 +648,15 @@ def _plan_one_stage(fun, args, method, step, assignment, devices, start,
         compiled.plan, method="PipeshardParallel", plan_time_s=time.perf_counter() - start,
         extra={"one_stage": "a single stage runs as ShardParallel on its mesh",
                "logical_mesh": list(assignment.logical_shapes[0]),
-               "submesh": list(assignment.submesh_shapes[0])})
+               "submesh": list(assignment.submesh_shapes[0]),
+               "remat": shard.layer_option is not None})
     return dataclasses.replace(compiled, plan=plan)
+
+
+def _remat_layer_option(option, assignment):
+    """The layer option a one-stage pipeline keeps for its ShardParallel run: the option
+    (with ``remat_layer=True``) when its stage rematerializes, else None (no markers)."""
+    return dataclasses.replace(option, remat_layer=True) if assignment.remat[0] else None
 
 
 def loaded_assignment(plan: ParallelPlan, num_layers: int):
@@ -628,7 +669,8 @@ def loaded_assignment(plan: ParallelPlan, num_layers: int):
     if plan.sharding is not None:  # one stage, run as ShardParallel
         logical = tuple(plan.extra["logical_mesh"])
         submesh = tuple(plan.extra.get("submesh") or (1, math.prod(logical)))
-        return sp.StageAssignment((0,) * num_layers, (submesh,), (logical,))
+        return sp.StageAssignment((0,) * num_layers, (submesh,), (logical,),
+                                  remat=(bool(plan.extra.get("remat", False)),))
     layer_to_stage = [None] * num_layers
     for stage in plan.stages:
         for layer in stage.layers:

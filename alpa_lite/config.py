@@ -57,6 +57,9 @@ class ShardParallel:
         share_repeated_layers: give every repeat of a layer (flax modules ``block_0`` ...
             ``block_N``) the same sharding, which shrinks the ILP by about the number of
             layers. None: automatic (on for large graphs), True/False: always/never.
+        layer_option: optional `AutoLayerOption` / `ManualLayerOption` (or ``"manual"``) that
+            marks layers in the loss function (needs `alpa_lite.grad`); with
+            ``remat_layer=True`` each layer's forward is recomputed in the backward pass.
 
     Example:
         >>> ShardParallel(mesh_shape=(2, 4), mesh_alpha=(1.0, 1.0), mesh_beta=(1.0, 0.1)).mesh_shape
@@ -73,6 +76,7 @@ class ShardParallel:
     solver: str = "auto"
     solver_time_limit_s: float = 60.0
     share_repeated_layers: bool | None = None
+    layer_option: object = None
 
     policy: ClassVar[SpecPolicy] = SpecPolicy.AUTO
 
@@ -101,6 +105,17 @@ class ShardParallel:
                 f"solver_time_limit_s must be positive; got {self.solver_time_limit_s!r}.")
         if self.devices is not None:
             object.__setattr__(self, "devices", tuple(self.devices))
+        layer = ManualLayerOption() if self.layer_option == "manual" else self.layer_option
+        if layer is not None and not isinstance(layer, (AutoLayerOption, ManualLayerOption)):
+            raise InvalidConfigError(
+                f"layer_option must be None, AutoLayerOption(layer_num=...), ManualLayerOption() "
+                f"or 'manual'; got {self.layer_option!r}.")
+        if layer is not None and layer.remat_layer == "auto":
+            raise InvalidConfigError(
+                f"{type(self).__name__} takes remat_layer=True or False; got 'auto' (the "
+                "planner chooses rematerialization for PipeshardParallel only). Pass "
+                "remat_layer=True to recompute every layer.")
+        object.__setattr__(self, "layer_option", layer)
 
     @property
     def micro_batches(self) -> int:
@@ -141,13 +156,19 @@ class AutoLayerOption:
         method: ``"auto"`` tries both the cost-based clustering (balanced flops, small
             boundaries; Alpa's) and the model's own module names (``block_0``, ``block_1``, ...)
             and keeps whichever is better balanced; ``"cost"`` or ``"names"`` force one.
+        remat_layer: ``True`` wraps every layer's forward in `jax.checkpoint` (only the values
+            entering a layer are kept for the backward pass, which recomputes the rest);
+            ``"auto"`` lets the stage DP choose per stage, the least time within the memory
+            budget; ``False`` (default) keeps every activation.
     """
 
     layer_num: int
     eps: float = 0.5
     method: str = "auto"
+    remat_layer: bool | str = False
 
     def __post_init__(self):
+        _check_remat_layer(self.remat_layer)
         _check_positive_int("layer_num", self.layer_num, allow_none=False)
         if self.method not in ("auto", "cost", "names"):
             raise InvalidConfigError(
@@ -158,7 +179,26 @@ class AutoLayerOption:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ManualLayerOption:
-    """Layers are delimited by `alpa_lite.mark_pipeline_boundary()` calls in the model."""
+    """Layers are delimited by `alpa_lite.mark_pipeline_boundary()` calls in the model.
+
+    Attributes:
+        remat_layer: as in `AutoLayerOption`: ``True``, ``False`` or ``"auto"``.
+    """
+
+    remat_layer: bool | str = False
+
+    def __post_init__(self):
+        _check_remat_layer(self.remat_layer)
+
+
+REMAT_CHOICES = (False, True, "auto")
+
+
+def _check_remat_layer(value) -> None:
+    if not any(value is c or (isinstance(c, str) and value == c) for c in REMAT_CHOICES):
+        raise InvalidConfigError(
+            f"remat_layer must be True, False or 'auto'; got {value!r}. For example "
+            "AutoLayerOption(layer_num=4, remat_layer=True).")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -301,6 +341,11 @@ class PipeshardParallel:
         if self.solver not in SOLVERS:
             raise InvalidConfigError(f"solver must be one of {SOLVERS}; got {self.solver!r}.")
         _check_positive_int("devices_per_host", self.devices_per_host)
+        if layer.remat_layer == "auto" and not isinstance(stage, AutoStageOption):
+            raise InvalidConfigError(
+                f"remat_layer='auto' lets the stage DP choose, so it needs stage_option='auto'; "
+                f"got {type(stage).__name__}. Use stage_option='auto', or remat_layer=True or "
+                "False with these stages.")
         object.__setattr__(self, "layer_option", layer)
         object.__setattr__(self, "stage_option", stage)
         if self.devices is not None:

@@ -13,9 +13,10 @@ each equation's name stack).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -34,12 +35,16 @@ _MODULE = re.compile(r"(?<![\w])([A-Za-z][A-Za-z_]*?_\d+)(?![\w])")
 
 
 def build_layer_transform(option, record: dict | None = None,
-                          starts: list[int] | None = None) -> Callable[[Callable], Callable]:
+                          starts: list[int] | None = None,
+                          remat_layers: Sequence[bool] | bool | None = None,
+                          ) -> Callable[[Callable], Callable]:
     """``transform(loss_fn) -> loss_fn with layer markers`` for a layer option.
 
     ``record`` (optional) receives what was decided: ``num_layers``, ``method``, the
     ``imbalance`` of layer flops and the equation indices where layers ``starts``. Given
     ``starts`` (e.g. from the record of a trace at another batch size), they are used as is.
+    ``remat_layers`` (one flag per layer, or one for all) wraps the flagged layers' forward
+    in `jax.checkpoint`; default: the option's ``remat_layer`` when it is True, else none.
     """
 
     def transform(fun: Callable) -> Callable:
@@ -52,7 +57,10 @@ def build_layer_transform(option, record: dict | None = None,
             if record is not None:
                 record.update(info, starts=list(chosen))
             leaves = jax.tree_util.tree_leaves(args)
-            outs = evaluate_with_markers(closed, leaves, chosen)
+            remat = resolve_remat_layers(option, remat_layers, len(chosen))
+            if record is not None:
+                record["remat_layers"] = list(remat)
+            outs = evaluate_with_markers(closed, leaves, chosen, remat)
             out_tree = jax.tree_util.tree_structure(jax.eval_shape(fun, *args))
             return jax.tree_util.tree_unflatten(out_tree, outs)
 
@@ -138,29 +146,65 @@ def _module_names(eqns) -> list[str | None]:
     return [n if n is not None and n.rsplit("_", 1)[0] == family else None for n in names]
 
 
-def evaluate_with_markers(closed: jcore.ClosedJaxpr, args, starts: list[int]) -> list:
-    """Evaluates ``closed`` on ``args`` with start/end markers around each layer."""
+def resolve_remat_layers(option, remat_layers: Sequence[bool] | bool | None,
+                         num_layers: int) -> tuple[bool, ...]:
+    """One rematerialization flag per layer, from an explicit choice or the layer option.
+
+    ``remat_layer="auto"`` on the option means "the planner decides"; until it has (the first
+    trace, which prices both variants), no layer is rematerialized.
+
+    Raises:
+        InvalidConfigError: ``remat_layers`` has a length other than ``num_layers``.
+    """
+    if remat_layers is None:
+        remat_layers = getattr(option, "remat_layer", False) is True
+    if isinstance(remat_layers, bool):
+        return (remat_layers,) * num_layers
+    flags = tuple(bool(f) for f in remat_layers)
+    if len(flags) != num_layers:
+        raise InvalidConfigError(
+            f"remat_layers needs one flag per layer ({num_layers}); got {len(flags)}: "
+            f"{list(flags)}. Pass a bool for all layers or one flag per layer.")
+    return flags
+
+
+def evaluate_with_markers(closed: jcore.ClosedJaxpr, args, starts: list[int],
+                          remat: Sequence[bool] | None = None) -> list:
+    """Evaluates ``closed`` on ``args`` with start/end markers around each layer; the
+    layers flagged in ``remat`` run inside `jax.checkpoint` (only the values entering them
+    are kept for the backward pass, which recomputes the rest)."""
     jaxpr = closed.jaxpr
     env = dict(zip(jaxpr.constvars, closed.consts))
     env.update(zip(jaxpr.invars, args))
-    read = lambda a: a.val if isinstance(a, jcore.Literal) else env[a]
     bounds = list(starts) + [len(jaxpr.eqns)]
+    remat = (False,) * len(starts) if remat is None else tuple(remat)
     later_uses = _later_uses(jaxpr)
     for layer, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         eqns = jaxpr.eqns[lo:hi]
         produced = {v for e in eqns for v in e.outvars}
         entering = list(dict.fromkeys(v for e in eqns for v in e.invars
                                       if isinstance(v, jcore.Var) and v not in produced))
-        _mark(env, entering, layer, "start")
-        for eqn in eqns:
-            if eqn.primitive is manual_boundary_p:
-                continue
-            outs = eqn.primitive.bind(*map(read, eqn.invars),
-                                      **bind_params(eqn.primitive, eqn.params))
-            env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
         leaving = [v for e in eqns for v in e.outvars if later_uses.get(v, -1) >= hi]
+        _mark(env, entering, layer, "start")
+        run = functools.partial(_run_equations, eqns, entering, leaving)
+        if remat[layer]:
+            run = jax.checkpoint(run, prevent_cse=True)
+        env.update(zip(leaving, run(*[env[v] for v in entering])))
         _mark(env, leaving, layer, "end")
-    return [read(v) for v in jaxpr.outvars]
+    return [a.val if isinstance(a, jcore.Literal) else env[a] for a in jaxpr.outvars]
+
+
+def _run_equations(eqns, entering, leaving, *values) -> list:
+    """Evaluates ``eqns`` given the ``entering`` variables' values; returns ``leaving``'s."""
+    env = dict(zip(entering, values))
+    read = lambda a: a.val if isinstance(a, jcore.Literal) else env[a]
+    for eqn in eqns:
+        if eqn.primitive is manual_boundary_p:
+            continue
+        outs = eqn.primitive.bind(*map(read, eqn.invars),
+                                  **bind_params(eqn.primitive, eqn.params))
+        env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
+    return [env[v] for v in leaving]
 
 
 def _later_uses(jaxpr) -> dict:

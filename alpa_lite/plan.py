@@ -107,6 +107,7 @@ class StagePlan:
             state, and the activations its schedule keeps in flight.
         plan: the stage's intra-op `ShardingPlan`.
         num_operators: operators in its forward and backward programs.
+        remat: whether its layers' forwards are recomputed in the backward pass.
     """
 
     stage: int
@@ -120,6 +121,7 @@ class StagePlan:
     plan: ShardingPlan
     num_operators: int = 0
     apply_s: float = 0.0
+    remat: bool = False
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -136,7 +138,7 @@ class StagePlan:
                    peak_memory_bytes=data["peak_memory_bytes"],
                    plan=_sharding_from_dict(data["plan"]),
                    num_operators=data.get("num_operators", 0),
-                   apply_s=data.get("apply_s", 0.0))
+                   apply_s=data.get("apply_s", 0.0), remat=data.get("remat", False))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 from alpa_lite.cluster import ClusterSpec
@@ -42,6 +44,7 @@ from alpa_lite.trace import trace_function
 
 MAX_DP_LAYERS = 32
 METHODS = ("auto", "shard", "dp", "zero2", "zero3", "megatron")
+REMAT_MODES = ("off", "layer", "auto")
 _POLICIES = {"shard": SpecPolicy.AUTO, "dp": SpecPolicy.DATA, "zero2": SpecPolicy.ZERO2,
              "zero3": SpecPolicy.ZERO3}
 
@@ -74,18 +77,29 @@ class SimulationResult:
 
 
 def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
-             num_micro_batches: int | None = None) -> SimulationResult:
-    """Plans ``preset`` on ``cluster`` with ``method`` without devices or weights."""
+             num_micro_batches: int | None = None, remat: str = "off") -> SimulationResult:
+    """Plans ``preset`` on ``cluster`` with ``method`` without devices or weights.
+
+    ``remat`` (pipelines: ``auto`` and ``megatron``): ``"off"`` keeps every activation,
+    ``"layer"`` recomputes every layer's forward in the backward pass, ``"auto"`` lets the
+    stage DP (or the Megatron grid, per layout) choose per stage, the least time that fits.
+    Single-mesh methods are planned without layers, so without rematerialization.
+    """
     if method not in METHODS:
         raise InvalidConfigError(f"method must be one of {METHODS}; got {method!r}.")
+    if remat not in REMAT_MODES:
+        raise InvalidConfigError(f"remat must be one of {REMAT_MODES}; got {remat!r}.")
     start = time.perf_counter()
     if method == "auto":
-        result = _simulate_pipeline(preset, cluster, num_micro_batches)
+        result = _simulate_pipeline(preset, cluster, num_micro_batches, remat)
     elif method == "megatron":
-        result = _simulate_megatron(preset, cluster, num_micro_batches)
+        result = _simulate_megatron(preset, cluster, num_micro_batches, remat)
     else:
         result = _simulate_single_mesh(preset, cluster, _POLICIES[method], num_micro_batches)
+        remat = "off"
     result.method = method
+    result.details["remat"] = remat
+    result.details["dtype"] = jnp.dtype(preset.config.dtype).name
     result.search_time_s = time.perf_counter() - start
     return result
 
@@ -114,13 +128,14 @@ def _default_micro_batches(preset: ModelPreset, cluster: ClusterSpec) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _price_layers(preset, cluster, num_micro_batches):
+def _price_layers(preset, cluster, num_micro_batches, remat_layer: bool = False):
     """Per (submesh, view): the `LayerPrice`s of the 3 traced layers (`inter_op.pricing`, the
-    path `parallelize` uses). Cached: `--compare` prices once for the pipeline search and
-    the Megatron grid."""
+    path `parallelize` uses), each layer rematerialized if ``remat_layer``. Cached:
+    `--compare` prices once for the pipeline search and the Megatron grid."""
     small = _micro_batch_preset(preset, num_micro_batches, min(3, _num_blocks(preset)))
     work = build_workload(small, abstract=True)
-    option = AutoLayerOption(layer_num=min(3, _num_blocks(small)), method="names")
+    option = AutoLayerOption(layer_num=min(3, _num_blocks(small)), method="names",
+                             remat_layer=remat_layer)
     with layer_construction(build_layer_transform(option)):
         traced = trace_function(work.train_step, (work.state, work.batch), batch_argnums=(1,))
     graph = build_op_graph(traced.closed_jaxpr)
@@ -180,12 +195,23 @@ def _scaled(priced, k0: int, k: int):
             for key, layers in priced.items()}
 
 
-def _simulate_pipeline(preset, cluster, num_micro_batches) -> SimulationResult:
+def _remat_prices(preset, cluster, k0: int, remat: str):
+    """(layer prices used, rematerialized prices offered to the DP or None) for a mode."""
+    plain = None if remat == "layer" else _price_layers(preset, cluster, k0)[0]
+    remat_priced = None if remat == "off" else _price_layers(preset, cluster, k0, True)[0]
+    return (remat_priced, None) if plain is None else (plain, remat_priced)
+
+
+def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off") -> SimulationResult:
     k0 = num_micro_batches or _default_micro_batches(preset, cluster)
-    priced0, _ = _price_layers(preset, cluster, k0)
+    priced0, remat0 = _remat_prices(preset, cluster, k0, remat)
     best = None
     for k in _micro_batch_options(preset, cluster, num_micro_batches):
-        result = _pipeline_for(preset, cluster, _scaled(priced0, k0, k), k)
+        result = _pipeline_for(preset, cluster, _scaled(priced0, k0, k), k,
+                               None if remat0 is None else _scaled(remat0, k0, k))
+        if remat == "layer":
+            for stage in result.stages:
+                stage["remat"] = True
         key = (not result.details["fits_memory"], result.predicted_step_time_s)
         if best is None or key < best[0]:
             best = (key, result)
@@ -203,16 +229,18 @@ def _shared(cluster: ClusterSpec) -> int | None:
     return cluster.devices_per_host if cluster.shared_host_compute else None
 
 
-def _pipeline_for(preset, cluster, priced, k) -> SimulationResult:
+def _pipeline_for(preset, cluster, priced, k, remat_priced=None) -> SimulationResult:
     blocks = _num_blocks(preset)
     groups = min(blocks, MAX_DP_LAYERS)
     grouped, bounds = {}, None
     for key, layers in priced.items():
         grouped[key], bounds = _group(_expand(layers, blocks), groups)
+    grouped_remat = None if remat_priced is None else {
+        key: _group(_expand(layers, blocks), groups)[0] for key, layers in remat_priced.items()}
     meshes = {key: cluster.logical_mesh(*key) for key in grouped}
     solve = functools.partial(pricing.solve_stages, grouped, meshes,
                               num_devices=cluster.num_devices, k=k, schedule="1f1b",
-                              link=_stage_link(cluster),
+                              link=_stage_link(cluster), remat_priced=grouped_remat,
                               shared_compute_per_host=_shared(cluster))
     fits = True
     try:
@@ -227,7 +255,8 @@ def _pipeline_for(preset, cluster, priced, k) -> SimulationResult:
         stages.append({"blocks": [int(bounds[layers[0]]), int(bounds[layers[-1] + 1]) - 1],
                        "submesh": list(assignment.submesh_shapes[s]),
                        "logical_mesh": list(assignment.logical_shapes[s]),
-                       "time_per_micro_batch_s": times[s], "memory_per_device_bytes": memory[s]})
+                       "time_per_micro_batch_s": times[s], "memory_per_device_bytes": memory[s],
+                       "remat": bool(assignment.remat[s]) if assignment.remat else False})
     peak = max(memory)
     return SimulationResult("auto", assignment.predicted_latency_s, peak, 0.0, stages,
                             {"num_micro_batches": k, "dp_layers": groups,
@@ -282,14 +311,17 @@ def _simulate_single_mesh(preset, cluster, policy, num_micro_batches) -> Simulat
 # --- Megatron-style 3-D grid -----------------------------------------------------------------
 
 
-def _simulate_megatron(preset, cluster, num_micro_batches) -> SimulationResult:
-    """Best (dp, tp, pp, micro-batches) on a grid: uniform stages, a (dp, tp) mesh per stage."""
+def _simulate_megatron(preset, cluster, num_micro_batches, remat="off") -> SimulationResult:
+    """Best (dp, tp, pp, micro-batches) on a grid: uniform stages, a (dp, tp) mesh per stage;
+    with ``remat="auto"`` each layout is tried with and without rematerialization."""
     blocks = _num_blocks(preset)
     n, per_host = cluster.num_devices, cluster.devices_per_host
     k0 = num_micro_batches or _default_micro_batches(preset, cluster)
-    priced0, _ = _price_layers(preset, cluster, k0)
+    plain0, remat0 = _remat_prices(preset, cluster, k0, remat)
+    variants = [(plain0, remat == "layer")] + ([] if remat0 is None else [(remat0, True)])
     best = None
-    for k in _micro_batch_options(preset, cluster, num_micro_batches):
+    for (priced0, remat_on), k in itertools.product(
+            variants, _micro_batch_options(preset, cluster, num_micro_batches)):
         priced = _scaled(priced0, k0, k)
         for pp in [p for p in range(1, min(blocks, n) + 1) if n % p == 0 and blocks % p == 0]:
             per_stage = n // pp
@@ -317,7 +349,7 @@ def _simulate_megatron(preset, cluster, num_micro_batches) -> SimulationResult:
                     best = (key, SimulationResult(
                         "", latency, mem, 0.0, [],
                         {"dp": dp, "tp": tp, "pp": pp, "num_micro_batches": k,
-                         "fits_memory": fits}))
+                         "fits_memory": fits, "remat_layers": remat_on}))
     if best is None:
         raise InfeasiblePlanError("No Megatron-style (dp, tp, pp) layout exists for this "
                                   "cluster.", budget_bytes=cluster.memory_per_device_bytes,

@@ -22,6 +22,8 @@ def format_plan_summary(plan, *, max_rows: int = 40) -> str:
     s = plan.sharding
     if s is None:
         return "\n".join(lines + _stage_lines(plan))
+    if "remat" in plan.extra:
+        lines.append(f"rematerialized layers: {'yes' if plan.extra['remat'] else 'no'}")
     mesh = s.mesh
     lines.append(f"logical mesh {mesh.shape} axes {mesh.axis_names} alpha {mesh.alpha_s} "
                  f"beta {mesh.beta_s_per_byte}")
@@ -67,11 +69,11 @@ def _stage_lines(plan) -> list[str]:
              f"predicted step time {plan.predicted_step_time_s:.4g}s "
              "(sum of stage times + (micro-batches - 1) x slowest stage + gradient sync)", "",
              f"{'stage':>5} {'layers':<14} {'submesh':<9} {'logical':<9} {'fwd (s)':>10} "
-             f"{'bwd (s)':>10} {'peak mem':>12} {'operators':>9}"]
+             f"{'bwd (s)':>10} {'peak mem':>12} {'operators':>9} {'remat':>5}"]
     for st in plan.stages:
         layer_text = ",".join(str(x) for x in st.layers)
         lines.append(f"{st.stage:>5} {layer_text[:14]:<14} {str(st.submesh):<9} "
                      f"{str(st.logical_mesh):<9} {st.forward_s:>10.3g} "
                      f"{st.backward_s:>10.3g} {_format_bytes(st.peak_memory_bytes):>12} "
-                     f"{st.num_operators:>9}")
+                     f"{st.num_operators:>9} {'yes' if st.remat else 'no':>5}")
     return lines

@@ -6,6 +6,7 @@ import jax
 import pytest
 
 from alpa_lite.cli import main
+from alpa_lite.errors import InvalidConfigError
 from alpa_lite.cluster import get_cluster_preset
 from alpa_lite.models.presets import get_preset
 from alpa_lite.simulate import simulate
@@ -76,3 +77,62 @@ def test_python_api_plans_for_a_cluster_without_devices():
         stage_option="uniform"))
     stages = pipe.plan(work.state, work.batch, cluster=cluster).stages
     assert sum(s.submesh[0] * s.submesh[1] for s in stages) == 32
+
+
+def _tiny(dtype=None):
+    return get_preset("gpt-tiny").with_overrides(num_layers=4, dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def remat_results():
+    cluster = get_cluster_preset("v100-32gb-4x").with_hosts(2)
+    return cluster, {mode: simulate(_tiny(), cluster, num_micro_batches=4, remat=mode)
+                     for mode in ("off", "layer", "auto")}
+
+
+def test_remat_layer_saves_activation_memory(remat_results):
+    # (its recompute time is priced per layer: tests/end_to_end/test_remat_layers.py; the
+    # stage DP may then pick another layout, so step times of tiny models are not ordered)
+    _, results = remat_results
+    off, layer, auto = results["off"], results["layer"], results["auto"]
+    assert layer.memory_per_device_bytes < off.memory_per_device_bytes
+    assert all(s["remat"] for s in layer.stages) and not any(s["remat"] for s in off.stages)
+    # the DP's choice is never slower than either fixed mode
+    assert auto.predicted_step_time_s <= min(off.predicted_step_time_s,
+                                             layer.predicted_step_time_s) * (1 + 1e-9)
+    assert auto.details["remat"] == "auto"
+
+
+def test_megatron_grid_takes_the_remat_mode(remat_results):
+    cluster, results = remat_results
+    grid = simulate(_tiny(), cluster, method="megatron", num_micro_batches=4, remat="layer")
+    plain = simulate(_tiny(), cluster, method="megatron", num_micro_batches=4)
+    assert grid.details["remat_layers"] is True and plain.details["remat_layers"] is False
+    assert grid.memory_per_device_bytes < plain.memory_per_device_bytes
+
+
+def test_half_precision_compute_is_priced_at_the_dtype_peak():
+    cluster = get_cluster_preset("v100-32gb-4x")
+    fp32 = simulate(_tiny(), cluster, num_micro_batches=4)
+    fp16 = simulate(_tiny("float16"), cluster, num_micro_batches=4)
+    assert fp16.details["dtype"] == "float16" and fp32.details["dtype"] == "float32"
+    assert fp16.predicted_step_time_s < fp32.predicted_step_time_s  # V100: 125 vs 15.7 TFLOP/s
+    assert fp16.memory_per_device_bytes < fp32.memory_per_device_bytes  # half activations
+
+
+def test_cli_plan_dtype_and_remat_in_json(tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "gpt-tiny", "--num-layers", "4", "--cluster", "1x4",
+                 "--dtype", "bfloat16", "--remat", "layer", "--micro-batches", "4",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert (data["dtype"], data["remat"]) == ("bfloat16", "layer")
+    assert data["details"]["dtype"] == "bfloat16"
+    assert all(s["remat"] for s in data["stages"])
+
+
+def test_bad_dtype_is_explained():
+    with pytest.raises(InvalidConfigError, match="dtype must be one of"):
+        get_preset("gpt-tiny").with_overrides(dtype="int8")
+    with pytest.raises(InvalidConfigError, match="remat must be one of"):
+        simulate(_tiny(), get_cluster_preset("v100-32gb-4x"), remat="sometimes")

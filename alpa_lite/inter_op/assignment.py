@@ -34,6 +34,8 @@ class StageAssignment:
         logical_shapes: the logical mesh shape of each stage.
         predicted_latency_s: the stage DP's objective (auto only).
         stage_costs_s: predicted forward+backward time of one micro-batch per stage (auto only).
+        remat: per stage, whether its layers are rematerialized (None: as the layer option
+            says; set when the stage DP chose, ``remat_layer="auto"``).
     """
 
     layer_to_stage: tuple[int, ...]
@@ -41,6 +43,7 @@ class StageAssignment:
     logical_shapes: tuple[tuple[int, ...], ...]
     predicted_latency_s: float = math.nan
     stage_costs_s: tuple[float, ...] = ()
+    remat: tuple[bool, ...] | None = None
 
     @property
     def num_stages(self) -> int:

@@ -304,27 +304,36 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
                  meshes: dict[SubmeshView, LogicalMesh], *, num_devices: int, k: int,
                  schedule: str, memory_budget_bytes: float | None,
                  link: tuple[float, float], max_num_stages: int | None = None,
-                 shared_compute_per_host: int | None = None):
+                 shared_compute_per_host: int | None = None,
+                 remat_priced: dict[SubmeshView, list[LayerPrice]] | None = None):
     """Alpa's stage DP over (submesh, view) options: each (submesh, view) pair is one
     option, so views are chosen by time subject to memory inside the DP.
     ``shared_compute_per_host``: devices per host when a host's devices share compute
     (`pipeline_step_time_s`'s ``stage_hosts``).
 
+    With ``remat_priced`` (the same layers traced with every layer rematerialized), each
+    (submesh, view) is offered twice, without and with rematerialization, so the DP
+    chooses per stage whichever meets the memory budget at the least time.
+
     Returns ``(StageAssignment, stage micro-batch seconds, stage once-per-step seconds,
-    stage memory bytes)``.
+    stage memory bytes)``; with ``remat_priced``, the assignment's ``remat`` says per stage
+    whether it rematerializes.
 
     Raises:
         InfeasiblePlanError: no assignment fits ``memory_budget_bytes``; states the smallest
             per-device memory of any assignment.
     """
-    options = list(priced)
+    columns = [(option, False) for option in priced] + (
+        [] if remat_priced is None else [(option, True) for option in priced])
+    tables = {False: priced, True: remat_priced}
     num_layers = len(next(iter(priced.values())))
+    options = [option for option, _ in columns]
     alpha, beta = link
     cost = np.full((num_layers, num_layers, len(options)), np.inf)
     succ = np.full((num_layers, num_layers, len(options)), np.inf)
     state = np.zeros((num_layers, num_layers, len(options)))
-    for j, option in enumerate(options):
-        layers = priced[option]
+    for j, (option, remat) in enumerate(columns):
+        layers = tables[remat][option]
         for start, end in itertools.combinations_with_replacement(range(num_layers), 2):
             span = layers[start:end + 1]
             # the stage's micro-batch time; the last stage's transfer is not known here, so
@@ -354,13 +363,14 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
             "fewer micro-batches in flight (1F1B instead of GPipe), or a smaller batch.",
             budget_bytes=memory_budget_bytes, min_bytes=need) from None
     layer_to_stage = [0] * num_layers
-    submeshes, views, times, syncs, memory = [], [], [], [], []
+    submeshes, views, times, syncs, memory, remats = [], [], [], [], [], []
     num_stages = len(solution.stages)
     for stage, (start, end, j) in enumerate(solution.stages):
         for layer in range(start, end + 1):
             layer_to_stage[layer] = stage
         shape, view = options[j]
-        span = priced[options[j]][start:end + 1]
+        remats.append(columns[j][1])
+        span = tables[columns[j][1]][options[j]][start:end + 1]
         t, g, u = estimate_stage(span, meshes[options[j]], beta, alpha,
                                  stage == num_stages - 1)
         submeshes.append(tuple(shape))
@@ -372,7 +382,8 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
     hosts = shared_stage_hosts(submeshes, shared_compute_per_host)
     assignment = StageAssignment(tuple(layer_to_stage), tuple(submeshes), tuple(views),
                                  pipeline_step_time_s(times, syncs, k, stage_hosts=hosts),
-                                 tuple(times))
+                                 tuple(times),
+                                 remat=None if remat_priced is None else tuple(remats))
     return assignment, times, syncs, memory
 
 

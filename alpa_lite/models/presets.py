@@ -28,12 +28,15 @@ import dataclasses
 import types
 from typing import Literal, Mapping
 
+import jax.numpy as jnp
+
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.models.gpt import GPTConfig
 from alpa_lite.models.llama import LlamaConfig
 from alpa_lite.models.wide_resnet import WideResNetConfig
 
 Family = Literal["gpt", "llama", "wresnet"]
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ModelConfig = GPTConfig | LlamaConfig | WideResNetConfig
 
 
@@ -61,15 +64,19 @@ class ModelPreset:
     nominal_params: float
 
     def with_overrides(self, num_layers: int | None = None, batch_size: int | None = None,
-                       seq_len: int | None = None) -> ModelPreset:
-        """Returns a copy with fewer/more layers, another batch size or sequence length.
+                       seq_len: int | None = None, dtype: str | None = None) -> ModelPreset:
+        """Returns a copy with fewer/more layers, another batch size, sequence length or
+        compute dtype.
 
         ``num_layers`` is the block count for GPT/LLaMA and the depth (e.g. 50, 101) for
-        Wide-ResNet; ``seq_len`` applies to the language models only. The name is kept.
+        Wide-ResNet; ``seq_len`` applies to the language models only. ``dtype``
+        (``"float32"``, ``"bfloat16"`` or ``"float16"``) is the compute dtype (flax
+        ``dtype=``): parameters, gradients and optimizer state stay float32 (flax
+        ``param_dtype``), as in mixed-precision training. The name is kept.
 
         Raises:
-            InvalidConfigError: for a non-positive value, a Wide-ResNet ``seq_len`` or an
-                unsupported Wide-ResNet depth.
+            InvalidConfigError: for a non-positive value, a Wide-ResNet ``seq_len``, an
+                unknown dtype or an unsupported Wide-ResNet depth.
         """
         for arg, value in (("num_layers", num_layers), ("batch_size", batch_size),
                            ("seq_len", seq_len)):
@@ -85,6 +92,12 @@ class ModelPreset:
                     "or batch_size instead."
                 )
             changes["seq_len"] = seq_len
+        if dtype is not None:
+            if dtype not in COMPUTE_DTYPES:
+                raise InvalidConfigError(
+                    f"dtype must be one of {tuple(COMPUTE_DTYPES)}; got {dtype!r}. For example "
+                    "dtype='bfloat16' (float32 master weights, half-precision compute).")
+            changes["dtype"] = COMPUTE_DTYPES[dtype]
         return dataclasses.replace(
             self,
             config=dataclasses.replace(self.config, **changes),
