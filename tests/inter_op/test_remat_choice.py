@@ -89,6 +89,8 @@ def test_auto_remat_is_chosen_per_stage_in_a_pipeline(work):
     header = next(i for i, line in enumerate(lines) if "peak mem" in line)
     assert lines[header].split()[-1] == "remat"
     assert [line.split()[-1] for line in lines[header + 1:header + 3]] == ["yes", "no"]
+    saved = alpa_lite.ParallelPlan.from_json(tight.to_json())  # a saved plan keeps the choice
+    assert [s.remat for s in saved.stages] == [True, False]
 
 
 def test_auto_remat_needs_auto_stages():
