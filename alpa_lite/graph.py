@@ -4,7 +4,14 @@ Input: a `ClosedJaxpr`. Output: `OpGraph`, where every value has an integer id a
 is one primitive application. Calls whose bodies are ordinary code are inlined (``jit``,
 ``closed_call``, ``custom_jvp_call``, ``custom_vjp_call``, ``remat2``); a differentiated remat
 becomes an ``optimization_barrier`` node in front of its body, which is exactly how jax lowers
-it, so recomputation survives. Control flow (``scan``, ``while``, ``cond``) stays one node.
+it, so recomputation survives.
+
+A ``scan`` is expanded into a `LoopRegion`: its body is inlined ONCE, whatever its length, between
+``loop_enter`` nodes (one per carry: the value entering the body; one per stacked ``xs``
+operand: the slice of one iteration) and ``loop_exit`` nodes (the final carry; the stacked
+``ys``). Body nodes carry ``repeat`` = the trip count (times the enclosing loops'), so the
+planner gives each body operator one strategy used by every iteration and prices it ``repeat``
+times. ``while`` and ``cond`` stay one node.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any, Iterator, Union
 
 import numpy as np
 from jax.extend import core as jcore
+from jax.extend.core import Primitive
 from jax.extend.core import primitives as prims
 
 from alpa_lite._jax_compat import optimization_barrier_primitive
@@ -28,9 +36,25 @@ _INLINE_CALLS = {
 }
 
 
+def _graph_only_primitive(name: str) -> Primitive:
+    prim = Primitive(name)
+    prim.def_abstract_eval(lambda aval, **_: aval)
+    return prim
+
+
+# Graph-only nodes at the border of a scan body (never bound: the emitter re-binds the scan).
+# ``kind`` param: "carry" (identity) or "slice" (drops the leading stacked dim) for
+# loop_enter; "carry" (identity) or "stack" (adds the leading stacked dim) for loop_exit.
+loop_enter_p = _graph_only_primitive("loop_enter")
+loop_exit_p = _graph_only_primitive("loop_exit")
+
+
 @dataclasses.dataclass(slots=True)
 class OpNode:
-    """One primitive application. ``invars`` are value ids or `Literal`s; ``outvars`` value ids."""
+    """One primitive application. ``invars`` are value ids or `Literal`s; ``outvars`` value ids.
+
+    ``repeat``: how many times the node runs per call of the graph (a scan body's trip count).
+    """
 
     index: int
     primitive: Any
@@ -38,6 +62,7 @@ class OpNode:
     invars: tuple
     outvars: tuple[int, ...]
     name_stack: str = ""
+    repeat: int = 1
 
     @property
     def name(self) -> str:
@@ -63,6 +88,15 @@ class OpGraph:
     nodes: list[OpNode]
     outputs: tuple
     producer: list[int]
+    loops: tuple["LoopRegion", ...] = ()
+
+    def innermost_loop(self) -> list[int]:
+        """node index -> index into ``loops`` of the innermost region holding it, or -1."""
+        inner = [-1] * len(self.nodes)
+        for r, loop in enumerate(self.loops):  # parents come before their children
+            for i in range(loop.first, loop.last + 1):
+                inner[i] = r
+        return inner
 
     def users(self) -> list[list[int]]:
         """value id -> indices of the nodes that read it (each node once)."""
@@ -83,6 +117,35 @@ class OpGraph:
             if isinstance(v, int):
                 last[v] = len(self.nodes)
         return last
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopRegion:
+    """A scan expanded into the graph: nodes ``first..last`` (enter nodes, body, exit nodes).
+
+    Attributes:
+        first: index of the first ``loop_enter`` node.
+        last: index of the last ``loop_exit`` node.
+        parent: index of the enclosing region in `OpGraph.loops`, or -1.
+        length, reverse, unroll: the scan's parameters.
+        carry_enter: node index of each carry's ``loop_enter`` node.
+        slice_enter: node index of each stacked operand's ``loop_enter`` node.
+        carry_out: body value (or Literal) of each carry after one iteration.
+        carry_exit: node index of each carry's ``loop_exit`` node.
+        stack_exit: node index of each stacked result's ``loop_exit`` node.
+    """
+
+    first: int
+    last: int
+    parent: int
+    length: int
+    reverse: bool
+    unroll: Any
+    carry_enter: tuple[int, ...]
+    slice_enter: tuple[int, ...]
+    carry_out: tuple
+    carry_exit: tuple[int, ...]
+    stack_exit: tuple[int, ...]
 
 
 def build_op_graph(closed_jaxpr: jcore.ClosedJaxpr) -> OpGraph:
@@ -107,6 +170,7 @@ def build_op_graph(closed_jaxpr: jcore.ClosedJaxpr) -> OpGraph:
         nodes=builder.nodes,
         outputs=tuple(outputs),
         producer=builder.producer,
+        loops=tuple(builder.loops),
     )
 
 
@@ -116,6 +180,9 @@ class _GraphBuilder:
         self.producer: list[int] = []
         self.nodes: list[OpNode] = []
         self.consts: list[tuple[int, Any]] = []
+        self.loops: list[LoopRegion] = []
+        self.repeat = 1
+        self.loop_stack: list[int] = []  # open regions, as indices into ``self.loops``
 
     def new_value(self, aval, producer: int = -1) -> int:
         self.avals.append(aval)
@@ -151,10 +218,60 @@ class _GraphBuilder:
             return self.inline(sub.jaxpr, sub_env, name)
         if eqn.primitive is prims.remat_p:
             return self.inline_remat(eqn, invals, name)
-        outvars = tuple(self.new_value(v.aval, len(self.nodes)) for v in eqn.outvars)
-        self.nodes.append(OpNode(len(self.nodes), eqn.primitive, dict(eqn.params),
-                                 tuple(invals), outvars, name))
+        if eqn.primitive is prims.scan_p:
+            return self.inline_scan(eqn, invals, name)
+        return self.add_node(eqn.primitive, dict(eqn.params), invals,
+                             [v.aval for v in eqn.outvars], name)
+
+    def add_node(self, primitive, params, invals, out_avals, name: str) -> list[int]:
+        outvars = tuple(self.new_value(a, len(self.nodes)) for a in out_avals)
+        self.nodes.append(OpNode(len(self.nodes), primitive, params, tuple(invals), outvars,
+                                 name, self.repeat))
         return list(outvars)
+
+    def inline_scan(self, eqn, invals, name: str) -> list:
+        """Inlines the body once between loop_enter and loop_exit nodes (see `LoopRegion`)."""
+        p = eqn.params
+        if p["num_carry"] + len(invals) - p["num_consts"] == 0 or p["length"] == 0:
+            return self.add_node(eqn.primitive, dict(p), invals,
+                                 [v.aval for v in eqn.outvars], name)
+        body: jcore.ClosedJaxpr = p["jaxpr"]
+        n_const, n_carry = p["num_consts"], p["num_carry"]
+        consts, init, xs = invals[:n_const], invals[n_const:n_const + n_carry], \
+            invals[n_const + n_carry:]
+        body_in = body.jaxpr.invars
+        first = len(self.nodes)
+        carry_enter, slice_enter, carry_vals, x_vals = [], [], [], []
+        for value, var in zip(init, body_in[n_const:n_const + n_carry]):
+            carry_enter.append(len(self.nodes))
+            carry_vals += self.add_node(loop_enter_p, {"kind": "carry"}, [value], [var.aval], name)
+        for value, var in zip(xs, body_in[n_const + n_carry:]):
+            slice_enter.append(len(self.nodes))
+            x_vals += self.add_node(loop_enter_p, {"kind": "slice"}, [value], [var.aval], name)
+        sub_env = dict(zip(body_in, list(consts) + carry_vals + x_vals))
+        self.bind_consts(body.jaxpr.constvars, body.consts, sub_env)
+        region = len(self.loops)
+        self.loops.append(None)  # placeholder: keeps parents before children
+        self.loop_stack.append(region)
+        outer_repeat, self.repeat = self.repeat, self.repeat * p["length"]
+        outs = self.inline(body.jaxpr, sub_env, _join(name, "scan"))
+        self.repeat = outer_repeat
+        self.loop_stack.pop()
+        carry_out, ys = outs[:n_carry], outs[n_carry:]
+        carry_exit, stack_exit, results = [], [], []
+        for value, var in zip(carry_out, eqn.outvars[:n_carry]):
+            carry_exit.append(len(self.nodes))
+            results += self.add_node(loop_exit_p, {"kind": "carry"}, [value], [var.aval], name)
+        for value, var in zip(ys, eqn.outvars[n_carry:]):
+            stack_exit.append(len(self.nodes))
+            results += self.add_node(loop_exit_p, {"kind": "stack"}, [value], [var.aval], name)
+        self.loops[region] = LoopRegion(
+            first=first, last=len(self.nodes) - 1,
+            parent=self.loop_stack[-1] if self.loop_stack else -1, length=p["length"],
+            reverse=p["reverse"], unroll=p["unroll"], carry_enter=tuple(carry_enter),
+            slice_enter=tuple(slice_enter), carry_out=tuple(carry_out),
+            carry_exit=tuple(carry_exit), stack_exit=tuple(stack_exit))
+        return results
 
     def inline_remat(self, eqn, invals, name: str) -> list:
         sub: jcore.Jaxpr = eqn.params["jaxpr"]

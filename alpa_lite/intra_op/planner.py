@@ -134,7 +134,8 @@ def decode_plan(graph, mesh, planning: PlanningProblem, choices, objective, peak
             in_specs=s.in_specs, out_specs=s.out_specs, anchor=anchor, fallback=unit.fallback,
             comm_s=s.comm_s,
             collectives=tuple((c.kind.value, c.axes, c.num_bytes) for c in s.collectives)))
-        compute_s += estimate_unit_compute_s(graph, mesh, unit.node, unit.flops, s.work_divisor)
+        compute_s += unit.repeat * estimate_unit_compute_s(graph, mesh, unit.node, unit.flops,
+                                                           s.work_divisor)
     input_specs = tuple(strategies[u].out_specs[0] for u in planning.input_units)
     output_specs = []
     for pos, value in enumerate(graph.outputs):
