@@ -25,6 +25,7 @@ from jax.extend.core import Primitive
 from jax.extend.core import primitives as prims
 
 from alpa_lite._jax_compat import optimization_barrier_primitive
+from alpa_lite.errors import InvalidConfigError
 
 Operand = Union[int, jcore.Literal]
 
@@ -146,6 +147,38 @@ class LoopRegion:
     carry_out: tuple
     carry_exit: tuple[int, ...]
     stack_exit: tuple[int, ...]
+
+
+def remap_loops(loops: tuple[LoopRegion, ...], index_map: dict[int, int]
+                ) -> tuple[LoopRegion, ...]:
+    """The regions of a sub-graph whose nodes were renumbered by ``index_map`` (old -> new).
+
+    Regions with no node in the sub-graph are dropped.
+
+    Raises:
+        InvalidConfigError: when a region is only partly in the sub-graph, or not contiguous
+            there (a scan cannot be cut between stages or programs).
+    """
+    kept, new_index = [], {}
+    for r, loop in enumerate(loops):
+        span = range(loop.first, loop.last + 1)
+        inside = [i in index_map for i in span]
+        if not any(inside):
+            continue
+        new = [index_map.get(i) for i in span]
+        if not all(inside) or new != list(range(new[0], new[0] + len(new))):
+            raise InvalidConfigError(
+                f"A scan of length {loop.length} (graph nodes {loop.first}..{loop.last}) would "
+                "be cut between two programs or pipeline stages; expected each scan to stay "
+                "whole in one. Put layer boundaries outside the scan (AutoLayerOption cuts "
+                "only between top-level equations).")
+        m = lambda idx: tuple(index_map[i] for i in idx)  # noqa: E731
+        new_index[r] = len(kept)
+        kept.append(dataclasses.replace(
+            loop, first=new[0], last=new[-1], parent=new_index.get(loop.parent, -1),
+            carry_enter=m(loop.carry_enter), slice_enter=m(loop.slice_enter),
+            carry_exit=m(loop.carry_exit), stack_exit=m(loop.stack_exit)))
+    return tuple(kept)
 
 
 def build_op_graph(closed_jaxpr: jcore.ClosedJaxpr) -> OpGraph:
