@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax.training import train_state
 
 import alpa_lite
-from alpa_lite.graph import build_op_graph
+from alpa_lite.errors import InvalidConfigError
+from alpa_lite.graph import build_op_graph, remap_loops
 from alpa_lite.models.presets import get_preset
 from alpa_lite.models.train import build_workload
 from alpa_lite.testing import assert_trees_close
@@ -113,3 +115,26 @@ def test_plan_time_of_scanned_layers_is_flat_in_depth():
         times[num_layers] = time.perf_counter() - start
         assert plan.sharding.solver["num_groups"] < 100
     assert times[64] <= 2 * times[4] + 0.5, times  # +0.5 s: noise of a shared 2-core machine
+
+
+def test_scan_with_micro_batches_and_in_a_pipeline_matches_serial():
+    state, data = _stacked_mlp(4)
+    expected, expected_losses = run_steps(jax.jit(mse_step), state, data)
+    methods = [alpa_lite.ShardParallel(mesh_shape=(2, 4), num_micro_batches=2),
+               alpa_lite.PipeshardParallel(num_micro_batches=2, stage_option="uniform",
+                                           layer_option=alpa_lite.AutoLayerOption(layer_num=2))]
+    for method in methods:
+        actual, losses = run_steps(alpa_lite.parallelize(mse_step, method=method), state, data)
+        assert_trees_close(losses, expected_losses, rtol=1e-4, atol=1e-5)
+        assert_trees_close(actual.params, expected.params, rtol=1e-4, atol=1e-5)
+        assert_trees_close(actual.opt_state, expected.opt_state, rtol=1e-4, atol=1e-5)
+
+
+def test_a_scan_cut_between_programs_is_a_clear_error():
+    state, data = _stacked_mlp(2)
+    jaxpr = jax.make_jaxpr(lambda p, x: state.apply_fn(p, x))(state.params, data["x"])
+    graph = build_op_graph(jaxpr)
+    loop = graph.loops[0]
+    half = {i: i for i in range(loop.first, (loop.first + loop.last) // 2)}
+    with pytest.raises(InvalidConfigError, match="cut between two programs"):
+        remap_loops(graph.loops, half)
