@@ -11,7 +11,9 @@ A ``scan`` is expanded into a `LoopRegion`: its body is inlined ONCE, whatever i
 operand: the slice of one iteration) and ``loop_exit`` nodes (the final carry; the stacked
 ``ys``). Body nodes carry ``repeat`` = the trip count (times the enclosing loops'), so the
 planner gives each body operator one strategy used by every iteration and prices it ``repeat``
-times. ``while`` and ``cond`` stay one node.
+times. A ``while`` whose trip count is fixed (``i < N`` on an integer carry that starts at a
+literal and steps by 1, as ``lax.while_loop(lambda c: c[0] < N, ...)`` traces) is expanded the
+same way, its condition kept as a jaxpr. Other ``while`` loops and ``cond`` stay one node.
 """
 
 from __future__ import annotations
@@ -134,6 +136,11 @@ class LoopRegion:
         carry_out: body value (or Literal) of each carry after one iteration.
         carry_exit: node index of each carry's ``loop_exit`` node.
         stack_exit: node index of each stacked result's ``loop_exit`` node.
+        cond_jaxpr: for a ``while`` loop, its condition (a ClosedJaxpr of cond consts and
+            carries); None for a scan.
+        cond_consts: for a ``while`` loop, the outer operands (value ids or Literals) of the
+            condition's consts; each value id is read by an ``invariant`` loop_enter node.
+        invariant_enter: those loop_enter nodes.
     """
 
     first: int
@@ -147,6 +154,9 @@ class LoopRegion:
     carry_out: tuple
     carry_exit: tuple[int, ...]
     stack_exit: tuple[int, ...]
+    cond_jaxpr: Any = None
+    cond_consts: tuple = ()
+    invariant_enter: tuple[int, ...] = ()
 
 
 def remap_loops(loops: tuple[LoopRegion, ...], index_map: dict[int, int]
@@ -177,7 +187,8 @@ def remap_loops(loops: tuple[LoopRegion, ...], index_map: dict[int, int]
         kept.append(dataclasses.replace(
             loop, first=new[0], last=new[-1], parent=new_index.get(loop.parent, -1),
             carry_enter=m(loop.carry_enter), slice_enter=m(loop.slice_enter),
-            carry_exit=m(loop.carry_exit), stack_exit=m(loop.stack_exit)))
+            carry_exit=m(loop.carry_exit), stack_exit=m(loop.stack_exit),
+            invariant_enter=m(loop.invariant_enter)))
     return tuple(kept)
 
 
@@ -253,6 +264,10 @@ class _GraphBuilder:
             return self.inline_remat(eqn, invals, name)
         if eqn.primitive is prims.scan_p:
             return self.inline_scan(eqn, invals, name)
+        if eqn.primitive is prims.while_p:
+            trip = fixed_trip_count(eqn.params, invals)
+            if trip:
+                return self.inline_while(eqn, invals, name, trip)
         return self.add_node(eqn.primitive, dict(eqn.params), invals,
                              [v.aval for v in eqn.outvars], name)
 
@@ -322,6 +337,75 @@ class _GraphBuilder:
             invals = [renamed.get(v, v) if isinstance(v, int) else v for v in invals]
         sub_env = dict(zip(sub.invars, invals))
         return self.inline(sub, sub_env, _join(name, "checkpoint"))
+
+
+    def inline_while(self, eqn, invals, name: str, trip: int) -> list:
+        """A fixed-trip-count ``while``: like a scan with carries only (see `LoopRegion`)."""
+        p = eqn.params
+        nc, nb = p["cond_nconsts"], p["body_nconsts"]
+        cond_consts, body_consts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
+        body: jcore.ClosedJaxpr = p["body_jaxpr"]
+        first = len(self.nodes)
+        invariant_enter = []
+        for value in cond_consts:
+            if isinstance(value, int):
+                invariant_enter.append(len(self.nodes))
+                self.add_node(loop_enter_p, {"kind": "invariant"}, [value], [self.avals[value]],
+                              name)
+        carry_enter, carry_vals = [], []
+        for value, var in zip(init, body.jaxpr.invars[nb:]):
+            carry_enter.append(len(self.nodes))
+            carry_vals += self.add_node(loop_enter_p, {"kind": "carry"}, [value], [var.aval], name)
+        sub_env = dict(zip(body.jaxpr.invars, list(body_consts) + carry_vals))
+        self.bind_consts(body.jaxpr.constvars, body.consts, sub_env)
+        region = len(self.loops)
+        self.loops.append(None)
+        self.loop_stack.append(region)
+        outer_repeat, self.repeat = self.repeat, self.repeat * trip
+        carry_out = self.inline(body.jaxpr, sub_env, _join(name, "while"))
+        self.repeat = outer_repeat
+        self.loop_stack.pop()
+        carry_exit, results = [], []
+        for value, var in zip(carry_out, eqn.outvars):
+            carry_exit.append(len(self.nodes))
+            results += self.add_node(loop_exit_p, {"kind": "carry"}, [value], [var.aval], name)
+        self.loops[region] = LoopRegion(
+            first=first, last=len(self.nodes) - 1,
+            parent=self.loop_stack[-1] if self.loop_stack else -1, length=trip,
+            reverse=False, unroll=1, carry_enter=tuple(carry_enter), slice_enter=(),
+            carry_out=tuple(carry_out), carry_exit=tuple(carry_exit), stack_exit=(),
+            cond_jaxpr=p["cond_jaxpr"], cond_consts=tuple(cond_consts),
+            invariant_enter=tuple(invariant_enter))
+        return results
+
+
+def fixed_trip_count(params: dict, invals) -> int | None:
+    """The trip count of a ``while`` equation, when it is fixed; else None.
+
+    Recognised: the condition is one ``lt(carry_k, N)`` with a literal N, carry ``k`` enters
+    as an integer literal ``a`` and the body returns ``carry_k + 1``: ``max(N - a, 0)`` trips.
+    """
+    nc, nb = params["cond_nconsts"], params["body_nconsts"]
+    cond, body = params["cond_jaxpr"].jaxpr, params["body_jaxpr"].jaxpr
+    if len(cond.eqns) != 1 or cond.eqns[0].primitive is not prims.lt_p:
+        return None
+    lhs, rhs = cond.eqns[0].invars
+    if not isinstance(rhs, jcore.Literal) or lhs not in cond.invars[nc:]:
+        return None
+    k = cond.invars[nc:].index(lhs)
+    start = invals[nc + nb + k]
+    if not isinstance(start, jcore.Literal) or not np.issubdtype(np.asarray(start.val).dtype,
+                                                                 np.integer):
+        return None
+    step = next((e for e in body.eqns if body.outvars[k] in e.outvars), None)
+    counter = body.invars[nb + k]
+    if step is None or step.primitive is not prims.add_p:
+        return None
+    a, b = step.invars
+    one = lambda v: isinstance(v, jcore.Literal) and int(np.asarray(v.val)) == 1  # noqa: E731
+    if not ((a is counter and one(b)) or (b is counter and one(a))):
+        return None
+    return max(int(np.asarray(rhs.val)) - int(np.asarray(start.val)), 0)
 
 
 def _join(prefix: str, name: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+from jax.extend.core import jaxpr_as_fun
 from jax.sharding import Mesh, NamedSharding
 
 from alpa_lite._jax_compat import bind_params
@@ -85,7 +86,8 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
 
     def run_loop(env: dict, r: int, overrides) -> None:
         loop: LoopRegion = graph.loops[r]
-        border = set(loop.carry_enter + loop.slice_enter + loop.carry_exit + loop.stack_exit)
+        border = set(loop.carry_enter + loop.slice_enter + loop.carry_exit + loop.stack_exit
+                     + loop.invariant_enter)
         body_nodes = [i for i in range(loop.first, loop.last + 1) if i not in border]
         enter = [graph.nodes[i] for i in loop.carry_enter + loop.slice_enter]
         spec_of = lambda node, pos: decisions[node.index].in_specs[pos]  # noqa: E731
@@ -109,8 +111,15 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
                                      spec_of(node, 0)))
             return new_carry, ys
 
-        final, ys = jax.lax.scan(body, init[:n_carry], init[n_carry:], length=loop.length,
-                                 reverse=loop.reverse, unroll=loop.unroll)
+        if loop.cond_jaxpr is not None:  # a while loop with a fixed trip count
+            cond_args = [env[v] if isinstance(v, int) else v.val for v in loop.cond_consts]
+            cond = jaxpr_as_fun(loop.cond_jaxpr)
+            final = jax.lax.while_loop(lambda c: cond(*cond_args, *c)[0],
+                                       lambda c: body(c, [])[0], init)
+            ys = []
+        else:
+            final, ys = jax.lax.scan(body, init[:n_carry], init[n_carry:], length=loop.length,
+                                     reverse=loop.reverse, unroll=loop.unroll)
         for i, value in zip(loop.carry_exit + loop.stack_exit, list(final) + list(ys)):
             node = graph.nodes[i]
             env[node.outvars[0]] = constrain(value, decisions[i].out_specs[0])

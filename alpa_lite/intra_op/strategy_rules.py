@@ -137,7 +137,7 @@ def _loop_border_strategies(ctx: StrategyContext):
     kind = ctx.params["kind"]
     big = ctx.avals_in[0] if kind == "slice" else ctx.avals_out[0]
     names, sizes = _dims("d", big.shape)
-    if kind == "carry":
+    if kind in ("carry", "invariant"):
         return FactorRule((tuple(names),), (tuple(names),), tuple(sorted(sizes.items())))
     stacked, one = (None, *names[1:]), tuple(names[1:])
     sizes.pop(names[0])
