@@ -138,3 +138,63 @@ def test_a_scan_cut_between_programs_is_a_clear_error():
     half = {i: i for i in range(loop.first, (loop.first + loop.last) // 2)}
     with pytest.raises(InvalidConfigError, match="cut between two programs"):
         remap_loops(graph.loops, half)
+
+
+def _while_then_cond_model():
+    """A fixed-trip-count `while` (planned once, like a scan) and a `cond` (one node).
+
+    The loop mixes the batch with a matrix fed as data (while loops have no reverse-mode
+    derivative, so no parameter may flow into one).
+    """
+    rng = np.random.default_rng(1)
+    hidden = batch = 64  # every batch leaf (the matrix too) has the batch size as leading dim
+    params = {"w": jnp.asarray(rng.normal(size=(hidden, hidden)) / 8, jnp.float32)}
+    data = {"x": jnp.asarray(rng.normal(size=(batch, hidden)), jnp.float32),
+            "mix": jnp.asarray(rng.normal(size=(hidden, hidden)) / 8, jnp.float32),
+            "y": jnp.asarray(rng.normal(size=(batch, hidden)), jnp.float32)}
+
+    def apply(p, x, mix):
+        _, x = jax.lax.while_loop(lambda c: c[0] < 3,
+                                  lambda c: (c[0] + 1, jnp.tanh(c[1] @ mix)), (0, x))
+        h = x @ p["w"]
+        return jax.lax.cond(jnp.sum(p["w"]) > 0, jnp.tanh, lambda a: a * 0.5, h)
+
+    tx = optax.sgd(1e-2, momentum=0.9)
+    return train_state.TrainState.create(apply_fn=apply, params=params, tx=tx), data
+
+
+def _while_step(state, batch):
+    def loss_fn(params):
+        out = state.apply_fn(params, batch["x"], batch["mix"])
+        return jnp.mean((out - batch["y"]) ** 2)
+
+    loss, grads = alpa_lite.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), loss
+
+
+def test_fixed_trip_count_while_is_planned_once_and_matches_serial():
+    state, data = _while_then_cond_model()
+    jaxpr = jax.make_jaxpr(state.apply_fn)(state.params, data["x"], data["mix"])
+    graph = build_op_graph(jaxpr)
+    assert [(loop.length, loop.cond_jaxpr is not None) for loop in graph.loops] == [(3, True)]
+    expected, expected_losses = run_steps(jax.jit(_while_step), state, data)
+    methods = [alpa_lite.ShardParallel(mesh_shape=(2, 4)),
+               alpa_lite.PipeshardParallel(num_micro_batches=1, stage_option="uniform",
+                                           layer_option=alpa_lite.AutoLayerOption(layer_num=2))]
+    for method in methods:
+        p = alpa_lite.parallelize(_while_step, method=method)
+        actual, losses = run_steps(p, state, data)
+        assert_trees_close(losses, expected_losses, rtol=1e-5, atol=1e-6)
+        assert_trees_close(actual.params, expected.params, rtol=1e-5, atol=1e-6)
+    plan = alpa_lite.parallelize(_while_step, method=methods[0]).plan(state, data).sharding
+    body_dot = next(d for d in plan.nodes if d.primitive == "dot_general"
+                    and graph.nodes[d.index].repeat == 3)
+    assert body_dot.strategy != "R"
+
+
+def test_while_without_a_fixed_trip_count_stays_one_node():
+    def f(x):
+        return jax.lax.while_loop(lambda c: jnp.sum(c) < 10.0, lambda c: c * 2.0, x)
+
+    graph = build_op_graph(jax.make_jaxpr(f)(jnp.ones(4)))
+    assert graph.loops == () and [n.name for n in graph.nodes] == ["while"]
