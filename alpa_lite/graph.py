@@ -13,7 +13,11 @@ operand: the slice of one iteration) and ``loop_exit`` nodes (the final carry; t
 planner gives each body operator one strategy used by every iteration and prices it ``repeat``
 times. A ``while`` whose trip count is fixed (``i < N`` on an integer carry that starts at a
 literal and steps by 1, as ``lax.while_loop(lambda c: c[0] < N, ...)`` traces) is expanded the
-same way, its condition kept as a jaxpr. Other ``while`` loops and ``cond`` stay one node.
+same way, its condition kept as a jaxpr. Other ``while`` loops stay one node. A ``cond`` /
+``switch`` is expanded into a region too (length 1): one ``loop_enter`` per operand shared by
+all branches, every branch inlined, and one ``loop_exit`` ``join`` node per result whose
+operands are the branch index and that result of every branch, so operands and results get one
+sharding for all branches (planned jointly).
 """
 
 from __future__ import annotations
@@ -141,6 +145,10 @@ class LoopRegion:
         cond_consts: for a ``while`` loop, the outer operands (value ids or Literals) of the
             condition's consts; each value id is read by an ``invariant`` loop_enter node.
         invariant_enter: those loop_enter nodes.
+        branches: for a ``cond``, the node indices of each branch (its operands' loop_enter
+            nodes are ``carry_enter``, its results' ``join`` nodes ``carry_exit``); () else.
+        branch_outs: for a ``cond``, each branch's results (value ids or Literals).
+        index_enter: for a ``cond``, the ``invariant`` loop_enter node of the branch index.
     """
 
     first: int
@@ -157,6 +165,9 @@ class LoopRegion:
     cond_jaxpr: Any = None
     cond_consts: tuple = ()
     invariant_enter: tuple[int, ...] = ()
+    branches: tuple[tuple[int, ...], ...] = ()
+    branch_outs: tuple[tuple, ...] = ()
+    index_enter: int = -1
 
 
 def remap_loops(loops: tuple[LoopRegion, ...], index_map: dict[int, int]
@@ -188,7 +199,9 @@ def remap_loops(loops: tuple[LoopRegion, ...], index_map: dict[int, int]
             loop, first=new[0], last=new[-1], parent=new_index.get(loop.parent, -1),
             carry_enter=m(loop.carry_enter), slice_enter=m(loop.slice_enter),
             carry_exit=m(loop.carry_exit), stack_exit=m(loop.stack_exit),
-            invariant_enter=m(loop.invariant_enter)))
+            invariant_enter=m(loop.invariant_enter),
+            branches=tuple(m(b) for b in loop.branches),
+            index_enter=index_map.get(loop.index_enter, -1)))
     return tuple(kept)
 
 
@@ -264,6 +277,8 @@ class _GraphBuilder:
             return self.inline_remat(eqn, invals, name)
         if eqn.primitive is prims.scan_p:
             return self.inline_scan(eqn, invals, name)
+        if eqn.primitive is prims.cond_p and isinstance(invals[0], int):
+            return self.inline_cond(eqn, invals, name)
         if eqn.primitive is prims.while_p:
             trip = fixed_trip_count(eqn.params, invals)
             if trip:
@@ -376,6 +391,45 @@ class _GraphBuilder:
             carry_out=tuple(carry_out), carry_exit=tuple(carry_exit), stack_exit=(),
             cond_jaxpr=p["cond_jaxpr"], cond_consts=tuple(cond_consts),
             invariant_enter=tuple(invariant_enter))
+        return results
+
+
+    def inline_cond(self, eqn, invals, name: str) -> list:
+        """Every branch inlined between shared operand enters and joint result exits."""
+        branches = eqn.params["branches"]
+        index, operands = invals[0], invals[1:]
+        first = len(self.nodes)
+        index_enter = len(self.nodes)
+        index_val = self.add_node(loop_enter_p, {"kind": "invariant"}, [index],
+                                  [self.avals[index]], name)[0]
+        carry_enter, op_vals = [], []
+        for value, var in zip(operands, branches[0].jaxpr.invars):
+            carry_enter.append(len(self.nodes))
+            op_vals += self.add_node(loop_enter_p, {"kind": "carry"}, [value], [var.aval], name)
+        region = len(self.loops)
+        self.loops.append(None)
+        self.loop_stack.append(region)
+        branch_nodes, branch_outs = [], []
+        for k, branch in enumerate(branches):
+            start = len(self.nodes)
+            sub_env = dict(zip(branch.jaxpr.invars, op_vals))
+            self.bind_consts(branch.jaxpr.constvars, branch.consts, sub_env)
+            branch_outs.append(tuple(self.inline(branch.jaxpr, sub_env,
+                                                 _join(name, f"branch{k}"))))
+            branch_nodes.append(tuple(range(start, len(self.nodes))))
+        self.loop_stack.pop()
+        carry_exit, results = [], []
+        for r, var in enumerate(eqn.outvars):
+            carry_exit.append(len(self.nodes))
+            joined = [index_val] + [outs[r] for outs in branch_outs]
+            results += self.add_node(loop_exit_p, {"kind": "join"}, joined, [var.aval], name)
+        self.loops[region] = LoopRegion(
+            first=first, last=len(self.nodes) - 1,
+            parent=self.loop_stack[-1] if self.loop_stack else -1, length=1, reverse=False,
+            unroll=1, carry_enter=tuple(carry_enter), slice_enter=(), carry_out=(),
+            carry_exit=tuple(carry_exit), stack_exit=(), invariant_enter=(index_enter,),
+            branches=tuple(branch_nodes), branch_outs=tuple(branch_outs),
+            index_enter=index_enter)
         return results
 
 

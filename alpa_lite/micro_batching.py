@@ -230,6 +230,7 @@ class _Analysis:
         self.random_dims: dict[int, int] = {}
         # A scan's carry-exit node -> the value its carry entered the body as.
         self.carry_in = {exit_: micro.nodes[enter].outvars[0] for loop in micro.loops
+                         if not loop.branches
                          for enter, exit_ in zip(loop.carry_enter, loop.carry_exit)}
 
     def operand(self, v, full_v) -> _Val:
@@ -257,6 +258,15 @@ class _Analysis:
 
     def visit(self, node, full_node) -> None:
         ins = [self.operand(v, fv) for v, fv in zip(node.invars, full_node.invars)]
+        if node.primitive is loop_exit_p and node.params["kind"] == "join":
+            # A cond's result: the same kind in every branch, chosen by a batch-free index.
+            index, outs = ins[0], ins[1:]
+            same = all(x == outs[0] for x in outs) or all(x.kind is _Kind.CONST for x in outs)
+            result = outs[0] if all(x == outs[0] for x in outs) else _Val(
+                _Kind.CONST, invariant=all(x.invariant for x in outs))
+            self.values[node.outvars[0]] = result if same and index.kind is _Kind.CONST \
+                else _OPAQUE
+            return
         if node.primitive in (loop_enter_p, loop_exit_p):
             self.values[node.outvars[0]] = self.loop_border(node, ins[0])
             return

@@ -135,10 +135,11 @@ def estimate_jaxpr_cost(jaxpr) -> OpCost:
     return total
 
 
-@register_cost_rule(loop_enter_p, loop_exit_p)
+@register_cost_rule(loop_enter_p, loop_exit_p, prims.empty2_p)
 def _loop_border_cost(ctx: RuleContext, **_) -> OpCost:
     # The body's nodes carry the loop's compute; reading a slice of ``xs`` or writing one of
-    # ``ys`` is a copy XLA does in place (dynamic-slice / dynamic-update-slice).
+    # ``ys`` is a copy XLA does in place (dynamic-slice / dynamic-update-slice). empty2 (in
+    # transposed conds) allocates without writing.
     return OpCost()
 
 

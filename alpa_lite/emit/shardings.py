@@ -84,8 +84,41 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
             value = constrain(value, spec)
         return constrain(value, want)
 
+    def run_cond(env: dict, r: int, overrides) -> None:
+        region: LoopRegion = graph.loops[r]
+        index_node = graph.nodes[region.index_enter]
+        index = operand(env, None, 0, index_node.invars[0])
+        enter = [graph.nodes[i] for i in region.carry_enter]
+        operands = [operand(env, decisions[n.index], 0, n.invars[0]) for n in enter]
+        exits = [decisions[i] for i in region.carry_exit]
+
+        def branch_fn(k: int):
+            def run(*ops):
+                body_env = dict(env)
+                body_env[index_node.outvars[0]] = index
+                for node, value in zip(enter, ops):
+                    body_env[node.outvars[0]] = constrain(
+                        value, decisions[node.index].out_specs[0])
+                eval_nodes(body_env, region.branches[k], overrides=overrides, level=r)
+                outs = []
+                for v, d, var in zip(region.branch_outs[k], exits, region.carry_exit):
+                    value = reshard_to(body_env[v] if isinstance(v, int) else None, v,
+                                       d.in_specs[k + 1])
+                    outs.append(jax.numpy.asarray(
+                        value, dtype=graph.avals[graph.nodes[var].outvars[0]].dtype))
+                return outs
+            return run
+
+        results = jax.lax.switch(index, [branch_fn(k) for k in range(len(region.branches))],
+                                 *operands)
+        for i, value in zip(region.carry_exit, results):
+            env[graph.nodes[i].outvars[0]] = constrain(value, decisions[i].out_specs[0])
+
     def run_loop(env: dict, r: int, overrides) -> None:
         loop: LoopRegion = graph.loops[r]
+        if loop.branches:
+            run_cond(env, r, overrides)
+            return
         border = set(loop.carry_enter + loop.slice_enter + loop.carry_exit + loop.stack_exit
                      + loop.invariant_enter)
         body_nodes = [i for i in range(loop.first, loop.last + 1) if i not in border]

@@ -135,6 +135,11 @@ def _loop_border_strategies(ctx: StrategyContext):
     reads or writes one whole slice on every device.
     """
     kind = ctx.params["kind"]
+    if kind == "join":  # a cond's result: (index, result of each branch) -> result
+        names, sizes = _dims("d", ctx.avals_out[0].shape)
+        dims = tuple(names)
+        return FactorRule(((),) + (dims,) * (len(ctx.avals_in) - 1), (dims,),
+                          tuple(sorted(sizes.items())))
     big = ctx.avals_in[0] if kind == "slice" else ctx.avals_out[0]
     names, sizes = _dims("d", big.shape)
     if kind in ("carry", "invariant"):
@@ -166,7 +171,7 @@ def _elementwise_strategies(ctx: StrategyContext):
     return FactorRule(tuple(operands), results, tuple(sorted(sizes.items())))
 
 
-@register_strategy_rule(prims.iota_p)
+@register_strategy_rule(prims.iota_p, prims.empty2_p)  # empty2: uninitialised (cond transposes)
 def _iota_strategies(ctx: StrategyContext):
     names, sizes = _dims("d", ctx.avals_out[0].shape)
     return FactorRule((), (tuple(names),), tuple(sorted(sizes.items())))

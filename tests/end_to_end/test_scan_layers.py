@@ -141,7 +141,7 @@ def test_a_scan_cut_between_programs_is_a_clear_error():
 
 
 def _while_then_cond_model():
-    """A fixed-trip-count `while` (planned once, like a scan) and a `cond` (one node).
+    """A fixed-trip-count `while` (planned once, like a scan), then a `cond`.
 
     The loop mixes the batch with a matrix fed as data (while loops have no reverse-mode
     derivative, so no parameter may flow into one).
@@ -176,7 +176,9 @@ def test_fixed_trip_count_while_is_planned_once_and_matches_serial():
     state, data = _while_then_cond_model()
     jaxpr = jax.make_jaxpr(state.apply_fn)(state.params, data["x"], data["mix"])
     graph = build_op_graph(jaxpr)
-    assert [(loop.length, loop.cond_jaxpr is not None) for loop in graph.loops] == [(3, True)]
+    kinds = [(loop.length, loop.cond_jaxpr is not None, len(loop.branches))
+             for loop in graph.loops]
+    assert kinds == [(3, True, 0), (1, False, 2)]  # the while, then the cond
     expected, expected_losses = run_steps(jax.jit(_while_step), state, data)
     methods = [alpa_lite.ShardParallel(mesh_shape=(2, 4)),
                alpa_lite.PipeshardParallel(num_micro_batches=1, stage_option="uniform",
@@ -198,3 +200,54 @@ def test_while_without_a_fixed_trip_count_stays_one_node():
 
     graph = build_op_graph(jax.make_jaxpr(f)(jnp.ones(4)))
     assert graph.loops == () and [n.name for n in graph.nodes] == ["while"]
+
+
+def test_cond_branches_planned_jointly_match_serial():
+    rng = np.random.default_rng(2)
+    hidden, batch = 64, 16
+    params = {"w": jnp.asarray(rng.normal(size=(hidden, hidden)) / 8, jnp.float32),
+              "v": jnp.asarray(rng.normal(size=(hidden, hidden)) / 8, jnp.float32)}
+    data = {"x": jnp.asarray(rng.normal(size=(batch, hidden)), jnp.float32),
+            "y": jnp.asarray(rng.normal(size=(batch, hidden)), jnp.float32)}
+
+    def apply(p, x):
+        h = x @ p["w"]
+        return jax.lax.cond(jnp.sum(p["w"]) > 0, lambda a, v: jnp.tanh(a @ v),
+                            lambda a, v: a * 0.5, h, p["v"])
+
+    graph = build_op_graph(jax.make_jaxpr(apply)(params, data["x"]))
+    (region,) = graph.loops
+    assert len(region.branches) == 2 and all(region.branches)
+    tx = optax.sgd(1e-2, momentum=0.9)
+    state = train_state.TrainState.create(apply_fn=apply, params=params, tx=tx)
+    expected, expected_losses = run_steps(jax.jit(mse_step), state, data)
+    methods = [alpa_lite.ShardParallel(mesh_shape=(2, 4), strict=True),
+               alpa_lite.ShardParallel(mesh_shape=(4, 2), num_micro_batches=2),
+               alpa_lite.PipeshardParallel(num_micro_batches=2, stage_option="uniform",
+                                           layer_option=alpa_lite.AutoLayerOption(layer_num=2))]
+    for method in methods:
+        p = alpa_lite.parallelize(mse_step, method=method)
+        actual, losses = run_steps(p, state, data)
+        assert_trees_close(losses, expected_losses, rtol=1e-4, atol=1e-5)
+        assert_trees_close(actual.params, expected.params, rtol=1e-4, atol=1e-5)
+        assert_trees_close(actual.opt_state, expected.opt_state, rtol=1e-4, atol=1e-5)
+    plan = alpa_lite.parallelize(mse_step, method=methods[0]).plan(state, data).sharding
+    # One spec per cond result for all branches: each join node has one in_spec per branch.
+    joins = [d for d in plan.nodes if d.primitive == "loop_exit"]
+    assert joins and all(len(set(d.in_specs[1:])) == 1 for d in joins)
+    dots = [d for d in plan.nodes if d.primitive == "dot_general"]
+    assert len(dots) >= 4 and all(d.strategy != "R" for d in dots)  # branch matmuls included
+
+
+def test_batch_dependent_cond_with_micro_batches_is_a_clear_error():
+    state, data = _stacked_mlp(2)
+    layers = state.apply_fn
+
+    def apply(p, x):
+        h = layers(p, x)
+        return jax.lax.cond(jnp.sum(h) > 0, jnp.tanh, lambda a: a * 0.5, h)
+
+    state = state.replace(apply_fn=apply)
+    method = alpa_lite.ShardParallel(mesh_shape=(2, 4), num_micro_batches=2)
+    with pytest.raises(InvalidConfigError, match="sum or a mean over the batch"):
+        alpa_lite.parallelize(mse_step, method=method).plan(state, data)
