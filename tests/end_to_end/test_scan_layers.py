@@ -11,6 +11,7 @@ import re
 import time
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -20,6 +21,7 @@ from flax.training import train_state
 import alpa_lite
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import build_op_graph, remap_loops
+from alpa_lite.layers import split_scans
 from alpa_lite.models.presets import get_preset
 from alpa_lite.models.train import build_workload
 from alpa_lite.testing import assert_trees_close
@@ -251,3 +253,30 @@ def test_batch_dependent_cond_with_micro_batches_is_a_clear_error():
     method = alpa_lite.ShardParallel(mesh_shape=(2, 4), num_micro_batches=2)
     with pytest.raises(InvalidConfigError, match="sum or a mean over the batch"):
         alpa_lite.parallelize(mse_step, method=method).plan(state, data)
+
+
+def test_split_scans_keeps_the_function():
+    state, data = _stacked_mlp(5)
+    fun = lambda p, x: state.apply_fn(p, x)  # noqa: E731
+    closed = jax.make_jaxpr(fun)(state.params, data["x"])
+    split = split_scans(closed, 2)
+    scans = [e for e in split.jaxpr.eqns if e.primitive.name == "scan"]
+    assert sorted(e.params["length"] for e in scans) == [2, 3]
+    leaves = jax.tree_util.tree_leaves((state.params, data["x"]))
+    got = jax.extend.core.jaxpr_as_fun(split)(*leaves)
+    want = jax.extend.core.jaxpr_as_fun(closed)(*leaves)
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_pipeline_splits_scanned_gpt_layers_across_stages():
+    work = _gpt(4, True)
+    method = alpa_lite.PipeshardParallel(num_micro_batches=2, stage_option="uniform",
+                                         layer_option=alpa_lite.AutoLayerOption(layer_num=2))
+    p = alpa_lite.parallelize(work.train_step, method=method)
+    actual = p(work.state, work.batch)
+    expected = jax.jit(work.train_step)(work.state, work.batch)
+    assert_trees_close(actual, expected, rtol=1e-4, atol=1e-5)
+    stages = p.plan(work.state, work.batch).stages
+    assert len(stages) == 2
+    forward = [s.forward_s for s in stages]
+    assert min(forward) > 0.5 * max(forward), forward  # each stage runs part of the scan
