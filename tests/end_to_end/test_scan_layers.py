@@ -46,8 +46,8 @@ def _stacked_mlp(num_layers: int, hidden: int = 64, batch: int = 16):
     return train_state.TrainState.create(apply_fn=apply, params=params, tx=tx), data
 
 
-def _gpt(num_layers: int, scan_layers: bool):
-    preset = get_preset("gpt-tiny").with_overrides(num_layers=num_layers, batch_size=8)
+def _gpt(num_layers: int, scan_layers: bool, name: str = "gpt-tiny"):
+    preset = get_preset(name).with_overrides(num_layers=num_layers, batch_size=8)
     config = dataclasses.replace(preset.config, scan_layers=scan_layers)
     return build_workload(dataclasses.replace(preset, config=config), optimizer=optax.sgd(1e-2))
 
@@ -103,6 +103,13 @@ def test_flax_nn_scan_gpt_matches_serial_and_plans_like_the_python_loop():
     loop_s = q.plan(looped.state, looped.batch).extra["predicted_step_time_s"]
     assert abs(scan_s - loop_s) <= 0.05 * loop_s, (scan_s, loop_s)
     assert _while_body_collectives(p.lower(scanned.state, scanned.batch).compile().as_text())
+
+
+def test_scanned_llama_matches_serial():
+    work = _gpt(2, True, name="llama-tiny")
+    p = alpa_lite.parallelize(work.train_step, method=alpa_lite.ShardParallel(mesh_shape=(2, 4)))
+    expected = jax.jit(work.train_step)(work.state, work.batch)
+    assert_trees_close(p(work.state, work.batch), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_plan_time_of_scanned_layers_is_flat_in_depth():
