@@ -36,7 +36,8 @@ from jax.extend.core import primitives as prims
 from alpa_lite._jax_compat import optimization_barrier_primitive
 from alpa_lite.cost.rules import ELEMENTWISE_PRIMITIVES
 from alpa_lite.errors import InvalidConfigError
-from alpa_lite.graph import OpGraph, loop_enter_p, loop_exit_p
+from alpa_lite.graph import OpGraph
+from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
 
 

@@ -11,7 +11,7 @@ import math
 
 from jax.extend.core import primitives as prims
 
-from alpa_lite.graph import loop_enter_p, loop_exit_p
+from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
 from alpa_lite.cost.registry import OpCost, RuleContext, estimate_op_cost, nbytes, register_cost_rule
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
 

@@ -25,7 +25,8 @@ from jax.extend.core import jaxpr_as_fun
 from jax.sharding import Mesh, NamedSharding
 
 from alpa_lite._jax_compat import bind_params
-from alpa_lite.graph import LoopRegion, OpGraph
+from alpa_lite.graph import OpGraph
+from alpa_lite.loop_regions import LoopRegion
 from alpa_lite.intra_op.problem import is_transparent
 from alpa_lite.intra_op.resharding import build_resharding_steps
 from alpa_lite.intra_op.strategies import Spec

@@ -19,7 +19,7 @@ from alpa_lite._jax_compat import key_wrapping_primitives, split_primitive
 from alpa_lite.cost.registry import itemsize as dtype_itemsize
 from alpa_lite.cost.rules import ELEMENTWISE_PRIMITIVES
 from alpa_lite.errors import UnsupportedPrimitiveError
-from alpa_lite.graph import loop_enter_p, loop_exit_p
+from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
 from alpa_lite.intra_op.strategies import (FactorRule, Strategy, enumerate_factor_strategies,
                                            replicated_strategy)
 from alpa_lite.mesh import LogicalMesh

@@ -20,7 +20,8 @@ from flax.training import train_state
 
 import alpa_lite
 from alpa_lite.errors import InvalidConfigError
-from alpa_lite.graph import build_op_graph, remap_loops
+from alpa_lite.graph import build_op_graph
+from alpa_lite.loop_regions import remap_loops
 from alpa_lite.layers import split_scans
 from alpa_lite.models.presets import get_preset
 from alpa_lite.models.train import build_workload
