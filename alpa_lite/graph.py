@@ -4,7 +4,20 @@ Input: a `ClosedJaxpr`. Output: `OpGraph`, where every value has an integer id a
 is one primitive application. Calls whose bodies are ordinary code are inlined (``jit``,
 ``closed_call``, ``custom_jvp_call``, ``custom_vjp_call``, ``remat2``); a differentiated remat
 becomes an ``optimization_barrier`` node in front of its body, which is exactly how jax lowers
-it, so recomputation survives. Control flow (``scan``, ``while``, ``cond``) stays one node.
+it, so recomputation survives.
+
+A ``scan`` is expanded into a `LoopRegion`: its body is inlined ONCE, whatever its length, between
+``loop_enter`` nodes (one per carry: the value entering the body; one per stacked ``xs``
+operand: the slice of one iteration) and ``loop_exit`` nodes (the final carry; the stacked
+``ys``). Body nodes carry ``repeat`` = the trip count (times the enclosing loops'), so the
+planner gives each body operator one strategy used by every iteration and prices it ``repeat``
+times. A ``while`` whose trip count is fixed (``i < N`` on an integer carry that starts at a
+literal and steps by 1, as ``lax.while_loop(lambda c: c[0] < N, ...)`` traces) is expanded the
+same way, its condition kept as a jaxpr. Other ``while`` loops stay one node. A ``cond`` /
+``switch`` is expanded into a region too (length 1): one ``loop_enter`` per operand shared by
+all branches, every branch inlined, and one ``loop_exit`` ``join`` node per result whose
+operands are the branch index and that result of every branch, so operands and results get one
+sharding for all branches (planned jointly).
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 
 from alpa_lite._jax_compat import optimization_barrier_primitive
+from alpa_lite.loop_regions import LoopRegion, fixed_trip_count, loop_enter_p, loop_exit_p
 
 Operand = Union[int, jcore.Literal]
 
@@ -30,7 +44,10 @@ _INLINE_CALLS = {
 
 @dataclasses.dataclass(slots=True)
 class OpNode:
-    """One primitive application. ``invars`` are value ids or `Literal`s; ``outvars`` value ids."""
+    """One primitive application. ``invars`` are value ids or `Literal`s; ``outvars`` value ids.
+
+    ``repeat``: how many times the node runs per call of the graph (a scan body's trip count).
+    """
 
     index: int
     primitive: Any
@@ -38,6 +55,7 @@ class OpNode:
     invars: tuple
     outvars: tuple[int, ...]
     name_stack: str = ""
+    repeat: int = 1
 
     @property
     def name(self) -> str:
@@ -63,6 +81,15 @@ class OpGraph:
     nodes: list[OpNode]
     outputs: tuple
     producer: list[int]
+    loops: tuple[LoopRegion, ...] = ()
+
+    def innermost_loop(self) -> list[int]:
+        """node index -> index into ``loops`` of the innermost region holding it, or -1."""
+        inner = [-1] * len(self.nodes)
+        for r, loop in enumerate(self.loops):  # parents come before their children
+            for i in range(loop.first, loop.last + 1):
+                inner[i] = r
+        return inner
 
     def users(self) -> list[list[int]]:
         """value id -> indices of the nodes that read it (each node once)."""
@@ -107,6 +134,7 @@ def build_op_graph(closed_jaxpr: jcore.ClosedJaxpr) -> OpGraph:
         nodes=builder.nodes,
         outputs=tuple(outputs),
         producer=builder.producer,
+        loops=tuple(builder.loops),
     )
 
 
@@ -116,6 +144,9 @@ class _GraphBuilder:
         self.producer: list[int] = []
         self.nodes: list[OpNode] = []
         self.consts: list[tuple[int, Any]] = []
+        self.loops: list[LoopRegion] = []
+        self.repeat = 1
+        self.loop_stack: list[int] = []  # open regions, as indices into ``self.loops``
 
     def new_value(self, aval, producer: int = -1) -> int:
         self.avals.append(aval)
@@ -151,10 +182,66 @@ class _GraphBuilder:
             return self.inline(sub.jaxpr, sub_env, name)
         if eqn.primitive is prims.remat_p:
             return self.inline_remat(eqn, invals, name)
-        outvars = tuple(self.new_value(v.aval, len(self.nodes)) for v in eqn.outvars)
-        self.nodes.append(OpNode(len(self.nodes), eqn.primitive, dict(eqn.params),
-                                 tuple(invals), outvars, name))
+        if eqn.primitive is prims.scan_p:
+            return self.inline_scan(eqn, invals, name)
+        if eqn.primitive is prims.cond_p and isinstance(invals[0], int):
+            return self.inline_cond(eqn, invals, name)
+        if eqn.primitive is prims.while_p:
+            trip = fixed_trip_count(eqn.params, invals)
+            if trip:
+                return self.inline_while(eqn, invals, name, trip)
+        return self.add_node(eqn.primitive, dict(eqn.params), invals,
+                             [v.aval for v in eqn.outvars], name)
+
+    def add_node(self, primitive, params, invals, out_avals, name: str) -> list[int]:
+        outvars = tuple(self.new_value(a, len(self.nodes)) for a in out_avals)
+        self.nodes.append(OpNode(len(self.nodes), primitive, params, tuple(invals), outvars,
+                                 name, self.repeat))
         return list(outvars)
+
+    def inline_scan(self, eqn, invals, name: str) -> list:
+        """Inlines the body once between loop_enter and loop_exit nodes (see `LoopRegion`)."""
+        p = eqn.params
+        if p["num_carry"] + len(invals) - p["num_consts"] == 0 or p["length"] == 0:
+            return self.add_node(eqn.primitive, dict(p), invals,
+                                 [v.aval for v in eqn.outvars], name)
+        body: jcore.ClosedJaxpr = p["jaxpr"]
+        n_const, n_carry = p["num_consts"], p["num_carry"]
+        consts, init, xs = invals[:n_const], invals[n_const:n_const + n_carry], \
+            invals[n_const + n_carry:]
+        body_in = body.jaxpr.invars
+        first = len(self.nodes)
+        carry_enter, slice_enter, carry_vals, x_vals = [], [], [], []
+        for value, var in zip(init, body_in[n_const:n_const + n_carry]):
+            carry_enter.append(len(self.nodes))
+            carry_vals += self.add_node(loop_enter_p, {"kind": "carry"}, [value], [var.aval], name)
+        for value, var in zip(xs, body_in[n_const + n_carry:]):
+            slice_enter.append(len(self.nodes))
+            x_vals += self.add_node(loop_enter_p, {"kind": "slice"}, [value], [var.aval], name)
+        sub_env = dict(zip(body_in, list(consts) + carry_vals + x_vals))
+        self.bind_consts(body.jaxpr.constvars, body.consts, sub_env)
+        region = len(self.loops)
+        self.loops.append(None)  # placeholder: keeps parents before children
+        self.loop_stack.append(region)
+        outer_repeat, self.repeat = self.repeat, self.repeat * p["length"]
+        outs = self.inline(body.jaxpr, sub_env, _join(name, "scan"))
+        self.repeat = outer_repeat
+        self.loop_stack.pop()
+        carry_out, ys = outs[:n_carry], outs[n_carry:]
+        carry_exit, stack_exit, results = [], [], []
+        for value, var in zip(carry_out, eqn.outvars[:n_carry]):
+            carry_exit.append(len(self.nodes))
+            results += self.add_node(loop_exit_p, {"kind": "carry"}, [value], [var.aval], name)
+        for value, var in zip(ys, eqn.outvars[n_carry:]):
+            stack_exit.append(len(self.nodes))
+            results += self.add_node(loop_exit_p, {"kind": "stack"}, [value], [var.aval], name)
+        self.loops[region] = LoopRegion(
+            first=first, last=len(self.nodes) - 1,
+            parent=self.loop_stack[-1] if self.loop_stack else -1, length=p["length"],
+            reverse=p["reverse"], unroll=p["unroll"], carry_enter=tuple(carry_enter),
+            slice_enter=tuple(slice_enter), carry_out=tuple(carry_out),
+            carry_exit=tuple(carry_exit), stack_exit=tuple(stack_exit))
+        return results
 
     def inline_remat(self, eqn, invals, name: str) -> list:
         sub: jcore.Jaxpr = eqn.params["jaxpr"]
@@ -172,6 +259,85 @@ class _GraphBuilder:
             invals = [renamed.get(v, v) if isinstance(v, int) else v for v in invals]
         sub_env = dict(zip(sub.invars, invals))
         return self.inline(sub, sub_env, _join(name, "checkpoint"))
+
+
+    def inline_while(self, eqn, invals, name: str, trip: int) -> list:
+        """A fixed-trip-count ``while``: like a scan with carries only (see `LoopRegion`)."""
+        p = eqn.params
+        nc, nb = p["cond_nconsts"], p["body_nconsts"]
+        cond_consts, body_consts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
+        body: jcore.ClosedJaxpr = p["body_jaxpr"]
+        first = len(self.nodes)
+        invariant_enter = []
+        for value in cond_consts:
+            if isinstance(value, int):
+                invariant_enter.append(len(self.nodes))
+                self.add_node(loop_enter_p, {"kind": "invariant"}, [value], [self.avals[value]],
+                              name)
+        carry_enter, carry_vals = [], []
+        for value, var in zip(init, body.jaxpr.invars[nb:]):
+            carry_enter.append(len(self.nodes))
+            carry_vals += self.add_node(loop_enter_p, {"kind": "carry"}, [value], [var.aval], name)
+        sub_env = dict(zip(body.jaxpr.invars, list(body_consts) + carry_vals))
+        self.bind_consts(body.jaxpr.constvars, body.consts, sub_env)
+        region = len(self.loops)
+        self.loops.append(None)
+        self.loop_stack.append(region)
+        outer_repeat, self.repeat = self.repeat, self.repeat * trip
+        carry_out = self.inline(body.jaxpr, sub_env, _join(name, "while"))
+        self.repeat = outer_repeat
+        self.loop_stack.pop()
+        carry_exit, results = [], []
+        for value, var in zip(carry_out, eqn.outvars):
+            carry_exit.append(len(self.nodes))
+            results += self.add_node(loop_exit_p, {"kind": "carry"}, [value], [var.aval], name)
+        self.loops[region] = LoopRegion(
+            first=first, last=len(self.nodes) - 1,
+            parent=self.loop_stack[-1] if self.loop_stack else -1, length=trip,
+            reverse=False, unroll=1, carry_enter=tuple(carry_enter), slice_enter=(),
+            carry_out=tuple(carry_out), carry_exit=tuple(carry_exit), stack_exit=(),
+            cond_jaxpr=p["cond_jaxpr"], cond_consts=tuple(cond_consts),
+            invariant_enter=tuple(invariant_enter))
+        return results
+
+
+    def inline_cond(self, eqn, invals, name: str) -> list:
+        """Every branch inlined between shared operand enters and joint result exits."""
+        branches = eqn.params["branches"]
+        index, operands = invals[0], invals[1:]
+        first = len(self.nodes)
+        index_enter = len(self.nodes)
+        index_val = self.add_node(loop_enter_p, {"kind": "invariant"}, [index],
+                                  [self.avals[index]], name)[0]
+        carry_enter, op_vals = [], []
+        for value, var in zip(operands, branches[0].jaxpr.invars):
+            carry_enter.append(len(self.nodes))
+            op_vals += self.add_node(loop_enter_p, {"kind": "carry"}, [value], [var.aval], name)
+        region = len(self.loops)
+        self.loops.append(None)
+        self.loop_stack.append(region)
+        branch_nodes, branch_outs = [], []
+        for k, branch in enumerate(branches):
+            start = len(self.nodes)
+            sub_env = dict(zip(branch.jaxpr.invars, op_vals))
+            self.bind_consts(branch.jaxpr.constvars, branch.consts, sub_env)
+            branch_outs.append(tuple(self.inline(branch.jaxpr, sub_env,
+                                                 _join(name, f"branch{k}"))))
+            branch_nodes.append(tuple(range(start, len(self.nodes))))
+        self.loop_stack.pop()
+        carry_exit, results = [], []
+        for r, var in enumerate(eqn.outvars):
+            carry_exit.append(len(self.nodes))
+            joined = [index_val] + [outs[r] for outs in branch_outs]
+            results += self.add_node(loop_exit_p, {"kind": "join"}, joined, [var.aval], name)
+        self.loops[region] = LoopRegion(
+            first=first, last=len(self.nodes) - 1,
+            parent=self.loop_stack[-1] if self.loop_stack else -1, length=1, reverse=False,
+            unroll=1, carry_enter=tuple(carry_enter), slice_enter=(), carry_out=(),
+            carry_exit=tuple(carry_exit), stack_exit=(), invariant_enter=(index_enter,),
+            branches=tuple(branch_nodes), branch_outs=tuple(branch_outs),
+            index_enter=index_enter)
+        return results
 
 
 def _join(prefix: str, name: str) -> str:

@@ -9,6 +9,12 @@ mirrors the markers into the backward pass.
 Automatic layers compare two clusterings and keep the better balanced one: Alpa's (balanced
 flops, small boundaries) and the model's own modules (flax names such as ``block_3`` survive in
 each equation's name stack).
+
+Scanned layers: with `AutoLayerOption(layer_num=n)`, every top-level ``scan`` of length L >= 2
+is first split into ``min(n, L)`` consecutive scans of near-equal length (`split_scans`): each
+reads its slice of the stacked operands (``xs[a:b]``) and the stacked results are concatenated
+back. The layering then sees n balanced pieces and can give each stage its share of the
+iterations; the backward pass mirrors the pieces.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 from jax.extend import core as jcore
+from jax.extend.core import primitives as prims
 
 from alpa_lite._jax_compat import bind_params
 from alpa_lite.config import AutoLayerOption, ManualLayerOption
@@ -50,6 +57,8 @@ def build_layer_transform(option, record: dict | None = None,
     def transform(fun: Callable) -> Callable:
         def marked(*args):
             closed = jax.make_jaxpr(fun)(*args)
+            if isinstance(option, AutoLayerOption) and option.layer_num > 1:
+                closed = split_scans(closed, option.layer_num)
             if starts is None:
                 chosen, info = choose_layer_starts(closed.jaxpr, option)
             else:
@@ -67,6 +76,58 @@ def build_layer_transform(option, record: dict | None = None,
         return marked
 
     return transform
+
+
+def split_scans(closed: jcore.ClosedJaxpr, pieces: int) -> jcore.ClosedJaxpr:
+    """``closed`` with each top-level scan of length >= 2 split into ``pieces`` scans.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> f = lambda c, xs: jax.lax.scan(lambda c, x: (c + x, c), c, xs)
+        >>> closed = jax.make_jaxpr(f)(0.0, jnp.arange(6.0))
+        >>> [e.primitive.name for e in split_scans(closed, 2).jaxpr.eqns].count("scan")
+        2
+    """
+    if not any(e.primitive is prims.scan_p and e.params["length"] >= 2
+               for e in closed.jaxpr.eqns):
+        return closed
+
+    def run(*args):
+        jaxpr = closed.jaxpr
+        env = dict(zip(jaxpr.constvars, closed.consts))
+        env.update(zip(jaxpr.invars, args))
+        read = lambda a: a.val if isinstance(a, jcore.Literal) else env[a]  # noqa: E731
+        for eqn in jaxpr.eqns:
+            invals = list(map(read, eqn.invars))
+            if eqn.primitive is prims.scan_p and eqn.params["length"] >= 2:
+                outs = _bind_split_scan(eqn.params, invals, pieces)
+            else:
+                outs = eqn.primitive.bind(*invals, **bind_params(eqn.primitive, eqn.params))
+                outs = outs if eqn.primitive.multiple_results else [outs]
+            env.update(zip(eqn.outvars, outs))
+        return [read(v) for v in jaxpr.outvars]
+
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
+    return jax.make_jaxpr(run)(*avals)
+
+
+def _bind_split_scan(params: dict, invals: list, pieces: int) -> list:
+    length, n_const, n_carry = params["length"], params["num_consts"], params["num_carry"]
+    consts, carry, xs = (invals[:n_const], invals[n_const:n_const + n_carry],
+                         invals[n_const + n_carry:])
+    edges = np.linspace(0, length, min(pieces, length) + 1).round().astype(int)
+    spans = list(zip(edges[:-1], edges[1:]))
+    ys_parts: dict[int, list] = {}
+    for a, b in (reversed(spans) if params["reverse"] else spans):
+        piece_xs = [jax.lax.slice_in_dim(x, int(a), int(b), axis=0) for x in xs]
+        outs = prims.scan_p.bind(
+            *consts, *carry, *piece_xs,
+            **bind_params(prims.scan_p, dict(params, length=int(b - a))))
+        carry, ys_parts[int(a)] = outs[:n_carry], outs[n_carry:]
+    ordered = [ys_parts[int(a)] for a, _ in spans]
+    ys = [jax.lax.concatenate([part[k] for part in ordered], 0)
+          for k in range(len(ordered[0]))]
+    return list(carry) + ys
 
 
 def choose_layer_starts(jaxpr: jcore.Jaxpr, option) -> tuple[list[int], dict]:

@@ -37,6 +37,7 @@ from alpa_lite._jax_compat import optimization_barrier_primitive
 from alpa_lite.cost.rules import ELEMENTWISE_PRIMITIVES
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
+from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
 
 
@@ -228,6 +229,10 @@ class _Analysis:
         self.micro, self.full, self.k = micro, full, k
         self.values: dict[int, _Val] = {}
         self.random_dims: dict[int, int] = {}
+        # A scan's carry-exit node -> the value its carry entered the body as.
+        self.carry_in = {exit_: micro.nodes[enter].outvars[0] for loop in micro.loops
+                         if not loop.branches
+                         for enter, exit_ in zip(loop.carry_enter, loop.carry_exit)}
 
     def operand(self, v, full_v) -> _Val:
         if isinstance(v, int):
@@ -254,6 +259,18 @@ class _Analysis:
 
     def visit(self, node, full_node) -> None:
         ins = [self.operand(v, fv) for v, fv in zip(node.invars, full_node.invars)]
+        if node.primitive is loop_exit_p and node.params["kind"] == "join":
+            # A cond's result: the same kind in every branch, chosen by a batch-free index.
+            index, outs = ins[0], ins[1:]
+            same = all(x == outs[0] for x in outs) or all(x.kind is _Kind.CONST for x in outs)
+            result = outs[0] if all(x == outs[0] for x in outs) else _Val(
+                _Kind.CONST, invariant=all(x.invariant for x in outs))
+            self.values[node.outvars[0]] = result if same and index.kind is _Kind.CONST \
+                else _OPAQUE
+            return
+        if node.primitive in (loop_enter_p, loop_exit_p):
+            self.values[node.outvars[0]] = self.loop_border(node, ins[0])
+            return
         identity = node.primitive in _IDENTITY or \
             node.primitive is optimization_barrier_primitive()  # remat's barrier
         if identity and len(node.invars) == len(node.outvars):
@@ -267,6 +284,23 @@ class _Analysis:
         else:
             results = [self.mixed_result(node, ins, outs[0])]
         self.values.update(zip(node.outvars, results))
+
+    def loop_border(self, node, x: _Val) -> _Val:
+        """A scan's border: slices/stacks move the batch dim; a carry must keep its kind.
+
+        The body was analysed once, with each carry as it entered; the carry leaving an
+        iteration must be of the same kind, else the loop's result is OPAQUE (conservative).
+        """
+        kind = node.params["kind"]
+        if kind in ("slice", "stack") and x.kind is _Kind.BATCH:
+            dim = x.dim + (1 if kind == "stack" else -1)
+            return _OPAQUE if dim < 0 else dataclasses.replace(x, dim=dim)
+        if node.primitive is loop_exit_p and kind == "carry":
+            entered = self.values[self.carry_in[node.index]]
+            if x.kind is _Kind.CONST and entered.kind is _Kind.CONST:
+                return _Val(_Kind.CONST, invariant=x.invariant and entered.invariant)
+            return x if x == entered else _OPAQUE
+        return x
 
     def const_result(self, node, full_node, ins: list[_Val], out_dim) -> _Val:
         if out_dim is None:

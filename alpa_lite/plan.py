@@ -33,8 +33,10 @@ class NodeDecision:
         out_specs: spec of each output.
         anchor: emit pins the outputs with a sharding constraint (group leaders, collectives).
         fallback: replicated because no rule knew the primitive.
-        comm_s: predicted collective time of the strategy.
-        compute_s: predicted compute time of the operator on one device under the strategy.
+        comm_s: predicted collective time of the strategy per step (times the trip count
+            inside a loop body; ``collectives`` lists one run's).
+        compute_s: predicted compute time of the operator on one device under the strategy,
+            per step.
         collectives: ``(kind, mesh axes, bytes per device)`` of each collective.
     """
 

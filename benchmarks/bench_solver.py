@@ -4,6 +4,10 @@ Plans from abstract shapes (no weights are allocated), so the figures are the pl
 cost. Run:
 
     python benchmarks/bench_solver.py --layers 2 4 8 12 24
+    python benchmarks/bench_solver.py --scan-layers --layers 8 64 256 1024
+
+``--scan-layers`` builds the GPT with ``scan_layers=True`` (one `flax.linen.scan` over the
+blocks): the scan body is planned once, so the ILP does not grow with depth.
 
 Prints a markdown table (also written to docs/benchmarks/solver.md with --out).
 """
@@ -11,6 +15,7 @@ Prints a markdown table (also written to docs/benchmarks/solver.md with --out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -28,6 +33,9 @@ from alpa_lite.models.train import build_workload  # noqa: E402
 def measure(num_layers: int, args) -> dict:
     preset = get_preset(args.model).with_overrides(num_layers=num_layers,
                                                    batch_size=args.batch_size)
+    if args.scan_layers:
+        preset = dataclasses.replace(
+            preset, config=dataclasses.replace(preset.config, scan_layers=True))
     work = build_workload(preset, abstract=True)
     share = {"auto": None, "on": True, "off": False}[args.share]
     method = alpa_lite.ShardParallel(mesh_shape=tuple(args.mesh), solver_time_limit_s=600,
@@ -52,13 +60,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--share", choices=["auto", "on", "off"], default="auto",
                         help="repeated-layer strategy sharing (auto: on for large graphs)")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="the model scans over its blocks (flax nn.scan)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = [measure(n, args) for n in args.layers]
     lines = [
         f"Command: `python {' '.join(sys.argv)}`  ",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
-        f"model {args.model} (batch {args.batch_size}), mesh {tuple(args.mesh)}",
+        f"model {args.model} (batch {args.batch_size}"
+        f"{', scan_layers=True' if args.scan_layers else ''}), mesh {tuple(args.mesh)}",
         "",
         "| layers | operators | groups | ILP classes | ILP variables | constraints | build (s) "
         "| solve (s) | total plan (s) | objective (s) | status |",

@@ -11,6 +11,7 @@ import math
 
 from jax.extend.core import primitives as prims
 
+from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
 from alpa_lite.cost.registry import OpCost, RuleContext, estimate_op_cost, nbytes, register_cost_rule
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
 
@@ -132,6 +133,14 @@ def estimate_jaxpr_cost(jaxpr) -> OpCost:
         total += estimate_op_cost(eqn.primitive, eqn.params,
                                   [v.aval for v in eqn.invars], [v.aval for v in eqn.outvars])
     return total
+
+
+@register_cost_rule(loop_enter_p, loop_exit_p, prims.empty2_p)
+def _loop_border_cost(ctx: RuleContext, **_) -> OpCost:
+    # The body's nodes carry the loop's compute; reading a slice of ``xs`` or writing one of
+    # ``ys`` is a copy XLA does in place (dynamic-slice / dynamic-update-slice). empty2 (in
+    # transposed conds) allocates without writing.
+    return OpCost()
 
 
 @register_cost_rule(prims.scan_p)

@@ -9,6 +9,11 @@ A resharded value is pinned to its planned spec where it is produced, and the re
 through `build_resharding_steps`, so that XLA reshards the value the plan priced, with the
 collectives it priced. XLA's partitioner does the rest, and the compiled program's
 collectives follow the plan.
+
+A scan expanded into a `LoopRegion` is emitted as one ``jax.lax.scan`` whose body evaluates the
+region's body nodes with the same constraints, so the plan's shardings (and the collectives
+they imply) sit inside the compiled while loop; the carry leaving an iteration is resharded to
+the spec it entered with (the ILP prices that loop-back edge, and usually makes it free).
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+from jax.extend.core import jaxpr_as_fun
 from jax.sharding import Mesh, NamedSharding
 
 from alpa_lite._jax_compat import bind_params
 from alpa_lite.graph import OpGraph
+from alpa_lite.loop_regions import LoopRegion
 from alpa_lite.intra_op.problem import is_transparent
 from alpa_lite.intra_op.resharding import build_resharding_steps
 from alpa_lite.intra_op.strategies import Spec
@@ -62,9 +69,103 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
                 value = constrain(value, spec)
         return value
 
+    inner = graph.innermost_loop()
+
+    def region_at(index: int, level: int) -> int:
+        """The region directly inside ``level`` (a region index, -1: top) holding ``index``."""
+        r = inner[index]
+        while r != -1 and graph.loops[r].parent != level:
+            r = graph.loops[r].parent
+        return r
+
+    def reshard_to(value, v, want: Spec):
+        if not isinstance(v, int):
+            return v.val
+        for spec in build_resharding_steps(planned[v], want, plan.mesh):
+            value = constrain(value, spec)
+        return constrain(value, want)
+
+    def run_cond(env: dict, r: int, overrides) -> None:
+        region: LoopRegion = graph.loops[r]
+        index_node = graph.nodes[region.index_enter]
+        index = operand(env, None, 0, index_node.invars[0])
+        enter = [graph.nodes[i] for i in region.carry_enter]
+        operands = [operand(env, decisions[n.index], 0, n.invars[0]) for n in enter]
+        exits = [decisions[i] for i in region.carry_exit]
+
+        def branch_fn(k: int):
+            def run(*ops):
+                body_env = dict(env)
+                body_env[index_node.outvars[0]] = index
+                for node, value in zip(enter, ops):
+                    body_env[node.outvars[0]] = constrain(
+                        value, decisions[node.index].out_specs[0])
+                eval_nodes(body_env, region.branches[k], overrides=overrides, level=r)
+                outs = []
+                for v, d, var in zip(region.branch_outs[k], exits, region.carry_exit):
+                    value = reshard_to(body_env[v] if isinstance(v, int) else None, v,
+                                       d.in_specs[k + 1])
+                    outs.append(jax.numpy.asarray(
+                        value, dtype=graph.avals[graph.nodes[var].outvars[0]].dtype))
+                return outs
+            return run
+
+        results = jax.lax.switch(index, [branch_fn(k) for k in range(len(region.branches))],
+                                 *operands)
+        for i, value in zip(region.carry_exit, results):
+            env[graph.nodes[i].outvars[0]] = constrain(value, decisions[i].out_specs[0])
+
+    def run_loop(env: dict, r: int, overrides) -> None:
+        loop: LoopRegion = graph.loops[r]
+        if loop.branches:
+            run_cond(env, r, overrides)
+            return
+        border = set(loop.carry_enter + loop.slice_enter + loop.carry_exit + loop.stack_exit
+                     + loop.invariant_enter)
+        body_nodes = [i for i in range(loop.first, loop.last + 1) if i not in border]
+        enter = [graph.nodes[i] for i in loop.carry_enter + loop.slice_enter]
+        spec_of = lambda node, pos: decisions[node.index].in_specs[pos]  # noqa: E731
+        init = [operand(env, decisions[n.index], 0, n.invars[0]) for n in enter]
+        n_carry = len(loop.carry_enter)
+        carry_specs = [decisions[i].out_specs[0] for i in loop.carry_enter]
+
+        def body(carry, xs):
+            body_env = dict(env)
+            for node, value in zip(enter, list(carry) + list(xs)):
+                body_env[node.outvars[0]] = constrain(value, decisions[node.index].out_specs[0])
+            eval_nodes(body_env, body_nodes, overrides=overrides, level=r)
+            new_carry = [reshard_to(body_env[v] if isinstance(v, int) else None, v, spec)
+                         for v, spec in zip(loop.carry_out, carry_specs)]
+            new_carry = [jax.numpy.asarray(c, dtype=old.dtype) for c, old in zip(new_carry, carry)]
+            ys = []
+            for i in loop.stack_exit:
+                node = graph.nodes[i]
+                v = node.invars[0]
+                ys.append(reshard_to(body_env[v] if isinstance(v, int) else None, v,
+                                     spec_of(node, 0)))
+            return new_carry, ys
+
+        if loop.cond_jaxpr is not None:  # a while loop with a fixed trip count
+            cond_args = [env[v] if isinstance(v, int) else v.val for v in loop.cond_consts]
+            cond = jaxpr_as_fun(loop.cond_jaxpr)
+            final = jax.lax.while_loop(lambda c: cond(*cond_args, *c)[0],
+                                       lambda c: body(c, [])[0], init)
+            ys = []
+        else:
+            final, ys = jax.lax.scan(body, init[:n_carry], init[n_carry:], length=loop.length,
+                                     reverse=loop.reverse, unroll=loop.unroll)
+        for i, value in zip(loop.carry_exit + loop.stack_exit, list(final) + list(ys)):
+            node = graph.nodes[i]
+            env[node.outvars[0]] = constrain(value, decisions[i].out_specs[0])
+
     def eval_nodes(env: dict, node_indices, deferred: DeferredReductions | None = None,
-                   overrides: dict | None = None):
+                   overrides: dict | None = None, level: int = -1):
         for index in node_indices:
+            r = region_at(index, level)
+            if r != -1:
+                if index == graph.loops[r].last:
+                    run_loop(env, r, overrides)
+                continue
             node = graph.nodes[index]
             decision = decisions.get(index)
             if overrides and index in overrides:  # e.g. a micro-batch's slice of random bits

@@ -20,6 +20,7 @@ import numpy as np
 from alpa_lite.cost.registry import nbytes
 from alpa_lite.emit.accumulate import GradSplit, split_at_grad_boundary
 from alpa_lite.graph import OpGraph, OpNode
+from alpa_lite.loop_regions import remap_loops
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p
 
 
@@ -240,7 +241,7 @@ def build_subgraph(graph: OpGraph, items: list) -> tuple[OpGraph, dict[int, int]
     producer = list(graph.producer)
     for k, (item, node) in enumerate(zip(items, nodes)):
         sub_nodes.append(OpNode(k, node.primitive, node.params, node.invars, node.outvars,
-                                node.name_stack))
+                                node.name_stack, node.repeat))
         if isinstance(item, int):
             index_map[item] = k
         for v in node.outvars:
@@ -250,7 +251,8 @@ def build_subgraph(graph: OpGraph, items: list) -> tuple[OpGraph, dict[int, int]
     used = {v for n in nodes for v in n.invars if isinstance(v, int)}
     consts = tuple((v, c) for v, c in graph.consts if v in used)
     sub = OpGraph(avals=graph.avals, inputs=tuple(dict.fromkeys(reads)), consts=consts,
-                  nodes=sub_nodes, outputs=tuple(dict.fromkeys(outputs)), producer=producer)
+                  nodes=sub_nodes, outputs=tuple(dict.fromkeys(outputs)), producer=producer,
+                  loops=remap_loops(graph.loops, index_map))
     return sub, index_map
 
 

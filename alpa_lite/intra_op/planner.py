@@ -129,11 +129,12 @@ def decode_plan(graph, mesh, planning: PlanningProblem, choices, objective, peak
             continue
         s = strategies[u]
         anchor = roots[planning.group_of[u]] == u or bool(s.collectives) or unit.heavy
-        seconds = estimate_unit_compute_s(graph, mesh, unit.node, unit.flops, s.work_divisor)
+        seconds = unit.repeat * estimate_unit_compute_s(graph, mesh, unit.node, unit.flops,
+                                                        s.work_divisor)
         nodes.append(NodeDecision(
             index=unit.node, primitive=graph.nodes[unit.node].name, strategy=s.name,
             in_specs=s.in_specs, out_specs=s.out_specs, anchor=anchor, fallback=unit.fallback,
-            comm_s=s.comm_s, compute_s=seconds,
+            comm_s=unit.repeat * s.comm_s, compute_s=seconds,
             collectives=tuple((c.kind.value, c.axes, c.num_bytes) for c in s.collectives)))
         compute_s += seconds
     input_specs = tuple(strategies[u].out_specs[0] for u in planning.input_units)

@@ -77,6 +77,7 @@ class Unit:
     fallback: bool = False
     heavy: bool = False
     flops: float = 0.0
+    repeat: int = 1  # runs per step (a scan body's trip count): its costs are multiplied
 
 
 @dataclasses.dataclass
@@ -160,11 +161,14 @@ def build_planning_problem(
     builder.add_inputs(input_roles, input_paths)
     builder.add_nodes()
     output_units = builder.add_aliases(alias_pairs)
+    loop_backs = builder.add_loop_backs()
     grouping = _Grouping(builder.units, builder.owner)
     grouping.follow_operands()
     grouping.follow_consumers(builder.consumers())
     for out_pos, unit in output_units.items():
         grouping.attach(unit, builder.input_units[dict(alias_pairs)[out_pos]])
+    for unit, enter_unit in loop_backs:
+        grouping.attach(unit, enter_unit)
     problem = _assemble(graph, mesh, builder, grouping, memory_budget_bytes,
                         (output_units, alias_pairs, donated_inputs))
     return PlanningProblem(problem, builder.units, grouping.group_index(), grouping.member_map,
@@ -237,7 +241,8 @@ class _UnitBuilder:
             strategies = self.filter_strategies(ctx, rule, strategies, operands, out_bdims)
             flops = estimate_op_cost(node.primitive, node.params, avals_in, avals_out).flops
             self.new_unit(Unit(f"{node.name}#{node.index}", strategies, operands, node.outvars,
-                               node.index, fallback, getattr(rule, "heavy", False), flops))
+                               node.index, fallback, getattr(rule, "heavy", False), flops,
+                               node.repeat))
 
     def add_transparent(self, node) -> None:
         for src, dst in zip(node.invars, node.outvars):
@@ -303,6 +308,27 @@ class _UnitBuilder:
             name = f"out{out_pos}<-{self.units[in_unit].name}"
             output_units[out_pos] = self.new_unit(Unit(name, strategies, (value,), ()))
         return output_units
+
+    def add_loop_backs(self) -> list[tuple[int, int]]:
+        """One unit per scan carry reading the carry after an iteration (loop invariance).
+
+        It is put in the carry's ``loop_enter`` group, so it requires the spec the carry
+        entered with; a different spec inside the body costs a resharding every iteration.
+        Returns ``(loop-back unit, loop_enter unit)`` pairs.
+        """
+        pairs = []
+        for loop in self.graph.loops:
+            for enter, value in zip(loop.carry_enter, loop.carry_out):
+                if not isinstance(value, int):
+                    continue
+                enter_unit = self.owner[self.graph.nodes[enter].outvars[0]][0]
+                specs = [s.out_specs[0] for s in self.units[enter_unit].strategies]
+                strategies = [Strategy(format_spec(s), (s,), ()) for s in specs]
+                repeat = self.graph.nodes[enter].repeat * loop.length
+                unit = self.new_unit(Unit(f"loop_back{value}->{self.units[enter_unit].name}",
+                                          strategies, (value,), (), repeat=repeat))
+                pairs.append((unit, enter_unit))
+        return pairs
 
     def consumers(self) -> dict[int, list[tuple[int, int]]]:
         """value id -> [(unit, operand position)] in program order."""
@@ -424,12 +450,15 @@ def _assemble(graph: OpGraph, mesh: LogicalMesh, builder: _UnitBuilder, grouping
     costs = [np.zeros(n) for n in sizes]
     edges = []
     for u, unit in enumerate(builder.units):
-        costs[group_of[u]] += [unit.strategies[m].comm_s for m in grouping.member_map[u]]
+        costs[group_of[u]] += [unit.repeat * unit.strategies[m].comm_s
+                               for m in grouping.member_map[u]]
         for pos, vid in enumerate(unit.operands):
             if vid is None or _rank(grouping, vid) == 0:
                 continue
             matrix = _resharding_matrix(grouping.out_specs(vid), grouping.in_specs(u, pos),
                                         tensor_bytes(graph.avals[vid]), mesh)
+            if unit.repeat != 1:  # resharded in the loop body: every iteration
+                matrix = matrix * unit.repeat
             src_group, dst_group = group_of[grouping.owner[vid][0]], group_of[u]
             if src_group == dst_group:
                 costs[dst_group] += np.diag(matrix)

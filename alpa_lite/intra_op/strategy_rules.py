@@ -19,6 +19,7 @@ from alpa_lite._jax_compat import key_wrapping_primitives, split_primitive
 from alpa_lite.cost.registry import itemsize as dtype_itemsize
 from alpa_lite.cost.rules import ELEMENTWISE_PRIMITIVES
 from alpa_lite.errors import UnsupportedPrimitiveError
+from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
 from alpa_lite.intra_op.strategies import (FactorRule, Strategy, enumerate_factor_strategies,
                                            replicated_strategy)
 from alpa_lite.mesh import LogicalMesh
@@ -123,6 +124,33 @@ def _untouched_dims_rule(ctx: StrategyContext, touched: set[int], **kw) -> Facto
                       tuple(sorted(sizes.items())), **kw)
 
 
+# --- the border of a scan body ----------------------------------------------------------------
+
+
+@register_strategy_rule(loop_enter_p, loop_exit_p)
+def _loop_border_strategies(ctx: StrategyContext):
+    """Carries keep their spec; a stacked operand's slice takes its spec minus the layer dim.
+
+    The leading (stacked, iteration) dim of ``xs``/``ys`` is never split: each iteration
+    reads or writes one whole slice on every device.
+    """
+    kind = ctx.params["kind"]
+    if kind == "join":  # a cond's result: (index, result of each branch) -> result
+        names, sizes = _dims("d", ctx.avals_out[0].shape)
+        dims = tuple(names)
+        return FactorRule(((),) + (dims,) * (len(ctx.avals_in) - 1), (dims,),
+                          tuple(sorted(sizes.items())))
+    big = ctx.avals_in[0] if kind == "slice" else ctx.avals_out[0]
+    names, sizes = _dims("d", big.shape)
+    if kind in ("carry", "invariant"):
+        return FactorRule((tuple(names),), (tuple(names),), tuple(sorted(sizes.items())))
+    stacked, one = (None, *names[1:]), tuple(names[1:])
+    sizes.pop(names[0])
+    if kind == "slice":
+        return FactorRule((stacked,), (one,), tuple(sorted(sizes.items())))
+    return FactorRule((one,), (stacked,), tuple(sorted(sizes.items())))
+
+
 # --- elementwise and data movement -----------------------------------------------------------
 
 
@@ -143,7 +171,7 @@ def _elementwise_strategies(ctx: StrategyContext):
     return FactorRule(tuple(operands), results, tuple(sorted(sizes.items())))
 
 
-@register_strategy_rule(prims.iota_p)
+@register_strategy_rule(prims.iota_p, prims.empty2_p)  # empty2: uninitialised (cond transposes)
 def _iota_strategies(ctx: StrategyContext):
     names, sizes = _dims("d", ctx.avals_out[0].shape)
     return FactorRule((), (tuple(names),), tuple(sorted(sizes.items())))

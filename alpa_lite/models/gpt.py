@@ -44,6 +44,9 @@ class GPTConfig:
         mlp_ratio: the MLP's inner width is ``mlp_ratio * hidden_size``.
         dtype: compute dtype (parameters are always float32).
         remat: wrap every block in `flax.linen.remat` (recompute activations in the backward pass).
+        scan_layers: run the blocks as one `flax.linen.scan` over stacked parameters (one
+            ``blocks`` module whose kernels have a leading ``num_layers`` dim), as MaxText's
+            ``scan_layers=True`` does: trace and compile time stay flat in depth.
 
     Example:
         >>> GPTConfig(128, hidden_size=64, num_layers=2, num_heads=4, seq_len=16).head_dim
@@ -58,6 +61,7 @@ class GPTConfig:
     mlp_ratio: int = 4
     dtype: Dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -128,6 +132,13 @@ class GPTBlock(nn.Module):
         return x + dense(hidden, out_std, "fc_out")(y)
 
 
+class _ScannedBlock(GPTBlock):
+    """`GPTBlock` with the ``(carry, x) -> (carry, y)`` signature `flax.linen.scan` needs."""
+
+    def __call__(self, x: jax.Array, _) -> tuple[jax.Array, None]:
+        return super().__call__(x), None
+
+
 class GPT(nn.Module):
     """Decoder-only GPT language model with an LM head tied to the token embedding.
 
@@ -160,9 +171,15 @@ class GPT(nn.Module):
             "position_embed", normal_init(_INIT_STD), (cfg.seq_len, cfg.hidden_size)
         )
         x = embed(tokens) + positions[None, :seq_len].astype(cfg.dtype)
-        block_cls = nn.remat(GPTBlock) if cfg.remat else GPTBlock
-        for i in range(cfg.num_layers):
-            x = block_cls(cfg, name=f"block_{i}")(x)
+        if cfg.scan_layers:
+            block_cls = nn.remat(_ScannedBlock) if cfg.remat else _ScannedBlock
+            blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                             length=cfg.num_layers)
+            x, _ = blocks(cfg, name="blocks")(x, None)
+        else:
+            block_cls = nn.remat(GPTBlock) if cfg.remat else GPTBlock
+            for i in range(cfg.num_layers):
+                x = block_cls(cfg, name=f"block_{i}")(x)
         x = layer_norm_f32(x, name="ln_final", dtype=cfg.dtype)
         return embed.attend(x)
 

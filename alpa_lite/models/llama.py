@@ -42,6 +42,8 @@ class LlamaConfig:
         norm_eps: RMSNorm epsilon.
         dtype: compute dtype (parameters are always float32).
         remat: wrap every block in `flax.linen.remat`.
+        scan_layers: run the blocks as one `flax.linen.scan` over stacked parameters (one
+            ``blocks`` module with a leading ``num_layers`` dim on every kernel).
 
     Example:
         >>> LlamaConfig(128, 64, 2, 4, ffn_size=176, seq_len=16).head_dim
@@ -58,6 +60,7 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads or self.head_dim % 2:
@@ -126,6 +129,13 @@ class LlamaBlock(nn.Module):
         return x + dense(hidden, "down_proj")(gated)
 
 
+class _ScannedLlamaBlock(LlamaBlock):
+    """`LlamaBlock` with the ``(carry, x) -> (carry, y)`` signature `flax.linen.scan` needs."""
+
+    def __call__(self, x: jax.Array, _) -> tuple[jax.Array, None]:
+        return super().__call__(x), None
+
+
 class Llama(nn.Module):
     """LLaMA-style decoder-only language model with an untied LM head.
 
@@ -151,9 +161,15 @@ class Llama(nn.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
             embedding_init=normal_init(_INIT_STD), name="token_embed",
         )(tokens)
-        block_cls = nn.remat(LlamaBlock) if cfg.remat else LlamaBlock
-        for i in range(cfg.num_layers):
-            x = block_cls(cfg, name=f"block_{i}")(x)
+        if cfg.scan_layers:
+            block_cls = nn.remat(_ScannedLlamaBlock) if cfg.remat else _ScannedLlamaBlock
+            blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                             length=cfg.num_layers)
+            x, _ = blocks(cfg, name="blocks")(x, None)
+        else:
+            block_cls = nn.remat(LlamaBlock) if cfg.remat else LlamaBlock
+            for i in range(cfg.num_layers):
+                x = block_cls(cfg, name=f"block_{i}")(x)
         x = _rms_norm_f32(x, cfg, "final_norm")
         return nn.Dense(
             cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
