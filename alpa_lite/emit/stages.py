@@ -200,11 +200,12 @@ def _fill_inputs_outputs(graph: OpGraph, programs: list[Program], boundary: OpNo
             for v in graph.nodes[index].outvars:
                 produced_by[v] = p
     needed_outside = defaultdict(set)
+    consts = {v for v, _ in graph.consts}  # closed-over constants: bound inside each program
     for p, program in enumerate(programs):
         reads = []
         for index in program.nodes:
             for v in graph.nodes[index].invars:
-                if isinstance(v, int) and produced_by.get(v) != p:
+                if isinstance(v, int) and produced_by.get(v) != p and v not in consts:
                     reads.append(v)
                     if v in produced_by:
                         needed_outside[produced_by[v]].add(v)

@@ -135,3 +135,27 @@ def test_a_saved_pipeline_plan_runs_without_solving(stage_option, monkeypatch):
     assert_trees_close(actual_losses, expected_losses, rtol=1e-4, atol=1e-5)
     assert_trees_close(actual_state.params, expected_state.params, rtol=1e-4, atol=1e-5)
     assert p.plan(state, batch).stages == loaded.stages
+
+
+def test_a_step_closing_over_a_constant_array_matches_serial():
+    import jax.numpy as jnp
+    import numpy as np
+
+    mix = jnp.asarray(np.random.default_rng(0).normal(size=(16, 16)), jnp.float32)
+
+    def step(params, batch):  # `mix` is a closed-over constant of the traced step
+        def loss(p):
+            h = jnp.tanh(jnp.tanh(batch["x"] @ mix) @ p["w"])
+            return jnp.mean((h @ p["v"] - batch["y"]) ** 2)
+
+        value, grads = alpa_lite.value_and_grad(loss)(params)
+        return jax.tree_util.tree_map(lambda a, g: a - 0.1 * g, params, grads), value
+
+    rng = np.random.default_rng(1)
+    params = {k: jnp.asarray(rng.normal(size=(16, 16)) * 0.3, jnp.float32) for k in "wv"}
+    batch = {"x": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
+             "y": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)}
+    method = PipeshardParallel(num_micro_batches=2, layer_option=AutoLayerOption(layer_num=2),
+                               stage_option=UniformStageOption(num_stages=2))
+    actual = alpa_lite.parallelize(step, method=method)(params, batch)
+    assert_trees_close(actual, jax.jit(step)(params, batch), rtol=1e-5, atol=1e-6)
