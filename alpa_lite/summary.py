@@ -67,7 +67,8 @@ def _stage_lines(plan) -> list[str]:
              f"(clustering: {layers.get('method')}, flops imbalance "
              f"{layers.get('imbalance', float('nan')):.2f})",
              f"predicted step time {plan.predicted_step_time_s:.4g}s "
-             "(sum of stage times + (micro-batches - 1) x slowest stage + gradient sync)", "",
+             "(sum of stage times + (micro-batches - 1) x slowest stage + gradient sync and "
+             "update; stages sharing a host's compute take turns)", "",
              f"{'stage':>5} {'layers':<14} {'submesh':<9} {'logical':<9} {'fwd (s)':>10} "
              f"{'bwd (s)':>10} {'peak mem':>12} {'operators':>9} {'remat':>5}"]
     for st in plan.stages:
