@@ -36,7 +36,7 @@ from alpa_lite.emit.stages import PipelinePartition, Program
 from alpa_lite.emit.transfer import CrossMeshMove, multi_process, place
 from alpa_lite.graph import OpGraph
 from alpa_lite.inter_op.schedules import PipelineSchedule, TaskKind
-from alpa_lite.markers import grad_boundary_p
+from alpa_lite.markers import grad_boundary_p, layer_boundary_p
 from alpa_lite.micro_batching import Combine, MicroBatchPlan, Rule
 from alpa_lite.plan import ShardingPlan
 from alpa_lite.trace import TracedFunction, leaf_signature, split_static_args
@@ -330,13 +330,32 @@ class _ScheduleBuilder:
             self.sharding_of[slot] = sharding
         return slot
 
+    def batch_independent_values(self) -> set[int]:
+        """Values that are the same in every micro-batch: outputs of the operators before the
+        boundary that read no batch value, and a layer marker's copy of such a value (the
+        parameters a layer reads). Every micro-batch reads micro-batch 0's copy, so a
+        stage holds one copy of its parameters, not one per micro-batch in flight."""
+        ex = self.ex
+        split = ex.partition.split
+        free = {v for i in split.pre for v in ex.graph.nodes[i].outvars}
+        known = free | {v for v in ex.graph.inputs if v not in ex.batch_inputs} | {
+            v for v, _ in ex.graph.consts}
+        for index in split.compute:
+            node = ex.graph.nodes[index]
+            if node.primitive is layer_boundary_p:
+                fresh = {out for a, out in zip(node.invars, node.outvars)
+                         if isinstance(a, int) and a in known}
+                free |= fresh
+                known |= fresh
+        return free
+
     def emit(self, name: str, fn, reads, writes) -> None:
         self.instructions.append(_Instruction(name, fn, tuple(reads), tuple(writes)))
 
     def build(self):
         ex = self.ex
         self.position = {v: i for i, v in enumerate(ex.graph.inputs)}
-        self.pre_values = {v for i in ex.partition.split.pre for v in ex.graph.nodes[i].outvars}
+        self.pre_values = self.batch_independent_values()
         self.emit_splits()
         for mesh, ids in enumerate(ex._acc_ids):
             if ids:
@@ -389,10 +408,10 @@ class _ScheduleBuilder:
         ex = self.ex
         if v in self.position and v not in ex.batch_inputs:
             return self.input_slot(v, sharding)
-        key = next((key for key in (("val", v, micro_batch), ("val", v, -1))
-                    if key in self.slots), None)
-        if key is None and micro_batch == -1 and v in self.pre_values:
-            key = ("val", v, 0)  # batch-independent: the same in every micro-batch
+        candidates = (("val", v, micro_batch), ("val", v, -1))
+        if v in self.pre_values:  # the same in every micro-batch: read micro-batch 0's
+            candidates = (("val", v, 0),) + candidates
+        key = next((key for key in candidates if key in self.slots), None)
         if key not in self.slots:
             raise RuntimeError(
                 f"internal error: the pipeline schedule reads value {v} of micro-batch "
@@ -489,6 +508,9 @@ class _ScheduleBuilder:
         for slot, i in last.items():
             if slot not in keep and slot not in self.instructions[i].writes:
                 frees.setdefault(i, []).append(slot)
+        for i, instruction in enumerate(self.instructions):  # written, never read: drop now
+            frees.setdefault(i, []).extend(s for s in instruction.writes
+                                           if s not in last and s not in keep)
         return [dataclasses.replace(ins, frees=tuple(frees.get(i, ())),
                                     blocks=self.spans_processes(ins))
                 for i, ins in enumerate(self.instructions)]

@@ -159,3 +159,25 @@ def test_a_step_closing_over_a_constant_array_matches_serial():
                                stage_option=UniformStageOption(num_stages=2))
     actual = alpa_lite.parallelize(step, method=method)(params, batch)
     assert_trees_close(actual, jax.jit(step)(params, batch), rtol=1e-5, atol=1e-6)
+
+
+def test_backward_programs_share_one_copy_of_their_parameters():
+    """A layer marker's copy of a parameter is the same in every micro-batch: every backward
+    reads micro-batch 0's, and the forward's other copies are dropped at once, so a stage
+    holds one copy of its parameters, not one per micro-batch in flight."""
+    work = make_gpt()
+    method = PipeshardParallel(num_micro_batches=4, layer_option=AutoLayerOption(layer_num=2),
+                               stage_option=UniformStageOption(num_stages=2))
+    executable = alpa_lite.parallelize(work.train_step, method=method).get_executable(
+        work.state, work.batch)
+    instructions = executable.instructions
+    written_by_forward = {slot for ins in instructions if ins.name.startswith("forward")
+                          for slot in ins.writes}
+    backward_reads = [set(ins.reads) & written_by_forward for ins in instructions
+                      if ins.name.startswith("backward[0]")]
+    assert len(backward_reads) == 4
+    shared = set.intersection(*backward_reads)
+    assert shared  # the parameter copies of micro-batch 0
+    freed_at_once = {slot for ins in instructions if ins.name.startswith("forward")
+                     for slot in ins.frees if slot in ins.writes}
+    assert freed_at_once  # the copies of micro-batches 1..3, never read
