@@ -457,7 +457,9 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
     options = pricing.PricingOptions(
         solver=method.solver, time_limit_s=method.solver_time_limit_s,
         state_bytes_per_param_byte=pricing.estimate_state_bytes_per_param_byte(
-            [roles[v] for v in graph.inputs], [graph.avals[v] for v in graph.inputs]))
+            [roles[v] for v in graph.inputs], [graph.avals[v] for v in graph.inputs]),
+        param_positions=frozenset(i for i, v in enumerate(graph.inputs)
+                                  if roles[v] is InputRole.PARAM))
     link = stage_link(cluster, method, per_host, len(devices))
     # devices per host when a host's devices share compute (simulated CPU devices)
     shared = per_host if (cluster.shared_host_compute if cluster is not None

@@ -31,7 +31,7 @@ from alpa_lite.config import AutoLayerOption
 from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
 from alpa_lite.graph import build_op_graph
 from alpa_lite.intra_op.planner import solve_intra_op
-from alpa_lite.intra_op.problem import SpecPolicy
+from alpa_lite.intra_op.problem import InputRole, SpecPolicy
 from alpa_lite.layers import build_layer_transform
 from alpa_lite.markers import layer_construction
 from alpa_lite.models.presets import ModelPreset
@@ -143,7 +143,8 @@ def _price_layers(preset, cluster, num_micro_batches, remat_layer: bool = False)
     roles = input_roles(traced, optimizer_state_mask((work.state, work.batch), StepSpec())[0])
     options = pricing.PricingOptions(
         time_limit_s=60.0, state_bytes_per_param_byte=pricing.estimate_state_bytes_per_param_byte(
-            roles, [graph.avals[v] for v in graph.inputs]))
+            roles, [graph.avals[v] for v in graph.inputs]),
+        param_positions=frozenset(i for i, r in enumerate(roles) if r is InputRole.PARAM))
     candidates = [(tuple(shape), view) for shape in candidate_submeshes(cluster)
                   for view in sp.logical_views(shape)]
     priced = pricing.price_layers(graph, num_layers, candidates, cluster.logical_mesh, options)

@@ -13,7 +13,8 @@ backward operators on the mesh:
   once per step (ShardParallel and pipelines alike), so they are priced once, not k times;
 - ``state_bytes``: parameters + their gradients + optimizer state per device (the optimizer's
   bytes per parameter byte are measured from the step's own arguments);
-- ``activation_bytes``: what the forward pass keeps for the backward pass, per micro-batch;
+- ``activation_bytes``: what the forward pass keeps for the backward pass, per micro-batch
+  (the layer markers' copies of parameters are held once, so they count in ``state_bytes``);
 - ``boundary_bytes``: the layer's output activations (whole tensors), what a stage boundary
   after it sends forward (and its gradient backward) per micro-batch;
 - ``apply_s``: the optimizer update of its parameters (the apply operators the pipeline
@@ -47,6 +48,7 @@ from alpa_lite.intra_op.problem import InputRole
 from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.intra_op.strategies import spec_shards
 from alpa_lite.inter_op.stage_dp import StageProblem, solve_stage_dp
+from alpa_lite.markers import layer_boundary_p
 from alpa_lite.mesh import LogicalMesh
 from alpa_lite.inter_op.assignment import StageAssignment, place_stages
 
@@ -77,6 +79,9 @@ class PricingOptions:
     solver: str = "auto"
     time_limit_s: float = 60.0
     state_bytes_per_param_byte: float = 4.0  # params + grads + optimizer state
+    # positions in the graph's inputs of the parameters: a layer's marked copy of one is held
+    # once per step by the runtime, not once per micro-batch in flight
+    param_positions: frozenset[int] = frozenset()
 
 
 def build_layer_nodes(graph: OpGraph, num_layers: int) -> tuple[list[list[int]], list[set[int]]]:
@@ -171,14 +176,24 @@ def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: L
     users = graph.users()
     backward = set(nodes) - forward
     kept = {v for v in forward_out if any(u in backward for u in users[v])}
+    copies = _parameter_copies(graph, forward, options.param_positions) & kept
+    kept -= copies
     leaving = {v for v in forward_out if v in set(sub.outputs) and v not in gradients
                and any(u not in set(nodes) for u in users[v])}
     return LayerPrice(
         compute_s=plan.compute_s, comm_s=comm + resharding, grad_sync_s=grad_sync,
-        state_bytes=weights * options.state_bytes_per_param_byte,
+        state_bytes=weights * options.state_bytes_per_param_byte + per_device(copies),
         activation_bytes=per_device(kept),
         boundary_bytes=float(sum(tensor_bytes(graph.avals[v]) for v in leaving)),
         apply_s=float(update_s))
+
+
+def _parameter_copies(graph: OpGraph, forward: set[int], param_positions) -> set[int]:
+    """The layer markers' copies of parameters among the forward operators' outputs."""
+    params = {graph.inputs[p] for p in param_positions if p < len(graph.inputs)}
+    return {out for i in forward if graph.nodes[i].primitive is layer_boundary_p
+            for a, out in zip(graph.nodes[i].invars, graph.nodes[i].outvars)
+            if isinstance(a, int) and a in params}
 
 
 def _gradient_only_nodes(sub: OpGraph, gradients: set[int]) -> set[int]:
