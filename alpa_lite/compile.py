@@ -512,7 +512,8 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
                      for s in range(assignment.num_stages)]
     batch_inputs = [v for v, b in zip(graph.inputs, traced.batch_leaves) if b]
     partition = partition_pipeline(graph, batch_inputs, list(assignment.layer_to_stage),
-                                   assignment.num_stages)
+                                   assignment.num_stages,
+                                   micro.random_dims if micro is not None else ())
     aliases = find_alias_pairs(traced)
     subgraphs, index_maps, plans = [], [], []
     stage_devices = sp.place_stages(assignment.submesh_shapes, devices, per_host)

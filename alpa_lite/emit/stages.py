@@ -80,9 +80,12 @@ def assign_regions(graph: OpGraph, nodes) -> dict[int, tuple[str, int]]:
 
 
 def partition_pipeline(graph: OpGraph, batch_inputs: list[int], layer_to_stage: list[int],
-                       num_stages: int) -> PipelinePartition:
-    """Splits the step into forward/backward programs per stage and phased apply programs."""
-    split = split_at_grad_boundary(graph, batch_inputs)
+                       num_stages: int, per_micro_batch_nodes=()) -> PipelinePartition:
+    """Splits the step into forward/backward programs per stage and phased apply programs.
+
+    ``per_micro_batch_nodes`` (random draws of a batch-sized shape) differ per micro-batch
+    though they read no batch value, as in `split_at_grad_boundary`."""
+    split = split_at_grad_boundary(graph, batch_inputs, per_micro_batch_nodes)
     # Batch-independent operators after the boundary (constants the optimizer builds, e.g. a
     # zero tree) run with the update that reads them, not on the first layer's mesh.
     late = [i for i in split.pre if i > split.boundary]
