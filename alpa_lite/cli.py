@@ -257,11 +257,15 @@ def _add_plan_command(subparsers) -> None:
     plan.add_argument("--batch-size", type=int, default=None)
     plan.add_argument("--seq-len", type=int, default=None)
     plan.add_argument("--micro-batches", type=int, default=None)
-    plan.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                      help="compute dtype (parameters and optimizer state stay float32)")
-    plan.add_argument("--remat", default="off", choices=("off", "layer", "auto"),
+    plan.add_argument("--dtype", default="auto",
+                      choices=("auto", "float32", "bfloat16", "float16"),
+                      help="compute dtype; parameters and optimizer state stay float32. auto "
+                           "(default): the device's faster half type (bfloat16 on A100/H100, "
+                           "float16 on V100), float32 where none is faster")
+    plan.add_argument("--remat", default="auto", choices=("off", "layer", "auto"),
                       help="recompute each layer's forward in the backward pass: never, "
-                           "always, or where the planner needs it to fit (pipelines)")
+                           "always, or (default) where the planner needs it to fit "
+                           "(pipelines; it prices every layer both ways)")
     plan.add_argument("--method", default="auto",
                       choices=("auto", "shard", "dp", "zero2", "zero3", "megatron"))
     plan.add_argument("--compare", action="store_true",
@@ -290,6 +294,8 @@ def _run_plan(args) -> int:
     from alpa_lite.simulate import simulate
 
     cluster = _plan_cluster(args)
+    if args.dtype == "auto":
+        args.dtype = cluster.training_dtype
     preset = get_preset(args.model).with_overrides(
         num_layers=args.num_layers, batch_size=args.batch_size, seq_len=args.seq_len,
         dtype=None if args.dtype == "float32" else args.dtype)

@@ -152,6 +152,21 @@ class ClusterSpec:
                 "listed dtype.")
         return table[key]
 
+    @property
+    def training_dtype(self) -> str:
+        """The compute dtype a user trains in here: the faster half type by this spec's peaks
+        (bfloat16 on a tie, as it needs no loss scaling), or float32 where neither half type
+        is faster (a CPU, or a spec that lists float32 only).
+
+        Example:
+            >>> [get_cluster_preset(n).training_dtype for n in ("a100-80gb-8x", "v100-16gb-4x",
+            ...                                                  "cpu-sim")]
+            ['bfloat16', 'float16', 'float32']
+        """
+        table = dict(self.peak_flops_per_s)
+        best = max(("bfloat16", "float16"), key=lambda d: table.get(d, 0.0))
+        return best if table.get(best, 0.0) > table.get("float32", 0.0) else "float32"
+
     def enumerate_submesh_shapes(self) -> tuple[tuple[int, int], ...]:
         """Alpa's submesh shapes: ``(1, 2^k)`` within a host, then ``(n, devices_per_host)``."""
         within = [(1, 2 ** k) for k in range(self.devices_per_host.bit_length())

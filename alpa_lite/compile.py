@@ -6,6 +6,7 @@ Each step is a call into the module that owns it; this file only wires them toge
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -26,7 +27,7 @@ from alpa_lite.emit.stages import boundary_slice, build_subgraph, partition_pipe
 from alpa_lite.inter_op import pricing
 from alpa_lite.inter_op.schedules import build_schedule
 from alpa_lite.inter_op.stage_dp import enumerate_submesh_shapes
-from alpa_lite.errors import InvalidConfigError
+from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
 from alpa_lite.graph import OpGraph, build_op_graph
 from alpa_lite.intra_op.planner import graph_fingerprint, solve_intra_op
 from alpa_lite.intra_op.problem import InputRole, SpecPolicy
@@ -331,30 +332,86 @@ def plan_shard_parallel(fun: Callable, args: Sequence, method: ShardParallel, st
         devices = resolve_devices(method, devices)
         mesh = build_logical_mesh(method, devices, cluster)
     k = method.micro_batches
-    traced, graph, micro = trace_step(fun, args, step, k, analyse=not simulate,
-                                      layer_option=method.layer_option)
+    layer_option = method.layer_option
+
+    def retrace(remat_layers=None):
+        record: dict = {}
+        traced, graph, micro = trace_step(fun, args, step, k, analyse=not simulate,
+                                          layer_option=layer_option, record=record,
+                                          remat_layers=remat_layers)
+        return traced, graph, micro, record.get("remat_layers")
+
+    traced, graph, micro, remat_flags = retrace(
+        None if plan is None else plan.extra.get("remat_layers"))
     if plan is not None:
         check_plan_matches(plan, graph, mesh)
         return CompiledPlan(traced, graph, plan, tuple(devices), micro)
     opt_state, found = optimizer_state_mask(args, step)
     check_optimizer_state(method, found)
-    sharding = solve_intra_op(
-        graph, mesh, input_roles=input_roles(traced, opt_state),
-        input_paths=list(traced.in_paths),
-        policy=method.policy, alias_pairs=find_alias_pairs(traced),
-        memory_budget_bytes=method.memory_budget_per_device, strict=method.strict,
-        donated_inputs=donated_leaves(traced, step.donate_argnums, len(args)),
-        solver=method.solver, time_limit_s=method.solver_time_limit_s,
-        share_repeated_layers=method.share_repeated_layers)
+    auto_remat = layer_option is not None and layer_option.remat_layer == "auto"
+    budget = method.memory_budget_per_device
+    if auto_remat and budget is None:
+        budget = default_memory_budget(cluster, devices)
+
+    def solve(traced, graph):
+        return solve_intra_op(
+            graph, mesh, input_roles=input_roles(traced, opt_state),
+            input_paths=list(traced.in_paths),
+            policy=method.policy, alias_pairs=find_alias_pairs(traced),
+            memory_budget_bytes=budget, strict=method.strict,
+            donated_inputs=donated_leaves(traced, step.donate_argnums, len(args)),
+            solver=method.solver, time_limit_s=method.solver_time_limit_s,
+            share_repeated_layers=method.share_repeated_layers)
+
+    try:
+        sharding = solve(traced, graph)
+    except InfeasiblePlanError:
+        if not auto_remat:
+            raise
+        traced, graph, micro, remat_flags, sharding = _fewest_remat_layers(
+            retrace, solve, sp.count_layers(graph))
     warn_plan_fallbacks(sharding)
     sync, update = pricing.estimate_once_per_step_s(graph, sharding)
     step_s = single_mesh_step_time_s(sharding.compute_s, sharding.objective, sync + update, k,
                                      getattr(mesh, "launch_latency_s", 0.0))
+    extra = {"grad_sync_s": sync, "apply_s": update, "predicted_step_time_s": step_s}
+    if remat_flags is not None:
+        extra["remat_layers"] = [bool(f) for f in remat_flags]
     plan = ParallelPlan(method=type(method).__name__, num_micro_batches=k, sharding=sharding,
-                        plan_time_s=time.perf_counter() - start,
-                        extra={"grad_sync_s": sync, "apply_s": update,
-                               "predicted_step_time_s": step_s})
+                        plan_time_s=time.perf_counter() - start, extra=extra)
     return CompiledPlan(traced, graph, plan, tuple(devices), micro)
+
+
+def _fewest_remat_layers(retrace, solve, num_layers: int):
+    """``remat_layer="auto"`` on one mesh: rematerializes the first ``r`` layers for the
+    smallest ``r`` whose plan fits the memory budget (recomputing costs time, so fewer is
+    faster). Binary search: if ``r`` layers fit, ``r + 1`` do. Returns the trace, the flags
+    and the plan.
+
+    Raises:
+        InfeasiblePlanError: the plan does not fit even with every layer rematerialized.
+    """
+    def attempt(r):
+        traced, graph, micro, flags = retrace([i < r for i in range(num_layers)])
+        try:
+            return traced, graph, micro, flags, solve(traced, graph)
+        except InfeasiblePlanError as err:
+            return err
+
+    best = attempt(num_layers)
+    if isinstance(best, InfeasiblePlanError):
+        raise InfeasiblePlanError(
+            f"Even with all {num_layers} layers rematerialized: {best}",
+            budget_bytes=best.budget_bytes, min_bytes=best.min_bytes) from None
+    fails, fits = 0, num_layers
+    while fits - fails > 1:
+        middle = (fails + fits) // 2
+        found = attempt(middle)
+        if isinstance(found, InfeasiblePlanError):
+            fails = middle
+        else:
+            best, fits = found, middle
+    return best
 
 
 def donated_leaves(traced: TracedFunction, donate_argnums, num_args: int) -> frozenset[int]:
@@ -477,23 +534,33 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
             option.submesh_shapes or enumerate_submesh_shapes(max(len(devices) // per_host, 1),
                                                               per_host))
             if sp.submesh_devices(shape) <= len(devices) for view in sp.logical_views(shape)]
-        priced = pricing.price_layers(graph, num_layers, candidates, mesh_of, options)
-        remat_priced = None
+        graphs = {False: graph}
         if method.layer_option.remat_layer == "auto":  # price every layer rematerialized too
-            _, remat_graph, _ = trace_step(
+            graphs[True] = trace_step(
                 fun, args, step, k, analyse=False, layer_starts=record["starts"],
-                layer_option=dataclasses.replace(method.layer_option, remat_layer=True))
-            remat_priced = pricing.price_layers(remat_graph, num_layers, candidates, mesh_of,
-                                                options)
-        assignment, _, _, dp_memory = pricing.solve_stages(
-            priced, {c: mesh_of(*c) for c in candidates}, num_devices=len(devices), k=k,
-            schedule=method.schedule, memory_budget_bytes=budget, link=link,
-            max_num_stages=option.max_num_stages, shared_compute_per_host=shared,
-            remat_priced=remat_priced)
-        if remat_priced is not None:
-            flags = [assignment.remat[s] for s in assignment.layer_to_stage]
-            priced = {c: [remat_priced[c][l] if flags[l] else priced[c][l]
-                          for l in range(num_layers)] for c in priced}
+                layer_option=dataclasses.replace(method.layer_option, remat_layer=True))[1]
+        tables = {(remat, False): pricing.price_layers(g, num_layers, candidates, mesh_of,
+                                                       options) for remat, g in graphs.items()}
+        solve = functools.partial(
+            pricing.solve_stages, tables[(False, False)], {c: mesh_of(*c) for c in candidates},
+            num_devices=len(devices), k=k, schedule=method.schedule,
+            memory_budget_bytes=budget, link=link, max_num_stages=option.max_num_stages,
+            shared_compute_per_host=shared, remat_priced=tables.get((True, False)))
+        try:
+            assignment, _, _, dp_memory = solve()
+        except InfeasiblePlanError:  # offer the layers' memory-lean plans too
+            lean = {remat: pricing.price_layers(g, num_layers, candidates, mesh_of, options,
+                                                lean=True) for remat, g in graphs.items()}
+            tables.update({(remat, True): t for remat, t in lean.items()})
+            assignment, _, _, dp_memory = solve(lean_priced=lean)
+        # each layer's prices: those its stage was chosen with
+        variant = [(bool(assignment.remat and assignment.remat[s]),
+                    bool(assignment.lean and assignment.lean[s]))
+                   for s in assignment.layer_to_stage]
+        priced = {c: [tables[variant[l]][c][l] for l in range(num_layers)]
+                  for c in tables[(False, False)]}
+        if len(graphs) > 1:
+            flags = [remat for remat, _ in variant]
             if any(flags):  # trace again with the chosen layers rematerialized
                 traced, graph, micro = trace_step(
                     fun, args, step, k, analyse=not simulate, layer_option=method.layer_option,

@@ -59,7 +59,9 @@ class ShardParallel:
             layers. None: automatic (on for large graphs), True/False: always/never.
         layer_option: optional `AutoLayerOption` / `ManualLayerOption` (or ``"manual"``) that
             marks layers in the loss function (needs `alpa_lite.grad`); with
-            ``remat_layer=True`` each layer's forward is recomputed in the backward pass.
+            ``remat_layer=True`` each layer's forward is recomputed in the backward pass;
+            with ``"auto"`` the fewest leading layers are, that make the plan fit the memory
+            budget (``memory_budget_per_device``, default then: the device's memory).
 
     Example:
         >>> ShardParallel(mesh_shape=(2, 4), mesh_alpha=(1.0, 1.0), mesh_beta=(1.0, 0.1)).mesh_shape
@@ -110,11 +112,6 @@ class ShardParallel:
             raise InvalidConfigError(
                 f"layer_option must be None, AutoLayerOption(layer_num=...), ManualLayerOption() "
                 f"or 'manual'; got {self.layer_option!r}.")
-        if layer is not None and layer.remat_layer == "auto":
-            raise InvalidConfigError(
-                f"{type(self).__name__} takes remat_layer=True or False; got 'auto' (the "
-                "planner chooses rematerialization for PipeshardParallel only). Pass "
-                "remat_layer=True to recompute every layer.")
         object.__setattr__(self, "layer_option", layer)
 
     @property
@@ -158,8 +155,9 @@ class AutoLayerOption:
             and keeps whichever is better balanced; ``"cost"`` or ``"names"`` force one.
         remat_layer: ``True`` wraps every layer's forward in `jax.checkpoint` (only the values
             entering a layer are kept for the backward pass, which recomputes the rest);
-            ``"auto"`` lets the stage DP choose per stage, the least time within the memory
-            budget; ``False`` (default) keeps every activation.
+            ``"auto"`` lets the planner choose, the least time within the memory budget
+            (pipelines: the stage DP, per stage; ShardParallel: the fewest leading layers
+            that fit); ``False`` (default) keeps every activation.
     """
 
     layer_num: int

@@ -128,10 +128,12 @@ def _default_micro_batches(preset: ModelPreset, cluster: ClusterSpec) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _price_layers(preset, cluster, num_micro_batches, remat_layer: bool = False):
+def _price_layers(preset, cluster, num_micro_batches, remat_layer: bool = False,
+                  lean: bool = False):
     """Per (submesh, view): the `LayerPrice`s of the 3 traced layers (`inter_op.pricing`, the
-    path `parallelize` uses), each layer rematerialized if ``remat_layer``. Cached:
-    `--compare` prices once for the pipeline search and the Megatron grid."""
+    path `parallelize` uses), each layer rematerialized if ``remat_layer``, of the layers'
+    memory-lean plans if ``lean``. Cached: `--compare` prices once for the pipeline search
+    and the Megatron grid."""
     small = _micro_batch_preset(preset, num_micro_batches, min(3, _num_blocks(preset)))
     work = build_workload(small, abstract=True)
     option = AutoLayerOption(layer_num=min(3, _num_blocks(small)), method="names",
@@ -147,7 +149,8 @@ def _price_layers(preset, cluster, num_micro_batches, remat_layer: bool = False)
         param_positions=frozenset(i for i, r in enumerate(roles) if r is InputRole.PARAM))
     candidates = [(tuple(shape), view) for shape in candidate_submeshes(cluster)
                   for view in sp.logical_views(shape)]
-    priced = pricing.price_layers(graph, num_layers, candidates, cluster.logical_mesh, options)
+    priced = pricing.price_layers(graph, num_layers, candidates, cluster.logical_mesh, options,
+                                  lean=lean)
     return priced, num_layers
 
 
@@ -196,27 +199,38 @@ def _scaled(priced, k0: int, k: int):
             for key, layers in priced.items()}
 
 
-def _remat_prices(preset, cluster, k0: int, remat: str):
+def _remat_prices(preset, cluster, k0: int, remat: str, lean: bool = False):
     """(layer prices used, rematerialized prices offered to the DP or None) for a mode."""
-    plain = None if remat == "layer" else _price_layers(preset, cluster, k0)[0]
-    remat_priced = None if remat == "off" else _price_layers(preset, cluster, k0, True)[0]
+    plain = None if remat == "layer" else _price_layers(preset, cluster, k0, False, lean)[0]
+    remat_priced = (None if remat == "off"
+                    else _price_layers(preset, cluster, k0, True, lean)[0])
     return (remat_priced, None) if plain is None else (plain, remat_priced)
 
 
 def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off") -> SimulationResult:
     k0 = num_micro_batches or _default_micro_batches(preset, cluster)
     priced0, remat0 = _remat_prices(preset, cluster, k0, remat)
+    lean0 = None
     best = None
-    for k in _micro_batch_options(preset, cluster, num_micro_batches):
-        result = _pipeline_for(preset, cluster, _scaled(priced0, k0, k), k,
-                               None if remat0 is None else _scaled(remat0, k0, k))
-        if remat == "layer":
-            for stage in result.stages:
-                stage["remat"] = True
-        key = (not result.details["fits_memory"], result.predicted_step_time_s)
-        if best is None or key < best[0]:
-            best = (key, result)
+    while True:
+        for k in _micro_batch_options(preset, cluster, num_micro_batches):
+            lean = None if lean0 is None else {
+                remat_flag: _scaled(table, k0, k) for remat_flag, table in lean0.items()}
+            result = _pipeline_for(preset, cluster, _scaled(priced0, k0, k), k,
+                                   None if remat0 is None else _scaled(remat0, k0, k), lean)
+            if remat == "layer":
+                for stage in result.stages:
+                    stage["remat"] = True
+            key = (not result.details["fits_memory"], result.predicted_step_time_s)
+            if best is None or key < best[0]:
+                best = (key, result)
+        if best[1].details["fits_memory"] or lean0 is not None:
+            break
+        # nothing fits with the layers' fastest plans: offer their memory-lean plans too
+        plain, remat_lean = _remat_prices(preset, cluster, k0, remat, lean=True)
+        lean0 = {False: plain} if remat_lean is None else {False: plain, True: remat_lean}
     best[1].details["priced_at_micro_batches"] = k0
+    best[1].details["lean_offered"] = lean0 is not None
     return best[1]
 
 
@@ -230,18 +244,24 @@ def _shared(cluster: ClusterSpec) -> int | None:
     return cluster.devices_per_host if cluster.shared_host_compute else None
 
 
-def _pipeline_for(preset, cluster, priced, k, remat_priced=None) -> SimulationResult:
+def _pipeline_for(preset, cluster, priced, k, remat_priced=None,
+                  lean_priced=None) -> SimulationResult:
     blocks = _num_blocks(preset)
     groups = min(blocks, MAX_DP_LAYERS)
     grouped, bounds = {}, None
     for key, layers in priced.items():
         grouped[key], bounds = _group(_expand(layers, blocks), groups)
-    grouped_remat = None if remat_priced is None else {
-        key: _group(_expand(layers, blocks), groups)[0] for key, layers in remat_priced.items()}
+
+    def group(table):
+        return None if table is None else {
+            key: _group(_expand(layers, blocks), groups)[0] for key, layers in table.items()}
+
     meshes = {key: cluster.logical_mesh(*key) for key in grouped}
     solve = functools.partial(pricing.solve_stages, grouped, meshes,
                               num_devices=cluster.num_devices, k=k, schedule="1f1b",
-                              link=_stage_link(cluster), remat_priced=grouped_remat,
+                              link=_stage_link(cluster), remat_priced=group(remat_priced),
+                              lean_priced=None if lean_priced is None else {
+                                  flag: group(table) for flag, table in lean_priced.items()},
                               shared_compute_per_host=_shared(cluster))
     fits = True
     try:
@@ -257,7 +277,8 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None) -> SimulationRe
                        "submesh": list(assignment.submesh_shapes[s]),
                        "logical_mesh": list(assignment.logical_shapes[s]),
                        "time_per_micro_batch_s": times[s], "memory_per_device_bytes": memory[s],
-                       "remat": bool(assignment.remat[s]) if assignment.remat else False})
+                       "remat": bool(assignment.remat[s]) if assignment.remat else False,
+                       "lean": bool(assignment.lean[s]) if assignment.lean else False})
     peak = max(memory)
     return SimulationResult("auto", assignment.predicted_latency_s, peak, 0.0, stages,
                             {"num_micro_batches": k, "dp_layers": groups,
@@ -315,12 +336,26 @@ def _simulate_single_mesh(preset, cluster, policy, num_micro_batches) -> Simulat
 def _simulate_megatron(preset, cluster, num_micro_batches, remat="off") -> SimulationResult:
     """Best (dp, tp, pp, micro-batches) on a grid: uniform stages, a (dp, tp) mesh per stage;
     with ``remat="auto"`` each layout is tried with and without rematerialization."""
+    k0 = num_micro_batches or _default_micro_batches(preset, cluster)
+    best = None
+    for lean in (False, True):  # the layers' memory-lean plans only when nothing else fits
+        plain0, remat0 = _remat_prices(preset, cluster, k0, remat, lean)
+        variants = [(plain0, remat == "layer")] + ([] if remat0 is None else [(remat0, True)])
+        best = _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, lean, best)
+        if best is not None and best[1].details["fits_memory"]:
+            break
+    if best is None:
+        raise InfeasiblePlanError("No Megatron-style (dp, tp, pp) layout exists for this "
+                                  "cluster.", budget_bytes=cluster.memory_per_device_bytes,
+                                  min_bytes=math.nan)
+    return best[1]
+
+
+def _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, lean, best):
+    """The (fits, latency)-best of ``best`` and the grid's layouts priced with ``variants``
+    (``(layer prices at k0, rematerialized?)``)."""
     blocks = _num_blocks(preset)
     n, per_host = cluster.num_devices, cluster.devices_per_host
-    k0 = num_micro_batches or _default_micro_batches(preset, cluster)
-    plain0, remat0 = _remat_prices(preset, cluster, k0, remat)
-    variants = [(plain0, remat == "layer")] + ([] if remat0 is None else [(remat0, True)])
-    best = None
     for (priced0, remat_on), k in itertools.product(
             variants, _micro_batch_options(preset, cluster, num_micro_batches)):
         priced = _scaled(priced0, k0, k)
@@ -350,9 +385,5 @@ def _simulate_megatron(preset, cluster, num_micro_batches, remat="off") -> Simul
                     best = (key, SimulationResult(
                         "", latency, mem, 0.0, [],
                         {"dp": dp, "tp": tp, "pp": pp, "num_micro_batches": k,
-                         "fits_memory": fits, "remat_layers": remat_on}))
-    if best is None:
-        raise InfeasiblePlanError("No Megatron-style (dp, tp, pp) layout exists for this "
-                                  "cluster.", budget_bytes=cluster.memory_per_device_bytes,
-                                  min_bytes=math.nan)
-    return best[1]
+                         "fits_memory": fits, "remat_layers": remat_on, "lean": lean}))
+    return best

@@ -24,6 +24,10 @@ def format_plan_summary(plan, *, max_rows: int = 40) -> str:
         return "\n".join(lines + _stage_lines(plan))
     if "remat" in plan.extra:
         lines.append(f"rematerialized layers: {'yes' if plan.extra['remat'] else 'no'}")
+    if "remat_layers" in plan.extra:
+        flags = plan.extra["remat_layers"]
+        lines.append(f"rematerialized layers: {sum(flags)} of {len(flags)} "
+                     f"({', '.join(str(i) for i, f in enumerate(flags) if f) or 'none'})")
     mesh = s.mesh
     lines.append(f"logical mesh {mesh.shape} axes {mesh.axis_names} alpha {mesh.alpha_s} "
                  f"beta {mesh.beta_s_per_byte}")

@@ -136,3 +136,33 @@ def test_bad_dtype_is_explained():
         get_preset("gpt-tiny").with_overrides(dtype="int8")
     with pytest.raises(InvalidConfigError, match="remat must be one of"):
         simulate(_tiny(), get_cluster_preset("v100-32gb-4x"), remat="sometimes")
+
+
+def test_cli_plan_defaults_to_the_devices_half_type_and_remat_auto(tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "gpt-tiny", "--num-layers", "4", "--cluster", "1x4",
+                 "--device", "v100-32gb-4x", "--micro-batches", "4", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert (data["dtype"], data["remat"]) == ("float16", "auto")  # V100: fp16 tensor cores
+    assert data["details"]["dtype"] == "float16"
+
+
+def test_training_dtype_follows_the_peaks():
+    assert get_cluster_preset("a100-80gb-8x").training_dtype == "bfloat16"
+    assert get_cluster_preset("v100-16gb-4x").training_dtype == "float16"
+    assert get_cluster_preset("cpu-sim").training_dtype == "float32"  # bf16 is slower there
+
+
+def test_memory_lean_layer_plans_are_offered_when_nothing_else_fits():
+    """With many micro-batches the fastest layer plans replicate parameters (their gradient
+    sync is once per step); when no pipeline of those fits, the DP is offered plans that
+    shard them, and fits."""
+    preset = get_preset("gpt-tiny").with_overrides(num_layers=4, batch_size=64)
+    cluster = get_cluster_preset("v100-32gb-4x")
+    free = simulate(preset, cluster, num_micro_batches=8)
+    assert free.details["lean_offered"] is False  # fits: lean plans never priced
+    budget = 0.7 * free.memory_per_device_bytes
+    tight = simulate(preset, cluster.with_memory(budget), num_micro_batches=8)
+    assert tight.details["lean_offered"] is True  # the fastest plans alone did not fit
+    assert tight.details["fits_memory"] and tight.memory_per_device_bytes <= budget
+    assert any(s["lean"] for s in tight.stages)

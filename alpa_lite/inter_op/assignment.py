@@ -36,6 +36,8 @@ class StageAssignment:
         stage_costs_s: predicted forward+backward time of one micro-batch per stage (auto only).
         remat: per stage, whether its layers are rematerialized (None: as the layer option
             says; set when the stage DP chose, ``remat_layer="auto"``).
+        lean: per stage, whether the DP priced it with its layers' memory-lean plans
+            (`pricing.price_layers(lean=True)`; None when it was not offered them).
     """
 
     layer_to_stage: tuple[int, ...]
@@ -44,6 +46,7 @@ class StageAssignment:
     predicted_latency_s: float = math.nan
     stage_costs_s: tuple[float, ...] = ()
     remat: tuple[bool, ...] | None = None
+    lean: tuple[bool, ...] | None = None
 
     @property
     def num_stages(self) -> int:

@@ -33,6 +33,7 @@ in flight on stage ``s`` and GPipe all ``k``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Callable, Sequence
@@ -139,22 +140,42 @@ def estimate_state_bytes_per_param_byte(roles: Sequence, avals: Sequence) -> flo
     return 2.0 + (state / params if params else 2.0)
 
 
+# A lean layer plan: the fastest whose peak is within LEAN_SLACKS of the lightest plan found
+# in LEAN_PROBE_S seconds (the lightest is an ILP of its own, slow on big meshes).
+LEAN_SLACKS, LEAN_PROBE_S = (0.25, 1.0), 5.0
+
+
 def _plan_nodes(graph: OpGraph, nodes: Sequence[int], mesh: LogicalMesh,
-                options: PricingOptions):
+                options: PricingOptions, lean: bool = False):
+    """The ILP's plan of ``nodes`` on ``mesh``: the fastest, or with ``lean`` the fastest
+    near the lightest peak memory (parameters sharded rather than replicated: with many
+    micro-batches the gradient sync is cheap, so the fastest plan replicates them, and
+    holds their state on every device). Without a lean plan, the fastest."""
     sub, _ = build_subgraph(graph, list(nodes))
-    return sub, solve_intra_op(sub, mesh, input_roles=[InputRole.PARAM] * len(sub.inputs),
-                               input_paths=[f"v{v}" for v in sub.inputs], strict=False,
-                               solver=options.solver, time_limit_s=options.time_limit_s,
-                               share_repeated_layers=False)
+    solve = functools.partial(
+        solve_intra_op, sub, mesh, input_roles=[InputRole.PARAM] * len(sub.inputs),
+        input_paths=[f"v{v}" for v in sub.inputs], strict=False, solver=options.solver,
+        share_repeated_layers=False)
+    if lean:
+        try:  # no plan fits one byte: the error names the lightest plan found
+            solve(memory_budget_bytes=1.0, time_limit_s=min(LEAN_PROBE_S, options.time_limit_s))
+        except InfeasiblePlanError as err:
+            for slack in LEAN_SLACKS:
+                try:
+                    return sub, solve(memory_budget_bytes=err.min_bytes * (1 + slack),
+                                      time_limit_s=options.time_limit_s)
+                except InfeasiblePlanError:
+                    pass
+    return sub, solve(time_limit_s=options.time_limit_s)
 
 
 def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: LogicalMesh,
                 options: PricingOptions, gradients: set[int],
-                update_nodes: Sequence[int] = ()) -> LayerPrice:
-    """Plans the layer's operators on ``mesh`` with the intra-op ILP and prices the plan;
-    ``update_nodes`` (its parameters' optimizer update, run once per step) are planned and
-    priced on their own."""
-    sub, plan = _plan_nodes(graph, nodes, mesh, options)
+                update_nodes: Sequence[int] = (), lean: bool = False) -> LayerPrice:
+    """Plans the layer's operators on ``mesh`` with the intra-op ILP and prices the plan
+    (the fastest, or with ``lean`` a memory-lean one: `_plan_nodes`); ``update_nodes`` (its
+    parameters' optimizer update, run once per step) are planned and priced on their own."""
+    sub, plan = _plan_nodes(graph, nodes, mesh, options, lean)
     update_s = 0.0
     if update_nodes:
         update = _plan_nodes(graph, update_nodes, mesh, options)[1]
@@ -226,10 +247,12 @@ def _gradient_only_nodes(sub: OpGraph, gradients: set[int]) -> set[int]:
 
 def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshView],
                  mesh_of: Callable[[tuple[int, int], tuple[int, ...]], LogicalMesh],
-                 options: PricingOptions) -> dict[SubmeshView, list[LayerPrice]]:
-    """Every layer priced on every candidate; identical layers (same operators and shapes)
-    are priced once per candidate. A layer's optimizer update is the apply part the pipeline
-    runtime would place with it if every layer were a stage (`partition_pipeline`)."""
+                 options: PricingOptions, lean: bool = False
+                 ) -> dict[SubmeshView, list[LayerPrice]]:
+    """Every layer priced on every candidate (with ``lean``, its memory-lean plan);
+    identical layers (same operators and shapes) are priced once per candidate. A layer's
+    optimizer update is the apply part the pipeline runtime would place with it if every
+    layer were a stage (`partition_pipeline`)."""
     nodes, forward = build_layer_nodes(graph, num_layers)
     gradients = gradient_values(graph)
     updates = layer_update_nodes(graph, num_layers)
@@ -247,7 +270,7 @@ def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshVi
             key = (signature(layer_nodes), signature(update), shape, view)
             if key not in cache:
                 cache[key] = price_layer(graph, layer_nodes, layer_forward, mesh, options,
-                                         gradients, update)
+                                         gradients, update, lean)
             layers.append(cache[key])
         priced[(tuple(shape), tuple(view))] = layers
     return priced
@@ -320,7 +343,8 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
                  schedule: str, memory_budget_bytes: float | None,
                  link: tuple[float, float], max_num_stages: int | None = None,
                  shared_compute_per_host: int | None = None,
-                 remat_priced: dict[SubmeshView, list[LayerPrice]] | None = None):
+                 remat_priced: dict[SubmeshView, list[LayerPrice]] | None = None,
+                 lean_priced: dict[bool, dict[SubmeshView, list[LayerPrice]]] | None = None):
     """Alpa's stage DP over (submesh, view) options: each (submesh, view) pair is one
     option, so views are chosen by time subject to memory inside the DP.
     ``shared_compute_per_host``: devices per host when a host's devices share compute
@@ -329,18 +353,23 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
     With ``remat_priced`` (the same layers traced with every layer rematerialized), each
     (submesh, view) is offered twice, without and with rematerialization, so the DP
     chooses per stage whichever meets the memory budget at the least time.
+    ``lean_priced`` offers the layers' memory-lean plans too (`price_layers(lean=True)`):
+    ``False`` -> those of ``priced``, ``True`` -> those of ``remat_priced``.
 
     Returns ``(StageAssignment, stage micro-batch seconds, stage once-per-step seconds,
-    stage memory bytes)``; with ``remat_priced``, the assignment's ``remat`` says per stage
-    whether it rematerializes.
+    stage memory bytes)``; with ``remat_priced`` or ``lean_priced``, the assignment's
+    ``remat`` and ``lean`` say per stage which prices it was chosen with.
 
     Raises:
         InfeasiblePlanError: no assignment fits ``memory_budget_bytes``; states the smallest
             per-device memory of any assignment.
     """
-    columns = [(option, False) for option in priced] + (
-        [] if remat_priced is None else [(option, True) for option in priced])
-    tables = {False: priced, True: remat_priced}
+    tables = {(False, False): priced}  # (remat, lean) -> prices
+    if remat_priced is not None:
+        tables[(True, False)] = remat_priced
+    for remat, lean in (lean_priced or {}).items():
+        tables[(bool(remat), True)] = lean
+    columns = [(option, variant) for variant, table in tables.items() for option in table]
     num_layers = len(next(iter(priced.values())))
     options = [option for option, _ in columns]
     alpha, beta = link
@@ -378,13 +407,13 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
             "fewer micro-batches in flight (1F1B instead of GPipe), or a smaller batch.",
             budget_bytes=memory_budget_bytes, min_bytes=need) from None
     layer_to_stage = [0] * num_layers
-    submeshes, views, times, syncs, memory, remats = [], [], [], [], [], []
+    submeshes, views, times, syncs, memory, variants = [], [], [], [], [], []
     num_stages = len(solution.stages)
     for stage, (start, end, j) in enumerate(solution.stages):
         for layer in range(start, end + 1):
             layer_to_stage[layer] = stage
         shape, view = options[j]
-        remats.append(columns[j][1])
+        variants.append(columns[j][1])
         span = tables[columns[j][1]][options[j]][start:end + 1]
         t, g, u = estimate_stage(span, meshes[options[j]], beta, alpha,
                                  stage == num_stages - 1)
@@ -398,7 +427,10 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
     assignment = StageAssignment(tuple(layer_to_stage), tuple(submeshes), tuple(views),
                                  pipeline_step_time_s(times, syncs, k, stage_hosts=hosts),
                                  tuple(times),
-                                 remat=None if remat_priced is None else tuple(remats))
+                                 remat=None if remat_priced is None else tuple(
+                                     remat for remat, _ in variants),
+                                 lean=None if lean_priced is None else tuple(
+                                     lean for _, lean in variants))
     return assignment, times, syncs, memory
 
 

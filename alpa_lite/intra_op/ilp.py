@@ -172,7 +172,8 @@ def solve_sharding_problem(problem: ShardingProblem, *, time_limit_s: float = 60
     lower_bound = _memory_lower_bound(problem)
     if budget is not None and lower_bound > budget:
         _raise_infeasible(problem, time_limit_s, solver)
-    for _ in range(_MAX_MEMORY_ROUNDS + 1):
+    every_point = set(range(problem.num_points))
+    for round_index in range(_MAX_MEMORY_ROUNDS + 2):
         model = builder.build(points)
         choices, status, elapsed, name = _run_solver(model, builder, time_limit_s, solver)
         total_time += elapsed
@@ -184,9 +185,10 @@ def solve_sharding_problem(problem: ShardingProblem, *, time_limit_s: float = 60
         if budget is None or profile.max(initial=0) <= budget * (1 + 1e-9):
             break
         new = {int(t) for t in np.argsort(-profile)[:64] if profile[t] > budget} - points
-        if not new or status == "fallback":
+        if not new or status == "fallback" or points == every_point:
             _raise_infeasible(problem, time_limit_s, solver)
-        points |= new
+        # constrain the worst points lazily; after that many rounds, every point at once
+        points = every_point if round_index >= _MAX_MEMORY_ROUNDS - 1 else points | new
     else:
         _raise_infeasible(problem, time_limit_s, solver)
     return ShardingSolution(

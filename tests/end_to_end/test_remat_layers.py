@@ -71,9 +71,44 @@ def test_remat_shard_parallel_matches_serial(micro_batches):
     assert _recomputed(graph)[0] == 4
 
 
-def test_shard_parallel_rejects_auto_remat():
-    with pytest.raises(InvalidConfigError, match="remat_layer=True or False"):
-        ShardParallel(layer_option=AutoLayerOption(layer_num=2, remat_layer="auto"))
+def _shard_plan(remat, budget):
+    state, batch = make_mlp(256, 16, 4, optimizer=optax.sgd(0.1, momentum=0.9))
+    method = ShardParallel(devices=tuple(jax.devices()[:1]), memory_budget_per_device=budget,
+                           layer_option=AutoLayerOption(layer_num=4, remat_layer=remat))
+    p = alpa_lite.parallelize(mse_step, method=method)
+    return p, p.plan(state, batch), (state, batch)
+
+
+def test_shard_parallel_auto_remat_recomputes_the_fewest_layers_that_fit():
+    _, plain, _ = _shard_plan(False, None)
+    _, forced, _ = _shard_plan(True, None)
+    peak, forced_peak = plain.peak_memory_bytes, forced.peak_memory_bytes
+    assert forced_peak < 0.9 * peak
+
+    _, above, _ = _shard_plan("auto", 1.01 * peak)  # fits as it is: nothing recomputed
+    assert above.extra["remat_layers"] == [False] * 4
+    assert "rematerialized layers: 0 of 4 (none)" in above.summary()
+
+    budget = (peak + forced_peak) / 2  # some layers must be recomputed, not all
+    with pytest.raises(alpa_lite.InfeasiblePlanError):
+        _shard_plan(False, budget)
+    p, middle, args = _shard_plan("auto", budget)
+    flags = middle.extra["remat_layers"]
+    assert middle.peak_memory_bytes <= budget
+    assert flags == sorted(flags, reverse=True) and 0 < sum(flags) < 4  # the first r layers
+    assert f"rematerialized layers: {sum(flags)} of 4" in middle.summary()
+    graph = p.get_executable(*args).graph  # the recompute is really traced
+    assert _recomputed(graph)[0] == sum(flags)
+    actual_state, actual_losses = run_steps(p, *args)
+    expected_state, expected_losses = run_steps(jax.jit(mse_step), *args)
+    assert_trees_close(actual_losses, expected_losses, rtol=1e-4, atol=1e-5)
+    assert_trees_close(actual_state.params, expected_state.params, rtol=1e-4, atol=1e-5)
+
+    with pytest.raises(alpa_lite.InfeasiblePlanError, match="Even with all 4 layers"):
+        _shard_plan("auto", 0.5 * forced_peak)
+
+
+def test_bad_remat_layer_is_explained():
     with pytest.raises(InvalidConfigError, match="remat_layer must be True, False or 'auto'"):
         AutoLayerOption(layer_num=2, remat_layer="yes")
 

@@ -97,3 +97,5 @@ def test_auto_remat_needs_auto_stages():
     with pytest.raises(InvalidConfigError, match="needs stage_option='auto'"):
         PipeshardParallel(num_micro_batches=2, stage_option=UniformStageOption(num_stages=2),
                           layer_option=AutoLayerOption(layer_num=2, remat_layer="auto"))
+
+
