@@ -3,8 +3,9 @@
 Like ``torchrun --standalone``: each process gets the coordinator address, the job size and
 its index in the environment (read by `alpa_lite.distributed.initialize`), optionally K CPU
 devices, and its output lines prefixed with ``[i]``. Ctrl-C (or SIGTERM to the launcher) is
-forwarded to every process. When a process exits non-zero, the others are ended (SIGTERM, then
-SIGKILL after a grace period: jax catches SIGTERM and may not exit) and the launcher exits
+forwarded to every process. When a process exits non-zero, the others are given a grace period
+to end on their own, then ended (SIGTERM, then SIGKILL after another grace period: jax catches
+SIGTERM and may not exit) and the launcher exits
 with the failed process's status (128 + signal for a killed one). Every process runs in its
 own session, so it and its children are ended by process group, never by name.
 """
@@ -132,19 +133,25 @@ class Launcher:
             _signal_group(process, signum)
 
     def _end_all(self) -> None:
-        """SIGTERM the living processes, then SIGKILL those still alive after the grace."""
+        """Gives the living processes the grace period to end on their own (a peer failing
+        too, e.g. on the same plan mismatch, still prints its error), then SIGTERMs them,
+        then SIGKILLs those still alive after another grace period."""
+        self._wait_for(self.processes)
         alive = [p for p in self.processes if p.poll() is None]
         for process in alive:
             _signal_group(process, signal.SIGTERM)
+        self._wait_for(alive)
+        for process in alive:  # the whole group: children the command started die with it
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+
+    def _wait_for(self, processes) -> None:
         deadline = time.monotonic() + self.grace_period_s
-        for process in alive:
+        for process in processes:
             try:
                 process.wait(timeout=max(deadline - time.monotonic(), 0))
             except subprocess.TimeoutExpired:
                 pass
-        for process in alive:  # the whole group: children the command started die with it
-            _signal_group(process, signal.SIGKILL)
-            process.wait()
 
     def _say(self, text: str) -> None:
         with self._lock:

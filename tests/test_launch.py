@@ -62,6 +62,18 @@ def test_a_failing_process_ends_the_others_with_sigkill_after_the_grace_period(t
         os.kill(int(pid_file.read_text()), 0)
 
 
+def test_a_peer_failing_too_reports_its_error_before_it_is_ended():
+    # e.g. a plan mismatch: every process raises, and process 0 may exit first
+    code = (
+        "import os, sys, time\n"
+        "if os.environ['ALPA_LITE_PROCESS_ID'] == '0':\n"
+        "    sys.exit(5)\n"
+        "time.sleep(1.0); print('my own error', flush=True); sys.exit(1)\n")
+    status, output = run_launcher(code, grace_period_s=5.0)
+    assert status == 5
+    assert "[1] my own error" in output  # not SIGTERMed before it could say it
+
+
 def test_a_killed_process_gives_128_plus_the_signal():
     status, output = run_launcher(
         "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", n=1)
