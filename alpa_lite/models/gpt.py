@@ -139,6 +139,22 @@ class _ScannedBlock(GPTBlock):
         return super().__call__(x), None
 
 
+def apply_blocks(x: jax.Array, cfg, block_cls, scanned_cls) -> jax.Array:
+    """``cfg.num_layers`` blocks over ``x`` (call inside a compact module): ``block_cls``
+    modules ``block_0`` ... in a Python loop, or with ``cfg.scan_layers`` one `flax.linen.scan`
+    of ``scanned_cls`` named ``blocks`` (parameters stacked on axis 0); each block
+    rematerialized when ``cfg.remat``."""
+    if cfg.scan_layers:
+        cls = nn.remat(scanned_cls) if cfg.remat else scanned_cls
+        blocks = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=cfg.num_layers)
+        return blocks(cfg, name="blocks")(x, None)[0]
+    cls = nn.remat(block_cls) if cfg.remat else block_cls
+    for i in range(cfg.num_layers):
+        x = cls(cfg, name=f"block_{i}")(x)
+    return x
+
+
 class GPT(nn.Module):
     """Decoder-only GPT language model with an LM head tied to the token embedding.
 
@@ -171,15 +187,7 @@ class GPT(nn.Module):
             "position_embed", normal_init(_INIT_STD), (cfg.seq_len, cfg.hidden_size)
         )
         x = embed(tokens) + positions[None, :seq_len].astype(cfg.dtype)
-        if cfg.scan_layers:
-            block_cls = nn.remat(_ScannedBlock) if cfg.remat else _ScannedBlock
-            blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                             length=cfg.num_layers)
-            x, _ = blocks(cfg, name="blocks")(x, None)
-        else:
-            block_cls = nn.remat(GPTBlock) if cfg.remat else GPTBlock
-            for i in range(cfg.num_layers):
-                x = block_cls(cfg, name=f"block_{i}")(x)
+        x = apply_blocks(x, cfg, GPTBlock, _ScannedBlock)
         x = layer_norm_f32(x, name="ln_final", dtype=cfg.dtype)
         return embed.attend(x)
 

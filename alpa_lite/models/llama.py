@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alpa_lite.errors import InvalidConfigError
-from alpa_lite.models.gpt import causal_attention
+from alpa_lite.models.gpt import apply_blocks, causal_attention
 from alpa_lite.models.mlp import normal_init
 
 Dtype = Any
@@ -161,15 +161,7 @@ class Llama(nn.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
             embedding_init=normal_init(_INIT_STD), name="token_embed",
         )(tokens)
-        if cfg.scan_layers:
-            block_cls = nn.remat(_ScannedLlamaBlock) if cfg.remat else _ScannedLlamaBlock
-            blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                             length=cfg.num_layers)
-            x, _ = blocks(cfg, name="blocks")(x, None)
-        else:
-            block_cls = nn.remat(LlamaBlock) if cfg.remat else LlamaBlock
-            for i in range(cfg.num_layers):
-                x = block_cls(cfg, name=f"block_{i}")(x)
+        x = apply_blocks(x, cfg, LlamaBlock, _ScannedLlamaBlock)
         x = _rms_norm_f32(x, cfg, "final_norm")
         return nn.Dense(
             cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
