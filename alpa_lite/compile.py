@@ -10,6 +10,7 @@ import functools
 import math
 import time
 import warnings
+from collections import defaultdict
 from typing import Callable, Sequence
 
 import jax
@@ -46,6 +47,9 @@ _DEFAULT_BETA_S_PER_BYTE = {"cpu": 1 / 10e9, "gpu": 1 / 100e9, "tpu": 1 / 100e9}
 _DEFAULT_PEAK_FLOPS = {"cpu": 5e10, "gpu": 4e14, "tpu": 2e14}
 
 
+# the state a step input brings per byte (a memory price charges it): a parameter has its
+# gradient too, optimizer state is itself
+_STATE_BYTES_PER_INPUT_BYTE = {InputRole.PARAM: 2.0, InputRole.OPT_STATE: 1.0}
 _INTER_HOST_SLOWDOWN = 4  # inter-host bandwidth is this many times below intra-host
 
 
@@ -523,6 +527,7 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
                           else devices[0].platform == "cpu") else None
     option = method.stage_option
     priced = None  # layer prices per (submesh, view), when the stage DP made them
+    stage_prices = defaultdict(float)  # per stage, seconds per byte of state (lean stages)
     if plan is not None:
         assignment = loaded_assignment(plan, num_layers)
     elif isinstance(option, UniformStageOption):
@@ -539,26 +544,32 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
             graphs[True] = trace_step(
                 fun, args, step, k, analyse=False, layer_starts=record["starts"],
                 layer_option=dataclasses.replace(method.layer_option, remat_layer=True))[1]
-        tables = {(remat, False): pricing.price_layers(g, num_layers, candidates, mesh_of,
-                                                       options) for remat, g in graphs.items()}
+        tables = {(remat, 0.0): pricing.price_layers(g, num_layers, candidates, mesh_of,
+                                                     options) for remat, g in graphs.items()}
         solve = functools.partial(
-            pricing.solve_stages, tables[(False, False)], {c: mesh_of(*c) for c in candidates},
+            pricing.solve_stages, tables[(False, 0.0)], {c: mesh_of(*c) for c in candidates},
             num_devices=len(devices), k=k, schedule=method.schedule,
             memory_budget_bytes=budget, link=link, max_num_stages=option.max_num_stages,
-            shared_compute_per_host=shared, remat_priced=tables.get((True, False)))
+            shared_compute_per_host=shared, remat_priced=tables.get((True, 0.0)))
         try:
             assignment, _, _, dp_memory = solve()
         except InfeasiblePlanError:  # offer the layers' memory-lean plans too
-            lean = {remat: pricing.price_layers(g, num_layers, candidates, mesh_of, options,
-                                                lean=True) for remat, g in graphs.items()}
-            tables.update({(remat, True): t for remat, t in lean.items()})
+            lean = {(remat, level): t for remat, g in graphs.items()
+                    for level, t in pricing.price_lean_layers(
+                        g, num_layers, candidates, mesh_of, options,
+                        tables[(remat, 0.0)]).items()}
+            tables.update(lean)
             assignment, _, _, dp_memory = solve(lean_priced=lean)
         # each layer's prices: those its stage was chosen with
         variant = [(bool(assignment.remat and assignment.remat[s]),
-                    bool(assignment.lean and assignment.lean[s]))
+                    float(assignment.lean[s]) if assignment.lean else 0.0)
                    for s in assignment.layer_to_stage]
         priced = {c: [tables[variant[l]][c][l] for l in range(num_layers)]
-                  for c in tables[(False, False)]}
+                  for c in tables[(False, 0.0)]}
+        for s, level in enumerate(assignment.lean or ()):  # the stage ILP prices it alike
+            option = (assignment.submesh_shapes[s], assignment.logical_shapes[s])
+            stage_prices[s] = pricing.memory_price(level, [
+                tables[(variant[l][0], 0.0)][option][l] for l in assignment.stage_layers(s)])
         if len(graphs) > 1:
             flags = [remat for remat, _ in variant]
             if any(flags):  # trace again with the chosen layers rematerialized
@@ -600,7 +611,9 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
                 input_paths=[_value_name(traced, graph, v) for v in sub.inputs],
                 alias_pairs=_sub_alias_pairs(graph, sub, aliases), strict=method.strict,
                 solver=method.solver, time_limit_s=method.solver_time_limit_s,
-                memory_budget_bytes=budget))
+                memory_budget_bytes=budget, input_memory_price=[
+                    stage_prices[s] * _STATE_BYTES_PER_INPUT_BYTE.get(roles.get(v), 0.0)
+                    for v in sub.inputs]))
         subgraphs.append(sub)
         index_maps.append(index_map)
     if plan is not None:  # the loaded plan's predictions: nothing is solved again
@@ -673,6 +686,7 @@ def build_stage_records(assignment, priced, stage_options, plans, partition, gra
         in_flight = pricing.in_flight_micro_batches(schedule, num_stages, s, k)
         records.append(StagePlan(
             stage=s, layers=tuple(layers), remat=_stage_remat(assignment, layers),
+            lean=float(assignment.lean[s]) if assignment.lean else 0.0,
             submesh=tuple(assignment.submesh_shapes[s]),
             logical_mesh=tuple(plans[s].mesh.shape), forward_s=t * share,
             backward_s=t * (1 - share), grad_sync_s=g, apply_s=u,

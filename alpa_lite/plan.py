@@ -110,6 +110,8 @@ class StagePlan:
         plan: the stage's intra-op `ShardingPlan`.
         num_operators: operators in its forward and backward programs.
         remat: whether its layers' forwards are recomputed in the backward pass.
+        lean: the memory price level its layer plans were priced at (0: the fastest plans;
+            else one of `pricing.LEAN_LEVELS`, a plan trading time for sharded state).
     """
 
     stage: int
@@ -124,6 +126,7 @@ class StagePlan:
     num_operators: int = 0
     apply_s: float = 0.0
     remat: bool = False
+    lean: float = 0.0
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -140,7 +143,8 @@ class StagePlan:
                    peak_memory_bytes=data["peak_memory_bytes"],
                    plan=_sharding_from_dict(data["plan"]),
                    num_operators=data.get("num_operators", 0),
-                   apply_s=data.get("apply_s", 0.0), remat=data.get("remat", False))
+                   apply_s=data.get("apply_s", 0.0), remat=data.get("remat", False),
+                   lean=data.get("lean", 0.0))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -127,13 +127,10 @@ def _default_micro_batches(preset: ModelPreset, cluster: ClusterSpec) -> int:
 # --- pipelines (auto) ------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=8)
-def _price_layers(preset, cluster, num_micro_batches, remat_layer: bool = False,
-                  lean: bool = False):
-    """Per (submesh, view): the `LayerPrice`s of the 3 traced layers (`inter_op.pricing`, the
-    path `parallelize` uses), each layer rematerialized if ``remat_layer``, of the layers'
-    memory-lean plans if ``lean``. Cached: `--compare` prices once for the pipeline search
-    and the Megatron grid."""
+@functools.lru_cache(maxsize=4)
+def _layer_graph(preset, cluster, num_micro_batches, remat_layer: bool):
+    """The 3-layer trace the pipeline prices come from: ``(graph, layers, options,
+    candidates)``."""
     small = _micro_batch_preset(preset, num_micro_batches, min(3, _num_blocks(preset)))
     work = build_workload(small, abstract=True)
     option = AutoLayerOption(layer_num=min(3, _num_blocks(small)), method="names",
@@ -141,7 +138,6 @@ def _price_layers(preset, cluster, num_micro_batches, remat_layer: bool = False,
     with layer_construction(build_layer_transform(option)):
         traced = trace_function(work.train_step, (work.state, work.batch), batch_argnums=(1,))
     graph = build_op_graph(traced.closed_jaxpr)
-    num_layers = sp.count_layers(graph)
     roles = input_roles(traced, optimizer_state_mask((work.state, work.batch), StepSpec())[0])
     options = pricing.PricingOptions(
         time_limit_s=60.0, state_bytes_per_param_byte=pricing.estimate_state_bytes_per_param_byte(
@@ -149,9 +145,27 @@ def _price_layers(preset, cluster, num_micro_batches, remat_layer: bool = False,
         param_positions=frozenset(i for i, r in enumerate(roles) if r is InputRole.PARAM))
     candidates = [(tuple(shape), view) for shape in candidate_submeshes(cluster)
                   for view in sp.logical_views(shape)]
-    priced = pricing.price_layers(graph, num_layers, candidates, cluster.logical_mesh, options,
-                                  lean=lean)
-    return priced, num_layers
+    return graph, sp.count_layers(graph), options, candidates
+
+
+@functools.lru_cache(maxsize=8)
+def _price_layers(preset, cluster, num_micro_batches, remat_layer: bool = False):
+    """Per (submesh, view): the `LayerPrice`s of the 3 traced layers (`inter_op.pricing`, the
+    path `parallelize` uses), each layer rematerialized if ``remat_layer``. Cached:
+    `--compare` prices once for the pipeline search and the Megatron grid."""
+    graph, num_layers, options, candidates = _layer_graph(preset, cluster, num_micro_batches,
+                                                          remat_layer)
+    return pricing.price_layers(graph, num_layers, candidates, cluster.logical_mesh, options)
+
+
+@functools.lru_cache(maxsize=8)
+def _price_lean_layers(preset, cluster, num_micro_batches, remat_layer: bool = False):
+    """`_price_layers`' memory-lean plans, ``{level: prices}`` (`pricing.price_lean_layers`)."""
+    graph, num_layers, options, candidates = _layer_graph(preset, cluster, num_micro_batches,
+                                                          remat_layer)
+    fastest = _price_layers(preset, cluster, num_micro_batches, remat_layer)
+    return pricing.price_lean_layers(graph, num_layers, candidates, cluster.logical_mesh,
+                                     options, fastest)
 
 
 def candidate_submeshes(cluster: ClusterSpec) -> list[tuple[int, int]]:
@@ -199,12 +213,19 @@ def _scaled(priced, k0: int, k: int):
             for key, layers in priced.items()}
 
 
-def _remat_prices(preset, cluster, k0: int, remat: str, lean: bool = False):
+def _remat_prices(preset, cluster, k0: int, remat: str):
     """(layer prices used, rematerialized prices offered to the DP or None) for a mode."""
-    plain = None if remat == "layer" else _price_layers(preset, cluster, k0, False, lean)[0]
-    remat_priced = (None if remat == "off"
-                    else _price_layers(preset, cluster, k0, True, lean)[0])
+    plain = None if remat == "layer" else _price_layers(preset, cluster, k0, False)
+    remat_priced = None if remat == "off" else _price_layers(preset, cluster, k0, True)
     return (remat_priced, None) if plain is None else (plain, remat_priced)
+
+
+def _lean_prices(preset, cluster, k0: int, remat: str) -> dict:
+    """The memory-lean tables of `_remat_prices`' two, for `pricing.solve_stages`'
+    ``lean_priced``: ``(False, level)`` for the first, ``(True, level)`` for the second."""
+    flags = {"off": (False,), "layer": (True,), "auto": (False, True)}[remat]
+    return {(bool(position), level): table for position, remat_layer in enumerate(flags)
+            for level, table in _price_lean_layers(preset, cluster, k0, remat_layer).items()}
 
 
 def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off") -> SimulationResult:
@@ -215,7 +236,7 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off") -> Simul
     while True:
         for k in _micro_batch_options(preset, cluster, num_micro_batches):
             lean = None if lean0 is None else {
-                remat_flag: _scaled(table, k0, k) for remat_flag, table in lean0.items()}
+                key: _scaled(table, k0, k) for key, table in lean0.items()}
             result = _pipeline_for(preset, cluster, _scaled(priced0, k0, k), k,
                                    None if remat0 is None else _scaled(remat0, k0, k), lean)
             if remat == "layer":
@@ -227,8 +248,7 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off") -> Simul
         if best[1].details["fits_memory"] or lean0 is not None:
             break
         # nothing fits with the layers' fastest plans: offer their memory-lean plans too
-        plain, remat_lean = _remat_prices(preset, cluster, k0, remat, lean=True)
-        lean0 = {False: plain} if remat_lean is None else {False: plain, True: remat_lean}
+        lean0 = _lean_prices(preset, cluster, k0, remat)
     best[1].details["priced_at_micro_batches"] = k0
     best[1].details["lean_offered"] = lean0 is not None
     return best[1]
@@ -261,7 +281,7 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None,
                               num_devices=cluster.num_devices, k=k, schedule="1f1b",
                               link=_stage_link(cluster), remat_priced=group(remat_priced),
                               lean_priced=None if lean_priced is None else {
-                                  flag: group(table) for flag, table in lean_priced.items()},
+                                  key: group(table) for key, table in lean_priced.items()},
                               shared_compute_per_host=_shared(cluster))
     fits = True
     try:
@@ -278,7 +298,7 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None,
                        "logical_mesh": list(assignment.logical_shapes[s]),
                        "time_per_micro_batch_s": times[s], "memory_per_device_bytes": memory[s],
                        "remat": bool(assignment.remat[s]) if assignment.remat else False,
-                       "lean": bool(assignment.lean[s]) if assignment.lean else False})
+                       "lean": float(assignment.lean[s]) if assignment.lean else 0.0})
     peak = max(memory)
     return SimulationResult("auto", assignment.predicted_latency_s, peak, 0.0, stages,
                             {"num_micro_batches": k, "dp_layers": groups,
@@ -337,13 +357,16 @@ def _simulate_megatron(preset, cluster, num_micro_batches, remat="off") -> Simul
     """Best (dp, tp, pp, micro-batches) on a grid: uniform stages, a (dp, tp) mesh per stage;
     with ``remat="auto"`` each layout is tried with and without rematerialization."""
     k0 = num_micro_batches or _default_micro_batches(preset, cluster)
-    best = None
-    for lean in (False, True):  # the layers' memory-lean plans only when nothing else fits
-        plain0, remat0 = _remat_prices(preset, cluster, k0, remat, lean)
-        variants = [(plain0, remat == "layer")] + ([] if remat0 is None else [(remat0, True)])
-        best = _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, lean, best)
-        if best is not None and best[1].details["fits_memory"]:
-            break
+    plain0, remat0 = _remat_prices(preset, cluster, k0, remat)
+    variants = [(plain0, remat == "layer", 0.0)] + (
+        [] if remat0 is None else [(remat0, True, 0.0)])
+    best = _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, None)
+    if best is not None and not best[1].details["fits_memory"]:
+        # the layers' memory-lean plans only when nothing else fits
+        remat_of = (remat == "layer", True)
+        variants = [(table, remat_of[position], level) for (position, level), table
+                    in _lean_prices(preset, cluster, k0, remat).items()]
+        best = _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, best)
     if best is None:
         raise InfeasiblePlanError("No Megatron-style (dp, tp, pp) layout exists for this "
                                   "cluster.", budget_bytes=cluster.memory_per_device_bytes,
@@ -351,12 +374,12 @@ def _simulate_megatron(preset, cluster, num_micro_batches, remat="off") -> Simul
     return best[1]
 
 
-def _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, lean, best):
+def _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, best):
     """The (fits, latency)-best of ``best`` and the grid's layouts priced with ``variants``
-    (``(layer prices at k0, rematerialized?)``)."""
+    (``(layer prices at k0, rematerialized?, memory price level)``)."""
     blocks = _num_blocks(preset)
     n, per_host = cluster.num_devices, cluster.devices_per_host
-    for (priced0, remat_on), k in itertools.product(
+    for (priced0, remat_on, lean), k in itertools.product(
             variants, _micro_batch_options(preset, cluster, num_micro_batches)):
         priced = _scaled(priced0, k0, k)
         for pp in [p for p in range(1, min(blocks, n) + 1) if n % p == 0 and blocks % p == 0]:

@@ -74,11 +74,12 @@ def _stage_lines(plan) -> list[str]:
              "(sum of stage times + (micro-batches - 1) x slowest stage + gradient sync and "
              "update; stages sharing a host's compute take turns)", "",
              f"{'stage':>5} {'layers':<14} {'submesh':<9} {'logical':<9} {'fwd (s)':>10} "
-             f"{'bwd (s)':>10} {'peak mem':>12} {'operators':>9} {'remat':>5}"]
+             f"{'bwd (s)':>10} {'peak mem':>12} {'operators':>9} {'remat':>5} {'lean':>5}"]
     for st in plan.stages:
         layer_text = ",".join(str(x) for x in st.layers)
         lines.append(f"{st.stage:>5} {layer_text[:14]:<14} {str(st.submesh):<9} "
                      f"{str(st.logical_mesh):<9} {st.forward_s:>10.3g} "
                      f"{st.backward_s:>10.3g} {_format_bytes(st.peak_memory_bytes):>12} "
-                     f"{st.num_operators:>9} {'yes' if st.remat else 'no':>5}")
+                     f"{st.num_operators:>9} {'yes' if st.remat else 'no':>5} "
+                     f"{st.lean or 'no':>5}")
     return lines

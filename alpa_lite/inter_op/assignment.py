@@ -36,8 +36,9 @@ class StageAssignment:
         stage_costs_s: predicted forward+backward time of one micro-batch per stage (auto only).
         remat: per stage, whether its layers are rematerialized (None: as the layer option
             says; set when the stage DP chose, ``remat_layer="auto"``).
-        lean: per stage, whether the DP priced it with its layers' memory-lean plans
-            (`pricing.price_layers(lean=True)`; None when it was not offered them).
+        lean: per stage, the memory price level of the layer plans the DP priced it with
+            (0 for the fastest plans, else one of `pricing.LEAN_LEVELS`; None when it was
+            not offered memory-lean plans).
     """
 
     layer_to_stage: tuple[int, ...]
@@ -46,7 +47,7 @@ class StageAssignment:
     predicted_latency_s: float = math.nan
     stage_costs_s: tuple[float, ...] = ()
     remat: tuple[bool, ...] | None = None
-    lean: tuple[bool, ...] | None = None
+    lean: tuple[float, ...] | None = None
 
     @property
     def num_stages(self) -> int:

@@ -140,42 +140,38 @@ def estimate_state_bytes_per_param_byte(roles: Sequence, avals: Sequence) -> flo
     return 2.0 + (state / params if params else 2.0)
 
 
-# A lean layer plan: the fastest whose peak is within LEAN_SLACKS of the lightest plan found
-# in LEAN_PROBE_S seconds (the lightest is an ILP of its own, slow on big meshes).
-LEAN_SLACKS, LEAN_PROBE_S = (0.25, 1.0), 5.0
+# Memory price levels of the memory-lean layer plans. The plan at level theta minimises the
+# ILP's seconds + lambda * (state bytes per device), with lambda = theta * (fastest plan's
+# seconds per micro-batch) / (fastest plan's state bytes): theta of the layer's time is worth
+# all of its state memory. Each level is a point of the layer's time-memory frontier (a
+# Lagrangian relaxation of the memory budget), found by one ILP as fast as the fastest plan's.
+LEAN_LEVELS = (0.03, 0.3, 1.0)
 
 
 def _plan_nodes(graph: OpGraph, nodes: Sequence[int], mesh: LogicalMesh,
-                options: PricingOptions, lean: bool = False):
-    """The ILP's plan of ``nodes`` on ``mesh``: the fastest, or with ``lean`` the fastest
-    near the lightest peak memory (parameters sharded rather than replicated: with many
-    micro-batches the gradient sync is cheap, so the fastest plan replicates them, and
-    holds their state on every device). Without a lean plan, the fastest."""
+                options: PricingOptions, memory_price: float = 0.0):
+    """The ILP's plan of ``nodes`` on ``mesh``. ``memory_price`` (seconds per byte) charges
+    each byte of the step's inputs (parameters) a device holds, times the state each
+    parameter byte brings (`PricingOptions.state_bytes_per_param_byte`)."""
     sub, _ = build_subgraph(graph, list(nodes))
-    solve = functools.partial(
-        solve_intra_op, sub, mesh, input_roles=[InputRole.PARAM] * len(sub.inputs),
+    inputs = set(graph.inputs)
+    price = [memory_price * options.state_bytes_per_param_byte if v in inputs else 0.0
+             for v in sub.inputs]
+    return sub, solve_intra_op(
+        sub, mesh, input_roles=[InputRole.PARAM] * len(sub.inputs),
         input_paths=[f"v{v}" for v in sub.inputs], strict=False, solver=options.solver,
-        share_repeated_layers=False)
-    if lean:
-        try:  # no plan fits one byte: the error names the lightest plan found
-            solve(memory_budget_bytes=1.0, time_limit_s=min(LEAN_PROBE_S, options.time_limit_s))
-        except InfeasiblePlanError as err:
-            for slack in LEAN_SLACKS:
-                try:
-                    return sub, solve(memory_budget_bytes=err.min_bytes * (1 + slack),
-                                      time_limit_s=options.time_limit_s)
-                except InfeasiblePlanError:
-                    pass
-    return sub, solve(time_limit_s=options.time_limit_s)
+        share_repeated_layers=False, time_limit_s=options.time_limit_s,
+        input_memory_price=price)
 
 
 def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: LogicalMesh,
                 options: PricingOptions, gradients: set[int],
-                update_nodes: Sequence[int] = (), lean: bool = False) -> LayerPrice:
+                update_nodes: Sequence[int] = (), memory_price: float = 0.0) -> LayerPrice:
     """Plans the layer's operators on ``mesh`` with the intra-op ILP and prices the plan
-    (the fastest, or with ``lean`` a memory-lean one: `_plan_nodes`); ``update_nodes`` (its
-    parameters' optimizer update, run once per step) are planned and priced on their own."""
-    sub, plan = _plan_nodes(graph, nodes, mesh, options, lean)
+    (the fastest, or with ``memory_price`` a memory-lean one: `_plan_nodes`);
+    ``update_nodes`` (its parameters' optimizer update, run once per step) are planned and
+    priced on their own."""
+    sub, plan = _plan_nodes(graph, nodes, mesh, options, memory_price)
     update_s = 0.0
     if update_nodes:
         update = _plan_nodes(graph, update_nodes, mesh, options)[1]
@@ -247,12 +243,16 @@ def _gradient_only_nodes(sub: OpGraph, gradients: set[int]) -> set[int]:
 
 def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshView],
                  mesh_of: Callable[[tuple[int, int], tuple[int, ...]], LogicalMesh],
-                 options: PricingOptions, lean: bool = False
+                 options: PricingOptions, *, lean_level: float = 0.0,
+                 fastest: dict[SubmeshView, list[LayerPrice]] | None = None
                  ) -> dict[SubmeshView, list[LayerPrice]]:
-    """Every layer priced on every candidate (with ``lean``, its memory-lean plan);
-    identical layers (same operators and shapes) are priced once per candidate. A layer's
-    optimizer update is the apply part the pipeline runtime would place with it if every
-    layer were a stage (`partition_pipeline`)."""
+    """Every layer priced on every candidate; identical layers (same operators and shapes)
+    are priced once per candidate. A layer's optimizer update is the apply part the pipeline
+    runtime would place with it if every layer were a stage (`partition_pipeline`).
+
+    With ``lean_level`` (see `LEAN_LEVELS`) each layer's memory-lean plan at that level,
+    its memory priced relative to its plan in ``fastest`` (this function's result without
+    a level)."""
     nodes, forward = build_layer_nodes(graph, num_layers)
     gradients = gradient_values(graph)
     updates = layer_update_nodes(graph, num_layers)
@@ -264,16 +264,36 @@ def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshVi
     cache: dict = {}
     priced = {}
     for shape, view in candidates:
+        key_c = (tuple(shape), tuple(view))
         mesh = mesh_of(shape, view)
         layers = []
-        for layer_nodes, layer_forward, update in zip(nodes, forward, updates):
+        for l, (layer_nodes, layer_forward, update) in enumerate(zip(nodes, forward, updates)):
             key = (signature(layer_nodes), signature(update), shape, view)
             if key not in cache:
+                price = memory_price(lean_level, [fastest[key_c][l]]) if lean_level else 0.0
                 cache[key] = price_layer(graph, layer_nodes, layer_forward, mesh, options,
-                                         gradients, update, lean)
+                                         gradients, update, memory_price=price)
             layers.append(cache[key])
-        priced[(tuple(shape), tuple(view))] = layers
+        priced[key_c] = layers
     return priced
+
+
+def memory_price(level: float, fastest: Sequence[LayerPrice]) -> float:
+    """Seconds per byte of state at memory price ``level`` (`LEAN_LEVELS`) for layers whose
+    fastest plans are ``fastest``: ``level * their seconds per micro-batch / their state
+    bytes`` (0 when they hold no state)."""
+    state = sum(p.state_bytes for p in fastest)
+    return level * sum(p.micro_batch_s for p in fastest) / state if state > 0 else 0.0
+
+
+def price_lean_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshView],
+                      mesh_of: Callable[[tuple[int, int], tuple[int, ...]], LogicalMesh],
+                      options: PricingOptions, fastest: dict[SubmeshView, list[LayerPrice]],
+                      levels: Sequence[float] = LEAN_LEVELS
+                      ) -> dict[float, dict[SubmeshView, list[LayerPrice]]]:
+    """`price_layers` at every memory price level of ``levels``: ``{level: prices}``."""
+    return {level: price_layers(graph, num_layers, candidates, mesh_of, options,
+                                lean_level=level, fastest=fastest) for level in levels}
 
 
 def layer_update_nodes(graph: OpGraph, num_layers: int) -> list[list[int]]:
@@ -344,7 +364,8 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
                  link: tuple[float, float], max_num_stages: int | None = None,
                  shared_compute_per_host: int | None = None,
                  remat_priced: dict[SubmeshView, list[LayerPrice]] | None = None,
-                 lean_priced: dict[bool, dict[SubmeshView, list[LayerPrice]]] | None = None):
+                 lean_priced: dict[tuple[bool, float], dict[SubmeshView, list[LayerPrice]]]
+                 | None = None):
     """Alpa's stage DP over (submesh, view) options: each (submesh, view) pair is one
     option, so views are chosen by time subject to memory inside the DP.
     ``shared_compute_per_host``: devices per host when a host's devices share compute
@@ -353,22 +374,24 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
     With ``remat_priced`` (the same layers traced with every layer rematerialized), each
     (submesh, view) is offered twice, without and with rematerialization, so the DP
     chooses per stage whichever meets the memory budget at the least time.
-    ``lean_priced`` offers the layers' memory-lean plans too (`price_layers(lean=True)`):
-    ``False`` -> those of ``priced``, ``True`` -> those of ``remat_priced``.
+    ``lean_priced`` offers the layers' memory-lean plans too (`price_lean_layers`), keyed
+    ``(False, level)`` for those of ``priced``'s layers, ``(True, level)`` for those of
+    ``remat_priced``'s.
 
     Returns ``(StageAssignment, stage micro-batch seconds, stage once-per-step seconds,
     stage memory bytes)``; with ``remat_priced`` or ``lean_priced``, the assignment's
-    ``remat`` and ``lean`` say per stage which prices it was chosen with.
+    ``remat`` and ``lean`` (a memory price level, 0 for the fastest plans) say per stage
+    which prices it was chosen with.
 
     Raises:
         InfeasiblePlanError: no assignment fits ``memory_budget_bytes``; states the smallest
             per-device memory of any assignment.
     """
-    tables = {(False, False): priced}  # (remat, lean) -> prices
+    tables = {(False, 0.0): priced}  # (remat, memory price level) -> prices
     if remat_priced is not None:
-        tables[(True, False)] = remat_priced
-    for remat, lean in (lean_priced or {}).items():
-        tables[(bool(remat), True)] = lean
+        tables[(True, 0.0)] = remat_priced
+    for (remat, level), lean in (lean_priced or {}).items():
+        tables[(bool(remat), float(level))] = lean
     columns = [(option, variant) for variant, table in tables.items() for option in table]
     num_layers = len(next(iter(priced.values())))
     options = [option for option, _ in columns]

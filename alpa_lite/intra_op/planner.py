@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from typing import Sequence
 
 from alpa_lite.cost import compute_dtype_name, estimate_op_cost
 from alpa_lite.cost.rules import FUSED_PRIMITIVES, KERNEL_PRIMITIVES
@@ -13,7 +14,7 @@ from alpa_lite.intra_op.ilp import solve_sharding_problem
 from alpa_lite.intra_op.layer_sharing import (build_layer_classes, build_quotient_problem,
                                               detect_layer_family)
 from alpa_lite.intra_op.problem import (InputRole, PlanningProblem, SpecPolicy,
-                                        build_planning_problem)
+                                        build_planning_problem, input_memory_bytes)
 from alpa_lite.intra_op.strategies import replicated_spec
 from alpa_lite.mesh import LogicalMesh
 from alpa_lite.plan import NodeDecision, ShardingPlan
@@ -50,6 +51,7 @@ def solve_intra_op(
     time_limit_s: float = 60.0,
     share_repeated_layers: bool | None = None,
     donated_inputs: frozenset[int] = frozenset(),
+    input_memory_price: Sequence[float] = (),
 ) -> ShardingPlan:
     """Plans the sharding of every operator of ``graph`` on ``mesh``.
 
@@ -57,6 +59,9 @@ def solve_intra_op(
     graph has a layer family and the ILP has at least `_SHARING_MIN_GROUPS` groups; True/False
     force it on/off. ``donated_inputs``: flat input positions donated to the step, whose
     aliased outputs then reuse the input buffers (peak memory counts them once).
+    ``input_memory_price``: per flat input, seconds per byte it holds on each device, added
+    to the ILP's objective (`build_planning_problem`); the plan's ``objective`` reports
+    seconds without it.
 
     Returns:
         A `ShardingPlan` whose ``objective`` is the ILP optimum (collective and resharding
@@ -66,7 +71,7 @@ def solve_intra_op(
     planning = build_planning_problem(
         graph, mesh, input_roles=input_roles, input_paths=input_paths, policy=policy,
         alias_pairs=alias_pairs, memory_budget_bytes=memory_budget_bytes, strict=strict,
-        donated_inputs=frozenset(donated_inputs))
+        donated_inputs=frozenset(donated_inputs), input_memory_price=input_memory_price)
     problem, group_class, family = planning.problem, None, None
     if share_repeated_layers is not False:
         family = detect_layer_family(graph)
@@ -90,7 +95,10 @@ def solve_intra_op(
         "num_edges": len(planning.problem.edges), "num_classes": len(problem.node_costs),
         "shared_layer_family": family if group_class is not None else None,
     }
-    return decode_plan(graph, mesh, planning, choices, solution.objective,
+    priced = input_memory_bytes(graph, mesh, planning.input_units, planning.units,
+                                planning.member_map, input_memory_price)
+    memory_charge = sum(p * b[choices[planning.group_of[u]]] for u, b, p in priced)
+    return decode_plan(graph, mesh, planning, choices, solution.objective - memory_charge,
                        solution.peak_memory_bytes, stats, input_paths)
 
 

@@ -18,6 +18,7 @@ import enum
 import functools
 import math
 from collections import defaultdict
+from typing import Sequence
 
 import numpy as np
 from jax.extend.core import primitives as prims
@@ -31,7 +32,7 @@ from alpa_lite.intra_op.ilp import ShardingProblem
 from alpa_lite.intra_op.memory_terms import build_memory_terms
 from alpa_lite.intra_op.resharding import estimate_resharding_s, tensor_bytes
 from alpa_lite.intra_op.strategies import (FactorRule, Spec, Strategy, enumerate_factor_strategies,
-                                           format_spec, replicated_spec)
+                                           format_spec, replicated_spec, spec_shards)
 from alpa_lite.intra_op.strategy_rules import (StrategyContext, build_node_rule,
                                                enumerate_node_strategies, replicated_for)
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
@@ -141,6 +142,7 @@ def build_planning_problem(
     memory_budget_bytes: float | None = None,
     strict: bool = False,
     donated_inputs: frozenset[int] = frozenset(),
+    input_memory_price: Sequence[float] = (),
 ) -> PlanningProblem:
     """Builds the ILP for ``graph`` on ``mesh``.
 
@@ -156,6 +158,9 @@ def build_planning_problem(
         strict: raise instead of replicating operators that have no rule.
         donated_inputs: flat input positions donated to the step (``donate_argnums``): their
             aliased outputs reuse the input buffers and are not counted again in memory.
+        input_memory_price: per flat input, seconds added to the objective per byte the
+            input holds on each device (a Lagrangian price on memory: with a positive price
+            the ILP trades time for sharded, lighter inputs); empty for none.
     """
     builder = _UnitBuilder(graph, mesh, policy, strict)
     builder.add_inputs(input_roles, input_paths)
@@ -171,6 +176,9 @@ def build_planning_problem(
         grouping.attach(unit, enter_unit)
     problem = _assemble(graph, mesh, builder, grouping, memory_budget_bytes,
                         (output_units, alias_pairs, donated_inputs))
+    if any(input_memory_price):
+        problem = _price_input_memory(graph, mesh, builder, grouping, problem,
+                                      input_memory_price)
     return PlanningProblem(problem, builder.units, grouping.group_index(), grouping.member_map,
                            builder.owner, builder.input_units, output_units)
 
@@ -471,6 +479,26 @@ def _assemble(graph: OpGraph, mesh: LogicalMesh, builder: _UnitBuilder, grouping
         names[group_of[u]] = builder.units[u].name
     return ShardingProblem(tuple(costs), tuple(edges), tuple(terms), max(len(graph.nodes), 1),
                            memory_budget_bytes, tuple(names), tuple(pair_terms))
+
+
+def input_memory_bytes(graph: OpGraph, mesh: LogicalMesh, input_units: Sequence[int],
+                       units: Sequence[Unit], member_map, price: Sequence[float]):
+    """Yields ``(unit, per-device bytes per unit strategy, price)`` of the priced inputs."""
+    for vid, unit, p in zip(graph.inputs, input_units, price):
+        if p:
+            total = tensor_bytes(graph.avals[vid])
+            yield unit, np.array([total / spec_shards(units[unit].strategies[m].out_specs[0],
+                                                      mesh) for m in member_map[unit]]), p
+
+
+def _price_input_memory(graph, mesh, builder, grouping, problem, price) -> ShardingProblem:
+    """Adds ``price * bytes per device`` of each priced input to its group's costs."""
+    group_of = grouping.group_index()
+    costs = [np.array(c, dtype=float) for c in problem.node_costs]
+    for unit, num_bytes, p in input_memory_bytes(graph, mesh, builder.input_units,
+                                                 builder.units, grouping.member_map, price):
+        costs[group_of[unit]] += p * num_bytes
+    return dataclasses.replace(problem, node_costs=tuple(costs))
 
 
 def _resharding_matrix(src_specs, dst_specs, num_bytes, mesh) -> np.ndarray:
