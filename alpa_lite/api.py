@@ -57,11 +57,6 @@ def parallelize(fun: Callable | None = None, *, method: Any = None,
                                  donate_argnums=donate_argnums, batch_argnums=batch_argnums,
                                  cluster=cluster)
     method = ShardParallel() if method is None else method
-    if isinstance(method, PipeshardParallel) and _as_tuple(donate_argnums):
-        raise InvalidConfigError(
-            f"donate_argnums={donate_argnums} is not supported with PipeshardParallel: its "
-            "state lives on several stage meshes and is not donated yet. Drop donate_argnums "
-            "(the pipeline frees activations itself), or use a ShardParallel-family method.")
     step = StepSpec(_as_tuple(static_argnums), _as_tuple(donate_argnums), _as_tuple(batch_argnums))
     return ParallelizedFunction(fun, method, step, cluster)
 

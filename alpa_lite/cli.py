@@ -271,6 +271,7 @@ def _add_plan_command(subparsers) -> None:
     plan.add_argument("--compare", action="store_true",
                       help="also plan Megatron-style 3-D grids and ZeRO, print them side by side")
     plan.add_argument("--json", default=None, metavar="PLAN.json", help="write the result")
+    plan.add_argument("--no-progress", action="store_true", help="no progress line")
     plan.set_defaults(handler=_run_plan)
 
 
@@ -309,7 +310,8 @@ def _run_plan(args) -> int:
               f"{method}, {args.dtype}, remat {args.remat} ...", file=sys.stderr)
         try:
             results.append(simulate(preset, cluster, method=method,
-                                    num_micro_batches=args.micro_batches, remat=args.remat))
+                                    num_micro_batches=args.micro_batches, remat=args.remat,
+                                    progress=not args.no_progress))
         except AlpaLiteError as err:
             if method == args.method:
                 raise
@@ -343,13 +345,13 @@ def _format_simulation(result, cluster) -> str:
              f"  details: {result.details}"]
     if result.stages:
         lines.append(f"  {'stage':>5} {'blocks':<12} {'submesh':<9} {'logical':<9} "
-                     f"{'s/micro-batch':>14} {'memory/device':>14} {'remat':>5}")
+                     f"{'s/micro-batch':>14} {'memory/device':>14} {'remat':>5} {'lean':>5}")
         for i, st in enumerate(result.stages):
             blocks = f"{st['blocks'][0]}-{st['blocks'][1]}"
             lines.append(f"  {i:>5} {blocks:<12} {str(tuple(st['submesh'])):<9} "
                          f"{str(tuple(st['logical_mesh'])):<9} {st['time_per_micro_batch_s']:>14.4g} "
                          f"{st['memory_per_device_bytes'] / gib:>11.2f} GiB "
-                         f"{'yes' if st.get('remat') else 'no':>5}")
+                         f"{'yes' if st.get('remat') else 'no':>5} {st.get('lean') or 'no':>5}")
     return "\n".join(lines)
 
 

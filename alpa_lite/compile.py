@@ -479,6 +479,7 @@ class CompiledPipeline:
     stage_devices: tuple
     assignment: object
     micro: MicroBatchPlan | None = None
+    donated: frozenset[int] = frozenset()  # flat input positions whose buffers are reused
 
 
 def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
@@ -515,12 +516,16 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
     mesh_of = stage_mesh_builder(method, cluster, devices[0].platform)
     budget = method.memory_budget_per_device or default_memory_budget(cluster, devices)
     roles = dict(zip(graph.inputs, input_roles(traced, optimizer_state_mask(args, step)[0])))
+    donated = donated_leaves(traced, step.donate_argnums, len(args))
+    position = {v: i for i, v in enumerate(graph.inputs)}
+    params = frozenset(i for i, v in enumerate(graph.inputs) if roles[v] is InputRole.PARAM)
+    state_ratio = pricing.estimate_state_bytes_per_param_byte(
+        [roles[v] for v in graph.inputs], [graph.avals[v] for v in graph.inputs])
+    if not params <= donated:  # the update writes new parameters and optimizer state beside
+        state_ratio = 2 * state_ratio - 1  # the old ones (counted as if always held)
     options = pricing.PricingOptions(
         solver=method.solver, time_limit_s=method.solver_time_limit_s,
-        state_bytes_per_param_byte=pricing.estimate_state_bytes_per_param_byte(
-            [roles[v] for v in graph.inputs], [graph.avals[v] for v in graph.inputs]),
-        param_positions=frozenset(i for i, v in enumerate(graph.inputs)
-                                  if roles[v] is InputRole.PARAM))
+        state_bytes_per_param_byte=state_ratio, param_positions=params)
     link = stage_link(cluster, method, per_host, len(devices))
     # devices per host when a host's devices share compute (simulated CPU devices)
     shared = per_host if (cluster.shared_host_compute if cluster is not None
@@ -611,7 +616,9 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
                 input_paths=[_value_name(traced, graph, v) for v in sub.inputs],
                 alias_pairs=_sub_alias_pairs(graph, sub, aliases), strict=method.strict,
                 solver=method.solver, time_limit_s=method.solver_time_limit_s,
-                memory_budget_bytes=budget, input_memory_price=[
+                memory_budget_bytes=budget, donated_inputs=frozenset(
+                    i for i, v in enumerate(sub.inputs) if position.get(v) in donated),
+                input_memory_price=[
                     stage_prices[s] * _STATE_BYTES_PER_INPUT_BYTE.get(roles.get(v), 0.0)
                     for v in sub.inputs]))
         subgraphs.append(sub)
@@ -631,7 +638,7 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
                                "schedule": method.schedule, "layers": record,
                                "num_layers": num_layers, "memory_budget_bytes": budget})
     return CompiledPipeline(traced, graph, plan, partition, tuple(subgraphs), tuple(index_maps),
-                            tuple(plans), tuple(stage_devices), assignment, micro)
+                            tuple(plans), tuple(stage_devices), assignment, micro, donated)
 
 
 def stage_mesh_builder(method, cluster, platform: str):
@@ -785,7 +792,7 @@ def compile_pipeshard(compiled: CompiledPipeline, method, signature: tuple):
     return PipelineExecutable(compiled.traced, compiled.graph, compiled.partition,
                               compiled.subgraphs, compiled.index_maps, compiled.stage_plans,
                               meshes, schedule, method.num_micro_batches, compiled.micro,
-                              signature)
+                              signature, compiled.donated)
 
 
 def _sub_alias_pairs(graph: OpGraph, sub: OpGraph, aliases) -> list[tuple[int, int]]:

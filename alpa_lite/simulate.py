@@ -17,6 +17,7 @@ Search cost is kept small by reusing work across identical layers (transformer b
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import itertools
@@ -36,6 +37,7 @@ from alpa_lite.layers import build_layer_transform
 from alpa_lite.markers import layer_construction
 from alpa_lite.models.presets import ModelPreset
 from alpa_lite.models.train import build_workload
+from alpa_lite.profiling.compute import progress_bar
 from alpa_lite.inter_op import assignment as sp
 from alpa_lite.compile import (StepSpec, find_alias_pairs, input_roles, optimizer_state_mask,
                                single_mesh_step_time_s)
@@ -43,6 +45,8 @@ from alpa_lite.inter_op import pricing
 from alpa_lite.trace import trace_function
 
 MAX_DP_LAYERS = 32
+# the progress callback of the running `simulate` call (layer pricing reports to it)
+_PROGRESS: contextvars.ContextVar = contextvars.ContextVar("alpa_lite_progress", default=None)
 METHODS = ("auto", "shard", "dp", "zero2", "zero3", "megatron")
 REMAT_MODES = ("off", "layer", "auto")
 _POLICIES = {"shard": SpecPolicy.AUTO, "dp": SpecPolicy.DATA, "zero2": SpecPolicy.ZERO2,
@@ -77,26 +81,37 @@ class SimulationResult:
 
 
 def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
-             num_micro_batches: int | None = None, remat: str = "off") -> SimulationResult:
+             num_micro_batches: int | None = None, remat: str = "off",
+             progress: bool = False) -> SimulationResult:
     """Plans ``preset`` on ``cluster`` with ``method`` without devices or weights.
 
     ``remat`` (pipelines: ``auto`` and ``megatron``): ``"off"`` keeps every activation,
     ``"layer"`` recomputes every layer's forward in the backward pass, ``"auto"`` lets the
     stage DP (or the Megatron grid, per layout) choose per stage, the least time that fits.
     Single-mesh methods are planned without layers, so without rematerialization.
+    ``progress`` draws a `rich` progress line on stderr while layers are priced.
+
+    The plans assume the train state is donated (``donate_argnums``), so the optimizer
+    update writes the new state over the old one, as Alpa does.
     """
     if method not in METHODS:
         raise InvalidConfigError(f"method must be one of {METHODS}; got {method!r}.")
     if remat not in REMAT_MODES:
         raise InvalidConfigError(f"remat must be one of {REMAT_MODES}; got {remat!r}.")
     start = time.perf_counter()
-    if method == "auto":
-        result = _simulate_pipeline(preset, cluster, num_micro_batches, remat)
-    elif method == "megatron":
-        result = _simulate_megatron(preset, cluster, num_micro_batches, remat)
-    else:
-        result = _simulate_single_mesh(preset, cluster, _POLICIES[method], num_micro_batches)
-        remat = "off"
+    with progress_bar(progress, f"planning {preset.name}", None) as advance:
+        token = _PROGRESS.set(advance)
+        try:
+            if method == "auto":
+                result = _simulate_pipeline(preset, cluster, num_micro_batches, remat)
+            elif method == "megatron":
+                result = _simulate_megatron(preset, cluster, num_micro_batches, remat)
+            else:
+                result = _simulate_single_mesh(preset, cluster, _POLICIES[method],
+                                               num_micro_batches)
+                remat = "off"
+        finally:
+            _PROGRESS.reset(token)
     result.method = method
     result.details["remat"] = remat
     result.details["dtype"] = jnp.dtype(preset.config.dtype).name
@@ -155,7 +170,8 @@ def _price_layers(preset, cluster, num_micro_batches, remat_layer: bool = False)
     `--compare` prices once for the pipeline search and the Megatron grid."""
     graph, num_layers, options, candidates = _layer_graph(preset, cluster, num_micro_batches,
                                                           remat_layer)
-    return pricing.price_layers(graph, num_layers, candidates, cluster.logical_mesh, options)
+    return pricing.price_layers(graph, num_layers, candidates, cluster.logical_mesh, options,
+                                progress=_PROGRESS.get())
 
 
 @functools.lru_cache(maxsize=8)
@@ -165,7 +181,7 @@ def _price_lean_layers(preset, cluster, num_micro_batches, remat_layer: bool = F
                                                           remat_layer)
     fastest = _price_layers(preset, cluster, num_micro_batches, remat_layer)
     return pricing.price_lean_layers(graph, num_layers, candidates, cluster.logical_mesh,
-                                     options, fastest)
+                                     options, fastest, progress=_PROGRESS.get())
 
 
 def candidate_submeshes(cluster: ClusterSpec) -> list[tuple[int, int]]:

@@ -136,10 +136,28 @@ def test_keyword_arguments_are_an_error():
         p(make_state(), batch=make_batch())
 
 
-def test_pipeline_rejects_donation_and_plans_of_another_method():
+def test_pipeline_donates_the_state_it_updates():
     method = alpa_lite.PipeshardParallel(num_micro_batches=2, stage_option="uniform")
-    with pytest.raises(alpa_lite.InvalidConfigError, match="donate_argnums"):
-        alpa_lite.parallelize(train_step, method=method, donate_argnums=(0,))
+    p = alpa_lite.parallelize(train_step, method=method, donate_argnums=(0,))
+    kept = alpa_lite.parallelize(train_step, method=method)
+    batch, serial = make_batch(), jax.jit(train_step)
+    state, expected = make_state(), make_state()  # the first call may donate its input too
+    for _ in range(3):
+        old = state
+        state, loss = p(state, batch)
+        expected, expected_loss = serial(expected, batch)
+        np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    # the last call read arrays living on the stage meshes: the update reused their buffers
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves((old.params,
+                                                                  old.opt_state)))
+    for got, want in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    new, _ = kept(state, batch)  # without donate_argnums nothing is deleted
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(state))
+
+
+def test_pipeline_rejects_plans_of_another_method():
+    method = alpa_lite.PipeshardParallel(num_micro_batches=2, stage_option="uniform")
     p = alpa_lite.parallelize(train_step, method=method)
     plan = p.plan(make_state(), make_batch())
     shard = alpa_lite.parallelize(train_step, method=alpa_lite.ShardParallel())

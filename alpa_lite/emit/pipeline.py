@@ -52,6 +52,8 @@ class _Compiled:
     accumulated: tuple[int, ...]  # outputs combined into accumulators (gradient sinks)
     passed: tuple[int, ...]       # other outputs
     takes_index: bool             # reads the micro-batch index (random draws)
+    body: Callable = None         # the traced function ``fn`` jits
+    jit_options: dict = dataclasses.field(default_factory=dict)  # and how
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +82,10 @@ class PipelineExecutable:
                  subgraphs: Sequence[OpGraph], index_maps: Sequence[dict],
                  plans: Sequence[ShardingPlan], meshes: Sequence[Mesh],
                  schedule: PipelineSchedule, num_micro_batches: int,
-                 micro: MicroBatchPlan | None = None, signature: tuple | None = None):
+                 micro: MicroBatchPlan | None = None, signature: tuple | None = None,
+                 donated: frozenset[int] = frozenset()):
         self.traced, self.graph, self.partition = traced, graph, partition
+        self.donated = donated  # flat input positions whose buffers the step may reuse
         self.meshes, self.schedule, self.k = list(meshes), schedule, num_micro_batches
         self.plans, self.signature = list(plans), signature
         self.planned = [value_specs(sub, plan) for sub, plan in zip(subgraphs, plans)]
@@ -167,9 +171,10 @@ class PipelineExecutable:
         out_shardings = tuple(self.sharding(mesh, v) for v in passed) + acc_shardings
         first_acc = num_inputs + len(index_sharding)
         donate = tuple(range(first_acc, first_acc + len(accumulated)))
-        fn = jax.jit(run, in_shardings=in_shardings, out_shardings=out_shardings,
-                     donate_argnums=donate)
-        return _Compiled(program, fn, in_shardings, accumulated, passed, bool(random_nodes))
+        options = dict(in_shardings=in_shardings, out_shardings=out_shardings,
+                       donate_argnums=donate)
+        return _Compiled(program, jax.jit(run, **options), in_shardings, accumulated, passed,
+                         bool(random_nodes), run, options)
 
     def replicated(self, mesh: int) -> NamedSharding:
         return NamedSharding(self.meshes[mesh], PartitionSpec())
@@ -372,7 +377,8 @@ class _ScheduleBuilder:
         for program in ex.partition.apply:
             self.emit_program(ex.compiled[program.name], -1)
         outputs = self.output_slots()
-        instructions = self.with_frees({s for s, _ in outputs if s is not None})
+        instructions = self.donate_state(self.with_frees({s for s, _ in outputs
+                                                          if s is not None}))
         initial = [None] * len(self.slots)
         for slot, value in self.initial.items():
             initial[slot] = value
@@ -514,6 +520,29 @@ class _ScheduleBuilder:
         return [dataclasses.replace(ins, frees=tuple(frees.get(i, ())),
                                     blocks=self.spans_processes(ins))
                 for i, ins in enumerate(self.instructions)]
+
+    def donate_state(self, instructions: list[_Instruction]) -> list[_Instruction]:
+        """The apply programs reuse the buffers of the donated arguments they read last (the
+        old parameters and optimizer state become the new ones), as `jax.jit` with
+        ``donate_argnums`` does: the update then needs no second copy of the state."""
+        ex = self.ex
+        returned = {v for v in ex.graph.outputs if isinstance(v, int)}  # kept for the caller
+        donated = {slot for key, slot in self.slots.items() if key[0] == "in"
+                   and self.position[key[1]] in ex.donated and key[1] not in returned}
+        apply = {ex.compiled[p.name].fn: ex.compiled[p.name] for p in ex.partition.apply}
+        result = []
+        for instruction in instructions:
+            compiled = apply.get(instruction.fn)
+            positions = () if compiled is None else tuple(
+                i for i, slot in enumerate(instruction.reads)
+                if slot in donated and slot in instruction.frees)
+            if positions:
+                options = dict(compiled.jit_options)
+                options["donate_argnums"] = tuple(options["donate_argnums"]) + positions
+                instruction = dataclasses.replace(instruction,
+                                                  fn=jax.jit(compiled.body, **options))
+            result.append(instruction)
+        return result
 
     def spans_processes(self, instruction: _Instruction) -> bool:
         """Does the instruction run a collective across processes? Such programs run one at

@@ -244,7 +244,8 @@ def _gradient_only_nodes(sub: OpGraph, gradients: set[int]) -> set[int]:
 def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshView],
                  mesh_of: Callable[[tuple[int, int], tuple[int, ...]], LogicalMesh],
                  options: PricingOptions, *, lean_level: float = 0.0,
-                 fastest: dict[SubmeshView, list[LayerPrice]] | None = None
+                 fastest: dict[SubmeshView, list[LayerPrice]] | None = None,
+                 progress: Callable[[str], None] | None = None
                  ) -> dict[SubmeshView, list[LayerPrice]]:
     """Every layer priced on every candidate; identical layers (same operators and shapes)
     are priced once per candidate. A layer's optimizer update is the apply part the pipeline
@@ -252,7 +253,7 @@ def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshVi
 
     With ``lean_level`` (see `LEAN_LEVELS`) each layer's memory-lean plan at that level,
     its memory priced relative to its plan in ``fastest`` (this function's result without
-    a level)."""
+    a level). ``progress`` is called with a description after each candidate."""
     nodes, forward = build_layer_nodes(graph, num_layers)
     gradients = gradient_values(graph)
     updates = layer_update_nodes(graph, num_layers)
@@ -275,6 +276,9 @@ def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshVi
                                          gradients, update, memory_price=price)
             layers.append(cache[key])
         priced[key_c] = layers
+        if progress is not None:
+            progress(f"priced layers on {shape} as {view}"
+                     + (f", memory price {lean_level}" if lean_level else ""))
     return priced
 
 
@@ -289,11 +293,13 @@ def memory_price(level: float, fastest: Sequence[LayerPrice]) -> float:
 def price_lean_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshView],
                       mesh_of: Callable[[tuple[int, int], tuple[int, ...]], LogicalMesh],
                       options: PricingOptions, fastest: dict[SubmeshView, list[LayerPrice]],
-                      levels: Sequence[float] = LEAN_LEVELS
+                      levels: Sequence[float] = LEAN_LEVELS,
+                      progress: Callable[[str], None] | None = None
                       ) -> dict[float, dict[SubmeshView, list[LayerPrice]]]:
     """`price_layers` at every memory price level of ``levels``: ``{level: prices}``."""
     return {level: price_layers(graph, num_layers, candidates, mesh_of, options,
-                                lean_level=level, fastest=fastest) for level in levels}
+                                lean_level=level, fastest=fastest, progress=progress)
+            for level in levels}
 
 
 def layer_update_nodes(graph: OpGraph, num_layers: int) -> list[list[int]]:
