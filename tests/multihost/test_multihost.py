@@ -21,7 +21,8 @@ HERE = Path(__file__).parent
 WORKER = str(HERE / "worker.py")
 LAUNCH = [sys.executable, "-m", "alpa_lite.cli", "launch"]
 CASES = ["data", "zero2", "zero3", "shard24", "shard_micro", "pipeline2", "pipeline_uneven",
-         "pipeline_wide_stage", "pipeline_auto", "local_batch", "keys", "stage_placement"]
+         "pipeline_wide_stage", "pipeline_donated", "pipeline_auto", "local_batch", "keys",
+         "stage_placement"]
 
 
 def launch(*cases: str, timeout_s: int = 400) -> tuple[int, str, float]:

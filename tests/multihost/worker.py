@@ -39,6 +39,8 @@ CASES = {
         num_micro_batches=4, layer_option="manual",
         stage_option=ManualStageOption(forward_stage_layer_ids=((0, 1), (2, 3)),
                                        submesh_shapes=((2, 2), (2, 2)))),
+    "pipeline_donated": lambda: PipeshardParallel(num_micro_batches=4, layer_option="manual",
+                                                  stage_option=UniformStageOption(num_stages=2)),
     "pipeline_auto": lambda: PipeshardParallel(num_micro_batches=2,
                                                layer_option=AutoLayerOption(layer_num=4),
                                                stage_option="auto"),
@@ -49,7 +51,8 @@ def run(name: str) -> None:
     state, batch = make_mlp(32, 16, 4, optimizer=optax.sgd(0.1, momentum=0.9),
                             manual_boundaries=name.startswith("pipeline"))
     state, batch = jax.device_get((state, batch))  # the same host values on every process
-    p = alpa_lite.parallelize(mse_step, method=CASES[name]())
+    donate = (0,) if name.endswith("donated") else ()
+    p = alpa_lite.parallelize(mse_step, method=CASES[name](), donate_argnums=donate)
     expected_state, losses = state, []
     serial = jax.jit(mse_step)
     for _ in range(2):
@@ -57,8 +60,13 @@ def run(name: str) -> None:
         losses.append(loss)
     actual_state, actual_losses = state, []
     for _ in range(2):
+        previous = actual_state
         actual_state, loss = p(actual_state, batch)
         actual_losses.append(loss)
+    # the second step read arrays on the stage meshes: donated, their buffers were reused
+    # (each process's own; a stage on the other process's devices has none here)
+    assert all(x.is_deleted() == bool(donate) for x in jax.tree_util.tree_leaves(
+        previous.params) if x.sharding.addressable_devices), name
     leaves = jax.tree_util.tree_leaves((actual_state.params, actual_losses))
     assert all(isinstance(x, jax.Array) for x in leaves)
     if jax.process_count() > 1:
