@@ -558,7 +558,11 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
             shared_compute_per_host=shared, remat_priced=tables.get((True, 0.0)))
         try:
             assignment, _, _, dp_memory = solve()
-        except InfeasiblePlanError:  # offer the layers' memory-lean plans too
+            binds = pricing.memory_binds(True, assignment.predicted_latency_s, solve(
+                memory_budget_bytes=None)[0].predicted_latency_s)
+        except InfeasiblePlanError:
+            binds = True
+        if binds:  # the budget costs time: offer the layers' memory-lean plans too
             lean = {(remat, level): t for remat, g in graphs.items()
                     for level, t in pricing.price_lean_layers(
                         g, num_layers, candidates, mesh_of, options,
@@ -572,9 +576,9 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
         priced = {c: [tables[variant[l]][c][l] for l in range(num_layers)]
                   for c in tables[(False, 0.0)]}
         for s, level in enumerate(assignment.lean or ()):  # the stage ILP prices it alike
-            option = (assignment.submesh_shapes[s], assignment.logical_shapes[s])
+            chosen = (assignment.submesh_shapes[s], assignment.logical_shapes[s])
             stage_prices[s] = pricing.memory_price(level, [
-                tables[(variant[l][0], 0.0)][option][l] for l in assignment.stage_layers(s)])
+                tables[(variant[l][0], 0.0)][chosen][l] for l in assignment.stage_layers(s)])
         if len(graphs) > 1:
             flags = [remat for remat, _ in variant]
             if any(flags):  # trace again with the chosen layers rematerialized
@@ -731,6 +735,7 @@ def _plan_one_stage(fun, args, method, step, assignment, devices, start,
     shard = ShardParallel(mesh_shape=assignment.logical_shapes[0], devices=tuple(devices[:num]),
                           num_micro_batches=method.num_micro_batches, strict=method.strict,
                           solver=method.solver, solver_time_limit_s=method.solver_time_limit_s,
+                          memory_budget_per_device=method.memory_budget_per_device,
                           layer_option=_remat_layer_option(method.layer_option, assignment))
     compiled = plan_shard_parallel(fun, args, shard, step, plan=loaded)
     if loaded is not None:
@@ -740,7 +745,8 @@ def _plan_one_stage(fun, args, method, step, assignment, devices, start,
         extra={"one_stage": "a single stage runs as ShardParallel on its mesh",
                "logical_mesh": list(assignment.logical_shapes[0]),
                "submesh": list(assignment.submesh_shapes[0]),
-               "remat": shard.layer_option is not None})
+               "remat": shard.layer_option is not None,
+               "lean": float(assignment.lean[0]) if assignment.lean else 0.0})
     return dataclasses.replace(compiled, plan=plan)
 
 

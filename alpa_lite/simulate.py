@@ -42,6 +42,7 @@ from alpa_lite.inter_op import assignment as sp
 from alpa_lite.compile import (StepSpec, find_alias_pairs, input_roles, optimizer_state_mask,
                                single_mesh_step_time_s)
 from alpa_lite.inter_op import pricing
+from alpa_lite.inter_op.pricing import memory_binds
 from alpa_lite.trace import trace_function
 
 MAX_DP_LAYERS = 32
@@ -248,7 +249,7 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off") -> Simul
     k0 = num_micro_batches or _default_micro_batches(preset, cluster)
     priced0, remat0 = _remat_prices(preset, cluster, k0, remat)
     lean0 = None
-    best = None
+    best, fastest = None, math.inf  # fastest: the least step time without the budget
     while True:
         for k in _micro_batch_options(preset, cluster, num_micro_batches):
             lean = None if lean0 is None else {
@@ -261,9 +262,11 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off") -> Simul
             key = (not result.details["fits_memory"], result.predicted_step_time_s)
             if best is None or key < best[0]:
                 best = (key, result)
-        if best[1].details["fits_memory"] or lean0 is not None:
+            fastest = min(fastest, result.details.pop("unconstrained_step_time_s"))
+        if lean0 is not None or not memory_binds(best[1].details["fits_memory"],
+                                                 best[1].predicted_step_time_s, fastest):
             break
-        # nothing fits with the layers' fastest plans: offer their memory-lean plans too
+        # the budget costs time (or nothing fits): offer the memory-lean layer plans too
         lean0 = _lean_prices(preset, cluster, k0, remat)
     best[1].details["priced_at_micro_batches"] = k0
     best[1].details["lean_offered"] = lean0 is not None
@@ -300,12 +303,13 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None,
                                   key: group(table) for key, table in lean_priced.items()},
                               shared_compute_per_host=_shared(cluster))
     fits = True
+    free = solve(memory_budget_bytes=None)
     try:
         assignment, times, _, memory = solve(memory_budget_bytes=cluster.memory_per_device_bytes)
     except InfeasiblePlanError:
         # Report the fastest plan and how much memory it would need, rather than nothing.
         fits = False
-        assignment, times, _, memory = solve(memory_budget_bytes=None)
+        assignment, times, _, memory = free
     stages = []
     for s in range(assignment.num_stages):
         layers = assignment.stage_layers(s)
@@ -318,7 +322,8 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None,
     peak = max(memory)
     return SimulationResult("auto", assignment.predicted_latency_s, peak, 0.0, stages,
                             {"num_micro_batches": k, "dp_layers": groups,
-                             "fits_memory": fits and peak <= cluster.memory_per_device_bytes})
+                             "fits_memory": fits and peak <= cluster.memory_per_device_bytes,
+                             "unconstrained_step_time_s": free[0].predicted_latency_s})
 
 
 # --- single mesh (auto sharding, data parallel, ZeRO) ---------------------------------------

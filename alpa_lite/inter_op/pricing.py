@@ -282,6 +282,13 @@ def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshVi
     return priced
 
 
+def memory_binds(fits: bool, step_time_s: float, unconstrained_step_time_s: float) -> bool:
+    """Whether the memory budget costs a plan time (or nothing fits it): only then can the
+    memory-lean layer plans (`price_lean_layers`) make the plan faster, so only then are
+    they priced."""
+    return not fits or step_time_s > unconstrained_step_time_s * (1 + 1e-9)
+
+
 def memory_price(level: float, fastest: Sequence[LayerPrice]) -> float:
     """Seconds per byte of state at memory price ``level`` (`LEAN_LEVELS`) for layers whose
     fastest plans are ``fastest``: ``level * their seconds per micro-batch / their state
