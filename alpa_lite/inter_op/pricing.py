@@ -33,7 +33,6 @@ in flight on stage ``s`` and GPipe all ``k``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
 from typing import Callable, Sequence
