@@ -262,7 +262,7 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off") -> Simul
             key = (not result.details["fits_memory"], result.predicted_step_time_s)
             if best is None or key < best[0]:
                 best = (key, result)
-            fastest = min(fastest, result.details.pop("unconstrained_step_time_s"))
+            fastest = min(fastest, result.details.pop("unconstrained_step_time_s", math.inf))
         if lean0 is not None or not memory_binds(best[1].details["fits_memory"],
                                                  best[1].predicted_step_time_s, fastest):
             break
@@ -302,14 +302,16 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None,
                               lean_priced=None if lean_priced is None else {
                                   key: group(table) for key, table in lean_priced.items()},
                               shared_compute_per_host=_shared(cluster))
-    fits = True
-    free = solve(memory_budget_bytes=None)
+    fits, details = True, {}
     try:
         assignment, times, _, memory = solve(memory_budget_bytes=cluster.memory_per_device_bytes)
     except InfeasiblePlanError:
         # Report the fastest plan and how much memory it would need, rather than nothing.
         fits = False
-        assignment, times, _, memory = free
+        assignment, times, _, memory = solve(memory_budget_bytes=None)
+    if lean_priced is None:  # does the budget cost time? (`_simulate_pipeline` asks)
+        details["unconstrained_step_time_s"] = (
+            solve(memory_budget_bytes=None)[0] if fits else assignment).predicted_latency_s
     stages = []
     for s in range(assignment.num_stages):
         layers = assignment.stage_layers(s)
@@ -323,7 +325,7 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None,
     return SimulationResult("auto", assignment.predicted_latency_s, peak, 0.0, stages,
                             {"num_micro_batches": k, "dp_layers": groups,
                              "fits_memory": fits and peak <= cluster.memory_per_device_bytes,
-                             "unconstrained_step_time_s": free[0].predicted_latency_s})
+                             **details})
 
 
 # --- single mesh (auto sharding, data parallel, ZeRO) ---------------------------------------
