@@ -210,6 +210,16 @@ def to_host(tree):
 # ------------------------------------------------------------------ one plan for all
 
 
+def _tell(client, key: str, message: str) -> None:
+    """Posts a rejection for process 0. Process 0 may read it and exit, closing the
+    coordination service, before the post's reply arrives: that failure must not hide the
+    rejection this process is about to raise."""
+    try:
+        client.key_value_set(key, message)
+    except Exception:  # noqa: BLE001  (the caller raises the real error next)
+        pass
+
+
 def share_plan(make_plan_json, what: str, accept, *, timeout_s: float = 600.0) -> str:
     """Process 0 plans; every process runs process 0's plan.
 
@@ -261,12 +271,12 @@ def share_plan(make_plan_json, what: str, accept, *, timeout_s: float = 600.0) -
             f"{their_digest} on process 0): every process must run the same script with the "
             "same argument shapes and static values, in the same order. Running on would "
             "deadlock, so this stops here.")
-        client.key_value_set(ack, message)
+        _tell(client, ack, message)
         raise PlanMismatchError(message)
     try:
         accept(text)
     except Exception as err:
-        client.key_value_set(ack, f"{type(err).__name__}: {err}")
+        _tell(client, ack, f"{type(err).__name__}: {err}")
         raise
     client.key_value_set(ack, "ok")
     return text
