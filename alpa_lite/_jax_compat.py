@@ -91,3 +91,42 @@ def detected_cluster() -> str | None:
         if present:
             return getattr(cluster, "name", cluster.__name__)
     return None
+
+
+def scan_operand_counts(params: dict) -> tuple[int, int]:
+    """``(num_consts, num_carry)`` of a ``scan`` equation, whose operands are consts, then the
+    carry, then the scanned-over xs (and whose results are the carry, then the ys).
+
+    jax <= 0.11 names the counts in the params; jax 0.12 keeps a flat tree of the operands
+    (``ft_in``) instead, whose three parts are those groups.
+    """
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(list(consts.vals)), len(list(carry.vals))
+
+
+def while_operand_counts(params: dict) -> tuple[int, int]:
+    """``(cond_nconsts, body_nconsts)`` of a ``while`` equation, whose operands are the
+    condition's consts, the body's consts, then the carry (the same on every jax here)."""
+    return params["cond_nconsts"], params["body_nconsts"]
+
+
+def batched_elementwise(primitive) -> bool:
+    """Does jax batch ``primitive`` as an elementwise operator?
+
+    jax registers the vmap rule of every elementwise primitive in `jax.lax` through one of two
+    generic batchers (``defvectorized`` for unary, ``defbroadcasting`` for n-ary operators),
+    so this tells a new elementwise primitive (e.g. jax 0.12's ``one_minus_square``) from one
+    that couples elements, without a hand-kept list. RNG key primitives are batched the same
+    way but change shapes; callers exclude them.
+    """
+    from jax._src.interpreters import batching
+
+    table = getattr(batching, "fancy_primitive_batchers", None)
+    if table is None:
+        table = batching.primitive_batchers
+    rule = table.get(primitive)
+    func = getattr(rule, "func", None)  # both generic batchers are functools.partials
+    return func in (getattr(batching, "vectorized_batcher", None),
+                    getattr(batching, "broadcast_batcher", None)) and func is not None

@@ -24,11 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 
 from alpa_lite import distributed
 from alpa_lite.errors import AlpaLiteError
 from alpa_lite.plan import ParallelPlan
+
+
+def _orbax():
+    """orbax.checkpoint, imported on first use: it is slow to import and, on some jax
+    releases, warns at import time; `import alpa_lite` should do neither."""
+    import orbax.checkpoint
+
+    return orbax.checkpoint
 
 _STATE = "state"
 _PLAN = "plan"
@@ -39,7 +46,8 @@ class CheckpointError(AlpaLiteError, ValueError):
 
 
 def _manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
-             async_: bool = False, create: bool = False) -> ocp.CheckpointManager:
+             async_: bool = False, create: bool = False) -> Any:
+    ocp = _orbax()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                            enable_async_checkpointing=async_)
     handlers = {_STATE: ocp.PyTreeCheckpointHandler(), _PLAN: ocp.JsonCheckpointHandler()}
@@ -101,10 +109,10 @@ class Checkpointer:
             raise CheckpointError(
                 f"Step {step} is already saved in {self.directory}. Save under a new step "
                 "number, or delete that step directory first.")
-        items = {_STATE: ocp.args.PyTreeSave(_savable(state))}
+        items = {_STATE: _orbax().args.PyTreeSave(_savable(state))}
         if plan is not None:
-            items[_PLAN] = ocp.args.JsonSave(json.loads(plan.to_json()))
-        self._manager.save(step, args=ocp.args.Composite(**items))
+            items[_PLAN] = _orbax().args.JsonSave(json.loads(plan.to_json()))
+        self._manager.save(step, args=_orbax().args.Composite(**items))
 
     def wait(self) -> None:
         """Waits until every started save is complete on disk."""
@@ -311,21 +319,21 @@ def restore(directory: str | os.PathLike, like: Any, step: int | None = None, *,
         targets, tree = _targets(like, shardings)
         # A leaf with no shard on this process is skipped (orbax's PLACEHOLDER): orbax
         # cannot build an array without local shards, so it is made here, empty.
-        wanted = [t if _has_local_shards(t) else ocp.PLACEHOLDER for t in targets]
-        restore_args = [ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
-                                             dtype=t.dtype) if t is not ocp.PLACEHOLDER else t
+        wanted = [t if _has_local_shards(t) else _orbax().PLACEHOLDER for t in targets]
+        restore_args = [_orbax().ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
+                                             dtype=t.dtype) if t is not _orbax().PLACEHOLDER else t
                         for t in wanted]
-        restored = manager.restore(step, args=ocp.args.Composite(**{
-            _STATE: ocp.args.PyTreeRestore(
+        restored = manager.restore(step, args=_orbax().args.Composite(**{
+            _STATE: _orbax().args.PyTreeRestore(
                 item=jax.tree_util.tree_unflatten(tree, wanted),
                 restore_args=jax.tree_util.tree_unflatten(tree, restore_args))}))[_STATE]
     leaves, got_tree = jax.tree_util.tree_flatten(restored,
-                                                  is_leaf=lambda x: x is ocp.PLACEHOLDER)
+                                                  is_leaf=lambda x: x is _orbax().PLACEHOLDER)
     if got_tree != tree:  # leaves are matched by position below: the structure must agree
         raise CheckpointError(f"Restoring {where} gave a tree of another structure than "
                               f"`like`: {got_tree} instead of {tree}.")
     return jax.tree_util.tree_unflatten(tree, [
-        _without_local_shards(t) if leaf is ocp.PLACEHOLDER else leaf
+        _without_local_shards(t) if leaf is _orbax().PLACEHOLDER else leaf
         for leaf, t in zip(leaves, targets)])
 
 
@@ -340,6 +348,6 @@ def load_plan(directory: str | os.PathLike, step: int | None = None) -> Parallel
     if not (directory / str(step) / _PLAN).is_dir():
         return None
     with _manager(directory) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            **{_PLAN: ocp.args.JsonRestore()}))
+        restored = manager.restore(step, args=_orbax().args.Composite(
+            **{_PLAN: _orbax().args.JsonRestore()}))
     return ParallelPlan.from_json(json.dumps(restored[_PLAN]))

@@ -29,7 +29,11 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 
-from alpa_lite._jax_compat import optimization_barrier_primitive
+from alpa_lite._jax_compat import (
+    optimization_barrier_primitive,
+    scan_operand_counts,
+    while_operand_counts,
+)
 from alpa_lite.loop_regions import LoopRegion, fixed_trip_count, loop_enter_p, loop_exit_p
 
 Operand = Union[int, jcore.Literal]
@@ -202,11 +206,11 @@ class _GraphBuilder:
     def inline_scan(self, eqn, invals, name: str) -> list:
         """Inlines the body once between loop_enter and loop_exit nodes (see `LoopRegion`)."""
         p = eqn.params
-        if p["num_carry"] + len(invals) - p["num_consts"] == 0 or p["length"] == 0:
+        n_const, n_carry = scan_operand_counts(p)
+        if n_carry + len(invals) - n_const == 0 or p["length"] == 0:
             return self.add_node(eqn.primitive, dict(p), invals,
                                  [v.aval for v in eqn.outvars], name)
         body: jcore.ClosedJaxpr = p["jaxpr"]
-        n_const, n_carry = p["num_consts"], p["num_carry"]
         consts, init, xs = invals[:n_const], invals[n_const:n_const + n_carry], \
             invals[n_const + n_carry:]
         body_in = body.jaxpr.invars
@@ -264,7 +268,7 @@ class _GraphBuilder:
     def inline_while(self, eqn, invals, name: str, trip: int) -> list:
         """A fixed-trip-count ``while``: like a scan with carries only (see `LoopRegion`)."""
         p = eqn.params
-        nc, nb = p["cond_nconsts"], p["body_nconsts"]
+        nc, nb = while_operand_counts(p)
         cond_consts, body_consts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
         body: jcore.ClosedJaxpr = p["body_jaxpr"]
         first = len(self.nodes)

@@ -29,7 +29,7 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 
-from alpa_lite._jax_compat import bind_params
+from alpa_lite._jax_compat import bind_params, scan_operand_counts
 from alpa_lite.config import AutoLayerOption, ManualLayerOption
 from alpa_lite.cost.registry import estimate_op_cost, nbytes
 from alpa_lite.errors import InvalidConfigError
@@ -112,7 +112,7 @@ def split_scans(closed: jcore.ClosedJaxpr, pieces: int) -> jcore.ClosedJaxpr:
 
 
 def _bind_split_scan(params: dict, invals: list, pieces: int) -> list:
-    length, n_const, n_carry = params["length"], params["num_consts"], params["num_carry"]
+    length, (n_const, n_carry) = params["length"], scan_operand_counts(params)
     consts, carry, xs = (invals[:n_const], invals[n_const:n_const + n_carry],
                          invals[n_const + n_carry:])
     edges = np.linspace(0, length, min(pieces, length) + 1).round().astype(int)

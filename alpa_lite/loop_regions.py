@@ -16,6 +16,7 @@ from jax.extend import core as jcore
 from jax.extend.core import Primitive
 from jax.extend.core import primitives as prims
 
+from alpa_lite._jax_compat import while_operand_counts
 from alpa_lite.errors import InvalidConfigError
 
 
@@ -117,7 +118,7 @@ def fixed_trip_count(params: dict, invals) -> int | None:
     Recognised: the condition is one ``lt(carry_k, N)`` with a literal N, carry ``k`` enters
     as an integer literal ``a`` and the body returns ``carry_k + 1``: ``max(N - a, 0)`` trips.
     """
-    nc, nb = params["cond_nconsts"], params["body_nconsts"]
+    nc, nb = while_operand_counts(params)
     cond, body = params["cond_jaxpr"].jaxpr, params["body_jaxpr"].jaxpr
     if len(cond.eqns) != 1 or cond.eqns[0].primitive is not prims.lt_p:
         return None

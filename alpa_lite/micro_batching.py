@@ -34,7 +34,7 @@ from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 
 from alpa_lite._jax_compat import optimization_barrier_primitive
-from alpa_lite.cost.rules import ELEMENTWISE_PRIMITIVES
+from alpa_lite.cost.rules import is_elementwise
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
 from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
@@ -104,7 +104,6 @@ _SHAPE_ONLY = {prims.reshape_p, prims.squeeze_p, prims.broadcast_in_dim_p, prims
 _REDUCTIONS = {prims.reduce_sum_p: _Kind.SUM, prims.reduce_max_p: _Kind.MAX,
                prims.reduce_min_p: _Kind.MIN, prims.reduce_or_p: _Kind.MAX,
                prims.reduce_and_p: _Kind.MIN}
-_ELEMENTWISE = frozenset(ELEMENTWISE_PRIMITIVES)
 _MARKERS = (layer_boundary_p, manual_boundary_p)
 
 
@@ -340,7 +339,7 @@ class _Analysis:
         if out_dim < 0:
             return _OPAQUE
         first, first_v = batch_ins[0]
-        if prim in _ELEMENTWISE:
+        if is_elementwise(prim):
             same = all(x.dim == first.dim and x.group == first.group for x, _ in batch_ins)
             return _Val(_Kind.BATCH, dim=out_dim, group=first.group) if same else _OPAQUE
         if prim is prims.broadcast_in_dim_p and len(batch_ins) == 1:

@@ -47,12 +47,19 @@ class CostRule(Protocol):
 
 
 _COST_RULES: dict[object, CostRule] = {}
+# (predicate, rule): the rule of every primitive without one of its own that the predicate
+# accepts (e.g. elementwise primitives a newer jax adds).
+_DERIVED_RULES: list[tuple[Callable[[object], bool], CostRule]] = []
 
 
-def register_cost_rule(*primitives) -> Callable[[CostRule], CostRule]:
-    """Decorator registering a cost rule for ``primitives`` (primitive objects, not names)."""
+def register_cost_rule(*primitives, derived: Callable[[object], bool] | None = None
+                       ) -> Callable[[CostRule], CostRule]:
+    """Decorator registering a cost rule for ``primitives`` (primitive objects, not names)
+    and, with ``derived``, for every other primitive that ``derived(primitive)`` accepts."""
 
     def register(rule: CostRule) -> CostRule:
+        if derived is not None:
+            _DERIVED_RULES.append((derived, rule))
         for primitive in primitives:
             if primitive in _COST_RULES:
                 raise ValueError(
@@ -65,8 +72,15 @@ def register_cost_rule(*primitives) -> Callable[[CostRule], CostRule]:
     return register
 
 
+def _rule_for(primitive) -> CostRule | None:
+    rule = _COST_RULES.get(primitive)
+    if rule is None:
+        rule = next((r for accepts, r in _DERIVED_RULES if accepts(primitive)), None)
+    return rule
+
+
 def has_cost_rule(primitive) -> bool:
-    return primitive in _COST_RULES
+    return _rule_for(primitive) is not None
 
 
 def nbytes(*avals) -> float:
@@ -122,7 +136,7 @@ def _dtype_name(aval) -> str:
 
 def estimate_op_cost(primitive, params: dict, avals_in, avals_out) -> OpCost:
     """The cost of one equation (the fallback when no rule is registered)."""
-    rule = _COST_RULES.get(primitive)
+    rule = _rule_for(primitive)
     if rule is None:
         return OpCost(hbm_bytes=nbytes(*avals_in, *avals_out))
     ctx = RuleContext(primitive=primitive, avals_in=tuple(avals_in), avals_out=tuple(avals_out))

@@ -11,10 +11,14 @@ import math
 
 from jax.extend.core import primitives as prims
 
+from alpa_lite._jax_compat import batched_elementwise
 from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
 from alpa_lite.cost.registry import OpCost, RuleContext, estimate_op_cost, nbytes, register_cost_rule
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
 
+# Elementwise primitives jax does not batch with its generic elementwise batchers (select_n,
+# clamp, convert_element_type, stop_gradient, ...) or that older jax releases batch otherwise.
+# Any other primitive that jax batches elementwise is found by `is_elementwise`.
 ELEMENTWISE_PRIMITIVES = (
     prims.add_p, prims.sub_p, prims.mul_p, prims.div_p, prims.max_p, prims.min_p, prims.pow_p,
     prims.rem_p, prims.atan2_p, prims.nextafter_p, prims.add_jaxvals_p,
@@ -33,6 +37,27 @@ ELEMENTWISE_PRIMITIVES = (
     prims.bitcast_convert_type_p, prims.threefry2x32_p,
 )
 
+_ELEMENTWISE = frozenset(ELEMENTWISE_PRIMITIVES)
+
+
+def is_elementwise(primitive) -> bool:
+    """Is ``primitive`` elementwise: results of the operands' shape, element i of each result
+    read from element i of each operand (lax broadcasts scalars and size-1 dims)?
+
+    The hand-kept `ELEMENTWISE_PRIMITIVES`, or any primitive jax itself batches as
+    elementwise (`batched_elementwise`), except PRNG key primitives (``random_bits`` and its
+    kin change shapes; they are replicated on purpose). A primitive a new jax release adds
+    (``one_minus_square`` in 0.12) is elementwise here without an entry.
+
+    Example:
+        >>> is_elementwise(prims.tanh_p), is_elementwise(prims.dot_general_p)
+        (True, False)
+    """
+    if primitive in _ELEMENTWISE:
+        return True
+    return not primitive.name.startswith("random_") and batched_elementwise(primitive)
+
+
 DATA_MOVEMENT_PRIMITIVES = (
     prims.broadcast_in_dim_p, prims.reshape_p, prims.squeeze_p, prims.transpose_p,
     prims.slice_p, prims.pad_p, prims.concatenate_p, prims.rev_p, prims.iota_p,
@@ -44,10 +69,15 @@ DATA_MOVEMENT_PRIMITIVES = (
 
 # XLA fuses these into the loop of the operator they feed (or read from): they move no bytes
 # of their own through device memory, so the roofline prices their flops only.
-FUSED_PRIMITIVES = ELEMENTWISE_PRIMITIVES + (
+_FUSED_LAYOUT_OPS = frozenset((
     prims.broadcast_in_dim_p, prims.reshape_p, prims.squeeze_p, prims.iota_p,
     grad_boundary_p, layer_boundary_p, manual_boundary_p,
-)
+))
+
+
+def is_fused(primitive) -> bool:
+    """Elementwise operators, broadcasts, reshapes, iotas and our markers: XLA fuses them."""
+    return primitive in _FUSED_LAYOUT_OPS or is_elementwise(primitive)
 
 # Operators that stay kernels of their own after XLA's fusion (matmuls, convolutions,
 # reductions, gathers and scatters, sorts): each pays a per-kernel latency (`op_latency_s`).
@@ -66,7 +96,7 @@ REDUCTION_PRIMITIVES = (
 )
 
 
-@register_cost_rule(*ELEMENTWISE_PRIMITIVES)
+@register_cost_rule(*ELEMENTWISE_PRIMITIVES, derived=is_elementwise)
 def _elementwise_cost(ctx: RuleContext, **_) -> OpCost:
     out = ctx.avals_out[0]
     return OpCost(flops=float(math.prod(out.shape)), hbm_bytes=nbytes(*ctx.avals_in, *ctx.avals_out))

@@ -26,11 +26,12 @@ import dataclasses
 import itertools
 import math
 import time
-import warnings
 
 import numpy as np
 import pulp
 
+from alpa_lite._pulp_compat import affine, bundled_cbc
+from alpa_lite._pulp_compat import solve as solve_model
 from alpa_lite.errors import InfeasiblePlanError
 
 _MAX_MEMORY_ROUNDS = 8
@@ -287,15 +288,15 @@ class _ModelBuilder:
                 continue
             vars_g = [model.add_variable(f"s{g}_{k}", 0, 1, cat="Binary") for k in range(len(costs))]
             self.s_vars.append(vars_g)
-            model += pulp.LpAffineExpression([(x, 1.0) for x in vars_g]) == 1
+            model += affine([(x, 1.0) for x in vars_g]) == 1
             objective.extend((x, float(c)) for x, c in zip(vars_g, costs) if c)
         for i, (u, v, row_of, col_of, class_costs) in enumerate(self.edges):
             objective.extend(self._edge_terms(model, i, u, v, row_of, col_of, class_costs))
         if minimise_peak:
             peak = model.add_variable("peak", 0, None)
-            model += pulp.LpAffineExpression([(peak, 1.0)])
+            model += affine([(peak, 1.0)])
         else:
-            model += pulp.LpAffineExpression(objective)
+            model += affine(objective)
         budget_var = peak if minimise_peak else None
         for t in sorted(points):
             self._add_memory_constraint(model, t, budget_var)
@@ -309,11 +310,11 @@ class _ModelBuilder:
         for a in range(n_rows):
             terms = [(e[a][b], 1.0) for b in range(n_cols)]
             terms += [(su[p], -1.0) for p in np.flatnonzero(row_of == a)]
-            model += pulp.LpAffineExpression(terms) == 0
+            model += affine(terms) == 0
         for b in range(n_cols):
             terms = [(e[a][b], 1.0) for a in range(n_rows)]
             terms += [(sv[q], -1.0) for q in np.flatnonzero(col_of == b)]
-            model += pulp.LpAffineExpression(terms) == 0
+            model += affine(terms) == 0
         return [(e[a][b], float(class_costs[a, b]))
                 for a in range(n_rows) for b in range(n_cols) if class_costs[a, b]]
 
@@ -332,7 +333,7 @@ class _ModelBuilder:
         for i, term in enumerate(self.problem.memory_pair_terms):
             if term.first_point <= t <= term.last_point:
                 constant += self._add_pair_coeffs(model, i, term, coeffs)
-        expr = pulp.LpAffineExpression(list(coeffs.items()))
+        expr = affine(list(coeffs.items()))
         if budget_var is None:
             model += expr <= self.problem.memory_budget_bytes - constant
         else:
@@ -354,7 +355,7 @@ class _ModelBuilder:
             # appears on the left of <= constraints.
             y = model.add_variable(f"m{index}", 0, None)
             for p, q in zip(*np.nonzero(matrix)):
-                model += pulp.LpAffineExpression(
+                model += affine(
                     [(y, 1.0), (src[p], -matrix[p, q]), (dst[q], -matrix[p, q])]
                 ) >= -float(matrix[p, q])
             self.pair_vars[index] = y
@@ -394,20 +395,19 @@ def _make_solver(solver: str, time_limit_s: float):
     coin = pulp.COIN_CMD(msg=False, timeLimit=time_limit_s)
     if coin.available():
         return coin, "cbc"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s), "cbc"
+    cbc = bundled_cbc(time_limit_s)
+    if cbc is None:
+        raise RuntimeError(
+            "No MILP solver found: expected HiGHS (pip install highspy) or CBC (a `cbc` binary "
+            f"on PATH); PuLP {pulp.__version__} bundles neither.")
+    return cbc, "cbc"
 
 
 def _run_solver(model, builder, time_limit_s, solver):
     backend, name = _make_solver(solver, time_limit_s)
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model.solve(backend)
+    status = solve_model(model, backend)
     elapsed = time.perf_counter() - start
-    if model.status == pulp.LpStatusInfeasible:
+    if status == "infeasible":
         return None, "infeasible", elapsed, name
-    # pulp reports "Optimal" for CBC runs cut by the time limit; sol_status tells them apart.
-    status = "optimal" if model.sol_status == pulp.LpSolutionOptimal else "time_limit"
     return builder.decode(), status, elapsed, name

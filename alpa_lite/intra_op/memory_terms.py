@@ -36,25 +36,36 @@ import numpy as np
 from jax.extend.core import primitives as prims
 
 from alpa_lite.cost.collectives import Collective
-from alpa_lite.cost.rules import FUSED_PRIMITIVES
+from alpa_lite.cost.rules import is_fused
 from alpa_lite.intra_op.ilp import MemoryPairTerm, MemoryTerm
 from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.intra_op.strategies import spec_shards
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
 
 # Operators XLA fuses into their consumers (loop fusion): their results need no buffer when
-# every reader can take them fused. Wider than the compute model's `FUSED_PRIMITIVES`:
-# a fused transpose, slice, pad or concatenation still moves its bytes (priced as time) but
-# holds no buffer of its own.
-# (The markers in `FUSED_PRIMITIVES` are transparent: the planner looks through them.)
-FUSIBLE_PRIMITIVES = (frozenset(FUSED_PRIMITIVES) - {
-    grad_boundary_p, layer_boundary_p, manual_boundary_p}) | {
-    prims.transpose_p, prims.slice_p, prims.pad_p, prims.concatenate_p, prims.rev_p}
-# Readers that take a fusible producer into their own fusion (loop and reduction fusions).
-FUSING_READERS = FUSIBLE_PRIMITIVES | {
+# every reader can take them fused. Wider than the compute model's `is_fused`: a fused
+# transpose, slice, pad or concatenation still moves its bytes (priced as time) but holds no
+# buffer of its own. (The markers `is_fused` accepts are transparent: the planner looks
+# through them.)
+_MARKERS = frozenset((grad_boundary_p, layer_boundary_p, manual_boundary_p))
+_FUSIBLE_DATA_MOVEMENT = frozenset((
+    prims.transpose_p, prims.slice_p, prims.pad_p, prims.concatenate_p, prims.rev_p))
+# Reductions take a fusible producer into their own (reduction) fusion.
+_FUSING_REDUCTIONS = frozenset((
     prims.reduce_sum_p, prims.reduce_max_p, prims.reduce_min_p, prims.reduce_prod_p,
     prims.reduce_and_p, prims.reduce_or_p, prims.argmax_p, prims.argmin_p,
-}
+))
+
+
+def is_fusible(primitive) -> bool:
+    """Does XLA fuse ``primitive``'s result into its consumer (no buffer of its own)?"""
+    return ((is_fused(primitive) and primitive not in _MARKERS)
+            or primitive in _FUSIBLE_DATA_MOVEMENT)
+
+
+def fuses_its_producer(primitive) -> bool:
+    """Does a reader with ``primitive`` take a fusible producer into its own fusion?"""
+    return is_fusible(primitive) or primitive in _FUSING_REDUCTIONS
 
 
 def find_fused_values(graph, is_transparent) -> set[int]:
@@ -75,11 +86,11 @@ def find_fused_values(graph, is_transparent) -> set[int]:
     outputs = {v for v in graph.outputs if isinstance(v, int)}
     fused = set()
     for node in graph.nodes:
-        if node.primitive not in FUSIBLE_PRIMITIVES or is_transparent(node.primitive):
+        if not is_fusible(node.primitive) or is_transparent(node.primitive):
             continue
         for vid in node.outvars:
             users = list(readers.get(vid, {}).values())
-            if vid not in outputs and len(users) == 1 and users[0] in FUSING_READERS:
+            if vid not in outputs and len(users) == 1 and fuses_its_producer(users[0]):
                 fused.add(vid)
     return fused
 

@@ -8,7 +8,7 @@ import time
 from typing import Sequence
 
 from alpa_lite.cost import compute_dtype_name, estimate_op_cost
-from alpa_lite.cost.rules import FUSED_PRIMITIVES, KERNEL_PRIMITIVES
+from alpa_lite.cost.rules import KERNEL_PRIMITIVES, is_fused
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.ilp import solve_sharding_problem
 from alpa_lite.intra_op.layer_sharing import (build_layer_classes, build_quotient_problem,
@@ -108,7 +108,7 @@ def estimate_unit_compute_s(graph: OpGraph, mesh: LogicalMesh, node_index: int, 
 
     Its flops and memory bytes are both divided by the strategy's ``work_divisor`` (the
     number of devices sharing the work); it computes in `compute_dtype_name` of its values.
-    Operators XLA fuses into their neighbours (`FUSED_PRIMITIVES`: elementwise ops,
+    Operators XLA fuses into their neighbours (`is_fused`: elementwise ops,
     broadcasts, reshapes) are priced by their flops only: their bytes never reach memory.
     Operators that remain kernels of their own after fusion (`KERNEL_PRIMITIVES`: matmuls,
     reductions, gathers, ...) also pay the mesh's ``op_latency_s``.
@@ -116,7 +116,7 @@ def estimate_unit_compute_s(graph: OpGraph, mesh: LogicalMesh, node_index: int, 
     node = graph.nodes[node_index]
     avals_in = tuple(v.aval if not isinstance(v, int) else graph.avals[v] for v in node.invars)
     avals_out = tuple(graph.avals[v] for v in node.outvars)
-    fused = node.primitive in FUSED_PRIMITIVES
+    fused = is_fused(node.primitive)
     hbm_bytes = 0.0 if fused else estimate_op_cost(
         node.primitive, node.params, avals_in, avals_out).hbm_bytes
     divisor = max(work_divisor, 1)

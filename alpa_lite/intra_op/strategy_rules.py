@@ -17,7 +17,7 @@ from jax.extend.core import primitives as prims
 
 from alpa_lite._jax_compat import key_wrapping_primitives, split_primitive
 from alpa_lite.cost.registry import itemsize as dtype_itemsize
-from alpa_lite.cost.rules import ELEMENTWISE_PRIMITIVES
+from alpa_lite.cost.rules import ELEMENTWISE_PRIMITIVES, is_elementwise
 from alpa_lite.errors import UnsupportedPrimitiveError
 from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
 from alpa_lite.intra_op.strategies import (FactorRule, Strategy, enumerate_factor_strategies,
@@ -37,6 +37,9 @@ class StrategyContext:
 
 StrategyRule = Callable[[StrategyContext], "FactorRule | list[Strategy] | None"]
 _STRATEGY_RULES: dict[object, StrategyRule] = {}
+# (predicate, rule): the rule of every primitive without one of its own that the predicate
+# accepts (elementwise primitives a newer jax adds).
+_DERIVED_RULES: list[tuple[Callable[[object], bool], StrategyRule]] = []
 
 # Primitives that are replicated on purpose (not a missing rule): control flow and RNG state.
 REPLICATED_BY_DESIGN = {
@@ -53,10 +56,14 @@ def is_replicated_by_design(primitive) -> bool:
     return primitive in REPLICATED_BY_DESIGN or primitive in key_wrapping_primitives()
 
 
-def register_strategy_rule(*primitives) -> Callable[[StrategyRule], StrategyRule]:
-    """Decorator registering a strategy rule for ``primitives`` (objects, not names)."""
+def register_strategy_rule(*primitives, derived: Callable[[object], bool] | None = None
+                           ) -> Callable[[StrategyRule], StrategyRule]:
+    """Decorator registering a strategy rule for ``primitives`` (objects, not names) and,
+    with ``derived``, for every other primitive that ``derived(primitive)`` accepts."""
 
     def register(rule: StrategyRule) -> StrategyRule:
+        if derived is not None:
+            _DERIVED_RULES.append((derived, rule))
         for primitive in primitives:
             if primitive in _STRATEGY_RULES:
                 raise ValueError(f"A strategy rule for {primitive.name!r} is already registered.")
@@ -66,13 +73,20 @@ def register_strategy_rule(*primitives) -> Callable[[StrategyRule], StrategyRule
     return register
 
 
+def _rule_for(primitive) -> StrategyRule | None:
+    rule = _STRATEGY_RULES.get(primitive)
+    if rule is None and not is_replicated_by_design(primitive):
+        rule = next((r for accepts, r in _DERIVED_RULES if accepts(primitive)), None)
+    return rule
+
+
 def has_strategy_rule(primitive) -> bool:
-    return primitive in _STRATEGY_RULES or is_replicated_by_design(primitive)
+    return _rule_for(primitive) is not None or is_replicated_by_design(primitive)
 
 
 def build_node_rule(ctx: StrategyContext) -> "FactorRule | list[Strategy] | None":
     """The registered rule's answer for one operator (None: no rule, or it declined)."""
-    rule = _STRATEGY_RULES.get(ctx.primitive)
+    rule = _rule_for(ctx.primitive)
     return rule(ctx) if rule is not None else None
 
 
@@ -154,9 +168,12 @@ def _loop_border_strategies(ctx: StrategyContext):
 # --- elementwise and data movement -----------------------------------------------------------
 
 
-@register_strategy_rule(*ELEMENTWISE_PRIMITIVES, prims.sharding_constraint_p)
+@register_strategy_rule(*ELEMENTWISE_PRIMITIVES, prims.sharding_constraint_p,
+                        derived=is_elementwise)
 def _elementwise_strategies(ctx: StrategyContext):
     shape = ctx.avals_out[0].shape
+    if any(a.shape != shape for a in ctx.avals_out):
+        return None
     names, sizes = _dims("d", shape)
     operands = []
     for aval in ctx.avals_in:
