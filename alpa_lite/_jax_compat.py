@@ -130,3 +130,33 @@ def batched_elementwise(primitive) -> bool:
     func = getattr(rule, "func", None)  # both generic batchers are functools.partials
     return func in (getattr(batching, "vectorized_batcher", None),
                     getattr(batching, "broadcast_batcher", None)) and func is not None
+
+
+def source_line(source_info) -> str:
+    """The user's line an equation came from, as jax prints it (``file.py:12:4 (fn)``);
+    ``""`` when unknown."""
+    if source_info is None:
+        return ""
+    from jax._src import source_info_util
+
+    try:
+        return source_info_util.summarize(source_info)
+    except Exception:  # a source_info layout this jax does not summarize
+        return ""
+
+
+@functools.cache
+def tile_primitive():
+    """The primitive behind `jnp.tile` (jax exports none), or None where it lowers to others."""
+    jaxpr = jax.make_jaxpr(lambda x: jnp.tile(x, (2, 1)))(jax.ShapeDtypeStruct((1, 2), jnp.float32))
+    eqns = jaxpr.eqns
+    return eqns[0].primitive if len(eqns) == 1 and eqns[0].primitive.name == "tile" else None
+
+
+def equation_context(eqn):
+    """A context in which re-binding ``eqn``'s primitive keeps its source line and name stack
+    (the user's line in error messages, module names for layer construction)."""
+    from jax._src import source_info_util
+
+    return source_info_util.user_context(eqn.source_info.traceback,
+                                         name_stack=eqn.source_info.name_stack)

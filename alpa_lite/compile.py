@@ -35,6 +35,7 @@ from alpa_lite.intra_op.problem import InputRole, SpecPolicy
 from alpa_lite.layers import build_layer_transform
 from alpa_lite.markers import layer_construction
 from alpa_lite.mesh import LogicalMesh
+from alpa_lite.gradient_boundary import has_grad_boundary, mark_gradient_boundary
 from alpa_lite.micro_batching import MicroBatchPlan, build_micro_batch_plan
 from alpa_lite.plan import ParallelPlan, StagePlan
 from alpa_lite.trace import (TracedFunction, abstractify, rebuild_args, split_static_args,
@@ -304,14 +305,24 @@ def trace_step(fun: Callable, args: Sequence, step: StepSpec, num_micro_batches:
     with layer_construction(transform):
         traced = trace_function(fun, trace_args, static_argnums=step.static_argnums,
                                 batch_leaves=mask)
-    graph = build_op_graph(traced.closed_jaxpr)
-    micro = None
-    if k > 1 and analyse:
+    marked = has_grad_boundary(traced.closed_jaxpr.jaxpr)
+    if layer_option is not None and not marked:
+        raise InvalidConfigError(
+            "PipeshardParallel builds its layers into the loss function as it is "
+            "differentiated, so it needs the gradient taken with alpa_lite.value_and_grad or "
+            "alpa_lite.grad (drop-ins for jax.value_and_grad / jax.grad); this step calls "
+            "neither. Replace the call, or use ShardParallel(num_micro_batches=...), which "
+            "finds the gradient boundary of a jax.value_and_grad step itself.")
+    micro = full = None
+    if k > 1 and (analyse or not marked):
         same_layers = None if layer_option is None else build_layer_transform(
             layer_option, starts=record.get("starts"), remat_layers=record.get("remat_layers"))
         with layer_construction(same_layers):
             full = trace_function(fun, args, static_argnums=step.static_argnums,
                                   batch_leaves=mask)
+        traced, full = mark_gradient_boundary(traced, full)
+    graph = build_op_graph(traced.closed_jaxpr)
+    if k > 1 and analyse:
         micro = build_micro_batch_plan(graph, build_op_graph(full.closed_jaxpr), k, list(mask))
     return traced, graph, micro
 

@@ -32,6 +32,7 @@ from jax.extend.core import primitives as prims
 from alpa_lite._jax_compat import (
     optimization_barrier_primitive,
     scan_operand_counts,
+    source_line,
     while_operand_counts,
 )
 from alpa_lite.loop_regions import LoopRegion, fixed_trip_count, loop_enter_p, loop_exit_p
@@ -60,10 +61,16 @@ class OpNode:
     outvars: tuple[int, ...]
     name_stack: str = ""
     repeat: int = 1
+    source_info: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
         return self.primitive.name
+
+    @property
+    def source_line(self) -> str:
+        """Where the user's code made this operator (``file.py:12 (fn)``), for errors."""
+        return source_line(self.source_info)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -150,6 +157,7 @@ class _GraphBuilder:
         self.consts: list[tuple[int, Any]] = []
         self.loops: list[LoopRegion] = []
         self.repeat = 1
+        self.source_info = None  # of the equation being inlined
         self.loop_stack: list[int] = []  # open regions, as indices into ``self.loops``
 
     def new_value(self, aval, producer: int = -1) -> int:
@@ -169,10 +177,13 @@ class _GraphBuilder:
         return env[atom]
 
     def inline(self, jaxpr: jcore.Jaxpr, env: dict, prefix: str) -> list:
+        outer_source = self.source_info
         for eqn in jaxpr.eqns:
             invals = [self.read(env, v) for v in eqn.invars]
             name = _join(prefix, str(eqn.source_info.name_stack))
+            self.source_info = eqn.source_info
             outs = self.inline_eqn(eqn, invals, name)
+            self.source_info = outer_source
             for var, val in zip(eqn.outvars, outs):
                 env[var] = val
         return [self.read(env, v) for v in jaxpr.outvars]
@@ -200,7 +211,7 @@ class _GraphBuilder:
     def add_node(self, primitive, params, invals, out_avals, name: str) -> list[int]:
         outvars = tuple(self.new_value(a, len(self.nodes)) for a in out_avals)
         self.nodes.append(OpNode(len(self.nodes), primitive, params, tuple(invals), outvars,
-                                 name, self.repeat))
+                                 name, self.repeat, self.source_info))
         return list(outvars)
 
     def inline_scan(self, eqn, invals, name: str) -> list:

@@ -7,20 +7,12 @@ boundary, the `Combine` rule that reproduces the full-batch value from the k mic
 values, and the random draws whose shape contains the batch (each micro-batch must draw its
 own rows of the full-batch stream).
 
-The analysis runs over both graphs in lockstep with one abstract value per variable:
-
-* ``CONST``: independent of the batch; scalar constants keep their value in both traces, so a
-  divisor that is the batch size (``jnp.mean``) is told apart from a fixed number.
-* ``BATCH``: per-example: along one dim (the only dim whose full size is k times its micro
-  size) each group of ``group`` consecutive elements depends on one example only.
-* ``SUM``: ``c * sum over examples`` (+ a batch-independent offset when ``affine``); ``ratio``
-  is the full-batch ``c`` over the micro-batch ``c``: 1 for a sum, 1/k for a mean.
-* ``MAX`` / ``MIN``: a maximum / minimum over examples.
-* ``OPAQUE``: depends on the batch in any other way (a ratio of sums, BatchNorm statistics
-  feeding back into examples, a slice of the batch, ...): no exact combination is known.
-
-Gradients combine like the loss they differentiate (differentiation is linear), so only the
-loss and the aux values are classified; the loss must be a sum or a mean.
+The analysis runs over both graphs in lockstep with one abstract value per variable
+(`alpa_lite.batch_rules.Val`: constant, per-example, a scaled sum over examples, a maximum or
+minimum over examples, or opaque), whose per-primitive rules live in `alpa_lite.batch_rules`.
+Per-example values carry their scale's change from micro-batch to full batch, so gradients
+are classified directly: a mean loss seeds its backward pass with 1 / batch_size, and the
+gradient comes out a sum scaled by 1/k from micro-batch to full batch, i.e. a mean.
 """
 
 from __future__ import annotations
@@ -33,8 +25,9 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 
-from alpa_lite._jax_compat import optimization_barrier_primitive
-from alpa_lite.cost.rules import is_elementwise
+from alpa_lite._jax_compat import optimization_barrier_primitive, tile_primitive
+from alpa_lite.batch_rules import (Kind, RuleContext, Val, apply_batch_rule, opaque,
+                                   per_example, scale_of)
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
 from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
@@ -77,33 +70,13 @@ class MicroBatchPlan:
     random_dims: dict[int, int]
 
 
-class _Kind(enum.Enum):
-    CONST = 0
-    BATCH = 1
-    SUM = 2
-    MAX = 3
-    MIN = 4
-    OPAQUE = 5
-
-
-@dataclasses.dataclass(frozen=True)
-class _Val:
-    kind: _Kind
-    dim: int = -1               # BATCH: batch dim
-    group: int = 1              # BATCH: consecutive elements per example along dim
-    ratio: float = 1.0          # SUM: full-batch scale / micro-batch scale
-    affine: bool = False        # SUM: has a batch-independent offset
-    invariant: bool = True      # CONST: equal in both traces
-    num: tuple | None = None    # CONST: (micro, full) value when every element is one number
-
-
-_OPAQUE = _Val(_Kind.OPAQUE)
+_OPAQUE = Val(Kind.OPAQUE)
 _IDENTITY = {prims.copy_p, prims.stop_gradient_p, prims.reduce_precision_p, layer_boundary_p,
              manual_boundary_p, grad_boundary_p}
 _SHAPE_ONLY = {prims.reshape_p, prims.squeeze_p, prims.broadcast_in_dim_p, prims.transpose_p}
-_REDUCTIONS = {prims.reduce_sum_p: _Kind.SUM, prims.reduce_max_p: _Kind.MAX,
-               prims.reduce_min_p: _Kind.MIN, prims.reduce_or_p: _Kind.MAX,
-               prims.reduce_and_p: _Kind.MIN}
+_REDUCTIONS = {prims.reduce_sum_p: Kind.SUM, prims.reduce_max_p: Kind.MAX,
+               prims.reduce_min_p: Kind.MIN, prims.reduce_or_p: Kind.MAX,
+               prims.reduce_and_p: Kind.MIN}
 _MARKERS = (layer_boundary_p, manual_boundary_p)
 
 
@@ -132,17 +105,24 @@ def build_micro_batch_plan(micro: OpGraph, full: OpGraph, num_micro_batches: int
             "independent of the batch size, or set num_micro_batches=None.")
     analysis = _Analysis(micro, full, num_micro_batches)
     for v, is_batch in zip(micro.inputs, batch_inputs):
-        analysis.values[v] = _Val(_Kind.BATCH, dim=0) if is_batch else _Val(_Kind.CONST)
+        analysis.values[v] = Val(Kind.BATCH, dim=0) if is_batch else Val(Kind.CONST)
     for (v, value), (_, full_value) in zip(micro.consts, full.consts):
         same = np.shape(value) == np.shape(full_value) and np.array_equal(value, full_value)
-        analysis.values[v] = _Val(_Kind.CONST) if same else _OPAQUE
+        analysis.values[v] = Val(Kind.CONST) if same else Val(Kind.OPAQUE, origin=(
+            None, "a constant array of the step that differs between the micro-batch and the "
+                  "full-batch trace"))
     full_of = {n.index: f for n, f in zip(micro_ops, full_ops)}
-    for node in micro.nodes:
+    i = 0
+    while i < len(micro.nodes):
+        node = micro.nodes[i]
         if node.primitive in _MARKERS:
             analysis.values.update(zip(node.outvars, (analysis.operand(v, v)
                                                       for v in node.invars)))
         else:
             analysis.visit(node, full_of[node.index])
+        # A carry that became a sum (a gradient accumulated over time steps) re-runs its loop.
+        i, analysis.rerun_from = (analysis.rerun_from, None) if analysis.rerun_from is not None \
+            else (i + 1, None)
     boundaries = [n for n in micro.nodes if n.primitive is grad_boundary_p]
     rules = {}
     for boundary in boundaries:
@@ -169,10 +149,13 @@ def _boundary_rules(boundary, analysis: "_Analysis", k: int) -> dict[int, Rule]:
         if not isinstance(v, int):
             continue
         value = analysis.values[v]
+        direct = _value_rule(value, k)
+        if role == "grad" and direct is not None and direct.combine in (
+                Combine.SUM, Combine.MEAN, Combine.SAME):
+            rules[v] = direct
+            continue
         if role == "grad":
-            if value.kind is _Kind.CONST:
-                rules[v] = Rule(Combine.SAME)
-            elif value.kind is _Kind.BATCH or loss_rule is None:
+            if value.kind is Kind.BATCH or loss_rule is None:
                 raise InvalidConfigError(
                     f"With micro-batches, the gradient {name} cannot be accumulated exactly "
                     f"({_describe(value)}). Differentiate with respect to parameters, not the "
@@ -181,11 +164,11 @@ def _boundary_rules(boundary, analysis: "_Analysis", k: int) -> dict[int, Rule]:
                 rules[v] = Rule(Combine.MEAN if loss_rule.combine is Combine.MEAN
                                 else Combine.SUM)
             continue
-        rule = _value_rule(value, k)
+        rule = direct
         if rule is None:
             raise InvalidConfigError(
-                f"With micro-batches, the value {name} returned from alpa_lite.value_and_grad "
-                f"cannot be rebuilt exactly from micro-batch values ({_describe(value)}). Return "
+                f"With micro-batches, {name} cannot be rebuilt exactly from micro-batch values "
+                f"({_describe(value)}). Return "
                 "sums, means, maxima, minima or per-example values (e.g. a masked mean as its "
                 "numerator and denominator, divided after the step), or set "
                 "num_micro_batches=None.")
@@ -193,16 +176,18 @@ def _boundary_rules(boundary, analysis: "_Analysis", k: int) -> dict[int, Rule]:
     return rules
 
 
-def _value_rule(value: _Val, k: int) -> Rule | None:
-    if value.kind is _Kind.CONST:
+def _value_rule(value: Val, k: int) -> Rule | None:
+    if value.kind is Kind.CONST:
         return Rule(Combine.SAME)
-    if value.kind is _Kind.BATCH:
-        return Rule(Combine.CONCAT, value.dim, value.group)
-    if value.kind is _Kind.MAX:
+    if value.kind is Kind.BATCH:
+        if not (value.zero or math.isclose(value.ratio, 1.0, rel_tol=1e-6)):
+            return None
+        return Rule(Combine.CONCAT, value.dim, max(value.group, 1))
+    if value.kind is Kind.MAX:
         return Rule(Combine.MAX)
-    if value.kind is _Kind.MIN:
+    if value.kind is Kind.MIN:
         return Rule(Combine.MIN)
-    if value.kind is _Kind.SUM:
+    if value.kind is Kind.SUM:
         if math.isclose(value.ratio, 1.0 / k, rel_tol=1e-6):
             return Rule(Combine.MEAN)
         if math.isclose(value.ratio, 1.0, rel_tol=1e-6) and not value.affine:
@@ -210,13 +195,21 @@ def _value_rule(value: _Val, k: int) -> Rule | None:
     return None
 
 
-def _describe(value: _Val) -> str:
-    if value.kind is _Kind.SUM:
+def _describe(value: Val) -> str:
+    if value.kind is Kind.SUM:
         offset = " plus a constant" if value.affine else ""
         return (f"it is a scaled sum over the batch{offset} whose scale changes by "
                 f"{value.ratio:g}x from micro-batch to full batch, neither a sum nor a mean")
-    if value.kind is _Kind.BATCH:
-        return "it is per-example"
+    if value.kind is Kind.BATCH:
+        return (f"it is per-example, scaled by a factor that changes {value.ratio:g}x from "
+                "micro-batch to full batch")
+    if value.kind is Kind.OPAQUE and value.origin is not None:
+        node, reason = value.origin
+        if node is None:
+            return reason
+        where = f" at {node.source_line}" if node.source_line else ""
+        return (f"its dependence on the batch could not be followed through "
+                f"`{node.primitive.name}`{where}: {reason}")
     return ("it depends on the whole batch in a way that is not a sum, mean, max or min, "
             "e.g. a ratio of sums or statistics of the batch fed back into the examples")
 
@@ -226,14 +219,18 @@ class _Analysis:
 
     def __init__(self, micro: OpGraph, full: OpGraph, k: int):
         self.micro, self.full, self.k = micro, full, k
-        self.values: dict[int, _Val] = {}
+        self.values: dict[int, Val] = {}
         self.random_dims: dict[int, int] = {}
         # A scan's carry-exit node -> the value its carry entered the body as.
         self.carry_in = {exit_: micro.nodes[enter].outvars[0] for loop in micro.loops
                          if not loop.branches
                          for enter, exit_ in zip(loop.carry_enter, loop.carry_exit)}
+        self.enter_of = {exit_: (enter, loop.first) for loop in micro.loops if not loop.branches
+                         for enter, exit_ in zip(loop.carry_enter, loop.carry_exit)}
+        self.carry_joins: dict[int, Val] = {}   # carry-enter node -> its value in every trip
+        self.rerun_from: int | None = None      # node to go back to (a loop's first)
 
-    def operand(self, v, full_v) -> _Val:
+    def operand(self, v, full_v) -> Val:
         if isinstance(v, int):
             return self.values[v]
         micro_val, full_val = np.asarray(v.val), np.asarray(full_v.val)
@@ -241,7 +238,7 @@ class _Analysis:
         num = ((float(micro_val.flat[0]), float(full_val.flat[0]))
                if micro_val.size == 1 and full_val.size == 1
                and np.issubdtype(micro_val.dtype, np.number) else None)
-        return _Val(_Kind.CONST, invariant=same, num=num)
+        return Val(Kind.CONST, invariant=same, num=num)
 
     def batch_dim(self, v: int, full_v: int) -> int | None:
         """The single dim whose full size is k times its micro size (None: none, or several)."""
@@ -261,11 +258,11 @@ class _Analysis:
         if node.primitive is loop_exit_p and node.params["kind"] == "join":
             # A cond's result: the same kind in every branch, chosen by a batch-free index.
             index, outs = ins[0], ins[1:]
-            same = all(x == outs[0] for x in outs) or all(x.kind is _Kind.CONST for x in outs)
-            result = outs[0] if all(x == outs[0] for x in outs) else _Val(
-                _Kind.CONST, invariant=all(x.invariant for x in outs))
-            self.values[node.outvars[0]] = result if same and index.kind is _Kind.CONST \
-                else _OPAQUE
+            same = all(x == outs[0] for x in outs) or all(x.kind is Kind.CONST for x in outs)
+            result = outs[0] if all(x == outs[0] for x in outs) else Val(
+                Kind.CONST, invariant=all(x.invariant for x in outs))
+            self.values[node.outvars[0]] = result if same and index.kind is Kind.CONST \
+                else opaque(node, "a cond whose branches treat the batch differently")
             return
         if node.primitive in (loop_enter_p, loop_exit_p):
             self.values[node.outvars[0]] = self.loop_border(node, ins[0])
@@ -276,85 +273,109 @@ class _Analysis:
             self.values.update(zip(node.outvars, ins))
             return
         outs = [self.batch_dim(v, fv) for v, fv in zip(node.outvars, full_node.outvars)]
-        if all(x.kind is _Kind.CONST for x in ins):
+        lost = next((x for x in ins if x.kind is Kind.OPAQUE), None)
+        if all(x.kind is Kind.CONST for x in ins):
             results = [self.const_result(node, full_node, ins, d) for d in outs]
-        elif any(x.kind is _Kind.OPAQUE for x in ins) or len(node.outvars) != 1:
-            results = [_OPAQUE] * len(node.outvars)
+        elif lost is not None:
+            results = [lost] * len(node.outvars)  # keeps where batch dependence was lost
         else:
-            results = [self.mixed_result(node, ins, outs[0])]
+            results = self.mixed_result(node, ins, outs)
         self.values.update(zip(node.outvars, results))
 
-    def loop_border(self, node, x: _Val) -> _Val:
+    def loop_border(self, node, x: Val) -> Val:
         """A scan's border: slices/stacks move the batch dim; a carry must keep its kind.
 
-        The body was analysed once, with each carry as it entered; the carry leaving an
-        iteration must be of the same kind, else the loop's result is OPAQUE (conservative).
+        The body was analysed with each carry as it entered; the carry leaving an iteration
+        must be of the same kind, else the loop's result is OPAQUE (conservative), except for
+        an accumulator (zeros in, a sum or per-example value out), whose body is analysed
+        again with the carry as it leaves.
         """
         kind = node.params["kind"]
-        if kind in ("slice", "stack") and x.kind is _Kind.BATCH:
+        if kind in ("slice", "stack") and x.kind is Kind.BATCH:
             dim = x.dim + (1 if kind == "stack" else -1)
-            return _OPAQUE if dim < 0 else dataclasses.replace(x, dim=dim)
+            return opaque(node, "a loop over the batch dim") if dim < 0 else \
+                dataclasses.replace(x, dim=dim)
+        if node.primitive is loop_enter_p and kind == "carry" and node.index in self.carry_joins:
+            return self.carry_joins[node.index]
         if node.primitive is loop_exit_p and kind == "carry":
             entered = self.values[self.carry_in[node.index]]
-            if x.kind is _Kind.CONST and entered.kind is _Kind.CONST:
-                return _Val(_Kind.CONST, invariant=x.invariant and entered.invariant)
-            return x if x == entered else _OPAQUE
+            if x.kind is Kind.CONST and entered.kind is Kind.CONST:
+                return Val(Kind.CONST, invariant=x.invariant and entered.invariant)
+            if x == entered:
+                return x
+            enter, first = self.enter_of[node.index]
+            if _starts_at_zero(entered, x) and enter not in self.carry_joins:
+                self.carry_joins[enter] = x  # analyse the body again with the carry as x
+                self.rerun_from = first
+                return x
+            return opaque(node, "a loop carry whose dependence on the batch changes between "
+                                "iterations")
         return x
 
-    def const_result(self, node, full_node, ins: list[_Val], out_dim) -> _Val:
+    def const_result(self, node, full_node, ins: list[Val], out_dim) -> Val:
         if out_dim is None:
             invariant = all(x.invariant for x in ins) and _same_params(node, full_node)
-            return _Val(_Kind.CONST, invariant=invariant, num=_fold(node, ins))
+            return Val(Kind.CONST, invariant=invariant, num=_fold(node, ins))
         if out_dim < 0:
-            return _OPAQUE
-        # A batch-shaped value made from constants: rows are alike unless made along the batch.
+            return opaque(node, "a result whose shape changes with the batch size in more "
+                                "than one dim")
+        # A batch-shaped value made from constants: rows are alike unless made along the
+        # batch, each row the constant (a cotangent seeded with 1 / batch_size, say).
         if node.primitive is prims.random_bits_p:
             self.random_dims[node.index] = out_dim
-            return _Val(_Kind.BATCH, dim=out_dim)
+            return Val(Kind.BATCH, dim=out_dim)
         if node.primitive is prims.broadcast_in_dim_p:
             dims = node.params["broadcast_dimensions"]
             operand_shape = np.shape(node.invars[0].val) if not isinstance(
                 node.invars[0], int) else self.micro.avals[node.invars[0]].shape
             if out_dim not in dims or operand_shape[dims.index(out_dim)] == 1:
-                return _Val(_Kind.BATCH, dim=out_dim)  # broadcast along the batch: rows alike
+                row = per_example(out_dim, 0, scale_of(ins[0]))
+                return row if row is not None else opaque(
+                    node, "a constant broadcast along the batch whose value changes with the "
+                          "batch size in no proportional way")
+        if node.primitive is tile_primitive():  # a parameter tiled to the batch (CLS token)
+            operand_shape = self.micro.avals[node.invars[0]].shape if isinstance(
+                node.invars[0], int) else np.shape(node.invars[0].val)
+            if operand_shape[out_dim] == 1:
+                row = per_example(out_dim, 0, scale_of(ins[0]))
+                if row is not None:
+                    return row
         if node.primitive is prims.iota_p and node.params["dimension"] != out_dim:
-            return _Val(_Kind.BATCH, dim=out_dim)
-        return _OPAQUE
+            return Val(Kind.BATCH, dim=out_dim, group=0)
+        return opaque(node, "a batch-sized value made along the batch dim from constants")
 
-    def mixed_result(self, node, ins: list[_Val], out_dim) -> _Val:
-        kinds = {x.kind for x in ins} - {_Kind.CONST}
-        if _Kind.BATCH in kinds:
+    def mixed_result(self, node, ins: list[Val], out_dims: list) -> list[Val]:
+        kinds = {x.kind for x in ins} - {Kind.CONST}
+        if Kind.BATCH in kinds:
             if len(kinds) > 1:
-                return _OPAQUE  # batch statistics mixed back into examples (e.g. BatchNorm)
-            return self.batch_result(node, ins, out_dim)
-        if out_dim is not None:
-            return _OPAQUE
-        return _reduced_result(node, ins, self.micro)
+                return [opaque(node, "a value reduced over the batch mixed back into "
+                                     "per-example values (batch statistics, e.g. BatchNorm "
+                                     "in training mode)")] * len(node.outvars)
+            ctx = RuleContext(node=node, ins=ins, out_dims=out_dims,
+                              avals_in=[self.micro.avals[v] if isinstance(v, int) else v.aval
+                                        for v in node.invars],
+                              avals_out=[self.micro.avals[v] for v in node.outvars])
+            return apply_batch_rule(ctx)
+        if any(d is not None for d in out_dims) or len(node.outvars) != 1:
+            return [opaque(node, "a batch-sized result of values reduced over the batch")] * \
+                len(node.outvars)
+        result = _reduced_result(node, ins, self.micro)
+        if result.kind is Kind.OPAQUE:
+            return [opaque(node, "an operation on values reduced over the batch that no "
+                                 "combination of micro-batch results reproduces (e.g. a "
+                                 "ratio of two sums, or a sum rescaled by a batch-size "
+                                 "dependent number other than 1/batch_size)")]
+        return [result]
 
-    def batch_result(self, node, ins: list[_Val], out_dim) -> _Val:
-        prim = node.primitive
-        batch_ins = [(x, v) for x, v in zip(ins, node.invars) if x.kind is _Kind.BATCH]
-        if out_dim is None:  # the batch dim was reduced away
-            return _batch_reduction(node, ins)
-        if out_dim < 0:
-            return _OPAQUE
-        first, first_v = batch_ins[0]
-        if is_elementwise(prim):
-            same = all(x.dim == first.dim and x.group == first.group for x, _ in batch_ins)
-            return _Val(_Kind.BATCH, dim=out_dim, group=first.group) if same else _OPAQUE
-        if prim is prims.broadcast_in_dim_p and len(batch_ins) == 1:
-            moved = node.params["broadcast_dimensions"][first.dim] == out_dim
-            return _Val(_Kind.BATCH, dim=out_dim, group=first.group) if moved else _OPAQUE
-        if prim is prims.transpose_p:
-            moved = node.params["permutation"].index(first.dim) == out_dim
-            return _Val(_Kind.BATCH, dim=out_dim, group=first.group) if moved else _OPAQUE
-        if len(batch_ins) == 1 and prim in _SHAPE_ONLY:
-            group = _reshaped_group(self.micro.avals[first_v].shape,
-                                    self.micro.avals[node.outvars[0]].shape, first, out_dim)
-            return _OPAQUE if group is None else _Val(_Kind.BATCH, dim=out_dim, group=group)
-        if _keeps_batch_dim(node, ins, self.micro):
-            return _Val(_Kind.BATCH, dim=out_dim, group=first.group)
-        return _OPAQUE
+
+def _starts_at_zero(entered: Val, left: Val) -> bool:
+    """A carry that enters the loop as zeros and leaves as a sum or per-example value (an
+    accumulator): every trip sees that kind, so the body is analysed again with it."""
+    if left.kind is Kind.SUM:
+        return entered.kind is Kind.CONST and entered.num == (0.0, 0.0)
+    if left.kind is Kind.BATCH:
+        return entered.kind is Kind.BATCH and entered.zero and entered.dim == left.dim
+    return False
 
 
 def _same_params(node, full_node) -> bool:
@@ -370,7 +391,7 @@ def _same_params(node, full_node) -> bool:
     return True
 
 
-def _fold(node, ins: list[_Val]) -> tuple | None:
+def _fold(node, ins: list[Val]) -> tuple | None:
     """(micro, full) value of a scalar-valued constant op, when every operand has one."""
     nums = [x.num for x in ins]
     if any(n is None for n in nums):
@@ -389,92 +410,11 @@ def _fold(node, ins: list[_Val]) -> tuple | None:
     return None
 
 
-def _reshaped_group(in_shape, out_shape, value: _Val, out_dim: int) -> int | None:
-    """Group size after a shape-only op, or None when examples no longer stay apart.
-
-    Examples keep their elements together when the batch dim stays the major part of the
-    dims it is merged with (``(b, s) -> (b * s)``, not ``(s, b) -> (s * b)``).
-    """
-    d, g = value.dim, value.group
-    if math.prod(in_shape[:d]) != math.prod(out_shape[:out_dim]):
-        return None
-    minor_in, minor_out = math.prod(in_shape[d + 1:]), math.prod(out_shape[out_dim + 1:])
-    if (g * minor_in) % minor_out:
-        return None
-    return g * minor_in // minor_out
-
-
-def _keeps_batch_dim(node, ins: list[_Val], graph: OpGraph) -> bool:
-    """Whether an op with per-example operands works within examples only."""
-    prim, params = node.primitive, node.params
-    batch = [(x, v) for x, v in zip(ins, node.invars) if x.kind is _Kind.BATCH]
-    x, v = batch[0]
-    shape = graph.avals[v].shape
-    if prim in (prims.reduce_sum_p, prims.reduce_max_p, prims.reduce_min_p, prims.argmax_p,
-                prims.argmin_p, prims.reduce_or_p, prims.reduce_and_p, prims.reduce_prod_p):
-        return x.dim not in params["axes"]
-    if prim in (prims.cumsum_p, prims.cumprod_p, prims.cummax_p, prims.cummin_p,
-                prims.cumlogsumexp_p):
-        return params["axis"] != x.dim
-    if prim is prims.sort_p:
-        return params["dimension"] != x.dim and all(y.dim == x.dim for y, _ in batch)
-    if prim is prims.rev_p:
-        return x.dim not in params["dimensions"]
-    if prim is prims.concatenate_p:
-        return params["dimension"] != x.dim and all(y.dim == x.dim for y, _ in batch)
-    if prim is prims.pad_p:
-        return tuple(params["padding_config"][x.dim]) == (0, 0, 0) and len(batch) == 1
-    if prim is prims.slice_p:
-        return (params["start_indices"][x.dim] == 0 and len(batch) == 1
-                and params["limit_indices"][x.dim] == shape[x.dim]
-                and (params["strides"] is None or params["strides"][x.dim] == 1))
-    if prim is prims.dynamic_slice_p:
-        return ins[0].kind is _Kind.BATCH and len(batch) == 1 and \
-            params["slice_sizes"][x.dim] == shape[x.dim]
-    if prim is prims.dot_general_p:
-        (contract_l, contract_r), _ = params["dimension_numbers"]
-        lhs, rhs = ins
-        return (lhs.kind is not _Kind.BATCH or lhs.dim not in contract_l) and \
-            (rhs.kind is not _Kind.BATCH or rhs.dim not in contract_r)
-    if prim is prims.gather_p:
-        return _gather_keeps_batch(params, ins)
-    return False
-
-
-def _gather_keeps_batch(params, ins: list[_Val]) -> bool:
-    numbers = params["dimension_numbers"]
-    operand, indices = ins
-    if operand.kind is _Kind.BATCH and indices.kind is _Kind.BATCH:
-        ob, ib = numbers.operand_batching_dims, numbers.start_indices_batching_dims
-        return operand.dim in ob and indices.dim in ib and \
-            ob.index(operand.dim) == ib.index(indices.dim)
-    if operand.kind is _Kind.BATCH:  # constant indices: the batch dim must be taken whole
-        return operand.dim not in numbers.start_index_map and \
-            operand.dim not in numbers.collapsed_slice_dims
-    return True  # constant table, per-example indices (an embedding lookup)
-
-
-def _batch_reduction(node, ins: list[_Val]) -> _Val:
-    """The value of an op that reduces the batch dim away."""
-    prim = node.primitive
-    x = next(y for y in ins if y.kind is _Kind.BATCH)
-    if prim in _REDUCTIONS and x.dim in node.params["axes"]:
-        return _Val(_REDUCTIONS[prim])
-    if prim is prims.dot_general_p:
-        (contract_l, contract_r), _ = node.params["dimension_numbers"]
-        lhs, rhs = ins
-        if lhs.kind is _Kind.BATCH and rhs.kind is _Kind.BATCH and lhs.dim in contract_l \
-                and rhs.dim in contract_r \
-                and contract_l.index(lhs.dim) == contract_r.index(rhs.dim):
-            return _Val(_Kind.SUM)
-    return _OPAQUE
-
-
-def _reduced_result(node, ins: list[_Val], graph: OpGraph) -> _Val:
+def _reduced_result(node, ins: list[Val], graph: OpGraph) -> Val:
     """An op on batch reductions (SUM / MAX / MIN) and constants."""
     prim = node.primitive
     out_dtype = np.dtype(graph.avals[node.outvars[0]].dtype)
-    reduced = [x for x in ins if x.kind is not _Kind.CONST]
+    reduced = [x for x in ins if x.kind is not Kind.CONST]
     kinds = {x.kind for x in reduced}
     if len(kinds) != 1:
         return _OPAQUE
@@ -482,27 +422,27 @@ def _reduced_result(node, ins: list[_Val], graph: OpGraph) -> _Val:
     if prim in _SHAPE_ONLY or prim is prims.convert_element_type_p:
         in_dtype = np.dtype(graph.avals[node.invars[0]].dtype)
         rounds = np.issubdtype(in_dtype, np.inexact) and not np.issubdtype(out_dtype, np.inexact)
-        return _OPAQUE if rounds and kind is _Kind.SUM else reduced[0]
-    if kind is _Kind.SUM:
+        return _OPAQUE if rounds and kind is Kind.SUM else reduced[0]
+    if kind is Kind.SUM:
         return _sum_result(node, ins, integer=not np.issubdtype(out_dtype, np.inexact))
     if prim is prims.neg_p:
-        return _Val(_Kind.MIN if kind is _Kind.MAX else _Kind.MAX)
+        return Val(Kind.MIN if kind is Kind.MAX else Kind.MAX)
     if prim in (prims.add_p, prims.sub_p) and len(reduced) == 1 and (
             prim is prims.add_p or ins[0].kind is kind):
-        const = next(x for x in ins if x.kind is _Kind.CONST)
+        const = next(x for x in ins if x.kind is Kind.CONST)
         return reduced[0] if const.invariant else _OPAQUE
-    if (prim is prims.max_p and kind is _Kind.MAX) or (prim is prims.min_p and kind is _Kind.MIN):
-        return reduced[0] if all(x.invariant for x in ins if x.kind is _Kind.CONST) else _OPAQUE
+    if (prim is prims.max_p and kind is Kind.MAX) or (prim is prims.min_p and kind is Kind.MIN):
+        return reduced[0] if all(x.invariant for x in ins if x.kind is Kind.CONST) else _OPAQUE
     if prim in _REDUCTIONS and _REDUCTIONS[prim] is kind:
         return reduced[0]
     return _OPAQUE
 
 
-def _sum_result(node, ins: list[_Val], *, integer: bool) -> _Val:
+def _sum_result(node, ins: list[Val], *, integer: bool) -> Val:
     """Linear ops keep a scaled sum a scaled sum; the scale's change is tracked in ``ratio``."""
     prim = node.primitive
-    sums = [x for x in ins if x.kind is _Kind.SUM]
-    consts = [x for x in ins if x.kind is _Kind.CONST]
+    sums = [x for x in ins if x.kind is Kind.SUM]
+    consts = [x for x in ins if x.kind is Kind.CONST]
     if prim is prims.neg_p or prim is prims.reduce_sum_p:
         return sums[0]
     if prim in (prims.add_p, prims.sub_p, prims.add_jaxvals_p):
@@ -513,7 +453,7 @@ def _sum_result(node, ins: list[_Val], *, integer: bool) -> _Val:
         return dataclasses.replace(sums[0], affine=True) if consts[0].invariant else _OPAQUE
     if prim is prims.mul_p and len(sums) == 1:
         return _scaled(sums[0], consts[0], invert=False)
-    if prim is prims.div_p and ins[0].kind is _Kind.SUM and ins[1].kind is _Kind.CONST:
+    if prim is prims.div_p and ins[0].kind is Kind.SUM and ins[1].kind is Kind.CONST:
         if integer:
             return _OPAQUE  # integer division rounds
         return _scaled(sums[0], consts[0], invert=True)
@@ -522,7 +462,7 @@ def _sum_result(node, ins: list[_Val], *, integer: bool) -> _Val:
     return _OPAQUE
 
 
-def _scaled(value: _Val, const: _Val, *, invert: bool) -> _Val:
+def _scaled(value: Val, const: Val, *, invert: bool) -> Val:
     if const.num is not None:
         micro, full = const.num
         if micro == 0 or full == 0 or not (math.isfinite(micro) and math.isfinite(full)):

@@ -11,7 +11,7 @@ import math
 
 from jax.extend.core import primitives as prims
 
-from alpa_lite._jax_compat import batched_elementwise
+from alpa_lite._jax_compat import batched_elementwise, tile_primitive
 from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
 from alpa_lite.cost.registry import OpCost, RuleContext, estimate_op_cost, nbytes, register_cost_rule
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
@@ -85,14 +85,15 @@ KERNEL_PRIMITIVES = (
     prims.dot_general_p, prims.conv_general_dilated_p, prims.reduce_sum_p, prims.reduce_max_p,
     prims.reduce_min_p, prims.reduce_prod_p, prims.argmax_p, prims.argmin_p, prims.cumsum_p,
     prims.cumprod_p, prims.cummax_p, prims.cummin_p, prims.cumlogsumexp_p, prims.sort_p,
-    prims.gather_p, prims.scatter_p, prims.scatter_add_p, prims.dynamic_update_slice_p,
+    prims.top_k_p, prims.gather_p, prims.scatter_p, prims.scatter_add_p,
+    prims.dynamic_update_slice_p,
 )
 
 REDUCTION_PRIMITIVES = (
     prims.reduce_sum_p, prims.reduce_max_p, prims.reduce_min_p, prims.reduce_prod_p,
     prims.reduce_and_p, prims.reduce_or_p, prims.reduce_xor_p, prims.argmax_p, prims.argmin_p,
     prims.cumsum_p, prims.cumprod_p, prims.cummax_p, prims.cummin_p, prims.cumlogsumexp_p,
-    prims.sort_p,
+    prims.sort_p, prims.top_k_p,
 )
 
 
@@ -102,7 +103,7 @@ def _elementwise_cost(ctx: RuleContext, **_) -> OpCost:
     return OpCost(flops=float(math.prod(out.shape)), hbm_bytes=nbytes(*ctx.avals_in, *ctx.avals_out))
 
 
-@register_cost_rule(*DATA_MOVEMENT_PRIMITIVES)
+@register_cost_rule(*DATA_MOVEMENT_PRIMITIVES, *filter(None, [tile_primitive()]))
 def _data_movement_cost(ctx: RuleContext, **_) -> OpCost:
     return OpCost(hbm_bytes=nbytes(*ctx.avals_in, *ctx.avals_out))
 

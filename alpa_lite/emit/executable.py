@@ -19,7 +19,7 @@ import jax
 from alpa_lite.emit.accumulate import emit_accumulating_function, split_at_grad_boundary
 from alpa_lite.emit.shardings import build_node_evaluator, emit_flat_function
 from alpa_lite.emit.specs import build_jax_mesh, named_shardings
-from alpa_lite.emit.transfer import place
+from alpa_lite.emit.transfer import multi_process, place
 from alpa_lite.graph import OpGraph
 from alpa_lite.micro_batching import MicroBatchPlan
 from alpa_lite.plan import ParallelPlan
@@ -96,11 +96,23 @@ class ShardExecutable:
             return self(*args)
 
     def place(self, args) -> tuple:
-        """The arguments with every dynamic leaf moved to the plan's sharding (if not there)."""
+        """The arguments with every dynamic leaf moved to the plan's sharding (if not there).
+
+        In one process, host values (numpy arrays, Python scalars) of the batch stay on the
+        host: a training loop passes a fresh host batch every step, and jax keys its cache on
+        whether an argument was placed, so placing it on the first call would compile the
+        program a second time on the next one. jax transfers them itself.
+        """
         static_argnums = tuple(sorted(self.traced.static_args))
         dynamic, static, dyn_idx = split_static_args(args, static_argnums)
         leaves, tree = jax.tree_util.tree_flatten(tuple(dynamic))
-        placed = jax.tree_util.tree_unflatten(tree, place(leaves, self.in_shardings))
+        moved = [i for i, (leaf, batch) in enumerate(zip(leaves, self.traced.batch_leaves))
+                 if multi_process() or not batch or isinstance(leaf, jax.Array)]
+        placed_leaves = list(leaves)
+        for i, value in zip(moved, place([leaves[i] for i in moved],
+                                         [self.in_shardings[i] for i in moved])):
+            placed_leaves[i] = value
+        placed = jax.tree_util.tree_unflatten(tree, placed_leaves)
         result = list(args)
         for i, value in zip(dyn_idx, placed):
             result[i] = value

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 from jax.extend.core import primitives as prims
 
-from alpa_lite._jax_compat import key_wrapping_primitives, split_primitive
+from alpa_lite._jax_compat import key_wrapping_primitives, split_primitive, tile_primitive
 from alpa_lite.cost.registry import itemsize as dtype_itemsize
 from alpa_lite.cost.rules import ELEMENTWISE_PRIMITIVES, is_elementwise
 from alpa_lite.errors import UnsupportedPrimitiveError
@@ -334,6 +334,25 @@ def _split_strategies(ctx: StrategyContext):
 
 if split_primitive() is not None:
     register_strategy_rule(split_primitive())(_split_strategies)
+
+
+@register_strategy_rule(prims.top_k_p)
+def _top_k_strategies(ctx: StrategyContext):
+    """Values and indices of the top k along the last dim: every other dim splits."""
+    names, sizes = _dims("d", ctx.avals_in[0].shape)
+    dims = tuple(names[:-1]) + (None,)
+    return FactorRule((dims,), (dims, dims), tuple(sorted(sizes.items())))
+
+
+def _tile_strategies(ctx: StrategyContext):
+    """A tiled dim (reps > 1) stays whole; the others split like their operand's."""
+    names, sizes = _dims("d", ctx.avals_out[0].shape)
+    dims = tuple(f if r == 1 else None for f, r in zip(names, ctx.params["reps"]))
+    return FactorRule((dims,), (dims,), tuple(sorted(sizes.items())))
+
+
+if tile_primitive() is not None:
+    register_strategy_rule(tile_primitive())(_tile_strategies)
 
 
 # --- reductions ------------------------------------------------------------------------------
