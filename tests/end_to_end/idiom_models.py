@@ -104,7 +104,7 @@ class _ScanBlock(nn.Module):
     @nn.compact
     def __call__(self, x, _):
         h = nn.LayerNorm()(x)
-        h = nn.SelfAttention(num_heads=2, qkv_features=DIM)(h)
+        h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=DIM)(h)
         x = x + h
         return x + nn.Dense(DIM)(jax.nn.relu(nn.Dense(2 * DIM)(nn.LayerNorm()(x)))), None
 

@@ -1,0 +1,161 @@
+"""Train steps written the way third-party libraries write them run unmodified.
+
+Each model of `idiom_models` is differentiated with its library's own `value_and_grad`
+(no `alpa_lite.value_and_grad`): micro-batching finds the gradient boundary itself, and a
+3-step training loop with fresh host batches equals serial `jax.jit` (SGD with momentum,
+so equality is exact up to summation order).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import alpa_lite
+from alpa_lite.testing import assert_trees_close
+
+from idiom_models import IDIOMS, OPT
+
+RTOL, ATOL = 2e-5, 2e-6
+
+
+def _serial_loop(step, state, batches):
+    jitted, results = jax.jit(step), []
+    for batch in batches:
+        state, loss = jitted(state, batch)
+        results.append((state, loss))
+    return results
+
+
+@pytest.mark.parametrize("name", sorted(IDIOMS))
+def test_unmodified_step_with_micro_batches_equals_jax_jit(name):
+    step, state, batches = IDIOMS[name]()
+    expected = _serial_loop(step, state, batches)
+    method = alpa_lite.ShardParallel(mesh_shape=(2, 4), num_micro_batches=2, strict=True)
+    parallel = alpa_lite.parallelize(step, method=method)
+    for batch, (want_state, want_loss) in zip(batches, expected):
+        state, loss = parallel(state, batch)
+        assert_trees_close((state, loss), (want_state, want_loss), rtol=RTOL, atol=ATOL)
+    # The plan accumulates gradients: the update runs once, after 2 micro-batches.
+    assert parallel.plan(state, batches[0]).num_micro_batches == 2
+
+
+def _mlp_state():
+    rng = np.random.default_rng(0)
+    params = {"w1": rng.normal(size=(8, 16)).astype(np.float32) * 0.3,
+              "w2": rng.normal(size=(16, 4)).astype(np.float32) * 0.3}
+    return params, OPT.init(params)
+
+
+def _mlp_batches(n=3):
+    rng = np.random.default_rng(1)
+    return [{"x": rng.normal(size=(16, 8)).astype(np.float32),
+             "y": rng.normal(size=(16, 4)).astype(np.float32)} for _ in range(n)]
+
+
+def _mlp_step(value_and_grad):
+    def step(state, batch):
+        params, opt_state = state
+
+        def loss_fn(params):
+            h = jnp.tanh(batch["x"] @ params["w1"])
+            alpa_lite.mark_pipeline_boundary()
+            return jnp.mean((h @ params["w2"] - batch["y"]) ** 2)
+
+        loss, grads = value_and_grad(loss_fn)(params)
+        updates, opt_state = OPT.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    return step
+
+
+def test_a_sum_loss_accumulates_as_a_sum_and_a_mean_loss_as_a_mean():
+    """Gradients are classified from the program (no loss role): a sum loss's gradients
+    add up over micro-batches, a mean loss's average."""
+    for reduce in (jnp.sum, jnp.mean):
+        def step(params, batch):
+            loss, grads = jax.value_and_grad(
+                lambda p: reduce((jnp.tanh(batch["x"] @ p) - 0.5) ** 2))(params)
+            return params - 0.01 * grads, loss
+
+        params = np.ones((8, 4), np.float32) * 0.1
+        batch = _mlp_batches(1)[0]
+        expected = jax.jit(step)(params, batch)
+        method = alpa_lite.DataParallel(mesh_shape=(4,), num_micro_batches=4)
+        assert_trees_close(alpa_lite.parallelize(step, method=method)(params, batch), expected,
+                           rtol=RTOL, atol=ATOL)
+
+
+METHODS = {
+    "shard": lambda: alpa_lite.ShardParallel(mesh_shape=(2, 4)),
+    "shard_micro_batches": lambda: alpa_lite.ShardParallel(mesh_shape=(2, 4),
+                                                           num_micro_batches=2),
+    "data": lambda: alpa_lite.DataParallel(),
+    "zero2": lambda: alpa_lite.Zero2Parallel(),
+    "zero3": lambda: alpa_lite.Zero3Parallel(),
+    "pipeline": lambda: alpa_lite.PipeshardParallel(
+        num_micro_batches=2, layer_option="manual", stage_option="uniform"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_training_loop_compiles_its_step_once_as_jax_jit_does(name):
+    """Steps 2 and 3 of a loop with fresh host batches compile nothing, for jax.jit and for
+    every method (the first call placing the batch used to make jax compile again)."""
+    compiles = []
+
+    def listener(event, _seconds, **_):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        value_and_grad = alpa_lite.value_and_grad if name == "pipeline" else jax.value_and_grad
+        step = _mlp_step(value_and_grad)
+        for run in (jax.jit(step), alpa_lite.parallelize(step, method=METHODS[name]())):
+            state, per_step = _mlp_state(), []
+            for batch in _mlp_batches():
+                before = len(compiles)
+                state, loss = run(state, batch)
+                float(loss)
+                per_step.append(len(compiles) - before)
+            assert per_step[0] >= 1 and per_step[1:] == [0, 0], (run, per_step)
+    finally:
+        jax.monitoring.clear_event_listeners()
+
+
+def test_batchnorm_in_training_mode_is_an_error_naming_the_primitive_and_line():
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(nn.BatchNorm(use_running_average=False)(nn.Dense(8)(x)))
+
+    net = Net()
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    variables = net.init(jax.random.key(0), x)
+
+    def step(params, batch):
+        def loss_fn(params):
+            out, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                               batch, mutable=["batch_stats"])
+            return jnp.mean(out ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), loss
+
+    method = alpa_lite.DataParallel(mesh_shape=(4,), num_micro_batches=2)
+    with pytest.raises(alpa_lite.InvalidConfigError) as info:
+        alpa_lite.parallelize(step, method=method).plan(variables["params"], x)
+    message = str(info.value)
+    assert "batch statistics" in message and "could not be followed through `" in message
+    assert "normalization.py" in message  # the source line where the batch was mixed back
+
+
+def test_a_pipeline_of_a_jax_value_and_grad_step_says_what_to_change():
+    method = alpa_lite.PipeshardParallel(num_micro_batches=2, layer_option="manual")
+    with pytest.raises(alpa_lite.InvalidConfigError, match="alpa_lite.value_and_grad"):
+        alpa_lite.parallelize(_mlp_step(jax.value_and_grad), method=method).plan(
+            _mlp_state(), _mlp_batches(1)[0])
