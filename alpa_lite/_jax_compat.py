@@ -160,3 +160,32 @@ def equation_context(eqn):
 
     return source_info_util.user_context(eqn.source_info.traceback,
                                          name_stack=eqn.source_info.name_stack)
+
+
+def without_mesh_context():
+    """A context with no mesh set (`jax.set_mesh(None)`): our programs run on the plan's own
+    meshes, whatever mesh (an explicit-sharding one, say) the caller has set."""
+    return jax.set_mesh(None)
+
+
+@functools.cache
+def reshard_primitive():
+    """The primitive behind `jax.sharding.reshard` (found by tracing under a 1-device
+    explicit abstract mesh), or None on a jax without explicit sharding."""
+    try:
+        from jax.sharding import AbstractMesh, AxisType, PartitionSpec
+
+        mesh = AbstractMesh((1,), ("a",), axis_types=(AxisType.Explicit,))
+        with without_mesh_context(), jax.sharding.use_abstract_mesh(mesh):
+            jaxpr = jax.make_jaxpr(lambda x: jax.sharding.reshard(x, PartitionSpec("a")))(
+                jax.ShapeDtypeStruct((2,), jnp.float32))
+    except (AttributeError, ImportError, TypeError):
+        return None
+    return jaxpr.eqns[0].primitive if jaxpr.eqns else None
+
+
+def is_explicit_sharding(value) -> bool:
+    """Is ``value`` a sharding on a mesh with an explicit axis (`jax.sharding.AxisType`)?"""
+    mesh = getattr(value, "mesh", None)
+    axis_types = getattr(mesh, "axis_types", ()) or ()
+    return any(getattr(t, "name", str(t)) == "Explicit" for t in axis_types)

@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from alpa_lite._jax_compat import without_mesh_context
 from alpa_lite.compile import (StepSpec, check_argnums, compile_plan, plan_pipeshard,
                                plan_shard_parallel)
 from alpa_lite.config import PipeshardParallel, ShardParallel
@@ -165,12 +166,14 @@ class ParallelizedFunction:
         last = self._last
         if last is not None:
             try:
-                return last.call_unplaced(*args)
+                with without_mesh_context():  # the plan's meshes, not a caller's set_mesh
+                    return last.call_unplaced(*args)
             except PlanMismatch:
                 pass  # a new argument signature: the checked path below
         executable = self.get_executable(*args)
         self._last = executable
-        return executable(*args)
+        with without_mesh_context():
+            return executable(*args)
 
     def plan(self, *args, cluster=None) -> ParallelPlan:
         """The plan for these arguments (arrays or ShapeDtypeStructs), without running.
@@ -213,4 +216,6 @@ class ParallelizedFunction:
 
         Arguments may be arrays or `jax.ShapeDtypeStruct`s.
         """
-        return self.get_executable(*args).lower(*args)
+        executable = self.get_executable(*args)
+        with without_mesh_context():
+            return executable.lower(*args)

@@ -30,7 +30,9 @@ from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 
 from alpa_lite._jax_compat import (
+    is_explicit_sharding,
     optimization_barrier_primitive,
+    reshard_primitive,
     scan_operand_counts,
     source_line,
     while_operand_counts,
@@ -45,6 +47,22 @@ _INLINE_CALLS = {
     prims.custom_jvp_call_p: "call_jaxpr",
     prims.custom_vjp_call_p: "call_jaxpr",
 }
+
+
+def _is_sharding_hint(eqn) -> bool:
+    """A user's sharding annotation for an explicit-sharding mesh (`jax.sharding.reshard`,
+    or a sharding constraint on such a mesh): a hint the plan replaces, so the graph reads
+    it as the identity."""
+    if eqn.primitive is reshard_primitive():
+        return True
+    return eqn.primitive is prims.sharding_constraint_p and \
+        is_explicit_sharding(eqn.params.get("sharding"))
+
+
+def _without_explicit_shardings(params: dict) -> dict:
+    """``params`` with explicit-mesh output shardings (``out_sharding=`` of `dot_general`,
+    `broadcast_in_dim`, `reshape`...) dropped: they name the user's mesh, not the plan's."""
+    return {k: None if is_explicit_sharding(v) else v for k, v in params.items()}
 
 
 @dataclasses.dataclass(slots=True)
@@ -189,6 +207,8 @@ class _GraphBuilder:
         return [self.read(env, v) for v in jaxpr.outvars]
 
     def inline_eqn(self, eqn, invals, name: str) -> list:
+        if _is_sharding_hint(eqn):
+            return invals  # the plan chooses the shardings (see `_is_sharding_hint`)
         param = _INLINE_CALLS.get(eqn.primitive)
         if param is not None:
             sub = eqn.params[param]
@@ -205,7 +225,7 @@ class _GraphBuilder:
             trip = fixed_trip_count(eqn.params, invals)
             if trip:
                 return self.inline_while(eqn, invals, name, trip)
-        return self.add_node(eqn.primitive, dict(eqn.params), invals,
+        return self.add_node(eqn.primitive, _without_explicit_shardings(eqn.params), invals,
                              [v.aval for v in eqn.outvars], name)
 
     def add_node(self, primitive, params, invals, out_avals, name: str) -> list[int]:

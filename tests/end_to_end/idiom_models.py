@@ -215,3 +215,38 @@ def nnx_mlp():
 
 IDIOMS = {"rope_fused_qkv": rope_lm, "scanned_vit_conv_cls": scanned_vit,
           "top_k_moe": top_k_moe, "lstm_split_gates": lstm, "nnx_value_and_grad": nnx_mlp}
+
+
+def explicit_sharding_mesh():
+    """A model written for an explicit-sharding mesh (as jimm or MaxText write them):
+    arguments placed on the user's mesh, `reshard` of the batch, `out_sharding=` on matmuls.
+    Returns ``(mesh, step, state, batches)``; call everything under ``jax.set_mesh(mesh)``."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+
+    def step(state, batch):
+        params, opt_state = state
+
+        def loss_fn(params):
+            x = jax.sharding.reshard(batch["x"], P("data", None))
+            h = jnp.einsum("bd,df->bf", x, params["w1"], out_sharding=P("data", "model"))
+            out = jnp.einsum("bf,fd->bd", jax.nn.relu(h), params["w2"],
+                             out_sharding=P("data", None))
+            return jnp.mean((out - batch["y"]) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = OPT.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    rng = np.random.default_rng(0)
+    with jax.set_mesh(mesh):
+        params = {
+            "w1": jax.device_put(rng.normal(size=(DIM, 2 * DIM)).astype(np.float32) * 0.3,
+                                 NamedSharding(mesh, P(None, "model"))),
+            "w2": jax.device_put(rng.normal(size=(2 * DIM, DIM)).astype(np.float32) * 0.3,
+                                 NamedSharding(mesh, P("model", None)))}
+        state = (params, OPT.init(params))
+    batches = [{"x": rng.normal(size=(BATCH, DIM)).astype(np.float32),
+                "y": rng.normal(size=(BATCH, DIM)).astype(np.float32)} for _ in range(3)]
+    return mesh, step, state, batches

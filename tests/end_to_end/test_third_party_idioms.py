@@ -15,7 +15,7 @@ import pytest
 import alpa_lite
 from alpa_lite.testing import assert_trees_close
 
-from idiom_models import IDIOMS, OPT
+from idiom_models import IDIOMS, OPT, explicit_sharding_mesh
 
 RTOL, ATOL = 2e-5, 2e-6
 
@@ -159,3 +159,19 @@ def test_a_pipeline_of_a_jax_value_and_grad_step_says_what_to_change():
     with pytest.raises(alpa_lite.InvalidConfigError, match="alpa_lite.value_and_grad"):
         alpa_lite.parallelize(_mlp_step(jax.value_and_grad), method=method).plan(
             _mlp_state(), _mlp_batches(1)[0])
+
+
+@pytest.mark.parametrize("method", [
+    alpa_lite.ShardParallel(mesh_shape=(2, 4)),
+    alpa_lite.ShardParallel(mesh_shape=(2, 4), num_micro_batches=2),
+    alpa_lite.DataParallel(), alpa_lite.Zero3Parallel()], ids=["shard", "micro", "dp", "zero3"])
+def test_a_model_written_for_an_explicit_sharding_mesh_runs_and_equals_jax_jit(method):
+    """`reshard` and `out_sharding=` name the user's mesh: the plan treats them as hints it
+    replaces, and runs on its own mesh whatever mesh the caller has set."""
+    mesh, step, state, batches = explicit_sharding_mesh()
+    with jax.set_mesh(mesh):
+        expected = _serial_loop(step, state, batches)
+        parallel = alpa_lite.parallelize(step, method=method)
+        for batch, want in zip(batches, expected):
+            state, loss = parallel(state, batch)
+            assert_trees_close((state, loss), want, rtol=RTOL, atol=ATOL)
