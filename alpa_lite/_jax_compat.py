@@ -189,3 +189,20 @@ def is_explicit_sharding(value) -> bool:
     mesh = getattr(value, "mesh", None)
     axis_types = getattr(mesh, "axis_types", ()) or ()
     return any(getattr(t, "name", str(t)) == "Explicit" for t in axis_types)
+
+
+@functools.cache
+def stack_primitives() -> tuple:
+    """The primitives behind `jnp.stack` and `jnp.unstack` where jax has their own
+    (``stack``, ``unstack``; found by tracing), else an empty tuple."""
+    x = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+    found = []
+    for fn in (lambda a: jnp.stack([a, a]), lambda a: jnp.unstack(a, axis=0)):
+        try:
+            eqns = jax.make_jaxpr(fn)(x).eqns
+        except AttributeError:  # no jnp.unstack
+            return ()
+        if len(eqns) != 1 or eqns[0].primitive.name not in ("stack", "unstack"):
+            return ()
+        found.append(eqns[0].primitive)
+    return tuple(found)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 from jax.extend.core import primitives as prims
 
-from alpa_lite._jax_compat import split_primitive, tile_primitive
+from alpa_lite._jax_compat import split_primitive, stack_primitives, tile_primitive
 from alpa_lite.cost.rules import is_elementwise
 
 
@@ -551,4 +551,23 @@ if tile_primitive() is not None:
         x = ctx.ins[0]
         if ctx.node.params["reps"][x.dim] != 1:
             return ctx.fail("a tiling that repeats examples")
+        return _keep(ctx, scale_of(x), "")
+
+
+if stack_primitives():
+    @register_batch_rule(stack_primitives()[0])
+    def _stack(ctx: RuleContext) -> list[Val]:
+        x = _same_dim_operands(ctx)
+        axis = ctx.node.params["axis"]
+        if x is None or len(ctx.batch_operands()) != len(ctx.ins) or \
+                ctx.out_dims[0] != x.dim + (axis <= x.dim):
+            return ctx.fail("a stack of values laid out differently")
+        return _keep(ctx, _common_scale([scale_of(y) for y in ctx.ins]),
+                     "a stack of values with different scales")
+
+    @register_batch_rule(stack_primitives()[1])
+    def _unstack(ctx: RuleContext) -> list[Val]:
+        x = ctx.ins[0]
+        if ctx.node.params["axis"] == x.dim:
+            return ctx.fail("an unstack of the batch dim")
         return _keep(ctx, scale_of(x), "")

@@ -809,7 +809,8 @@ def compile_pipeshard(compiled: CompiledPipeline, method, signature: tuple):
     return PipelineExecutable(compiled.traced, compiled.graph, compiled.partition,
                               compiled.subgraphs, compiled.index_maps, compiled.stage_plans,
                               meshes, schedule, method.num_micro_batches, compiled.micro,
-                              signature, compiled.donated)
+                              signature, compiled.donated,
+                              frozenset(j for j, _ in find_alias_pairs(compiled.traced)))
 
 
 def _sub_alias_pairs(graph: OpGraph, sub: OpGraph, aliases) -> list[tuple[int, int]]:

@@ -248,7 +248,15 @@ def share_plan(make_plan_json, what: str, accept, *, timeout_s: float = 600.0) -
             raise
         client.key_value_set(key, f"plan\n{digest}\n{text}")
         for other in range(1, jax.process_count()):  # each one checked what it got
-            answer = client.blocking_key_value_get(f"{key}/ack/{other}", int(timeout_s * 1000))
+            try:
+                answer = client.blocking_key_value_get(f"{key}/ack/{other}",
+                                                       int(timeout_s * 1000))
+            except Exception as err:
+                raise PlanMismatchError(
+                    f"Process 0 waited {timeout_s:.0f} s for process {other} to accept plan "
+                    f"number {count} and got no answer ({type(err).__name__}). Every process "
+                    "must call the parallelized step the same number of times with the same "
+                    f"shapes; is process {other} alive, or stuck elsewhere?") from None
             if answer != "ok":
                 raise PlanMismatchError(f"Process {other} rejected process 0's plan: {answer}")
         return text

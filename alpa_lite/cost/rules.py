@@ -11,7 +11,7 @@ import math
 
 from jax.extend.core import primitives as prims
 
-from alpa_lite._jax_compat import batched_elementwise, tile_primitive
+from alpa_lite._jax_compat import batched_elementwise, stack_primitives, tile_primitive
 from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
 from alpa_lite.cost.registry import OpCost, RuleContext, estimate_op_cost, nbytes, register_cost_rule
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
@@ -103,7 +103,8 @@ def _elementwise_cost(ctx: RuleContext, **_) -> OpCost:
     return OpCost(flops=float(math.prod(out.shape)), hbm_bytes=nbytes(*ctx.avals_in, *ctx.avals_out))
 
 
-@register_cost_rule(*DATA_MOVEMENT_PRIMITIVES, *filter(None, [tile_primitive()]))
+@register_cost_rule(*DATA_MOVEMENT_PRIMITIVES, *filter(None, [tile_primitive()]),
+                    *stack_primitives())
 def _data_movement_cost(ctx: RuleContext, **_) -> OpCost:
     return OpCost(hbm_bytes=nbytes(*ctx.avals_in, *ctx.avals_out))
 

@@ -33,7 +33,7 @@ from alpa_lite.emit.executable import PlanMismatch
 from alpa_lite.emit.shardings import build_node_evaluator
 from alpa_lite.emit.specs import spec_to_partition_spec, value_specs
 from alpa_lite.emit.stages import PipelinePartition, Program
-from alpa_lite.emit.transfer import CrossMeshMove, multi_process, place
+from alpa_lite.emit.transfer import CrossMeshMove, ReplicateEverywhere, multi_process, place
 from alpa_lite.graph import OpGraph
 from alpa_lite.inter_op.schedules import PipelineSchedule, TaskKind
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p
@@ -42,6 +42,8 @@ from alpa_lite.plan import ShardingPlan
 from alpa_lite.trace import TracedFunction, leaf_signature, split_static_args
 
 _ACCUMULATED = (Combine.SUM, Combine.MEAN, Combine.MAX, Combine.MIN)
+# Non-state outputs up to this size are replicated on every device of a multi-process job.
+_REPLICATED_OUTPUT_BYTES = 64 * 2**20
 
 
 @dataclasses.dataclass
@@ -83,7 +85,8 @@ class PipelineExecutable:
                  plans: Sequence[ShardingPlan], meshes: Sequence[Mesh],
                  schedule: PipelineSchedule, num_micro_batches: int,
                  micro: MicroBatchPlan | None = None, signature: tuple | None = None,
-                 donated: frozenset[int] = frozenset()):
+                 donated: frozenset[int] = frozenset(),
+                 state_outputs: frozenset[int] = frozenset()):
         self.traced, self.graph, self.partition = traced, graph, partition
         self.donated = donated  # flat input positions whose buffers the step may reuse
         self.meshes, self.schedule, self.k = list(meshes), schedule, num_micro_batches
@@ -106,9 +109,29 @@ class PipelineExecutable:
                           if m == s and self.rules[v].combine in _ACCUMULATED]
                          for s in range(len(meshes))]
         self.programs = {name: c.fn for name, c in self.compiled.items()}
-        self.instructions, self._inputs, self._initial, self._outputs = \
-            _ScheduleBuilder(self).build()
+        builder = _ScheduleBuilder(self)
+        self.instructions, self._inputs, self._initial, self._outputs = builder.build()
         self.input_shardings = self._first_read_shardings()
+        self._replicators = self._output_replicators(builder.sharding_of, state_outputs)
+
+    def _output_replicators(self, sharding_of: dict, state_outputs) -> list:
+        """(output position, `ReplicateEverywhere`) for each small output that is not state
+        (the loss, aux values) and lives on devices of only some processes; the state keeps
+        its placement on the stage meshes."""
+        if not multi_process():
+            return []
+        result = []
+        avals = self.traced.closed_jaxpr.out_avals
+        for position, (slot, _) in enumerate(self._outputs):
+            sharding = sharding_of.get(slot) if slot is not None else None
+            aval = avals[position]
+            if sharding is None or position in state_outputs or \
+                    jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key) or \
+                    aval.size * aval.dtype.itemsize > _REPLICATED_OUTPUT_BYTES or \
+                    len(sharding.mesh.devices.flat) == jax.device_count():
+                continue
+            result.append((position, ReplicateEverywhere(sharding, aval)))
+        return result
 
     def _first_read_shardings(self):
         first: dict[int, NamedSharding] = {}
@@ -298,6 +321,8 @@ class PipelineExecutable:
             for slot in instruction.frees:
                 regs[slot] = None
         outs = [regs[slot] if slot is not None else literal for slot, literal in self._outputs]
+        for position, replicate in self._replicators:
+            outs[position] = replicate(outs[position])
         return jax.tree_util.tree_unflatten(self.traced.out_tree, outs)
 
     def time_programs(self, *args, repeats: int = 3) -> dict[str, float]:

@@ -177,6 +177,38 @@ def _finisher(landing: NamedSharding, dst: NamedSharding, ndim: int, key_impl):
     return jax.jit(lambda x: x, out_shardings=dst)
 
 
+class ReplicateEverywhere:
+    """Makes a small array held on one stage's submesh an array replicated on every device
+    of the job, so each process can read it (`float(loss)`), as `jax.jit` returns it.
+
+    The value is replicated within its submesh, moved with a `CrossMeshMove` (a jitted
+    collective) to the devices outside it, and the two halves are assembled into one global
+    array.
+    """
+
+    def __init__(self, src: NamedSharding, aval):
+        inside = list(src.mesh.devices.flat)
+        ids = {d.id for d in inside}
+        outside = [d for d in jax.devices() if d.id not in ids]
+        self.shape = tuple(aval.shape)
+        self.within = jax.jit(lambda x: x, out_shardings=NamedSharding(src.mesh, PartitionSpec()))
+        self.move = CrossMeshMove(
+            [NamedSharding(src.mesh, PartitionSpec())],
+            [NamedSharding(Mesh(np.array(outside, dtype=object), (_PIPE,)), PartitionSpec())],
+            [jax.ShapeDtypeStruct(self.shape, aval.dtype)]) if outside else None
+        self.sharding = NamedSharding(Mesh(np.array(inside + outside, dtype=object), (_PIPE,)),
+                                      PartitionSpec())
+
+    def __call__(self, value):
+        value = self.within(value)
+        if self.move is None:
+            return value
+        moved = self.move(value)[0]
+        shards = [s.data for s in value.addressable_shards] + \
+            [s.data for s in moved.addressable_shards]
+        return jax.make_array_from_single_device_arrays(self.shape, self.sharding, shards)
+
+
 _movers: dict = {}
 
 

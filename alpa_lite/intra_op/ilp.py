@@ -237,12 +237,20 @@ def _memory_lower_bound(problem: ShardingProblem) -> float:
     return float(np.cumsum(diff)[:-1].max(initial=0))
 
 
+def _bytes(n: float) -> str:
+    """``n`` bytes in the unit that shows it (``512 B``, ``3.25 KiB``, ``1.50 MiB``...)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
 def _raise_infeasible(problem, time_limit_s, solver):
     need = min_peak_memory(problem, time_limit_s=time_limit_s, solver=solver)
     budget = problem.memory_budget_bytes
     raise InfeasiblePlanError(
-        f"No sharding plan fits the memory budget of {budget / 2**20:.2f} MiB per device; the "
-        f"smallest peak memory any plan reaches is {need / 2**20:.2f} MiB per device. Raise "
+        f"No sharding plan fits the memory budget of {_bytes(budget)} per device; the "
+        f"smallest peak memory any plan reaches is {_bytes(need)} per device. Raise "
         "memory_budget_per_device to at least that, use more devices, or reduce the batch "
         "size / use micro-batches.",
         budget_bytes=budget, min_bytes=need,

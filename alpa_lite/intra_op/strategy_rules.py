@@ -15,7 +15,8 @@ from typing import Callable
 import numpy as np
 from jax.extend.core import primitives as prims
 
-from alpa_lite._jax_compat import key_wrapping_primitives, split_primitive, tile_primitive
+from alpa_lite._jax_compat import (key_wrapping_primitives, split_primitive, stack_primitives,
+                                   tile_primitive)
 from alpa_lite.cost.registry import itemsize as dtype_itemsize
 from alpa_lite.cost.rules import ELEMENTWISE_PRIMITIVES, is_elementwise
 from alpa_lite.errors import UnsupportedPrimitiveError
@@ -353,6 +354,31 @@ def _tile_strategies(ctx: StrategyContext):
 
 if tile_primitive() is not None:
     register_strategy_rule(tile_primitive())(_tile_strategies)
+
+
+def _stack_strategies(ctx: StrategyContext):
+    """``stack``: operands of one shape gain a new dim (never split) at ``axis``."""
+    names, sizes = _dims("d", ctx.avals_in[0].shape)
+    out = list(names)
+    out.insert(ctx.params["axis"], None)
+    return FactorRule(tuple(tuple(names) for _ in ctx.avals_in), (tuple(out),),
+                      tuple(sorted(sizes.items())))
+
+
+def _unstack_strategies(ctx: StrategyContext):
+    """``unstack``: the dim at ``axis`` (never split) is taken apart."""
+    names, sizes = _dims("d", ctx.avals_in[0].shape)
+    axis = ctx.params["axis"]
+    operand = tuple(None if d == axis else f for d, f in enumerate(names))
+    result = tuple(f for d, f in enumerate(names) if d != axis)
+    sizes.pop(names[axis])
+    return FactorRule((operand,), tuple(result for _ in ctx.avals_out),
+                      tuple(sorted(sizes.items())))
+
+
+if stack_primitives():
+    register_strategy_rule(stack_primitives()[0])(_stack_strategies)
+    register_strategy_rule(stack_primitives()[1])(_unstack_strategies)
 
 
 # --- reductions ------------------------------------------------------------------------------

@@ -45,6 +45,13 @@ def test_every_method_across_two_processes_equals_serial():
     assert "[0] SOURCE alpa-lite launch process 0 of 2" in output
 
 
+def test_training_loops_of_several_methods_log_the_loss_on_every_process():
+    code, output, _ = launch("training_loop")
+    assert code == 0, output[-6000:]
+    loops = ["loop_pipeline2", "loop_data", "loop_shard_micro", "loop_pipeline_auto"]
+    assert passed(output) == {(p, c) for p in "01" for c in loops}, output[-6000:]
+
+
 def test_a_plan_mismatch_fails_every_process_instead_of_hanging():
     code, output, seconds = launch("mismatch", timeout_s=120)
     assert code == 1, output[-4000:]

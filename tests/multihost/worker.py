@@ -143,6 +143,30 @@ def run_stage_placement() -> None:
     print(f"OK stage_placement process {jax.process_index()}", flush=True)
 
 
+def run_training_loop() -> None:
+    """Several methods in a row, each a 3-step loop on fresh host batches that logs
+    ``float(loss)`` on every process (a pipeline's loss lives on one stage's devices, so it
+    must be made readable everywhere), equal to serial jax.jit."""
+    state, batch = jax.device_get(make_mlp(32, 16, 4, optimizer=optax.sgd(0.1, momentum=0.9),
+                                           manual_boundaries=True))
+    rng = np.random.default_rng(0)  # the same batches on every process
+    batches = [jax.tree_util.tree_map(
+        lambda x: (x + rng.normal(size=x.shape)).astype(x.dtype), batch) for _ in range(3)]
+    serial, expected, losses = jax.jit(mse_step), state, []
+    for b in batches:
+        expected, loss = serial(expected, b)
+        losses.append(float(loss))
+    for name in ("pipeline2", "data", "shard_micro", "pipeline_auto"):
+        p = alpa_lite.parallelize(mse_step, method=CASES[name]())
+        current = state
+        for step, b in enumerate(batches):
+            current, loss = p(current, b)
+            logged = float(loss)  # what a training script logs, on every process
+            assert abs(logged - losses[step]) <= 1e-5 * max(1.0, abs(losses[step])), (
+                name, step, logged, losses[step])
+        print(f"OK loop_{name} process {jax.process_index()}", flush=True)
+
+
 def run_mismatch() -> None:
     """Process 1 calls with another batch size: every process must fail, none hang."""
     state, batch = make_mlp(32 if jax.process_index() == 0 else 16, 16, 4)
@@ -166,6 +190,6 @@ if __name__ == "__main__":
     print(f"SOURCE {info.source} process {jax.process_index()} of {jax.process_count()}",
           flush=True)
     special = {"local_batch": run_local_batch, "keys": run_keys, "stage_placement": run_stage_placement,
-               "mismatch": run_mismatch, "die": run_die}
+               "mismatch": run_mismatch, "die": run_die, "training_loop": run_training_loop}
     for case in sys.argv[1:] or list(CASES) + ["local_batch", "keys", "stage_placement"]:
         special[case]() if case in special else run(case)
