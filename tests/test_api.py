@@ -101,13 +101,15 @@ def test_micro_batches_must_divide_batch():
         p(state, batch)
 
 
-def test_micro_batches_need_alpa_lite_grad():
+def test_micro_batches_find_the_gradient_boundary_of_a_plain_jax_grad_step():
     def plain_step(w, batch):
         return w - 0.1 * jax.grad(lambda w: jnp.mean((batch @ w) ** 2))(w)
 
+    w = np.linspace(-1, 1, 16, dtype=np.float32).reshape(4, 4)
+    batch = np.linspace(0, 2, 32, dtype=np.float32).reshape(8, 4)
     p = alpa_lite.parallelize(plain_step, method=alpa_lite.ShardParallel(num_micro_batches=2))
-    with pytest.raises(alpa_lite.InvalidConfigError, match="alpa_lite.value_and_grad"):
-        p(jnp.ones((4, 4)), jnp.ones((8, 4)))
+    np.testing.assert_allclose(p(w, batch), jax.jit(plain_step)(w, batch), rtol=1e-6)
+    assert p.plan(w, batch).num_micro_batches == 2
 
 
 def test_memory_budget_too_small_reports_budget_and_minimum():
