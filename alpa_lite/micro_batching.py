@@ -25,7 +25,8 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 
-from alpa_lite._jax_compat import optimization_barrier_primitive, tile_primitive
+from alpa_lite._jax_compat import (optimization_barrier_primitive, split_primitive,
+                                   stack_primitives, tile_primitive)
 from alpa_lite.batch_rules import (Kind, RuleContext, Val, apply_batch_rule, opaque,
                                    per_example, scale_of)
 from alpa_lite.errors import InvalidConfigError
@@ -356,8 +357,14 @@ class _Analysis:
                                         for v in node.invars],
                               avals_out=[self.micro.avals[v] for v in node.outvars])
             return apply_batch_rule(ctx)
-        if any(d is not None for d in out_dims) or len(node.outvars) != 1:
+        if any(d is not None for d in out_dims):
             return [opaque(node, "a batch-sized result of values reduced over the batch")] * \
+                len(node.outvars)
+        moved = _moved_reduction(node, ins)
+        if moved is not None:
+            return [moved] * len(node.outvars)
+        if len(node.outvars) != 1:
+            return [opaque(node, f"`{node.primitive.name}` of values reduced over the batch")] * \
                 len(node.outvars)
         result = _reduced_result(node, ins, self.micro)
         if result.kind is Kind.OPAQUE:
@@ -407,6 +414,43 @@ def _fold(node, ins: list[Val]) -> tuple | None:
         return tuple(ops[prim](a, b) for a, b in zip(*nums))
     if prim is prims.neg_p:
         return tuple(-a for a in nums[0])
+    return None
+
+
+# Data movement: each result element is an operand element (or filler), so a sum, maximum
+# or minimum over examples stays one. Operand positions that are indices, not data:
+_MOVES = {prims.pad_p: (), prims.slice_p: (), prims.rev_p: (), prims.concatenate_p: (),
+          prims.transpose_p: (), prims.reshape_p: (), prims.squeeze_p: (),
+          prims.broadcast_in_dim_p: (), prims.copy_p: (), prims.gather_p: (1,),
+          prims.dynamic_slice_p: "rest", prims.dynamic_update_slice_p: "after2"}
+for _p in (split_primitive(), tile_primitive(), *stack_primitives()):
+    if _p is not None:
+        _MOVES[_p] = ()
+
+
+def _moved_reduction(node, ins: list[Val]) -> Val | None:
+    """The value of data movement applied to one kind of reduction (and constants), or None:
+    filler constants must be zero for a sum (so k micro-batch copies add up to one) and
+    equal in both traces for a maximum or minimum; index operands must be invariant."""
+    layout = _MOVES.get(node.primitive)
+    if layout is None:
+        return None
+    indices = set(range(1, len(ins))) if layout == "rest" else \
+        set(range(2, len(ins))) if layout == "after2" else set(layout)
+    data = [x for i, x in enumerate(ins) if i not in indices]
+    reduced = [x for x in data if x.kind is not Kind.CONST]
+    kinds = {x.kind for x in reduced}
+    if len(kinds) != 1 or not all(ins[i].kind is Kind.CONST and ins[i].invariant
+                                  for i in indices):
+        return None
+    first = reduced[0]
+    if first.kind is Kind.SUM:
+        if any(not math.isclose(x.ratio, first.ratio, rel_tol=1e-6) for x in reduced) or \
+                any(x.num != (0.0, 0.0) for x in data if x.kind is Kind.CONST):
+            return None
+        return dataclasses.replace(first, affine=any(x.affine for x in reduced))
+    if first.kind in (Kind.MAX, Kind.MIN):
+        return first if all(x.invariant for x in data if x.kind is Kind.CONST) else None
     return None
 
 

@@ -211,3 +211,30 @@ def test_the_ilp_splits_a_moe_layers_expert_dim_when_memory_requires_it():
                      parallel.plan(params, batch).sharding.input_specs))
     assert specs["arg0['w_in']"][0] == ("x",) and specs["arg0['w_out']"][0] == ("x",), specs
     assert_trees_close(parallel(params, batch), jax.jit(step)(params, batch), rtol=RTOL, atol=ATOL)
+
+
+def test_structural_primitives_micro_batch_exactly():
+    """stack / unstack, split / concatenate, cumsum, sort, argmax and a tiled constant on
+    per-example values, with per-example and reduced aux values, equal jax.jit."""
+
+    def loss_fn(w, x):
+        h = jnp.tanh(x @ w)                                   # b f
+        a, b = jnp.split(h, 2, axis=1)
+        stacked = jnp.stack([a, b * 2.0], axis=1)             # b 2 f/2
+        first, second = jnp.unstack(stacked, axis=1)
+        mixed = jnp.concatenate([jnp.cumsum(first, axis=1), jnp.sort(second, axis=1)], axis=1)
+        mixed = mixed + jnp.tile(w[:1, :], (x.shape[0], 1))
+        per_example = jnp.sum(mixed ** 2, axis=1)
+        return jnp.mean(per_example), {"best": jnp.argmax(mixed, axis=1),
+                                       "per_example": per_example, "total": per_example.sum()}
+
+    def step(w, x):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(w, x)
+        return w - 0.1 * grads, loss, aux
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 8)).astype(np.float32) * 0.5
+    x = rng.normal(size=(16, 8)).astype(np.float32)
+    method = alpa_lite.ShardParallel(mesh_shape=(2, 4), num_micro_batches=4, strict=True)
+    assert_trees_close(alpa_lite.parallelize(step, method=method)(w, x), jax.jit(step)(w, x),
+                       rtol=RTOL, atol=ATOL)
