@@ -35,6 +35,7 @@ from alpa_lite.intra_op.problem import InputRole, SpecPolicy
 from alpa_lite.layers import build_layer_transform
 from alpa_lite.markers import layer_construction
 from alpa_lite.mesh import LogicalMesh
+from alpa_lite.auto_layers import mark_layers
 from alpa_lite.gradient_boundary import has_grad_boundary, mark_gradient_boundary
 from alpa_lite.micro_batching import MicroBatchPlan, build_micro_batch_plan
 from alpa_lite.plan import ParallelPlan, StagePlan
@@ -255,8 +256,9 @@ def find_alias_pairs(traced: TracedFunction) -> list[tuple[int, int]]:
 
 
 def micro_batch_args(args: Sequence, batch_mask: Sequence[bool], num_micro_batches: int,
-                     static_argnums: Sequence[int]) -> list:
-    """Abstract args with each batch leaf's leading dim divided by the micro-batch count."""
+                     static_argnums: Sequence[int], *, scale: int = 1) -> list:
+    """Abstract args with each batch leaf's leading dim divided by the micro-batch count
+    (and multiplied by ``scale``: a trace at another batch size)."""
     dynamic, static, dyn_idx = split_static_args(args, static_argnums)
     with_paths, tree = jax.tree_util.tree_flatten_with_path(tuple(dynamic))
     leaves = []
@@ -268,8 +270,9 @@ def micro_batch_args(args: Sequence, batch_mask: Sequence[bool], num_micro_batch
                     f"num_micro_batches={num_micro_batches} does not divide the batch dimension "
                     f"of argument {dyn_idx[path[0].idx]}{jax.tree_util.keystr(path[1:])} (size "
                     f"{aval.shape[0]}). Use a divisor of the batch size, or pad the batch.")
-            aval = jax.ShapeDtypeStruct((aval.shape[0] // num_micro_batches,) + aval.shape[1:],
-                                        aval.dtype, weak_type=aval.weak_type)
+            aval = jax.ShapeDtypeStruct(
+                (aval.shape[0] // num_micro_batches * scale,) + aval.shape[1:], aval.dtype,
+                weak_type=aval.weak_type)
         leaves.append(aval)
     return rebuild_args(jax.tree_util.tree_unflatten(tree, leaves), static, dyn_idx)
 
@@ -306,21 +309,22 @@ def trace_step(fun: Callable, args: Sequence, step: StepSpec, num_micro_batches:
         traced = trace_function(fun, trace_args, static_argnums=step.static_argnums,
                                 batch_leaves=mask)
     marked = has_grad_boundary(traced.closed_jaxpr.jaxpr)
-    if layer_option is not None and not marked:
-        raise InvalidConfigError(
-            "PipeshardParallel builds its layers into the loss function as it is "
-            "differentiated, so it needs the gradient taken with alpa_lite.value_and_grad or "
-            "alpa_lite.grad (drop-ins for jax.value_and_grad / jax.grad); this step calls "
-            "neither. Replace the call, or use ShardParallel(num_micro_batches=...), which "
-            "finds the gradient boundary of a jax.value_and_grad step itself.")
+    automatic_layers = None
+    if layer_option is not None and not marked:  # differentiated by jax: layers built after
+        automatic_layers = functools.partial(
+            mark_layers, option=layer_option, starts=layer_starts, remat_layers=remat_layers,
+            record=record)
     micro = full = None
-    if k > 1 and (analyse or not marked):
+    if (k > 1 and analyse) or not marked and (k > 1 or automatic_layers is not None):
         same_layers = None if layer_option is None else build_layer_transform(
             layer_option, starts=record.get("starts"), remat_layers=record.get("remat_layers"))
-        with layer_construction(same_layers):
-            full = trace_function(fun, args, static_argnums=step.static_argnums,
+        # at another batch size: the full batch, or (one micro-batch) twice the batch
+        other_args = args if k > 1 else micro_batch_args(args, mask, 1, step.static_argnums,
+                                                         scale=2)
+        with layer_construction(same_layers if marked else None):
+            full = trace_function(fun, other_args, static_argnums=step.static_argnums,
                                   batch_leaves=mask)
-        traced, full = mark_gradient_boundary(traced, full)
+        traced, full = mark_gradient_boundary(traced, full, layers=automatic_layers)
     graph = build_op_graph(traced.closed_jaxpr)
     if k > 1 and analyse:
         micro = build_micro_batch_plan(graph, build_op_graph(full.closed_jaxpr), k, list(mask))
@@ -556,7 +560,8 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
                                                               per_host))
             if sp.submesh_devices(shape) <= len(devices) for view in sp.logical_views(shape)]
         graphs = {False: graph}
-        if method.layer_option.remat_layer == "auto":  # price every layer rematerialized too
+        if method.layer_option.remat_layer == "auto" and not record.get("automatic"):
+            # price every layer rematerialized too (layers built by alpa_lite.value_and_grad)
             graphs[True] = trace_step(
                 fun, args, step, k, analyse=False, layer_starts=record["starts"],
                 layer_option=dataclasses.replace(method.layer_option, remat_layer=True))[1]

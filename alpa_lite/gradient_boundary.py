@@ -49,11 +49,14 @@ def has_grad_boundary(jaxpr: jcore.Jaxpr) -> bool:
     return False
 
 
-def mark_gradient_boundary(micro: TracedFunction, full: TracedFunction
+def mark_gradient_boundary(micro: TracedFunction, full: TracedFunction, *, layers=None
                            ) -> tuple[TracedFunction, TracedFunction]:
     """Both traces with a ``grad_boundary`` marker where computing gradients ends.
 
-    Steps that mark it themselves are returned unchanged.
+    Steps that mark it themselves are returned unchanged. ``full`` is the step traced at
+    another batch size (the full batch, for micro-batching). With ``layers`` (a function
+    ``(closed, cut, crossing variables, names) -> closed``, e.g. `auto_layers.mark_layers`),
+    ``micro`` gets it instead of the plain marker.
 
     Raises:
         InvalidConfigError: the traces differ in structure, or no operator reads the batch.
@@ -63,8 +66,20 @@ def mark_gradient_boundary(micro: TracedFunction, full: TracedFunction
     micro_jaxpr, full_jaxpr = _inline_calls(micro.closed_jaxpr), _inline_calls(full.closed_jaxpr)
     cut, crossing = _find_cut(micro_jaxpr.jaxpr, full_jaxpr.jaxpr, micro.batch_leaves)
     names = _names(micro_jaxpr.jaxpr, crossing, micro.out_tree)
-    return (dataclasses.replace(micro, closed_jaxpr=_insert(micro_jaxpr, cut, crossing, names)),
-            dataclasses.replace(full, closed_jaxpr=_insert(full_jaxpr, cut, crossing, names)))
+    if layers is None:
+        marked = _insert(micro_jaxpr, cut, crossing, names)
+        full_marked = _insert(full_jaxpr, cut, crossing, names)
+    else:  # both alike: the micro-batch analysis reads them in lockstep
+        marked, starts = layers(micro_jaxpr, cut, _variables(micro_jaxpr, cut, crossing), names)
+        full_marked, _ = layers(full_jaxpr, cut, _variables(full_jaxpr, cut, crossing), names,
+                                starts=starts)
+    return (dataclasses.replace(micro, closed_jaxpr=marked),
+            dataclasses.replace(full, closed_jaxpr=full_marked))
+
+
+def _variables(closed: jcore.ClosedJaxpr, cut: int, positions: list[int]) -> list:
+    outputs = [v for e in closed.jaxpr.eqns[:cut + 1] for v in e.outvars]
+    return [outputs[n] for n in positions]
 
 
 def _find_cut(micro: jcore.Jaxpr, full: jcore.Jaxpr, batch_leaves) -> tuple[int, list[int]]:
@@ -120,31 +135,40 @@ def _inline_calls(closed: jcore.ClosedJaxpr) -> jcore.ClosedJaxpr:
     """``closed`` with its top-level calls (nested jit, custom_jvp/vjp) inlined."""
     if not any(e.primitive in _CALLS for e in closed.jaxpr.eqns):
         return closed
-    return _retrace(closed, lambda eqns, env, read: None)
+    return retrace(closed)
 
 
 def _insert(closed: jcore.ClosedJaxpr, cut: int, crossing: list[int], names) -> jcore.ClosedJaxpr:
-    outputs = [v for e in closed.jaxpr.eqns[:cut + 1] for v in e.outvars]
-    variables = [outputs[n] for n in crossing]
-
-    def after(index, env, read):
-        if index == cut:
-            marked = grad_boundary_p.bind(*[read(v) for v in variables],
-                                          roles=("aux",) * len(variables), names=names)
-            env.update(zip(variables, marked))
-
-    return _retrace(closed, after)
+    variables = _variables(closed, cut, crossing)
+    return retrace(closed, after={cut: lambda env: mark_boundary(env, variables, names)})
 
 
-def _retrace(closed: jcore.ClosedJaxpr, after) -> jcore.ClosedJaxpr:
-    """Re-traces ``closed`` equation by equation, inlining calls; ``after(i, env, read)``
-    runs after top-level equation ``i``."""
+def mark_boundary(env: dict, variables, names) -> None:
+    """Binds the ``grad_boundary`` marker on ``variables`` (in ``env``)."""
+    marked = grad_boundary_p.bind(*[env[v] for v in variables],
+                                  roles=("aux",) * len(variables), names=tuple(names))
+    env.update(zip(variables, marked))
 
-    def evaluate(jaxpr, consts, args, hook):
+
+def retrace(closed: jcore.ClosedJaxpr, order=None, before=None, after=None
+            ) -> jcore.ClosedJaxpr:
+    """Re-traces ``closed``'s top-level equations in ``order`` (default: as they are),
+    inlining calls; ``before[i](env)`` / ``after[i](env)`` run around equation ``i`` (they
+    may rebind variables in ``env``, e.g. with markers). Source lines and name stacks are
+    kept."""
+    before, after = before or {}, after or {}
+    eqns = closed.jaxpr.eqns
+    order = range(len(eqns)) if order is None else order
+
+    def evaluate(jaxpr, consts, args, positions):
         env = dict(zip(jaxpr.constvars, consts))
         env.update(zip(jaxpr.invars, args))
         read = lambda a: a.val if isinstance(a, jcore.Literal) else env[a]  # noqa: E731
-        for i, eqn in enumerate(jaxpr.eqns):
+        top = positions is not None
+        for i in (positions if top else range(len(jaxpr.eqns))):
+            eqn = jaxpr.eqns[i]
+            if top and i in before:
+                before[i](env)
             invals = [read(v) for v in eqn.invars]
             param = _CALLS.get(eqn.primitive)
             if param is not None:
@@ -156,12 +180,12 @@ def _retrace(closed: jcore.ClosedJaxpr, after) -> jcore.ClosedJaxpr:
                     outs = eqn.primitive.bind(*invals, **bind_params(eqn.primitive, eqn.params))
                 outs = outs if eqn.primitive.multiple_results else [outs]
             env.update(zip(eqn.outvars, outs))
-            if hook is not None:
-                hook(i, env, read)
+            if top and i in after:
+                after[i](env)
         return [read(v) for v in jaxpr.outvars]
 
     def run(*args):
-        return evaluate(closed.jaxpr, closed.consts, args, after)
+        return evaluate(closed.jaxpr, closed.consts, args, list(order))
 
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=v.aval.weak_type)
              for v in closed.jaxpr.invars]

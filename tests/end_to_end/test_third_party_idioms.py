@@ -41,6 +41,31 @@ def test_unmodified_step_with_micro_batches_equals_jax_jit(name):
     assert parallel.plan(state, batches[0]).num_micro_batches == 2
 
 
+# A bug this test found, older than automatic layers (alpa_lite.value_and_grad gives the
+# same numbers): the LSTM split over 2 stages with 2 micro-batches gets its bias gradient
+# up to 4 % off (1 stage, or 1 micro-batch, is exact). Strict: it fails once fixed.
+_PIPELINE_BUGS = {"lstm_split_gates": "2 stages x 2 micro-batches: LSTM bias gradient off"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(reason=_PIPELINE_BUGS[n], strict=True))
+    if n in _PIPELINE_BUGS else n for n in sorted(IDIOMS)])
+def test_unmodified_step_in_an_auto_layered_pipeline_equals_jax_jit(name):
+    """jax.value_and_grad steps pipelined: layers are built on the differentiated program
+    (`alpa_lite.auto_layers`), 2 stages, 2 micro-batches, 3 steps."""
+    step, state, batches = IDIOMS[name]()
+    expected = _serial_loop(step, state, batches)
+    method = alpa_lite.PipeshardParallel(
+        num_micro_batches=2, layer_option=alpa_lite.AutoLayerOption(layer_num=2),
+        stage_option="uniform")
+    parallel = alpa_lite.parallelize(step, method=method)
+    for batch, want in zip(batches, expected):
+        state, loss = parallel(state, batch)
+        assert_trees_close((state, loss), want, rtol=RTOL, atol=ATOL)
+    plan = parallel.plan(state, batches[0])
+    assert len(plan.stages) == 2 and plan.extra["layers"]["automatic"]
+
+
 def _mlp_state():
     rng = np.random.default_rng(0)
     params = {"w1": rng.normal(size=(8, 16)).astype(np.float32) * 0.3,
@@ -154,8 +179,23 @@ def test_batchnorm_in_training_mode_is_an_error_naming_the_primitive_and_line():
     assert "normalization.py" in message  # the source line where the batch was mixed back
 
 
-def test_a_pipeline_of_a_jax_value_and_grad_step_says_what_to_change():
-    method = alpa_lite.PipeshardParallel(num_micro_batches=2, layer_option="manual")
+def test_a_jax_value_and_grad_pipeline_with_manual_boundaries():
+    step = _mlp_step(jax.value_and_grad)
+    state, batches = _mlp_state(), _mlp_batches()
+    expected = _serial_loop(step, state, batches)
+    method = alpa_lite.PipeshardParallel(num_micro_batches=2, layer_option="manual",
+                                         stage_option="uniform")
+    parallel = alpa_lite.parallelize(step, method=method)
+    for batch, want in zip(batches, expected):
+        state, loss = parallel(state, batch)
+        assert_trees_close((state, loss), want, rtol=RTOL, atol=ATOL)
+    plan = parallel.plan(state, batches[0])
+    assert len(plan.stages) == 2 and plan.extra["layers"]["num_layers"] == 2
+
+
+def test_rematerialized_layers_of_a_jax_value_and_grad_step_say_what_to_change():
+    method = alpa_lite.PipeshardParallel(num_micro_batches=2, layer_option=alpa_lite.
+                                         ManualLayerOption(remat_layer=True))
     with pytest.raises(alpa_lite.InvalidConfigError, match="alpa_lite.value_and_grad"):
         alpa_lite.parallelize(_mlp_step(jax.value_and_grad), method=method).plan(
             _mlp_state(), _mlp_batches(1)[0])
