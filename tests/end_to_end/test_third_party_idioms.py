@@ -204,7 +204,10 @@ def test_rematerialized_layers_of_a_jax_value_and_grad_step_say_what_to_change()
 @pytest.mark.parametrize("method", [
     alpa_lite.ShardParallel(mesh_shape=(2, 4)),
     alpa_lite.ShardParallel(mesh_shape=(2, 4), num_micro_batches=2),
-    alpa_lite.DataParallel(), alpa_lite.Zero3Parallel()], ids=["shard", "micro", "dp", "zero3"])
+    alpa_lite.DataParallel(), alpa_lite.Zero3Parallel(),
+    alpa_lite.PipeshardParallel(num_micro_batches=2, stage_option="uniform",
+                                layer_option=alpa_lite.AutoLayerOption(layer_num=2))],
+    ids=["shard", "micro", "dp", "zero3", "pipeline"])
 def test_a_model_written_for_an_explicit_sharding_mesh_runs_and_equals_jax_jit(method):
     """`reshard` and `out_sharding=` name the user's mesh: the plan treats them as hints it
     replaces, and runs on its own mesh whatever mesh the caller has set."""
