@@ -66,7 +66,8 @@ def split_at_grad_boundary(graph: OpGraph, batch_inputs: list[int],
     boundary = boundaries[0]
     batch_dep = set(batch_inputs)
     after = set(graph.nodes[boundary].outvars)
-    per_micro_batch = set(per_micro_batch_nodes)
+    per_micro_batch = set(per_micro_batch_nodes) | _batch_carries(graph, batch_dep,
+                                                                   per_micro_batch_nodes)
     pre, compute, post = [], [], []
     for node in graph.nodes:
         ins = {v for v in node.invars if isinstance(v, int)}
@@ -93,6 +94,31 @@ def split_at_grad_boundary(graph: OpGraph, batch_inputs: list[int],
         else:
             pre.append(node.index)
     return GradSplit(tuple(pre), tuple(compute), tuple(post), boundary)
+
+
+def _batch_carries(graph: OpGraph, batch_inputs: set, per_micro_batch_nodes) -> set[int]:
+    """Loop carry-enter nodes whose carry depends on the batch through the loop's back edge.
+
+    The graph holds a loop body once, so a carry that starts batch-free (zeros) but is
+    updated from the batch in the body (an RNN's cell state) looks batch-free where it enters;
+    its stacked copies (the residuals the backward scan reads) would then pass as the same
+    in every micro-batch. Found by iterating until no carry is added.
+    """
+    back_edges = [(enter, out) for loop in graph.loops if not loop.branches
+                  for enter, out in zip(loop.carry_enter, loop.carry_out) if isinstance(out, int)]
+    seeded: set[int] = set()
+    while back_edges:
+        dependent = set(batch_inputs)
+        forced = set(per_micro_batch_nodes) | seeded
+        for node in graph.nodes:
+            if node.index in forced or any(isinstance(v, int) and v in dependent
+                                           for v in node.invars):
+                dependent.update(node.outvars)
+        new = {enter for enter, out in back_edges if out in dependent and enter not in seeded}
+        if not new:
+            break
+        seeded |= new
+    return seeded
 
 
 def split_micro_batches(x, num_micro_batches: int):

@@ -41,15 +41,7 @@ def test_unmodified_step_with_micro_batches_equals_jax_jit(name):
     assert parallel.plan(state, batches[0]).num_micro_batches == 2
 
 
-# A bug this test found, older than automatic layers (alpa_lite.value_and_grad gives the
-# same numbers): the LSTM split over 2 stages with 2 micro-batches gets its bias gradient
-# up to 4 % off (1 stage, or 1 micro-batch, is exact). Strict: it fails once fixed.
-_PIPELINE_BUGS = {"lstm_split_gates": "2 stages x 2 micro-batches: LSTM bias gradient off"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=_PIPELINE_BUGS[n], strict=True))
-    if n in _PIPELINE_BUGS else n for n in sorted(IDIOMS)])
+@pytest.mark.parametrize("name", sorted(IDIOMS))
 def test_unmodified_step_in_an_auto_layered_pipeline_equals_jax_jit(name):
     """jax.value_and_grad steps pipelined: layers are built on the differentiated program
     (`alpa_lite.auto_layers`), 2 stages, 2 micro-batches, 3 steps."""
