@@ -7,8 +7,9 @@ size in lockstep, with one abstract `Val` per value:
   (micro, full) value when every element is one number (``1 / batch_size``, say).
 * ``BATCH``: per-example: along ``dim`` each ``group`` consecutive elements depend on one
   example only (``group`` 0: every row along ``dim`` is alike, a constant broadcast along
-  the batch, which fits any grouping), and the full-batch value of an example is ``ratio`` times its micro-batch
-  value (1 for activations; 1/k for cotangents of a mean loss, seeded with 1/batch_size).
+  the batch, which fits any grouping), and the full-batch value of an example is ``ratio``
+  times its micro-batch value (1 for activations; 1/k for cotangents of a mean loss, seeded
+  with 1/batch_size).
   ``zero``: every element is 0 in both traces (a zero cotangent), which any ratio fits.
 * ``SUM``: ``c * sum over examples`` (+ a batch-independent offset when ``affine``);
   ``ratio`` is the full-batch ``c`` over the micro-batch ``c``: 1 for a sum, 1/k for a mean.

@@ -28,15 +28,21 @@ def _serial_loop(step, state, batches):
     return results
 
 
+def _train_and_compare(step, state, batches, method):
+    """A training loop under ``method``: after every step, state and loss equal jax.jit's."""
+    expected = _serial_loop(step, state, batches)
+    parallel = alpa_lite.parallelize(step, method=method)
+    for batch, want in zip(batches, expected):
+        state, loss = parallel(state, batch)
+        assert_trees_close((state, loss), want, rtol=RTOL, atol=ATOL)
+    return parallel, state
+
+
 @pytest.mark.parametrize("name", sorted(IDIOMS))
 def test_unmodified_step_with_micro_batches_equals_jax_jit(name):
     step, state, batches = IDIOMS[name]()
-    expected = _serial_loop(step, state, batches)
     method = alpa_lite.ShardParallel(mesh_shape=(2, 4), num_micro_batches=2, strict=True)
-    parallel = alpa_lite.parallelize(step, method=method)
-    for batch, (want_state, want_loss) in zip(batches, expected):
-        state, loss = parallel(state, batch)
-        assert_trees_close((state, loss), (want_state, want_loss), rtol=RTOL, atol=ATOL)
+    parallel, state = _train_and_compare(step, state, batches, method)
     # The plan accumulates gradients: the update runs once, after 2 micro-batches.
     assert parallel.plan(state, batches[0]).num_micro_batches == 2
 
@@ -46,14 +52,10 @@ def test_unmodified_step_in_an_auto_layered_pipeline_equals_jax_jit(name):
     """jax.value_and_grad steps pipelined: layers are built on the differentiated program
     (`alpa_lite.auto_layers`), 2 stages, 2 micro-batches, 3 steps."""
     step, state, batches = IDIOMS[name]()
-    expected = _serial_loop(step, state, batches)
     method = alpa_lite.PipeshardParallel(
         num_micro_batches=2, layer_option=alpa_lite.AutoLayerOption(layer_num=2),
         stage_option="uniform")
-    parallel = alpa_lite.parallelize(step, method=method)
-    for batch, want in zip(batches, expected):
-        state, loss = parallel(state, batch)
-        assert_trees_close((state, loss), want, rtol=RTOL, atol=ATOL)
+    parallel, state = _train_and_compare(step, state, batches, method)
     plan = parallel.plan(state, batches[0])
     assert len(plan.stages) == 2 and plan.extra["layers"]["automatic"]
 
@@ -172,16 +174,11 @@ def test_batchnorm_in_training_mode_is_an_error_naming_the_primitive_and_line():
 
 
 def test_a_jax_value_and_grad_pipeline_with_manual_boundaries():
-    step = _mlp_step(jax.value_and_grad)
-    state, batches = _mlp_state(), _mlp_batches()
-    expected = _serial_loop(step, state, batches)
     method = alpa_lite.PipeshardParallel(num_micro_batches=2, layer_option="manual",
                                          stage_option="uniform")
-    parallel = alpa_lite.parallelize(step, method=method)
-    for batch, want in zip(batches, expected):
-        state, loss = parallel(state, batch)
-        assert_trees_close((state, loss), want, rtol=RTOL, atol=ATOL)
-    plan = parallel.plan(state, batches[0])
+    parallel, state = _train_and_compare(_mlp_step(jax.value_and_grad), _mlp_state(),
+                                         _mlp_batches(), method)
+    plan = parallel.plan(state, _mlp_batches(1)[0])
     assert len(plan.stages) == 2 and plan.extra["layers"]["num_layers"] == 2
 
 
@@ -205,11 +202,7 @@ def test_a_model_written_for_an_explicit_sharding_mesh_runs_and_equals_jax_jit(m
     replaces, and runs on its own mesh whatever mesh the caller has set."""
     mesh, step, state, batches = explicit_sharding_mesh()
     with jax.set_mesh(mesh):
-        expected = _serial_loop(step, state, batches)
-        parallel = alpa_lite.parallelize(step, method=method)
-        for batch, want in zip(batches, expected):
-            state, loss = parallel(state, batch)
-            assert_trees_close((state, loss), want, rtol=RTOL, atol=ATOL)
+        _train_and_compare(step, state, batches, method)
 
 
 def test_the_ilp_splits_a_moe_layers_expert_dim_when_memory_requires_it():

@@ -190,6 +190,7 @@ if __name__ == "__main__":
     print(f"SOURCE {info.source} process {jax.process_index()} of {jax.process_count()}",
           flush=True)
     special = {"local_batch": run_local_batch, "keys": run_keys, "stage_placement": run_stage_placement,
-               "mismatch": run_mismatch, "die": run_die, "training_loop": run_training_loop}
+               "mismatch": run_mismatch, "die": run_die,
+               "training_loop": run_training_loop}
     for case in sys.argv[1:] or list(CASES) + ["local_batch", "keys", "stage_placement"]:
         special[case]() if case in special else run(case)
