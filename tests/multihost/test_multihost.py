@@ -48,7 +48,8 @@ def test_every_method_across_two_processes_equals_serial():
 def test_training_loops_of_several_methods_log_the_loss_on_every_process():
     code, output, _ = launch("training_loop")
     assert code == 0, output[-6000:]
-    loops = ["loop_pipeline2", "loop_data", "loop_shard_micro", "loop_pipeline_auto"]
+    loops = ["loop_pipeline2", "loop_data", "loop_shard_micro", "loop_pipeline_auto",
+             "loop_jax_pipeline2", "loop_jax_shard_micro"]
     assert passed(output) == {(p, c) for p in "01" for c in loops}, output[-6000:]
 
 

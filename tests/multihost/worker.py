@@ -156,8 +156,11 @@ def run_training_loop() -> None:
     for b in batches:
         expected, loss = serial(expected, b)
         losses.append(float(loss))
-    for name in ("pipeline2", "data", "shard_micro", "pipeline_auto"):
-        p = alpa_lite.parallelize(mse_step, method=CASES[name]())
+    runs = [(name, mse_step) for name in ("pipeline2", "data", "shard_micro", "pipeline_auto")]
+    # the same step differentiated by jax itself: boundary and layers found in the program
+    runs += [(f"jax_{name}", jax_mse_step) for name in ("pipeline2", "shard_micro")]
+    for name, train_step in runs:
+        p = alpa_lite.parallelize(train_step, method=CASES[name.removeprefix("jax_")]())
         current = state
         for step, b in enumerate(batches):
             current, loss = p(current, b)
@@ -165,6 +168,14 @@ def run_training_loop() -> None:
             assert abs(logged - losses[step]) <= 1e-5 * max(1.0, abs(losses[step])), (
                 name, step, logged, losses[step])
         print(f"OK loop_{name} process {jax.process_index()}", flush=True)
+
+
+def jax_mse_step(state, batch):
+    def loss_fn(params):
+        return jnp.mean((state.apply_fn(params, batch["x"]) - batch["y"]) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), loss
 
 
 def run_mismatch() -> None:
