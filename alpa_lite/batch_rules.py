@@ -294,9 +294,10 @@ def _keep(ctx: RuleContext, ratio: float | None, reason: str) -> list[Val]:
 
 # --- operators along other dims: the batch dim passes through --------------------------------
 
-_LINEAR_REDUCTIONS = {prims.reduce_sum_p: Kind.SUM}
-_ORDER_REDUCTIONS = {prims.reduce_max_p: Kind.MAX, prims.reduce_min_p: Kind.MIN,
-                     prims.reduce_or_p: Kind.MAX, prims.reduce_and_p: Kind.MIN}
+# What reducing the batch dim away makes: a sum, or a maximum / minimum over examples.
+REDUCTION_KINDS = {prims.reduce_sum_p: Kind.SUM, prims.reduce_max_p: Kind.MAX,
+                   prims.reduce_min_p: Kind.MIN, prims.reduce_or_p: Kind.MAX,
+                   prims.reduce_and_p: Kind.MIN}
 
 
 @register_batch_rule(prims.reduce_sum_p, prims.reduce_max_p, prims.reduce_min_p,
@@ -307,15 +308,15 @@ def _reduce(ctx: RuleContext) -> list[Val]:
     prim = ctx.node.primitive
     axes = ctx.node.params["axes"]
     if x.dim not in axes:
-        linear = prim in _LINEAR_REDUCTIONS
+        linear = prim is prims.reduce_sum_p
         return _keep(ctx, scale_of(x) if linear else (1.0 if _unscaled(ctx) else None),
                      f"`{prim.name}` of values whose scale changes with the batch size")
     if x.zero:
         return [const_zero()]
-    if prim in _LINEAR_REDUCTIONS:
+    if prim is prims.reduce_sum_p:
         return [Val(Kind.SUM, ratio=x.ratio)]
-    if prim in _ORDER_REDUCTIONS and _close(x.ratio, 1.0):
-        return [Val(_ORDER_REDUCTIONS[prim])]
+    if prim in REDUCTION_KINDS and _close(x.ratio, 1.0):
+        return [Val(REDUCTION_KINDS[prim])]
     return ctx.fail(f"`{prim.name}` over the batch dim, which no combination of micro-batch "
                     "results reproduces")
 

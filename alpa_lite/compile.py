@@ -560,8 +560,7 @@ def plan_pipeshard(fun: Callable, args: Sequence, method, step: StepSpec,
                                                               per_host))
             if sp.submesh_devices(shape) <= len(devices) for view in sp.logical_views(shape)]
         graphs = {False: graph}
-        if method.layer_option.remat_layer == "auto" and not record.get("automatic"):
-            # price every layer rematerialized too (layers built by alpa_lite.value_and_grad)
+        if method.layer_option.remat_layer == "auto" and not record.get("automatic"):  # price remat
             graphs[True] = trace_step(
                 fun, args, step, k, analyse=False, layer_starts=record["starts"],
                 layer_option=dataclasses.replace(method.layer_option, remat_layer=True))[1]

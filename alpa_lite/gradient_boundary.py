@@ -26,16 +26,16 @@ import dataclasses
 
 import jax
 from jax.extend import core as jcore
-from jax.extend.core import primitives as prims
 
 from alpa_lite._jax_compat import bind_params, equation_context, source_line
 from alpa_lite.errors import InvalidConfigError
+from alpa_lite.graph import INLINE_CALLS
 from alpa_lite.markers import grad_boundary_p
 from alpa_lite.trace import TracedFunction
 
-# Calls whose bodies are inlined at the top level first, so the cut can fall inside them.
-_CALLS = {prims.jit_p: "jaxpr", prims.closed_call_p: "call_jaxpr",
-          prims.custom_jvp_call_p: "call_jaxpr", prims.custom_vjp_call_p: "call_jaxpr"}
+# Calls are inlined at the top level first (as the graph inlines them), so the cut can fall
+# inside them.
+_CALLS = INLINE_CALLS
 
 
 def has_grad_boundary(jaxpr: jcore.Jaxpr) -> bool:

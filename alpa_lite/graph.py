@@ -41,7 +41,8 @@ from alpa_lite.loop_regions import LoopRegion, fixed_trip_count, loop_enter_p, l
 
 Operand = Union[int, jcore.Literal]
 
-_INLINE_CALLS = {
+# Calls whose bodies are inlined (their jaxpr param's name).
+INLINE_CALLS = {
     prims.jit_p: "jaxpr",
     prims.closed_call_p: "call_jaxpr",
     prims.custom_jvp_call_p: "call_jaxpr",
@@ -209,7 +210,7 @@ class _GraphBuilder:
     def inline_eqn(self, eqn, invals, name: str) -> list:
         if _is_sharding_hint(eqn):
             return invals  # the plan chooses the shardings (see `_is_sharding_hint`)
-        param = _INLINE_CALLS.get(eqn.primitive)
+        param = INLINE_CALLS.get(eqn.primitive)
         if param is not None:
             sub = eqn.params[param]
             sub_env = dict(zip(sub.jaxpr.invars, invals))

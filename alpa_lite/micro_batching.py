@@ -27,8 +27,8 @@ from jax.extend.core import primitives as prims
 
 from alpa_lite._jax_compat import (optimization_barrier_primitive, split_primitive,
                                    stack_primitives, tile_primitive)
-from alpa_lite.batch_rules import (Kind, RuleContext, Val, apply_batch_rule, opaque,
-                                   per_example, scale_of)
+from alpa_lite.batch_rules import (REDUCTION_KINDS, Kind, RuleContext, Val, apply_batch_rule,
+                                   opaque, per_example, scale_of)
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
 from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
@@ -74,10 +74,6 @@ class MicroBatchPlan:
 _OPAQUE = Val(Kind.OPAQUE)
 _IDENTITY = {prims.copy_p, prims.stop_gradient_p, prims.reduce_precision_p, layer_boundary_p,
              manual_boundary_p, grad_boundary_p}
-_SHAPE_ONLY = {prims.reshape_p, prims.squeeze_p, prims.broadcast_in_dim_p, prims.transpose_p}
-_REDUCTIONS = {prims.reduce_sum_p: Kind.SUM, prims.reduce_max_p: Kind.MAX,
-               prims.reduce_min_p: Kind.MIN, prims.reduce_or_p: Kind.MAX,
-               prims.reduce_and_p: Kind.MIN}
 _MARKERS = (layer_boundary_p, manual_boundary_p)
 
 
@@ -325,25 +321,25 @@ class _Analysis:
         if node.primitive is prims.random_bits_p:
             self.random_dims[node.index] = out_dim
             return Val(Kind.BATCH, dim=out_dim)
-        if node.primitive is prims.broadcast_in_dim_p:
-            dims = node.params["broadcast_dimensions"]
-            operand_shape = np.shape(node.invars[0].val) if not isinstance(
-                node.invars[0], int) else self.micro.avals[node.invars[0]].shape
-            if out_dim not in dims or operand_shape[dims.index(out_dim)] == 1:
-                row = per_example(out_dim, 0, scale_of(ins[0]))
-                return row if row is not None else opaque(
-                    node, "a constant broadcast along the batch whose value changes with the "
-                          "batch size in no proportional way")
-        if node.primitive is tile_primitive():  # a parameter tiled to the batch (CLS token)
-            operand_shape = self.micro.avals[node.invars[0]].shape if isinstance(
-                node.invars[0], int) else np.shape(node.invars[0].val)
-            if operand_shape[out_dim] == 1:
-                row = per_example(out_dim, 0, scale_of(ins[0]))
-                if row is not None:
-                    return row
+        if self.copies_rows(node, out_dim):
+            row = per_example(out_dim, 0, scale_of(ins[0]))
+            return row if row is not None else opaque(
+                node, "a constant copied along the batch whose value changes with the batch "
+                      "size in no proportional way")
         if node.primitive is prims.iota_p and node.params["dimension"] != out_dim:
             return Val(Kind.BATCH, dim=out_dim, group=0)
         return opaque(node, "a batch-sized value made along the batch dim from constants")
+
+    def copies_rows(self, node, out_dim: int) -> bool:
+        """Does a broadcast or tile of a constant make every row along ``out_dim`` a copy
+        (a cotangent seeded with 1 / batch_size, a parameter tiled to the batch)?"""
+        operand = node.invars[0] if node.invars else None
+        shape = self.micro.avals[operand].shape if isinstance(operand, int) else \
+            np.shape(getattr(operand, "val", ()))
+        if node.primitive is prims.broadcast_in_dim_p:
+            dims = node.params["broadcast_dimensions"]
+            return out_dim not in dims or shape[dims.index(out_dim)] == 1
+        return node.primitive is tile_primitive() and shape[out_dim] == 1
 
     def mixed_result(self, node, ins: list[Val], out_dims: list) -> list[Val]:
         kinds = {x.kind for x in ins} - {Kind.CONST}
@@ -463,7 +459,7 @@ def _reduced_result(node, ins: list[Val], graph: OpGraph) -> Val:
     if len(kinds) != 1:
         return _OPAQUE
     kind = kinds.pop()
-    if prim in _SHAPE_ONLY or prim is prims.convert_element_type_p:
+    if prim is prims.convert_element_type_p:  # (shape-only ops: `_moved_reduction`)
         in_dtype = np.dtype(graph.avals[node.invars[0]].dtype)
         rounds = np.issubdtype(in_dtype, np.inexact) and not np.issubdtype(out_dtype, np.inexact)
         return _OPAQUE if rounds and kind is Kind.SUM else reduced[0]
@@ -477,7 +473,7 @@ def _reduced_result(node, ins: list[Val], graph: OpGraph) -> Val:
         return reduced[0] if const.invariant else _OPAQUE
     if (prim is prims.max_p and kind is Kind.MAX) or (prim is prims.min_p and kind is Kind.MIN):
         return reduced[0] if all(x.invariant for x in ins if x.kind is Kind.CONST) else _OPAQUE
-    if prim in _REDUCTIONS and _REDUCTIONS[prim] is kind:
+    if REDUCTION_KINDS.get(prim) is kind:
         return reduced[0]
     return _OPAQUE
 
