@@ -24,9 +24,9 @@ from alpa_lite.cost import estimate_op_cost
 from alpa_lite.emit.executable import ShardExecutable
 from alpa_lite.emit.pipeline import PipelineExecutable
 from alpa_lite.emit.specs import build_jax_mesh
-from alpa_lite.emit.stages import boundary_slice, build_subgraph, partition_pipeline
+from alpa_lite.pipeline_model.partition import boundary_slice, build_subgraph, partition_pipeline
 from alpa_lite.inter_op import pricing
-from alpa_lite.inter_op.schedules import build_schedule
+from alpa_lite.pipeline_model.schedules import build_schedule
 from alpa_lite.inter_op.stage_dp import enumerate_submesh_shapes
 from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
 from alpa_lite.graph import OpGraph, build_op_graph

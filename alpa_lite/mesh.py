@@ -245,3 +245,24 @@ def _per_axis(values, ndim: int, name: str) -> tuple[float, ...]:
     if any(v < 0 or not math.isfinite(v) for v in values):
         raise InvalidConfigError(f"{name} values must be finite and >= 0; got {values}.")
     return values
+
+
+# --- specs: per tensor dim, the mesh axes that split it (major first) ---
+
+Spec = tuple[tuple[str, ...], ...]
+
+
+def replicated_spec(rank: int) -> Spec:
+    return ((),) * rank
+
+
+def spec_shards(spec: Spec, mesh: LogicalMesh) -> int:
+    """How many pieces a tensor with ``spec`` is cut into."""
+    return math.prod(mesh.axes_size(axes) for axes in spec)
+
+
+def format_spec(spec: Spec | None) -> str:
+    """``(("x",), (), ("x","y"))`` -> ``"[x,-,xy]"``."""
+    if spec is None:
+        return "*"
+    return "[" + ",".join("".join(axes) or "-" for axes in spec) + "]"

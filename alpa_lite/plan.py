@@ -14,8 +14,7 @@ import math
 from typing import Any
 
 from alpa_lite.errors import InvalidConfigError
-from alpa_lite.intra_op.strategies import Spec, format_spec
-from alpa_lite.mesh import LogicalMesh
+from alpa_lite.mesh import LogicalMesh, Spec, format_spec, replicated_spec
 from alpa_lite.summary import format_plan_summary
 
 PLAN_FORMAT_VERSION = 1
@@ -277,6 +276,24 @@ def _sharding_from_dict(data: dict) -> ShardingPlan:
         peak_memory_bytes=data["peak_memory_bytes"], solver=data["solver"],
         graph_fingerprint=data["graph_fingerprint"], input_names=tuple(data["input_names"]),
     )
+
+
+def value_specs(graph, plan: ShardingPlan) -> dict[int, Spec]:
+    """The planned spec of every value id of ``graph`` (the `OpGraph` ``plan`` was made for)."""
+    specs: dict[int, Spec] = dict(zip(graph.inputs, plan.input_specs))
+    for vid, _ in graph.consts:
+        specs[vid] = replicated_spec(len(graph.avals[vid].shape))
+    decisions = {d.index: d for d in plan.nodes}
+    for node in graph.nodes:
+        decision = decisions.get(node.index)
+        if decision is None:  # transparent: outputs are the inputs
+            for src, dst in zip(node.invars, node.outvars):
+                specs[dst] = specs[src] if isinstance(src, int) else replicated_spec(
+                    len(graph.avals[dst].shape))
+            continue
+        for vid, spec in zip(node.outvars, decision.out_specs):
+            specs[vid] = spec
+    return specs
 
 
 def describe_specs(specs) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from alpa_lite.inter_op.schedules import PipelineSchedule, TaskKind, build_schedule
+from alpa_lite.pipeline_model.schedules import PipelineSchedule, TaskKind, build_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +29,7 @@ def simulate_timeline(schedule: PipelineSchedule, forward_s: Sequence[float],
     """Start and end of every task, in dispatch order.
 
     Example:
-        >>> from alpa_lite.inter_op.schedules import build_schedule
+        >>> from alpa_lite.pipeline_model.schedules import build_schedule
         >>> events = simulate_timeline(build_schedule("gpipe", 2, 2), [1, 1], [2, 2])
         >>> max(e.end_s for e in events)
         9.0

@@ -16,7 +16,8 @@ from typing import Sequence
 
 import jax
 
-from alpa_lite.emit.accumulate import emit_accumulating_function, split_at_grad_boundary
+from alpa_lite.emit.accumulate import emit_accumulating_function
+from alpa_lite.pipeline_model.grad_split import split_at_grad_boundary
 from alpa_lite.emit.shardings import build_node_evaluator, emit_flat_function
 from alpa_lite.emit.specs import build_jax_mesh, named_shardings
 from alpa_lite.emit.transfer import multi_process, place

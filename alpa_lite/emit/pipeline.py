@@ -31,14 +31,14 @@ from alpa_lite.emit.accumulate import (combine_identity, combine_pair, interleav
 from alpa_lite.emit.deferred import find_deferred_reductions, finish_partial_sum
 from alpa_lite.emit.executable import PlanMismatch
 from alpa_lite.emit.shardings import build_node_evaluator
-from alpa_lite.emit.specs import spec_to_partition_spec, value_specs
-from alpa_lite.emit.stages import PipelinePartition, Program
+from alpa_lite.emit.specs import spec_to_partition_spec
+from alpa_lite.pipeline_model.partition import PipelinePartition, Program
 from alpa_lite.emit.transfer import CrossMeshMove, ReplicateEverywhere, multi_process, place
 from alpa_lite.graph import OpGraph
-from alpa_lite.inter_op.schedules import PipelineSchedule, TaskKind
+from alpa_lite.pipeline_model.schedules import PipelineSchedule, TaskKind
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p
 from alpa_lite.micro_batching import Combine, MicroBatchPlan, Rule
-from alpa_lite.plan import ShardingPlan
+from alpa_lite.plan import ShardingPlan, value_specs
 from alpa_lite.trace import TracedFunction, leaf_signature, split_static_args
 
 _ACCUMULATED = (Combine.SUM, Combine.MEAN, Combine.MAX, Combine.MIN)

@@ -33,8 +33,8 @@ from alpa_lite.intra_op.strategies import Spec
 from alpa_lite.emit.deferred import (DeferredReductions, bind_over_partials,
                                      emit_partial_result, emit_reduce_scatter,
                                      scatter_collective)
-from alpa_lite.emit.specs import spec_to_partition_spec, value_specs
-from alpa_lite.plan import ShardingPlan
+from alpa_lite.emit.specs import spec_to_partition_spec
+from alpa_lite.plan import ShardingPlan, value_specs
 
 
 def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> Callable:

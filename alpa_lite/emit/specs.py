@@ -1,15 +1,11 @@
-"""Plan specs as jax objects: meshes, `PartitionSpec`s, `NamedSharding`s, and the planned spec
-of every value of a graph."""
+"""Plan specs as jax objects: meshes, `PartitionSpec`s, `NamedSharding`s."""
 
 from __future__ import annotations
 
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from alpa_lite.graph import OpGraph
-from alpa_lite.intra_op.strategies import Spec, replicated_spec
-from alpa_lite.mesh import LogicalMesh
-from alpa_lite.plan import ShardingPlan
+from alpa_lite.mesh import LogicalMesh, Spec
 
 
 def spec_to_partition_spec(spec: Spec) -> PartitionSpec:
@@ -31,21 +27,3 @@ def build_jax_mesh(mesh: LogicalMesh, devices) -> Mesh:
 
 def named_shardings(specs, jax_mesh: Mesh) -> tuple[NamedSharding, ...]:
     return tuple(NamedSharding(jax_mesh, spec_to_partition_spec(s)) for s in specs)
-
-
-def value_specs(graph: OpGraph, plan: ShardingPlan) -> dict[int, Spec]:
-    """The planned spec of every value id."""
-    specs: dict[int, Spec] = dict(zip(graph.inputs, plan.input_specs))
-    for vid, _ in graph.consts:
-        specs[vid] = replicated_spec(len(graph.avals[vid].shape))
-    decisions = {d.index: d for d in plan.nodes}
-    for node in graph.nodes:
-        decision = decisions.get(node.index)
-        if decision is None:  # transparent: outputs are the inputs
-            for src, dst in zip(node.invars, node.outvars):
-                specs[dst] = specs[src] if isinstance(src, int) else replicated_spec(
-                    len(graph.avals[dst].shape))
-            continue
-        for vid, spec in zip(node.outvars, decision.out_specs):
-            specs[vid] = spec
-    return specs

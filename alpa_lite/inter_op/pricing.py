@@ -39,8 +39,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from alpa_lite.emit.specs import value_specs
-from alpa_lite.emit.stages import assign_regions, build_subgraph, partition_pipeline
+from alpa_lite.pipeline_model.partition import assign_regions, build_subgraph, partition_pipeline
 from alpa_lite.errors import InfeasiblePlanError
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.planner import solve_intra_op
@@ -51,6 +50,7 @@ from alpa_lite.inter_op.stage_dp import StageProblem, solve_stage_dp
 from alpa_lite.markers import layer_boundary_p
 from alpa_lite.mesh import LogicalMesh
 from alpa_lite.inter_op.assignment import StageAssignment, place_stages
+from alpa_lite.plan import value_specs
 
 SubmeshView = tuple[tuple[int, int], tuple[int, ...]]
 

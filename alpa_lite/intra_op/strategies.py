@@ -18,25 +18,7 @@ import math
 from typing import Sequence
 
 from alpa_lite.cost.collectives import Collective, estimate_collective_s
-from alpa_lite.mesh import LogicalMesh
-
-Spec = tuple[tuple[str, ...], ...]
-
-
-def replicated_spec(rank: int) -> Spec:
-    return ((),) * rank
-
-
-def spec_shards(spec: Spec, mesh: LogicalMesh) -> int:
-    """How many pieces a tensor with ``spec`` is cut into."""
-    return math.prod(mesh.axes_size(axes) for axes in spec)
-
-
-def format_spec(spec: Spec | None) -> str:
-    """``(("x",), (), ("x","y"))`` -> ``"[x,-,xy]"``."""
-    if spec is None:
-        return "*"
-    return "[" + ",".join("".join(axes) or "-" for axes in spec) + "]"
+from alpa_lite.mesh import LogicalMesh, Spec, format_spec, replicated_spec, spec_shards  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from alpa_lite.errors import InvalidConfigError
-from alpa_lite.inter_op import schedules
-from alpa_lite.inter_op.schedules import (
+from alpa_lite.inter_op import stage_dp
+from alpa_lite.pipeline_model import schedules
+from alpa_lite.pipeline_model.schedules import (
     PipelineSchedule,
     ScheduleKind,
     Task,
@@ -153,9 +154,9 @@ def test_non_positive_int_counts_are_rejected(name, value):
         build_schedule("gpipe", **args)
 
 
-@pytest.mark.parametrize("module", ["schedules.py", "stage_dp.py"])
+@pytest.mark.parametrize("module", [schedules, stage_dp])
 def test_solver_modules_import_only_numpy_stdlib_and_errors(module):
-    path = pathlib.Path(schedules.__file__).with_name(module)
+    path = pathlib.Path(module.__file__)
     tree = ast.parse(path.read_text())
     imported = set()
     for node in ast.walk(tree):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from alpa_lite.inter_op.schedules import build_schedule
+from alpa_lite.pipeline_model.schedules import build_schedule
 from alpa_lite.timeline import plot_timeline, simulate_timeline
 
 

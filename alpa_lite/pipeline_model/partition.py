@@ -18,7 +18,7 @@ from collections import defaultdict
 import numpy as np
 
 from alpa_lite.cost.registry import nbytes
-from alpa_lite.emit.accumulate import GradSplit, split_at_grad_boundary
+from alpa_lite.pipeline_model.grad_split import GradSplit, split_at_grad_boundary
 from alpa_lite.graph import OpGraph, OpNode
 from alpa_lite.loop_regions import remap_loops
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p
