@@ -26,7 +26,7 @@ from alpa_lite.emit.pipeline import PipelineExecutable
 from alpa_lite.emit.specs import build_jax_mesh
 from alpa_lite.pipeline_model.partition import boundary_slice, build_subgraph, partition_pipeline
 from alpa_lite.inter_op import pricing
-from alpa_lite.pipeline_model.schedules import build_schedule
+from alpa_lite.pipeline_model.schedules import build_schedule, in_flight_micro_batches
 from alpa_lite.inter_op.stage_dp import enumerate_submesh_shapes
 from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
 from alpa_lite.graph import OpGraph, build_op_graph
@@ -709,7 +709,7 @@ def build_stage_records(assignment, priced, stage_options, plans, partition, gra
         times.append(t)
         once.append(g + u)
         share = _forward_share(partition, graph, s)
-        in_flight = pricing.in_flight_micro_batches(schedule, num_stages, s, k)
+        in_flight = in_flight_micro_batches(schedule, num_stages, s, k)
         records.append(StagePlan(
             stage=s, layers=tuple(layers), remat=_stage_remat(assignment, layers),
             lean=float(assignment.lean[s]) if assignment.lean else 0.0,

@@ -43,6 +43,7 @@ from alpa_lite.compile import (StepSpec, find_alias_pairs, input_roles, optimize
                                single_mesh_step_time_s)
 from alpa_lite.inter_op import pricing
 from alpa_lite.inter_op.pricing import memory_binds
+from alpa_lite.pipeline_model.schedules import in_flight_micro_batches
 from alpa_lite.trace import trace_function
 
 MAX_DP_LAYERS = 32
@@ -418,7 +419,7 @@ def _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, best):
                 alpha, beta = _stage_link(cluster)
                 estimates = [pricing.estimate_stage(span, mesh, beta, alpha, s == pp - 1)
                              for s, span in enumerate(spans)]
-                mem = max(sum(p.state_bytes for p in span) + pricing.in_flight_micro_batches(
+                mem = max(sum(p.state_bytes for p in span) + in_flight_micro_batches(
                     "1f1b", pp, s, k) * sum(p.activation_bytes for p in span)
                     for s, span in enumerate(spans))
                 latency = pricing.pipeline_step_time_s(

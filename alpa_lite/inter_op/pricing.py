@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from alpa_lite.pipeline_model.schedules import in_flight_micro_batches
 from alpa_lite.pipeline_model.partition import assign_regions, build_subgraph, partition_pipeline
 from alpa_lite.errors import InfeasiblePlanError
 from alpa_lite.graph import OpGraph
@@ -315,12 +316,6 @@ def layer_update_nodes(graph: OpGraph, num_layers: int) -> list[list[int]]:
     partition = partition_pipeline(graph, [], list(range(num_layers)), num_layers)
     boundary = partition.boundary.index
     return [[i for i in partition.mesh_nodes[l] if i > boundary] for l in range(num_layers)]
-
-
-def in_flight_micro_batches(schedule: str, num_stages: int, stage: int, k: int) -> int:
-    """Micro-batches whose activations a stage holds at once: 1F1B ``min(S - s, k)``,
-    GPipe all ``k``."""
-    return k if schedule == "gpipe" else min(num_stages - stage, k)
 
 
 def estimate_stage(prices: Sequence[LayerPrice], mesh: LogicalMesh, link_s_per_byte: float,

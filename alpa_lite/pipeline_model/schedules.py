@@ -197,6 +197,13 @@ def build_schedule(
     return PipelineSchedule(kind, n, m, tuple(clocks))
 
 
+def in_flight_micro_batches(schedule: str, num_stages: int, stage: int, k: int) -> int:
+    """Micro-batches whose activations ``stage`` holds at once (what pricing charges memory
+    for): 1F1B ``min(S - s, k)``, GPipe all ``k``; equal to
+    ``build_schedule(schedule, S, k).max_in_flight(stage)``, without building the schedule."""
+    return k if _check_kind(schedule) is ScheduleKind.GPIPE else min(num_stages - stage, k)
+
+
 def _task_clocks(
     kind: ScheduleKind, n: int, m: int, stage: int, micro_batch: int
 ) -> tuple[int, int]:

@@ -167,3 +167,11 @@ def test_solver_modules_import_only_numpy_stdlib_and_errors(module):
     assert not any(name == "jax" or name.startswith("jax.") for name in imported)
     local = {name for name in imported if name.startswith("alpa_lite")}
     assert local <= {"alpa_lite.errors"}, local
+
+
+@pytest.mark.parametrize("kind", ["gpipe", "1f1b"])
+def test_in_flight_closed_form_equals_the_built_schedule(kind):
+    for stages, k in [(1, 1), (2, 4), (4, 2), (4, 8), (3, 3)]:
+        schedule = build_schedule(kind, stages, k)
+        assert [schedules.in_flight_micro_batches(kind, stages, s, k) for s in range(stages)] \
+            == [schedule.max_in_flight(s) for s in range(stages)]
