@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from typing import Any, Callable, Sequence
@@ -9,13 +10,13 @@ from typing import Any, Callable, Sequence
 import jax
 
 from alpa_lite._jax_compat import without_mesh_context
-from alpa_lite.compile import (StepSpec, check_argnums, compile_plan, plan_pipeshard,
-                               plan_shard_parallel)
 from alpa_lite.config import PipeshardParallel, ShardParallel
 from alpa_lite.distributed import share_plan
 from alpa_lite.emit.executable import PlanMismatch
 from alpa_lite.errors import InvalidConfigError
+from alpa_lite.methods import build_executable, planner_for
 from alpa_lite.plan import ParallelPlan
+from alpa_lite.step import StepSpec, check_argnums
 from alpa_lite.trace import abstract_signature
 
 
@@ -62,6 +63,16 @@ def parallelize(fun: Callable | None = None, *, method: Any = None,
     return ParallelizedFunction(fun, method, step, cluster)
 
 
+@dataclasses.dataclass
+class _CacheEntry:
+    """One argument signature's plan (`SingleMeshPlanned` / `PipelinePlanned`) and, once
+    called, its executable."""
+
+    planned: Any
+    signature: tuple
+    executable: Any = None
+
+
 class ParallelizedFunction:
     """A parallelized function: call it, ``.plan(...)`` it or ``.lower(...)`` it.
 
@@ -85,11 +96,11 @@ class ParallelizedFunction:
         check_argnums(args, self.step)
         return abstract_signature(args, self.step.static_argnums)
 
-    def _compiled_plan(self, args, cluster=None):
+    def _compiled_plan(self, args, cluster=None) -> "_CacheEntry":
         key = self._key(args) + (cluster,)
         entry = self._cache.get(key)
         if entry is None:
-            entry = {"plan": self._make_plan(args, cluster), "signature": key[:-1]}
+            entry = _CacheEntry(self._make_plan(args, cluster), key[:-1])
             self.num_plans += 1
             self._cache[key] = entry
         return entry
@@ -101,8 +112,8 @@ class ParallelizedFunction:
         made = {}
 
         def make() -> str:
-            made["compiled"] = self._plan_with(args, None, self._loaded_plan)
-            return made["compiled"].plan.to_json()
+            made["planned"] = self._plan_with(args, None, self._loaded_plan)
+            return made["planned"].plan.to_json()
 
         leaves, tree = jax.tree_util.tree_flatten(tuple(args))
         shapes = [(getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in leaves]
@@ -110,23 +121,16 @@ class ParallelizedFunction:
             f"{getattr(self.fun, '__qualname__', self.fun)} {type(self.method).__name__} "
             f"{tree} {shapes}"))
         share_plan(make, what, accept=lambda text: made.setdefault(
-            "compiled", self._plan_with(args, None, ParallelPlan.from_json(text))))
-        return made["compiled"]
+            "planned", self._plan_with(args, None, ParallelPlan.from_json(text))))
+        return made["planned"]
 
     def _plan_with(self, args, cluster, plan: ParallelPlan | None):
         """Plans with a loaded ``plan`` or by solving; ``cluster`` given = simulation (no
         devices), else executed on the local devices, priced with ``self.cluster``."""
         simulate = cluster is not None
-        priced_by = cluster if simulate else self.cluster
-        if isinstance(self.method, ShardParallel):
-            return plan_shard_parallel(self.fun, args, self.method, self.step, plan=plan,
-                                       cluster=priced_by, simulate=simulate)
-        if isinstance(self.method, PipeshardParallel):
-            return plan_pipeshard(self.fun, args, self.method, self.step, cluster=priced_by,
-                                  plan=plan, simulate=simulate)
-        raise InvalidConfigError(
-            f"Unknown method {self.method!r}; use ShardParallel, DataParallel, Zero2Parallel, "
-            "Zero3Parallel or PipeshardParallel.")
+        return planner_for(self.method)(self.fun, args, self.method, self.step,
+                                        cluster=cluster if simulate else self.cluster,
+                                        plan=plan, simulate=simulate)
 
     def use_plan(self, plan: ParallelPlan) -> "ParallelizedFunction":
         """Runs with ``plan`` (e.g. from `ParallelPlan.from_json`) instead of solving.
@@ -152,10 +156,10 @@ class ParallelizedFunction:
     def get_executable(self, *args):
         """The executable for these arguments (planned and compiled on first use)."""
         entry = self._compiled_plan(args)
-        if "executable" not in entry:
-            entry["executable"] = compile_plan(entry["plan"], self.method, self.step,
-                                               entry["signature"])
-        return entry["executable"]
+        if entry.executable is None:
+            entry.executable = build_executable(entry.planned, self.method, self.step,
+                                                entry.signature)
+        return entry.executable
 
     def __call__(self, *args, **kwargs):
         if kwargs:
@@ -183,7 +187,7 @@ class ParallelizedFunction:
             cluster: a `ClusterSpec` to plan for instead of the local devices (simulation:
                 no devices are used; the plan cannot be run here).
         """
-        return self._compiled_plan(args, cluster)["plan"].plan
+        return self._compiled_plan(args, cluster).planned.plan
 
     def input_shardings(self, *args) -> tuple:
         """Where the plan for these arguments wants each of them (plans and compiles once).

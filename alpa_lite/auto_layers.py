@@ -27,6 +27,7 @@ scanned stack of layers across stages (a scan's backward is one equation).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import types
 
 import jax.numpy as jnp
@@ -34,16 +35,15 @@ from jax.extend import core as jcore
 
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.gradient_boundary import mark_boundary, retrace
-from alpa_lite.layers import choose_layer_starts, resolve_remat_layers
+from alpa_lite.layers import LayerRecord, choose_layer_starts, resolve_remat_layers
 from alpa_lite.markers import layer_boundary_p
 
 
 def mark_layers(closed: jcore.ClosedJaxpr, cut: int, crossing: list, names, option, *,
-                starts=None, remat_layers=None, record: dict | None = None
-                ) -> tuple[jcore.ClosedJaxpr, list[int]]:
+                starts=None, remat_layers=None) -> tuple[jcore.ClosedJaxpr, LayerRecord]:
     """``closed`` (calls inlined) with layer markers in its compute part (equations up to
     ``cut``) and the gradient boundary on ``crossing`` (variables) after it, and the layer
-    starts chosen (pass them as ``starts`` to mark a trace at another batch size alike).
+    layers chosen (pass their ``starts`` to mark a trace at another batch size alike).
 
     Raises:
         InvalidConfigError: no backward pass, or rematerialization asked for.
@@ -57,7 +57,8 @@ def mark_layers(closed: jcore.ClosedJaxpr, cut: int, crossing: list, names, opti
             "differentiation was found). Compute gradients with jax.value_and_grad or "
             "alpa_lite.value_and_grad inside the step.")
     forward = [i for i in range(cut + 1) if i not in backward]
-    layer_starts, info = _forward_starts(eqns, forward, option, starts)
+    chosen = _forward_starts(eqns, forward, option, starts)
+    layer_starts = list(chosen.starts)
     num_layers = len(layer_starts)
     remat = resolve_remat_layers(option, remat_layers if remat_layers is not None else
                                  (option.remat_layer is True), num_layers)
@@ -67,9 +68,6 @@ def mark_layers(closed: jcore.ClosedJaxpr, cut: int, crossing: list, names, opti
             "alpa_lite.value_and_grad (the layers' forward is wrapped in jax.checkpoint before "
             "differentiation); this step differentiates with jax's own. Replace the call, or "
             "use remat_layer=False.")
-    if record is not None:
-        record.update(info, starts=list(layer_starts), remat_layers=[False] * num_layers,
-                      automatic=True)
     forward_layer = {i: bisect.bisect_right(layer_starts, n) - 1 for n, i in enumerate(forward)}
     backward_layer = _backward_layers(eqns, sorted(backward), forward_layer, num_layers)
     ordered_backward = sorted(backward, key=lambda i: (-backward_layer[i], i))
@@ -93,7 +91,8 @@ def mark_layers(closed: jcore.ClosedJaxpr, cut: int, crossing: list, names, opti
         mark_boundary(env, crossing, names)
 
     after[compute_end] = close
-    return retrace(closed, order, before, after), list(layer_starts)
+    return retrace(closed, order, before, after), dataclasses.replace(
+        chosen, remat_layers=(False,) * num_layers, automatic=True)
 
 
 def _backward_equations(eqns) -> set[int]:
@@ -110,7 +109,7 @@ def _backward_equations(eqns) -> set[int]:
 def _forward_starts(eqns, forward: list[int], option, starts):
     """Layer starts (positions in ``forward``) chosen on the forward pass as on a loss."""
     if starts is not None:
-        return list(starts), {}
+        return LayerRecord(tuple(starts))
     inside = set(forward)
     read_later = {v for i, e in enumerate(eqns) if i not in inside for v in e.invars
                   if isinstance(v, jcore.Var)}

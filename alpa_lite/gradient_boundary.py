@@ -49,32 +49,33 @@ def has_grad_boundary(jaxpr: jcore.Jaxpr) -> bool:
     return False
 
 
-def mark_gradient_boundary(micro: TracedFunction, full: TracedFunction, *, layers=None
-                           ) -> tuple[TracedFunction, TracedFunction]:
-    """Both traces with a ``grad_boundary`` marker where computing gradients ends.
+def mark_gradient_boundary(micro: TracedFunction, full: TracedFunction, *, layers=None):
+    """Both traces with a ``grad_boundary`` marker where computing gradients ends, and the
+    `LayerRecord` of the layers marked (None without ``layers``).
 
     Steps that mark it themselves are returned unchanged. ``full`` is the step traced at
     another batch size (the full batch, for micro-batching). With ``layers`` (a function
-    ``(closed, cut, crossing variables, names) -> closed``, e.g. `auto_layers.mark_layers`),
-    ``micro`` gets it instead of the plain marker.
+    ``(closed, cut, crossing variables, names, starts=None) -> (closed, LayerRecord)``, e.g.
+    `auto_layers.mark_layers`), both get it instead of the plain marker.
 
     Raises:
         InvalidConfigError: the traces differ in structure, or no operator reads the batch.
     """
     if has_grad_boundary(micro.closed_jaxpr.jaxpr):
-        return micro, full
+        return micro, full, None
     micro_jaxpr, full_jaxpr = _inline_calls(micro.closed_jaxpr), _inline_calls(full.closed_jaxpr)
     cut, crossing = _find_cut(micro_jaxpr.jaxpr, full_jaxpr.jaxpr, micro.batch_leaves)
     names = _names(micro_jaxpr.jaxpr, crossing, micro.out_tree)
     if layers is None:
         marked = _insert(micro_jaxpr, cut, crossing, names)
-        full_marked = _insert(full_jaxpr, cut, crossing, names)
+        full_marked, record = _insert(full_jaxpr, cut, crossing, names), None
     else:  # both alike: the micro-batch analysis reads them in lockstep
-        marked, starts = layers(micro_jaxpr, cut, _variables(micro_jaxpr, cut, crossing), names)
+        marked, record = layers(micro_jaxpr, cut, _variables(micro_jaxpr, cut, crossing),
+                                names)
         full_marked, _ = layers(full_jaxpr, cut, _variables(full_jaxpr, cut, crossing), names,
-                                starts=starts)
+                                starts=record.starts)
     return (dataclasses.replace(micro, closed_jaxpr=marked),
-            dataclasses.replace(full, closed_jaxpr=full_marked))
+            dataclasses.replace(full, closed_jaxpr=full_marked), record)
 
 
 def _variables(closed: jcore.ClosedJaxpr, cut: int, positions: list[int]) -> list:

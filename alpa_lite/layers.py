@@ -19,6 +19,7 @@ iterations; the backward pass mirrors the pieces.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -41,41 +42,86 @@ logger = logging.getLogger(__name__)
 _MODULE = re.compile(r"(?<![\w])([A-Za-z][A-Za-z_]*?_\d+)(?![\w])")
 
 
-def build_layer_transform(option, record: dict | None = None,
-                          starts: list[int] | None = None,
-                          remat_layers: Sequence[bool] | bool | None = None,
-                          ) -> Callable[[Callable], Callable]:
-    """``transform(loss_fn) -> loss_fn with layer markers`` for a layer option.
+@dataclasses.dataclass(frozen=True)
+class LayerRecord:
+    """What a trace decided about pipeline layers (saved with a pipeline plan, so a loaded
+    plan traces the same layers).
 
-    ``record`` (optional) receives what was decided: ``num_layers``, ``method``, the
-    ``imbalance`` of layer flops and the equation indices where layers ``starts``. Given
-    ``starts`` (e.g. from the record of a trace at another batch size), they are used as is.
-    ``remat_layers`` (one flag per layer, or one for all) wraps the flagged layers' forward
-    in `jax.checkpoint`; default: the option's ``remat_layer`` when it is True, else none.
+    Attributes:
+        starts: equation indices (of the loss function, or of the forward pass for automatic
+            layers) where layers start.
+        remat_layers: per layer, whether its forward is recomputed in the backward pass.
+        method: how the starts were chosen: ``"manual"``, ``"cost"``, ``"names"``, or
+            ``"given"`` (passed in, e.g. from a loaded plan).
+        num_layers: the number of layers asked for (the option's ``layer_num``).
+        imbalance: the chosen layering's flops imbalance (None when not measured).
+        candidates: each candidate method's imbalance (automatic layering).
+        automatic: the layers were placed on a program differentiated by jax
+            (`auto_layers`), not on a loss function wrapped by `alpa_lite.grad`.
     """
 
-    def transform(fun: Callable) -> Callable:
+    starts: tuple[int, ...]
+    remat_layers: tuple[bool, ...] = ()
+    method: str = "given"
+    num_layers: int | None = None
+    imbalance: float | None = None
+    candidates: dict | None = None
+    automatic: bool = False
+
+    def to_dict(self) -> dict:
+        out = {"starts": list(self.starts), "remat_layers": list(self.remat_layers),
+               "method": self.method}
+        for key in ("num_layers", "imbalance", "candidates"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.automatic:
+            out["automatic"] = True
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LayerRecord":
+        return cls(starts=tuple(data["starts"]),
+                   remat_layers=tuple(bool(f) for f in data.get("remat_layers", ())),
+                   method=data.get("method", "given"), num_layers=data.get("num_layers"),
+                   imbalance=data.get("imbalance"), candidates=data.get("candidates"),
+                   automatic=bool(data.get("automatic", False)))
+
+
+class LayerTransform:
+    """``transform(loss_fn) -> loss_fn with layer markers`` for a layer option
+    (`build_layer_transform`); after a trace, ``record`` holds the `LayerRecord` it decided."""
+
+    def __init__(self, option, starts=None, remat_layers=None):
+        self.option, self.starts, self.remat_layers = option, starts, remat_layers
+        self.record: LayerRecord | None = None
+
+    def __call__(self, fun: Callable) -> Callable:
         def marked(*args):
             closed = jax.make_jaxpr(fun)(*args)
+            option = self.option
             if isinstance(option, AutoLayerOption) and option.layer_num > 1:
                 closed = split_scans(closed, option.layer_num)
-            if starts is None:
-                chosen, info = choose_layer_starts(closed.jaxpr, option)
-            else:
-                chosen, info = list(starts), {}
-            if record is not None:
-                record.update(info, starts=list(chosen))
+            chosen = (choose_layer_starts(closed.jaxpr, option) if self.starts is None
+                      else LayerRecord(tuple(self.starts)))
+            remat = resolve_remat_layers(option, self.remat_layers, len(chosen.starts))
+            self.record = dataclasses.replace(chosen, remat_layers=tuple(remat))
             leaves = jax.tree_util.tree_leaves(args)
-            remat = resolve_remat_layers(option, remat_layers, len(chosen))
-            if record is not None:
-                record["remat_layers"] = list(remat)
-            outs = evaluate_with_markers(closed, leaves, chosen, remat)
+            outs = evaluate_with_markers(closed, leaves, list(chosen.starts), remat)
             out_tree = jax.tree_util.tree_structure(jax.eval_shape(fun, *args))
             return jax.tree_util.tree_unflatten(out_tree, outs)
 
         return marked
 
-    return transform
+
+def build_layer_transform(option, starts: Sequence[int] | None = None,
+                          remat_layers: Sequence[bool] | bool | None = None) -> LayerTransform:
+    """The layer transform of a layer option (`LayerTransform`).
+
+    Given ``starts`` (e.g. from the record of a trace at another batch size), they are used as
+    is. ``remat_layers`` (one flag per layer, or one for all) wraps the flagged layers' forward
+    in `jax.checkpoint`; default: the option's ``remat_layer`` when it is True, else none.
+    """
+    return LayerTransform(option, None if starts is None else list(starts), remat_layers)
 
 
 def split_scans(closed: jcore.ClosedJaxpr, pieces: int) -> jcore.ClosedJaxpr:
@@ -130,13 +176,13 @@ def _bind_split_scan(params: dict, invals: list, pieces: int) -> list:
     return list(carry) + ys
 
 
-def choose_layer_starts(jaxpr: jcore.Jaxpr, option) -> tuple[list[int], dict]:
-    """Equation indices where layers start, and a description of the choice."""
+def choose_layer_starts(jaxpr: jcore.Jaxpr, option) -> LayerRecord:
+    """Equation indices where layers start, with how they were chosen."""
     eqns = jaxpr.eqns
     if isinstance(option, ManualLayerOption):
         starts = [0] + [i + 1 for i, e in enumerate(eqns) if e.primitive is manual_boundary_p]
         starts = sorted(set(s for s in starts if s < len(eqns)))
-        return starts, {"method": "manual", "num_layers": len(starts)}
+        return LayerRecord(tuple(starts), method="manual", num_layers=len(starts))
     if not isinstance(option, AutoLayerOption):
         raise InvalidConfigError(f"Unknown layer option {option!r}.")
     flops = np.array([_eqn_flops(e) for e in eqns])
@@ -159,8 +205,8 @@ def choose_layer_starts(jaxpr: jcore.Jaxpr, option) -> tuple[list[int], dict]:
     scores = {name: imbalance(flops, starts) for name, starts in candidates.items()}
     method = min(scores, key=lambda name: (round(scores[name], 6), name != "names"))
     logger.info("layer clustering: %s", scores)
-    return candidates[method], {"method": method, "num_layers": option.layer_num,
-                                "imbalance": scores[method], "candidates": scores}
+    return LayerRecord(tuple(candidates[method]), method=method, num_layers=option.layer_num,
+                       imbalance=scores[method], candidates=scores)
 
 
 def _eqn_flops(eqn) -> float:

@@ -147,6 +147,107 @@ class StagePlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class SingleMeshInfo:
+    """What a ShardParallel-family plan predicts beyond its `ShardingPlan`.
+
+    Attributes:
+        grad_sync_s: seconds per step of the gradient all-reduces (once per step).
+        apply_s: seconds per step of the optimizer update.
+        predicted_step_time_s: seconds per step (`intra_op.driver.single_mesh_step_time_s`).
+        remat_layers: per layer, rematerialized or not (when a layer option was given).
+    """
+
+    grad_sync_s: float
+    apply_s: float
+    predicted_step_time_s: float
+    remat_layers: tuple[bool, ...] | None = None
+
+    def to_dict(self) -> dict:
+        out = {"grad_sync_s": self.grad_sync_s, "apply_s": self.apply_s,
+               "predicted_step_time_s": self.predicted_step_time_s}
+        if self.remat_layers is not None:
+            out["remat_layers"] = list(self.remat_layers)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class OneStageInfo:
+    """A pipeline plan of one stage, run as ShardParallel on that stage's mesh.
+
+    Attributes:
+        logical_mesh: the stage's logical mesh shape.
+        submesh: its submesh ``(hosts, devices per host)``.
+        remat: whether its layers are rematerialized.
+        lean: the memory price level of its plan (0: the fastest plan).
+        stage_memory_bytes: the stage DP's predicted memory per stage (automatic stages).
+    """
+
+    logical_mesh: tuple[int, ...]
+    submesh: tuple[int, int]
+    remat: bool = False
+    lean: float = 0.0
+    stage_memory_bytes: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict:
+        out = {"one_stage": "a single stage runs as ShardParallel on its mesh",
+               "logical_mesh": list(self.logical_mesh), "submesh": list(self.submesh),
+               "remat": self.remat, "lean": self.lean}
+        if self.stage_memory_bytes is not None:
+            out["stage_memory_bytes"] = list(self.stage_memory_bytes)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineInfo:
+    """What a pipeline plan predicts and how its layers were made.
+
+    Attributes:
+        predicted_step_time_s: seconds per step (`inter_op.pricing.pipeline_step_time_s`).
+        schedule: ``"1f1b"`` or ``"gpipe"``.
+        layers: the `alpa_lite.layers.LayerRecord` of the trace (as a dict in JSON).
+        num_layers: layers in the trace.
+        memory_budget_bytes: the memory budget per device planned for (None: none).
+    """
+
+    predicted_step_time_s: float
+    schedule: str
+    layers: Any
+    num_layers: int
+    memory_budget_bytes: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"objective": self.predicted_step_time_s,
+                "predicted_step_time_s": self.predicted_step_time_s,
+                "schedule": self.schedule,
+                "layers": None if self.layers is None else self.layers.to_dict(),
+                "num_layers": self.num_layers, "memory_budget_bytes": self.memory_budget_bytes}
+
+
+def extra_from_dict(method: str, data: dict | None):
+    """The typed record of a plan's JSON ``extra`` (None when empty)."""
+    from alpa_lite.layers import LayerRecord  # the layer record is made by tracing
+
+    if not data:
+        return None
+    if "one_stage" in data:
+        memory = data.get("stage_memory_bytes")
+        return OneStageInfo(tuple(data["logical_mesh"]),
+                            tuple(data.get("submesh") or (1, math.prod(data["logical_mesh"]))),
+                            bool(data.get("remat", False)), float(data.get("lean", 0.0)),
+                            None if memory is None else tuple(memory))
+    if method == "PipeshardParallel":
+        layers = data.get("layers")
+        return PipelineInfo(data["predicted_step_time_s"], data["schedule"],
+                            LayerRecord.from_dict(layers) if layers else None,
+                            data["num_layers"], data.get("memory_budget_bytes"))
+    flags = data.get("remat_layers")
+    if "predicted_step_time_s" not in data:  # saved before the gradient sync was split out
+        return None
+    return SingleMeshInfo(data["grad_sync_s"], data["apply_s"], data["predicted_step_time_s"],
+                          None if flags is None else tuple(bool(f) for f in flags))
+
+
+@dataclasses.dataclass(frozen=True)
 class ParallelPlan:
     """What `parallelize(...).plan(...)` returns.
 
@@ -156,7 +257,8 @@ class ParallelPlan:
         sharding: the intra-op plan (for ShardParallel-family methods).
         plan_time_s: seconds spent tracing and solving.
         stages: one `StagePlan` per stage for pipelined methods (empty otherwise).
-        extra: method-specific data (JSON-compatible).
+        extra: what the method predicts beyond the intra-op plan: `SingleMeshInfo`,
+            `OneStageInfo` or `PipelineInfo` (None for a bare intra-op plan).
     """
 
     method: str
@@ -164,20 +266,21 @@ class ParallelPlan:
     sharding: ShardingPlan | None
     plan_time_s: float
     stages: tuple[StagePlan, ...] = ()
-    extra: dict = dataclasses.field(default_factory=dict)
+    extra: SingleMeshInfo | OneStageInfo | PipelineInfo | None = None
 
     @property
     def objective(self) -> float:
         if self.sharding is not None:
             return self.sharding.objective
-        return float(self.extra.get("objective", math.nan))
+        return float(getattr(self.extra, "predicted_step_time_s", math.nan))
 
     @property
     def predicted_step_time_s(self) -> float:
         """The planner's predicted seconds per step (`inter_op.pricing` for pipelines,
-        `compile.single_mesh_step_time_s` otherwise)."""
-        if "predicted_step_time_s" in self.extra:
-            return float(self.extra["predicted_step_time_s"])
+        `intra_op.driver.single_mesh_step_time_s` otherwise)."""
+        predicted = getattr(self.extra, "predicted_step_time_s", None)
+        if predicted is not None:
+            return float(predicted)
         if self.sharding is not None:  # plans saved before the gradient sync was split out
             return self.num_micro_batches * self.sharding.compute_s + self.sharding.objective
         return math.nan
@@ -219,7 +322,7 @@ class ParallelPlan:
             sharding=None if sharding is None else _sharding_from_dict(sharding),
             plan_time_s=data["plan_time_s"],
             stages=tuple(StagePlan.from_dict(st) for st in data.get("stages", ())),
-            extra=data.get("extra", {}),
+            extra=extra_from_dict(data["method"], data.get("extra")),
         )
 
 
@@ -236,7 +339,8 @@ def _to_jsonable(plan: ParallelPlan) -> dict[str, Any]:
         "format_version": PLAN_FORMAT_VERSION, "method": plan.method,
         "num_micro_batches": plan.num_micro_batches, "plan_time_s": plan.plan_time_s,
         "sharding": None if plan.sharding is None else _sharding_to_dict(plan.sharding),
-        "stages": [st.to_dict() for st in plan.stages], "extra": plan.extra,
+        "stages": [st.to_dict() for st in plan.stages],
+        "extra": {} if plan.extra is None else plan.extra.to_dict(),
     }
 
 

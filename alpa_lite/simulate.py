@@ -39,11 +39,11 @@ from alpa_lite.models.presets import ModelPreset
 from alpa_lite.models.train import build_workload
 from alpa_lite.profiling.compute import progress_bar
 from alpa_lite.inter_op import assignment as sp
-from alpa_lite.compile import (StepSpec, find_alias_pairs, input_roles, optimizer_state_mask,
-                               single_mesh_step_time_s)
+from alpa_lite.intra_op.driver import single_mesh_step_time_s
+from alpa_lite.step import StepSpec, find_alias_pairs, input_roles, optimizer_state_mask
 from alpa_lite.inter_op import pricing
 from alpa_lite.inter_op.pricing import memory_binds
-from alpa_lite.pipeline_model.schedules import in_flight_micro_batches
+from alpa_lite.pipeline_model.partition import count_layers
 from alpa_lite.trace import trace_function
 
 MAX_DP_LAYERS = 32
@@ -162,7 +162,7 @@ def _layer_graph(preset, cluster, num_micro_batches, remat_layer: bool):
         param_positions=frozenset(i for i, r in enumerate(roles) if r is InputRole.PARAM))
     candidates = [(tuple(shape), view) for shape in candidate_submeshes(cluster)
                   for view in sp.logical_views(shape)]
-    return graph, sp.count_layers(graph), options, candidates
+    return graph, count_layers(graph), options, candidates
 
 
 @functools.lru_cache(maxsize=8)
@@ -305,14 +305,18 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None,
                               shared_compute_per_host=_shared(cluster))
     fits, details = True, {}
     try:
-        assignment, times, _, memory = solve(memory_budget_bytes=cluster.memory_per_device_bytes)
+        solution = solve(memory_budget_bytes=cluster.memory_per_device_bytes)
     except InfeasiblePlanError:
         # Report the fastest plan and how much memory it would need, rather than nothing.
         fits = False
-        assignment, times, _, memory = solve(memory_budget_bytes=None)
+        solution = solve(memory_budget_bytes=None)
+    assignment = solution.assignment
+    times = [st.micro_batch_s for st in solution.price.stages]
+    memory = [st.memory_bytes for st in solution.price.stages]
     if lean_priced is None:  # does the budget cost time? (`_simulate_pipeline` asks)
         details["unconstrained_step_time_s"] = (
-            solve(memory_budget_bytes=None)[0] if fits else assignment).predicted_latency_s
+            solve(memory_budget_bytes=None).assignment if fits else assignment
+        ).predicted_latency_s
     stages = []
     for s in range(assignment.num_stages):
         layers = assignment.stage_layers(s)
@@ -416,15 +420,11 @@ def _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, best):
                 mesh = cluster.logical_mesh(tuple(shape), view)
                 per = blocks // pp
                 spans = [layers[s * per:(s + 1) * per] for s in range(pp)]
-                alpha, beta = _stage_link(cluster)
-                estimates = [pricing.estimate_stage(span, mesh, beta, alpha, s == pp - 1)
-                             for s, span in enumerate(spans)]
-                mem = max(sum(p.state_bytes for p in span) + in_flight_micro_batches(
-                    "1f1b", pp, s, k) * sum(p.activation_bytes for p in span)
-                    for s, span in enumerate(spans))
-                latency = pricing.pipeline_step_time_s(
-                    [t for t, _, _ in estimates], [g + u for _, g, u in estimates], k,
-                    stage_hosts=pricing.shared_stage_hosts([shape] * pp, _shared(cluster)))
+                price = pricing.price_pipeline(
+                    spans, [mesh] * pp, _stage_link(cluster), k, "1f1b",
+                    pricing.shared_stage_hosts([shape] * pp, _shared(cluster)))
+                mem = max(st.memory_bytes for st in price.stages)
+                latency = price.step_time_s
                 fits = mem <= cluster.memory_per_device_bytes
                 key = (not fits, latency)
                 if best is None or key < best[0]:

@@ -22,10 +22,10 @@ def format_plan_summary(plan, *, max_rows: int = 40) -> str:
     s = plan.sharding
     if s is None:
         return "\n".join(lines + _stage_lines(plan))
-    if "remat" in plan.extra:
-        lines.append(f"rematerialized layers: {'yes' if plan.extra['remat'] else 'no'}")
-    if "remat_layers" in plan.extra:
-        flags = plan.extra["remat_layers"]
+    remat, flags = getattr(plan.extra, "remat", None), getattr(plan.extra, "remat_layers", None)
+    if remat is not None:  # a one-stage pipeline
+        lines.append(f"rematerialized layers: {'yes' if remat else 'no'}")
+    if flags is not None:
         lines.append(f"rematerialized layers: {sum(flags)} of {len(flags)} "
                      f"({', '.join(str(i) for i, f in enumerate(flags) if f) or 'none'})")
     mesh = s.mesh
@@ -65,11 +65,12 @@ def format_plan_summary(plan, *, max_rows: int = 40) -> str:
 
 
 def _stage_lines(plan) -> list[str]:
-    extra = plan.extra
-    layers = extra.get("layers", {})
-    lines = [f"schedule {extra.get('schedule')}  layers {extra.get('num_layers')} "
-             f"(clustering: {layers.get('method')}, flops imbalance "
-             f"{layers.get('imbalance', float('nan')):.2f})",
+    extra, nan = plan.extra, float("nan")
+    layers = getattr(extra, "layers", None)
+    imbalance = nan if layers is None or layers.imbalance is None else layers.imbalance
+    lines = [f"schedule {getattr(extra, 'schedule', None)}  layers "
+             f"{getattr(extra, 'num_layers', None)} (clustering: "
+             f"{getattr(layers, 'method', None)}, flops imbalance {imbalance:.2f})",
              f"predicted step time {plan.predicted_step_time_s:.4g}s "
              "(sum of stage times + (micro-batches - 1) x slowest stage + gradient sync and "
              "update; stages sharing a host's compute take turns)", "",

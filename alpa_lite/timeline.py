@@ -97,8 +97,8 @@ def plan_timeline(plan, schedule: PipelineSchedule) -> list[TimelineEvent]:
 
 def write_plan_timeline(plan, path: str) -> str:
     """PNG of the timeline a pipelined plan predicts (from its per-stage times)."""
-    schedule = build_schedule(plan.extra["schedule"], len(plan.stages), plan.num_micro_batches)
-    title = (f"predicted: {plan.extra['schedule']}, {len(plan.stages)} stages x "
+    schedule = build_schedule(plan.extra.schedule, len(plan.stages), plan.num_micro_batches)
+    title = (f"predicted: {plan.extra.schedule}, {len(plan.stages)} stages x "
              f"{plan.num_micro_batches} micro-batches")
     return plot_timeline(plan_timeline(plan, schedule), path, title=title)
 

@@ -21,7 +21,8 @@ import pytest
 from flax.training import train_state
 
 import alpa_lite
-import alpa_lite.compile as compile_module
+import alpa_lite.inter_op.driver as pipeline_driver
+import alpa_lite.intra_op.driver as single_mesh_driver
 import alpa_lite.inter_op.pricing as pricing_module
 from alpa_lite import checkpoint
 from alpa_lite.config import (AutoLayerOption, DataParallel, PipeshardParallel, ShardParallel,
@@ -161,7 +162,8 @@ def test_the_saved_plan_resumes_without_solving(name, tmp_path, monkeypatch):
     def no_solving(*args, **kwargs):
         raise AssertionError("a loaded plan must not be solved again")
 
-    monkeypatch.setattr(compile_module, "solve_intra_op", no_solving)
+    monkeypatch.setattr(single_mesh_driver, "solve_intra_op", no_solving)
+    monkeypatch.setattr(pipeline_driver, "solve_intra_op", no_solving)
     monkeypatch.setattr(pricing_module, "solve_intra_op", no_solving)
     resumed_p = alpa_lite.parallelize(mse_step, method=METHODS[name]).use_plan(loaded)
     like = abstract(state)

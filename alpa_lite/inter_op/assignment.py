@@ -1,7 +1,7 @@
 """Stage assignment: which layers form which stage, on which submesh, viewed how.
 
 `StageAssignment` and the arithmetic options (uniform, manual), the logical views of a submesh,
-the link model of a stage mesh without a cluster, and where stages go on the devices
+and where stages go on the devices
 (`place_stages`). The automatic option is priced and solved in `inter_op.pricing` (the path
 `parallelize` and simulation share) with Alpa's stage DP (`inter_op.stage_dp`).
 """
@@ -14,12 +14,9 @@ import logging
 import math
 
 
-from alpa_lite.config import (ManualStageOption, PipeshardParallel,
-                              UniformStageOption)
+from alpa_lite.config import ManualStageOption, UniformStageOption
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
-from alpa_lite.markers import layer_boundary_p
-from alpa_lite.mesh import LogicalMesh
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +52,6 @@ class StageAssignment:
 
     def stage_layers(self, stage: int) -> list[int]:
         return [layer for layer, s in enumerate(self.layer_to_stage) if s == stage]
-
-
-def count_layers(graph: OpGraph) -> int:
-    layers = {n.params["layer"] for n in graph.nodes
-              if n.primitive is layer_boundary_p and not n.params["backward"]}
-    return max(layers) + 1 if layers else 0
 
 
 def submesh_devices(shape: tuple[int, int]) -> int:
@@ -165,20 +156,3 @@ def logical_views(submesh: tuple[int, int]) -> list[tuple[int, ...]]:
             views.append((n // mp, mp))
         mp *= 2
     return views
-
-
-def link_model(method: PipeshardParallel, shape: tuple[int, ...], submesh: tuple[int, int],
-               platform: str, peak_flops: float, memory: float | None) -> LogicalMesh:
-    """A LogicalMesh for a stage: an axis whose devices span hosts uses the inter-host link."""
-    intra_alpha, inter_alpha = method.mesh_alpha or (5e-6, 1e-5)
-    default_beta = 1 / 10e9 if platform == "cpu" else 1 / 100e9
-    intra_beta, inter_beta = method.mesh_beta or (default_beta, default_beta * 4)
-    hosts = submesh[0]
-    if len(shape) == 1:
-        spans = (hosts > 1,)
-    else:
-        spans = (hosts > 1 and shape[0] > 1, hosts > 1 and shape[0] < hosts)
-    alpha = tuple(inter_alpha if s else intra_alpha for s in spans)
-    beta = tuple(inter_beta if s else intra_beta for s in spans)
-    return LogicalMesh(shape=tuple(shape), alpha_s=alpha, beta_s_per_byte=beta,
-                       memory_per_device_bytes=memory, peak_flops_per_s=peak_flops)

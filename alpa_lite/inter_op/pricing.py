@@ -43,6 +43,7 @@ from alpa_lite.pipeline_model.schedules import in_flight_micro_batches
 from alpa_lite.pipeline_model.partition import assign_regions, build_subgraph, partition_pipeline
 from alpa_lite.errors import InfeasiblePlanError
 from alpa_lite.graph import OpGraph
+from alpa_lite.intra_op.once_per_step import gradient_only_nodes, gradient_values
 from alpa_lite.intra_op.planner import solve_intra_op
 from alpa_lite.intra_op.problem import InputRole
 from alpa_lite.intra_op.resharding import tensor_bytes
@@ -94,25 +95,6 @@ def build_layer_nodes(graph: OpGraph, num_layers: int) -> tuple[list[list[int]],
              for l in range(num_layers)]
     forward = [{i for i in layer if regions[i][0] == "F"} for layer in nodes]
     return nodes, forward
-
-
-def gradient_values(graph: OpGraph) -> set[int]:
-    """The values entering the gradient boundary (gradients, loss, aux); none without one."""
-    boundary = next((n for n in graph.nodes if n.name == "grad_boundary"), None)
-    return set() if boundary is None else {v for v in boundary.invars if isinstance(v, int)}
-
-
-def estimate_once_per_step_s(graph: OpGraph, plan) -> tuple[float, float]:
-    """``(gradient sync, optimizer update)`` seconds of a sharding plan that run once per step,
-    however many micro-batches: the collectives that only feed gradients (deferred by the
-    runtime), and every operator after the gradient boundary (its compute and collectives)."""
-    decisions = {d.index: d for d in plan.nodes}
-    sync = sum(decisions[i].comm_s for i in _gradient_only_nodes(graph, gradient_values(graph))
-               if i in decisions)
-    boundary = next((n.index for n in graph.nodes if n.name == "grad_boundary"), None)
-    update = 0.0 if boundary is None else sum(d.compute_s + d.comm_s for d in plan.nodes
-                                              if d.index > boundary)
-    return float(sync), float(update)
 
 
 def combine_prices(prices: Sequence[LayerPrice]) -> LayerPrice:
@@ -177,7 +159,7 @@ def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: L
         update = _plan_nodes(graph, update_nodes, mesh, options)[1]
         update_s = update.compute_s + update.objective
     specs = value_specs(sub, plan)
-    grad_only = _gradient_only_nodes(sub, gradients)
+    grad_only = gradient_only_nodes(sub, gradients)
     decisions = {d.index: d for d in plan.nodes}
     grad_sync = sum(decisions[i].comm_s for i in grad_only if i in decisions)
     comm = sum(d.comm_s for d in plan.nodes) - grad_sync
@@ -211,34 +193,6 @@ def _parameter_copies(graph: OpGraph, forward: set[int], param_positions) -> set
     return {out for i in forward if graph.nodes[i].primitive is layer_boundary_p
             for a, out in zip(graph.nodes[i].invars, graph.nodes[i].outvars)
             if isinstance(a, int) and a in params}
-
-
-def _gradient_only_nodes(sub: OpGraph, gradients: set[int]) -> set[int]:
-    """Sub-graph operators whose every output only feeds gradients (the deferred reductions
-    of the runtime: run once per step).
-
-    A value only feeds gradients if it enters the gradient boundary, or if it is used inside
-    the sub-graph only, by such operators. Operators come in topological order, so walking
-    them backwards sees every consumer before its producer.
-    """
-    users: dict[int, list[int]] = {}
-    for node in sub.nodes:
-        for v in node.invars:
-            if isinstance(v, int):
-                users.setdefault(v, []).append(node.index)
-    leaves_sub = set(sub.outputs) - gradients
-    result: set[int] = set()
-
-    def only_feeds_gradients(v: int) -> bool:
-        if v in gradients:
-            return True
-        consumers = users.get(v, [])
-        return bool(consumers) and v not in leaves_sub and all(u in result for u in consumers)
-
-    for node in reversed(sub.nodes):
-        if node.outvars and all(only_feeds_gradients(v) for v in node.outvars):
-            result.add(node.index)
-    return result
 
 
 def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshView],
@@ -365,6 +319,51 @@ def shared_stage_hosts(submesh_shapes, devices_per_host: int | None) -> list[lis
             for placed in place_stages(submesh_shapes, devices, devices_per_host)]
 
 
+@dataclasses.dataclass(frozen=True)
+class StagePrice:
+    """One stage's predicted seconds per micro-batch, once-per-step seconds and memory."""
+
+    micro_batch_s: float
+    grad_sync_s: float
+    apply_s: float
+    memory_bytes: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelinePrice:
+    """A pipeline's stage prices and its predicted step time."""
+
+    stages: tuple[StagePrice, ...]
+    step_time_s: float
+
+
+def price_pipeline(spans: Sequence[Sequence[LayerPrice]], meshes: Sequence[LogicalMesh],
+                   link: tuple[float, float], k: int, schedule: str,
+                   stage_hosts=None) -> PipelinePrice:
+    """The one stage-price assembly: per stage (its layers' prices ``spans[s]`` on
+    ``meshes[s]``) `estimate_stage` and its memory, ``state + in flight x activations``
+    (`in_flight_micro_batches` of the schedule); the step time `pipeline_step_time_s`.
+    ``link`` is the stage-to-stage ``(alpha, seconds per byte)``."""
+    alpha, beta = link
+    stages = []
+    for s, (span, mesh) in enumerate(zip(spans, meshes)):
+        t, g, u = estimate_stage(span, mesh, beta, alpha, s == len(spans) - 1)
+        memory = sum(p.state_bytes for p in span) + in_flight_micro_batches(
+            schedule, len(spans), s, k) * sum(p.activation_bytes for p in span)
+        stages.append(StagePrice(t, g, u, memory))
+    return PipelinePrice(tuple(stages), pipeline_step_time_s(
+        [st.micro_batch_s for st in stages], [st.grad_sync_s + st.apply_s for st in stages], k,
+        stage_hosts=stage_hosts))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSolution:
+    """The stage DP's choice (`solve_stages`) and its price."""
+
+    assignment: StageAssignment
+    price: PipelinePrice
+
+
 def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
                  meshes: dict[SubmeshView, LogicalMesh], *, num_devices: int, k: int,
                  schedule: str, memory_budget_bytes: float | None,
@@ -372,7 +371,7 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
                  shared_compute_per_host: int | None = None,
                  remat_priced: dict[SubmeshView, list[LayerPrice]] | None = None,
                  lean_priced: dict[tuple[bool, float], dict[SubmeshView, list[LayerPrice]]]
-                 | None = None):
+                 | None = None) -> StageSolution:
     """Alpa's stage DP over (submesh, view) options: each (submesh, view) pair is one
     option, so views are chosen by time subject to memory inside the DP.
     ``shared_compute_per_host``: devices per host when a host's devices share compute
@@ -383,12 +382,8 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
     chooses per stage whichever meets the memory budget at the least time.
     ``lean_priced`` offers the layers' memory-lean plans too (`price_lean_layers`), keyed
     ``(False, level)`` for those of ``priced``'s layers, ``(True, level)`` for those of
-    ``remat_priced``'s.
-
-    Returns ``(StageAssignment, stage micro-batch seconds, stage once-per-step seconds,
-    stage memory bytes)``; with ``remat_priced`` or ``lean_priced``, the assignment's
-    ``remat`` and ``lean`` (a memory price level, 0 for the fastest plans) say per stage
-    which prices it was chosen with.
+    ``remat_priced``'s. With either, the assignment's ``remat`` and ``lean`` (a memory price
+    level, 0 for the fastest plans) say per stage which prices it was chosen with.
 
     Raises:
         InfeasiblePlanError: no assignment fits ``memory_budget_bytes``; states the smallest
@@ -400,28 +395,11 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
     for (remat, level), lean in (lean_priced or {}).items():
         tables[(bool(remat), float(level))] = lean
     columns = [(option, variant) for variant, table in tables.items() for option in table]
-    num_layers = len(next(iter(priced.values())))
-    options = [option for option, _ in columns]
-    alpha, beta = link
-    cost = np.full((num_layers, num_layers, len(options)), np.inf)
-    succ = np.full((num_layers, num_layers, len(options)), np.inf)
-    state = np.zeros((num_layers, num_layers, len(options)))
-    for j, (option, remat) in enumerate(columns):
-        layers = tables[remat][option]
-        for start, end in itertools.combinations_with_replacement(range(num_layers), 2):
-            span = layers[start:end + 1]
-            # the stage's micro-batch time; the last stage's transfer is not known here, so
-            # every stage pays for sending its boundary (the DP's stage sum then counts one
-            # boundary too many: the last layer's, which carries the loss only)
-            cost[start, end, j] = estimate_stage(span, meshes[option], beta, alpha,
-                                                 end == num_layers - 1)[0]
-            w = sum(p.state_bytes for p in span)
-            a = sum(p.activation_bytes for p in span)
-            state[start, end, j] = w + a
-            succ[start, end, j] = _max_successors(w, a, memory_budget_bytes, schedule, k)
-    problem = StageProblem(num_layers=num_layers, num_devices=num_devices,
+    cost, succ, state = _stage_tables(tables, columns, meshes, link, memory_budget_bytes,
+                                      schedule, k)
+    problem = StageProblem(num_layers=cost.shape[0], num_devices=num_devices,
                            num_micro_batches=k,
-                           submesh_sizes=tuple(math.prod(s) for s, _ in options),
+                           submesh_sizes=tuple(math.prod(s) for (s, _), _ in columns),
                            stage_cost_s=cost,
                            max_n_succ_stages=None if memory_budget_bytes is None else succ)
     try:
@@ -436,32 +414,44 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
             f"about {need / 2**30:.3g} GiB. Raise memory_budget_per_device, use more devices, "
             "fewer micro-batches in flight (1F1B instead of GPipe), or a smaller batch.",
             budget_bytes=memory_budget_bytes, min_bytes=need) from None
-    layer_to_stage = [0] * num_layers
-    submeshes, views, times, syncs, memory, variants = [], [], [], [], [], []
-    num_stages = len(solution.stages)
-    for stage, (start, end, j) in enumerate(solution.stages):
-        for layer in range(start, end + 1):
-            layer_to_stage[layer] = stage
-        shape, view = options[j]
-        variants.append(columns[j][1])
-        span = tables[columns[j][1]][options[j]][start:end + 1]
-        t, g, u = estimate_stage(span, meshes[options[j]], beta, alpha,
-                                 stage == num_stages - 1)
-        submeshes.append(tuple(shape))
-        views.append(tuple(view))
-        times.append(t)
-        syncs.append(g + u)
-        memory.append(sum(p.state_bytes for p in span) + in_flight_micro_batches(
-            schedule, num_stages, stage, k) * sum(p.activation_bytes for p in span))
-    hosts = shared_stage_hosts(submeshes, shared_compute_per_host)
-    assignment = StageAssignment(tuple(layer_to_stage), tuple(submeshes), tuple(views),
-                                 pipeline_step_time_s(times, syncs, k, stage_hosts=hosts),
-                                 tuple(times),
-                                 remat=None if remat_priced is None else tuple(
-                                     remat for remat, _ in variants),
-                                 lean=None if lean_priced is None else tuple(
-                                     lean for _, lean in variants))
-    return assignment, times, syncs, memory
+    chosen = [columns[j] for _, _, j in solution.stages]
+    spans = [tables[variant][option][start:end + 1]
+             for (start, end, _), (option, variant) in zip(solution.stages, chosen)]
+    price = price_pipeline(spans, [meshes[option] for option, _ in chosen], link, k, schedule,
+                           shared_stage_hosts([o[0] for o, _ in chosen],
+                                              shared_compute_per_host))
+    layer_to_stage = tuple(stage for stage, (start, end, _) in enumerate(solution.stages)
+                           for _ in range(start, end + 1))
+    assignment = StageAssignment(
+        layer_to_stage, tuple(tuple(o[0]) for o, _ in chosen),
+        tuple(tuple(o[1]) for o, _ in chosen), price.step_time_s,
+        tuple(st.micro_batch_s for st in price.stages),
+        remat=None if remat_priced is None else tuple(v[0] for _, v in chosen),
+        lean=None if lean_priced is None else tuple(v[1] for _, v in chosen))
+    return StageSolution(assignment, price)
+
+
+def _stage_tables(tables, columns, meshes, link, budget, schedule: str, k: int):
+    """Per (first layer, last layer, option column): the stage's micro-batch seconds, how
+    many stages may follow it within the memory budget, and its state + activation bytes."""
+    num_layers = len(next(iter(tables[(False, 0.0)].values())))
+    alpha, beta = link
+    shape = (num_layers, num_layers, len(columns))
+    cost, succ, state = np.full(shape, np.inf), np.full(shape, np.inf), np.zeros(shape)
+    for j, (option, variant) in enumerate(columns):
+        layers = tables[variant][option]
+        for start, end in itertools.combinations_with_replacement(range(num_layers), 2):
+            span = layers[start:end + 1]
+            # the stage's micro-batch time; the last stage's transfer is not known here, so
+            # every stage pays for sending its boundary (the DP's stage sum then counts one
+            # boundary too many: the last layer's, which carries the loss only)
+            cost[start, end, j] = estimate_stage(span, meshes[option], beta, alpha,
+                                                 end == num_layers - 1)[0]
+            w = sum(p.state_bytes for p in span)
+            a = sum(p.activation_bytes for p in span)
+            state[start, end, j] = w + a
+            succ[start, end, j] = _max_successors(w, a, budget, schedule, k)
+    return cost, succ, state
 
 
 def _max_successors(state: float, activations: float, budget: float | None, schedule: str,

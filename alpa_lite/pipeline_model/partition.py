@@ -66,6 +66,13 @@ class PipelinePartition:
     split: GradSplit
 
 
+def count_layers(graph: OpGraph) -> int:
+    """How many pipeline layers the graph's layer markers delimit (0: none)."""
+    layers = {n.params["layer"] for n in graph.nodes
+              if n.primitive is layer_boundary_p and not n.params["backward"]}
+    return max(layers) + 1 if layers else 0
+
+
 def assign_regions(graph: OpGraph, nodes) -> dict[int, tuple[str, int]]:
     """node -> ("F" | "B", layer) from the layer markers preceding it in program order."""
     region = ("F", 0)

@@ -121,13 +121,15 @@ def test_a_saved_pipeline_plan_runs_without_solving(stage_option, monkeypatch):
     plan = alpa_lite.parallelize(mse_step, method=method).plan(state, batch)
     loaded = alpa_lite.ParallelPlan.from_json(plan.to_json())
 
-    import alpa_lite.compile as compile_module
+    import alpa_lite.inter_op.driver as pipeline_driver
+    import alpa_lite.intra_op.driver as single_mesh_driver
     import alpa_lite.inter_op.pricing as pricing_module
 
     def no_solving(*args, **kwargs):
         raise AssertionError("a loaded plan must not be solved again")
 
-    monkeypatch.setattr(compile_module, "solve_intra_op", no_solving)
+    monkeypatch.setattr(single_mesh_driver, "solve_intra_op", no_solving)
+    monkeypatch.setattr(pipeline_driver, "solve_intra_op", no_solving)
     monkeypatch.setattr(pricing_module, "solve_intra_op", no_solving)
     p = alpa_lite.parallelize(mse_step, method=method).use_plan(loaded)
     actual_state, actual_losses = run_steps(p, state, batch)

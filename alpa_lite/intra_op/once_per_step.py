@@ -1,0 +1,54 @@
+"""What a sharding plan runs once per step, however many micro-batches: the collectives
+that only feed gradients (the runtime defers them) and the optimizer update after the gradient
+boundary. Used by the single-mesh planner and by the pipeline's layer prices."""
+
+from __future__ import annotations
+
+from alpa_lite.graph import OpGraph
+
+
+def gradient_values(graph: OpGraph) -> set[int]:
+    """The values entering the gradient boundary (gradients, loss, aux); none without one."""
+    boundary = next((n for n in graph.nodes if n.name == "grad_boundary"), None)
+    return set() if boundary is None else {v for v in boundary.invars if isinstance(v, int)}
+
+
+def gradient_only_nodes(sub: OpGraph, gradients: set[int]) -> set[int]:
+    """Sub-graph operators whose every output only feeds gradients (the deferred reductions
+    of the runtime: run once per step).
+
+    A value only feeds gradients if it enters the gradient boundary, or if it is used inside
+    the sub-graph only, by such operators. Operators come in topological order, so walking
+    them backwards sees every consumer before its producer.
+    """
+    users: dict[int, list[int]] = {}
+    for node in sub.nodes:
+        for v in node.invars:
+            if isinstance(v, int):
+                users.setdefault(v, []).append(node.index)
+    leaves_sub = set(sub.outputs) - gradients
+    result: set[int] = set()
+
+    def only_feeds_gradients(v: int) -> bool:
+        if v in gradients:
+            return True
+        consumers = users.get(v, [])
+        return bool(consumers) and v not in leaves_sub and all(u in result for u in consumers)
+
+    for node in reversed(sub.nodes):
+        if node.outvars and all(only_feeds_gradients(v) for v in node.outvars):
+            result.add(node.index)
+    return result
+
+
+def estimate_once_per_step_s(graph: OpGraph, plan) -> tuple[float, float]:
+    """``(gradient sync, optimizer update)`` seconds of a sharding plan that run once per step,
+    however many micro-batches: the collectives that only feed gradients (deferred by the
+    runtime), and every operator after the gradient boundary (its compute and collectives)."""
+    decisions = {d.index: d for d in plan.nodes}
+    sync = sum(decisions[i].comm_s for i in gradient_only_nodes(graph, gradient_values(graph))
+               if i in decisions)
+    boundary = next((n.index for n in graph.nodes if n.name == "grad_boundary"), None)
+    update = 0.0 if boundary is None else sum(d.compute_s + d.comm_s for d in plan.nodes
+                                              if d.index > boundary)
+    return float(sync), float(update)
