@@ -18,9 +18,12 @@ size in lockstep, with one abstract `Val` per value:
 
 A rule here is keyed by primitive (`register_batch_rule`), like `alpa_lite.cost.registry`:
 it gets an operator whose operands include per-example values and returns the `Val` of each
-result. Elementwise primitives share one rule (`alpa_lite.cost.rules.is_elementwise` finds
+result. Elementwise primitives share one rule (`alpa_lite.cost.is_elementwise` finds
 them, new ones included). A primitive without a rule makes its results OPAQUE, and an error
-names it with its source line if such a value must be combined over micro-batches.
+names it with its source line if such a value must be combined over micro-batches. Two more
+registries keyed by primitive say which primitives carry values of any kind unchanged
+(`register_identity`) or move their elements (`register_data_movement`: a sum over examples
+stays one); `alpa_lite.micro_batching` queries them.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from typing import Any, Callable
 import numpy as np
 from jax.extend.core import primitives as prims
 
-from alpa_lite._jax_compat import split_primitive, stack_primitives, tile_primitive
-from alpa_lite.cost.rules import is_elementwise
+from alpa_lite._jax_compat import (optimization_barrier_primitive, split_primitive,
+                                   stack_primitives, tile_primitive)
+from alpa_lite.cost import is_elementwise
+from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
 
 
 class Kind(enum.Enum):
@@ -119,6 +124,49 @@ def apply_batch_rule(ctx: RuleContext) -> list[Val]:
         return ctx.fail(f"no micro-batch rule for `{primitive.name}` (register one with "
                         "alpa_lite.batch_rules.register_batch_rule)")
     return rule(ctx)
+
+
+# --- values of any kind: identities and data movement ----------------------------------------
+
+_IDENTITIES: set = set()
+_MOVES: dict[object, int | None] = {}
+
+
+def register_identity(*primitives) -> None:
+    """Registers ``primitives`` as identities: each result is its operand, whatever its kind
+    (markers, copies, remat's barrier)."""
+    _IDENTITIES.update(primitives)
+
+
+def is_identity(primitive) -> bool:
+    return primitive in _IDENTITIES
+
+
+def register_data_movement(*primitives, indices_from: int | None = None) -> None:
+    """Registers ``primitives`` as data movement: each result element is an operand element
+    (or filler), so a sum, maximum or minimum over examples stays one. Operands from
+    ``indices_from`` on (None: none) are indices, not data."""
+    _MOVES.update(dict.fromkeys(primitives, indices_from))
+
+
+def index_operands(primitive, num_operands: int) -> range | None:
+    """The positions of the index operands of a data movement ``primitive`` (None: it is not
+    registered as data movement)."""
+    if primitive not in _MOVES:
+        return None
+    first = _MOVES[primitive]
+    return range(num_operands if first is None else first, num_operands)
+
+
+register_identity(prims.copy_p, prims.stop_gradient_p, prims.reduce_precision_p,
+                  layer_boundary_p, manual_boundary_p, grad_boundary_p,
+                  optimization_barrier_primitive())
+register_data_movement(prims.pad_p, prims.slice_p, prims.rev_p, prims.concatenate_p,
+                       prims.transpose_p, prims.reshape_p, prims.squeeze_p,
+                       prims.broadcast_in_dim_p, prims.copy_p,
+                       *filter(None, (split_primitive(), tile_primitive())), *stack_primitives())
+register_data_movement(prims.gather_p, prims.dynamic_slice_p, indices_from=1)
+register_data_movement(prims.dynamic_update_slice_p, indices_from=2)
 
 
 # --- scales ----------------------------------------------------------------------------------

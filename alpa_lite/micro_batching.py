@@ -25,10 +25,9 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 
-from alpa_lite._jax_compat import (optimization_barrier_primitive, split_primitive,
-                                   stack_primitives, tile_primitive)
+from alpa_lite._jax_compat import tile_primitive
 from alpa_lite.batch_rules import (REDUCTION_KINDS, Kind, RuleContext, Val, apply_batch_rule,
-                                   opaque, per_example, scale_of)
+                                   index_operands, is_identity, opaque, per_example, scale_of)
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
 from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
@@ -72,8 +71,6 @@ class MicroBatchPlan:
 
 
 _OPAQUE = Val(Kind.OPAQUE)
-_IDENTITY = {prims.copy_p, prims.stop_gradient_p, prims.reduce_precision_p, layer_boundary_p,
-             manual_boundary_p, grad_boundary_p}
 _MARKERS = (layer_boundary_p, manual_boundary_p)
 
 
@@ -264,9 +261,7 @@ class _Analysis:
         if node.primitive in (loop_enter_p, loop_exit_p):
             self.values[node.outvars[0]] = self.loop_border(node, ins[0])
             return
-        identity = node.primitive in _IDENTITY or \
-            node.primitive is optimization_barrier_primitive()  # remat's barrier
-        if identity and len(node.invars) == len(node.outvars):
+        if is_identity(node.primitive) and len(node.invars) == len(node.outvars):
             self.values.update(zip(node.outvars, ins))
             return
         outs = [self.batch_dim(v, fv) for v, fv in zip(node.outvars, full_node.outvars)]
@@ -413,26 +408,14 @@ def _fold(node, ins: list[Val]) -> tuple | None:
     return None
 
 
-# Data movement: each result element is an operand element (or filler), so a sum, maximum
-# or minimum over examples stays one. Operand positions that are indices, not data:
-_MOVES = {prims.pad_p: (), prims.slice_p: (), prims.rev_p: (), prims.concatenate_p: (),
-          prims.transpose_p: (), prims.reshape_p: (), prims.squeeze_p: (),
-          prims.broadcast_in_dim_p: (), prims.copy_p: (), prims.gather_p: (1,),
-          prims.dynamic_slice_p: "rest", prims.dynamic_update_slice_p: "after2"}
-for _p in (split_primitive(), tile_primitive(), *stack_primitives()):
-    if _p is not None:
-        _MOVES[_p] = ()
-
-
 def _moved_reduction(node, ins: list[Val]) -> Val | None:
-    """The value of data movement applied to one kind of reduction (and constants), or None:
-    filler constants must be zero for a sum (so k micro-batch copies add up to one) and
-    equal in both traces for a maximum or minimum; index operands must be invariant."""
-    layout = _MOVES.get(node.primitive)
-    if layout is None:
+    """The value of data movement (`batch_rules.register_data_movement`) applied to one kind
+    of reduction (and constants), or None: filler constants must be zero for a sum (so k
+    micro-batch copies add up to one) and equal in both traces for a maximum or minimum; index
+    operands must be invariant."""
+    indices = index_operands(node.primitive, len(ins))
+    if indices is None:
         return None
-    indices = set(range(1, len(ins))) if layout == "rest" else \
-        set(range(2, len(ins))) if layout == "after2" else set(layout)
     data = [x for i, x in enumerate(ins) if i not in indices]
     reduced = [x for x in data if x.kind is not Kind.CONST]
     kinds = {x.kind for x in reduced}

@@ -3,15 +3,22 @@
 Rules see abstract values only (`RuleContext`) and return an `OpCost` for the whole (unsharded)
 operator; sharding divides it later. A primitive without a rule gets the visible fallback
 "bytes in + bytes out, 0 flops" and is reported by `has_cost_rule`.
+
+A second registry keyed by primitive holds its operator classes (`OpClass`: elementwise, data
+movement, fused layout, kernel, reduction), which the cost rules, the planner's roofline and
+memory model, and the strategy and micro-batch rules query through `operator_class`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Callable, Protocol
 
 import numpy as np
+
+from alpa_lite._jax_compat import batched_elementwise
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -141,3 +148,66 @@ def estimate_op_cost(primitive, params: dict, avals_in, avals_out) -> OpCost:
         return OpCost(hbm_bytes=nbytes(*avals_in, *avals_out))
     ctx = RuleContext(primitive=primitive, avals_in=tuple(avals_in), avals_out=tuple(avals_out))
     return rule(ctx, **params)
+
+
+class OpClass(enum.Flag):
+    """Operator classes of a primitive; one primitive may have several (a gather moves data
+    and is a kernel of its own; a reduce_sum is a reduction and a kernel)."""
+
+    # Results of the operands' shape, element i of each read from element i of each operand.
+    ELEMENTWISE = enum.auto()
+    # Each result element is an operand element (or filler): broadcasts, slices, gathers, ...
+    DATA_MOVEMENT = enum.auto()
+    # Layout operators (and our markers) XLA fuses into the loop of the operator they feed.
+    FUSED_LAYOUT = enum.auto()
+    # Operators that stay kernels of their own after XLA's fusion (one launch latency each).
+    KERNEL = enum.auto()
+    # Reductions along dims (sums, maxima, arg-maxima, cumulative ops, sorts).
+    REDUCTION = enum.auto()
+
+
+_NO_CLASS = OpClass(0)
+_OPERATOR_CLASSES: dict[object, OpClass] = {}
+
+
+def register_operator_class(cls: OpClass, *primitives) -> None:
+    """Adds ``cls`` to the classes of each of ``primitives`` (objects, not names)."""
+    for primitive in primitives:
+        _OPERATOR_CLASSES[primitive] = _OPERATOR_CLASSES.get(primitive, _NO_CLASS) | cls
+
+
+def operator_class(primitive) -> OpClass:
+    """The classes of ``primitive`` (``OpClass(0)``, falsy, when it has none).
+
+    ELEMENTWISE is also derived for a primitive registered without it that jax itself batches
+    as elementwise (`batched_elementwise`), except PRNG key primitives (``random_bits`` and its
+    kin change shapes; they are replicated on purpose): a primitive a new jax release adds
+    (``one_minus_square`` in 0.12) is elementwise here without an entry.
+    """
+    classes = _OPERATOR_CLASSES.get(primitive, _NO_CLASS)
+    if OpClass.ELEMENTWISE not in classes and not primitive.name.startswith("random_") \
+            and batched_elementwise(primitive):
+        classes |= OpClass.ELEMENTWISE
+    return classes
+
+
+def primitives_of(cls: OpClass) -> tuple:
+    """The primitives registered with class ``cls`` (in registration order; none derived)."""
+    return tuple(p for p, classes in _OPERATOR_CLASSES.items() if cls in classes)
+
+
+def is_elementwise(primitive) -> bool:
+    """Is ``primitive`` elementwise: results of the operands' shape, element i of each result
+    read from element i of each operand (lax broadcasts scalars and size-1 dims)?
+
+    Example:
+        >>> from jax.extend.core import primitives as prims
+        >>> is_elementwise(prims.tanh_p), is_elementwise(prims.dot_general_p)
+        (True, False)
+    """
+    return OpClass.ELEMENTWISE in operator_class(primitive)
+
+
+def is_fused(primitive) -> bool:
+    """Elementwise operators, broadcasts, reshapes, iotas and our markers: XLA fuses them."""
+    return bool(operator_class(primitive) & (OpClass.FUSED_LAYOUT | OpClass.ELEMENTWISE))

@@ -1,4 +1,5 @@
-"""Per-primitive cost rules, grouped by family.
+"""Per-primitive cost rules, grouped by family, and the operator classes (`OpClass`) of lax's
+primitives and our markers.
 
 Flops follow the usual conventions: one flop per output element for elementwise ops, 2*M*N*K
 for a matmul, 2 * output elements * (kernel window * input features / groups) for a
@@ -11,15 +12,18 @@ import math
 
 from jax.extend.core import primitives as prims
 
-from alpa_lite._jax_compat import batched_elementwise, stack_primitives, tile_primitive
+from alpa_lite._jax_compat import stack_primitives, tile_primitive
 from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
-from alpa_lite.cost.registry import OpCost, RuleContext, estimate_op_cost, nbytes, register_cost_rule
+from alpa_lite.cost.registry import (OpClass, OpCost, RuleContext, estimate_op_cost, is_elementwise,
+                                    nbytes, primitives_of, register_cost_rule,
+                                    register_operator_class)
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
 
 # Elementwise primitives jax does not batch with its generic elementwise batchers (select_n,
 # clamp, convert_element_type, stop_gradient, ...) or that older jax releases batch otherwise.
-# Any other primitive that jax batches elementwise is found by `is_elementwise`.
-ELEMENTWISE_PRIMITIVES = (
+# Any other primitive that jax batches elementwise is found by `operator_class`.
+register_operator_class(
+    OpClass.ELEMENTWISE,
     prims.add_p, prims.sub_p, prims.mul_p, prims.div_p, prims.max_p, prims.min_p, prims.pow_p,
     prims.rem_p, prims.atan2_p, prims.nextafter_p, prims.add_jaxvals_p,
     prims.exp_p, prims.exp2_p, prims.log_p, prims.log1p_p, prims.expm1_p, prims.tanh_p,
@@ -37,51 +41,29 @@ ELEMENTWISE_PRIMITIVES = (
     prims.bitcast_convert_type_p, prims.threefry2x32_p,
 )
 
-_ELEMENTWISE = frozenset(ELEMENTWISE_PRIMITIVES)
-
-
-def is_elementwise(primitive) -> bool:
-    """Is ``primitive`` elementwise: results of the operands' shape, element i of each result
-    read from element i of each operand (lax broadcasts scalars and size-1 dims)?
-
-    The hand-kept `ELEMENTWISE_PRIMITIVES`, or any primitive jax itself batches as
-    elementwise (`batched_elementwise`), except PRNG key primitives (``random_bits`` and its
-    kin change shapes; they are replicated on purpose). A primitive a new jax release adds
-    (``one_minus_square`` in 0.12) is elementwise here without an entry.
-
-    Example:
-        >>> is_elementwise(prims.tanh_p), is_elementwise(prims.dot_general_p)
-        (True, False)
-    """
-    if primitive in _ELEMENTWISE:
-        return True
-    return not primitive.name.startswith("random_") and batched_elementwise(primitive)
-
-
-DATA_MOVEMENT_PRIMITIVES = (
+register_operator_class(
+    OpClass.DATA_MOVEMENT,
     prims.broadcast_in_dim_p, prims.reshape_p, prims.squeeze_p, prims.transpose_p,
     prims.slice_p, prims.pad_p, prims.concatenate_p, prims.rev_p, prims.iota_p,
     prims.dynamic_slice_p, prims.dynamic_update_slice_p, prims.gather_p, prims.scatter_p,
     prims.scatter_add_p, prims.scatter_mul_p, prims.scatter_min_p, prims.scatter_max_p,
     prims.sharding_constraint_p, prims.device_put_p,
     grad_boundary_p, layer_boundary_p, manual_boundary_p,
+    *filter(None, [tile_primitive()]), *stack_primitives(),
 )
 
 # XLA fuses these into the loop of the operator they feed (or read from): they move no bytes
 # of their own through device memory, so the roofline prices their flops only.
-_FUSED_LAYOUT_OPS = frozenset((
+register_operator_class(
+    OpClass.FUSED_LAYOUT,
     prims.broadcast_in_dim_p, prims.reshape_p, prims.squeeze_p, prims.iota_p,
     grad_boundary_p, layer_boundary_p, manual_boundary_p,
-))
-
-
-def is_fused(primitive) -> bool:
-    """Elementwise operators, broadcasts, reshapes, iotas and our markers: XLA fuses them."""
-    return primitive in _FUSED_LAYOUT_OPS or is_elementwise(primitive)
+)
 
 # Operators that stay kernels of their own after XLA's fusion (matmuls, convolutions,
 # reductions, gathers and scatters, sorts): each pays a per-kernel latency (`op_latency_s`).
-KERNEL_PRIMITIVES = (
+register_operator_class(
+    OpClass.KERNEL,
     prims.dot_general_p, prims.conv_general_dilated_p, prims.reduce_sum_p, prims.reduce_max_p,
     prims.reduce_min_p, prims.reduce_prod_p, prims.argmax_p, prims.argmin_p, prims.cumsum_p,
     prims.cumprod_p, prims.cummax_p, prims.cummin_p, prims.cumlogsumexp_p, prims.sort_p,
@@ -89,7 +71,8 @@ KERNEL_PRIMITIVES = (
     prims.dynamic_update_slice_p,
 )
 
-REDUCTION_PRIMITIVES = (
+register_operator_class(
+    OpClass.REDUCTION,
     prims.reduce_sum_p, prims.reduce_max_p, prims.reduce_min_p, prims.reduce_prod_p,
     prims.reduce_and_p, prims.reduce_or_p, prims.reduce_xor_p, prims.argmax_p, prims.argmin_p,
     prims.cumsum_p, prims.cumprod_p, prims.cummax_p, prims.cummin_p, prims.cumlogsumexp_p,
@@ -97,19 +80,18 @@ REDUCTION_PRIMITIVES = (
 )
 
 
-@register_cost_rule(*ELEMENTWISE_PRIMITIVES, derived=is_elementwise)
+@register_cost_rule(*primitives_of(OpClass.ELEMENTWISE), derived=is_elementwise)
 def _elementwise_cost(ctx: RuleContext, **_) -> OpCost:
     out = ctx.avals_out[0]
     return OpCost(flops=float(math.prod(out.shape)), hbm_bytes=nbytes(*ctx.avals_in, *ctx.avals_out))
 
 
-@register_cost_rule(*DATA_MOVEMENT_PRIMITIVES, *filter(None, [tile_primitive()]),
-                    *stack_primitives())
+@register_cost_rule(*primitives_of(OpClass.DATA_MOVEMENT))
 def _data_movement_cost(ctx: RuleContext, **_) -> OpCost:
     return OpCost(hbm_bytes=nbytes(*ctx.avals_in, *ctx.avals_out))
 
 
-@register_cost_rule(*REDUCTION_PRIMITIVES)
+@register_cost_rule(*primitives_of(OpClass.REDUCTION))
 def _reduction_cost(ctx: RuleContext, **_) -> OpCost:
     return OpCost(
         flops=float(math.prod(ctx.avals_in[0].shape)),

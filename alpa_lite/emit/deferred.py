@@ -11,6 +11,7 @@ the pipeline runtime (`emit/pipeline.py`).
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import jax
 from jax.extend.core import primitives as prims
@@ -25,14 +26,41 @@ from alpa_lite.markers import layer_boundary_p
 from alpa_lite.plan import ShardingPlan
 
 
-# Operators whose cross-device reduction is a sum (and so can be postponed and summed once).
-_SUM_REDUCERS = (prims.reduce_sum_p, prims.dot_general_p, prims.conv_general_dilated_p,
-                 prims.scatter_add_p)
+class Linearity(enum.Enum):
+    """What a primitive does to partial sums, as far as deferring a reduction goes."""
+
+    # Its cross-device reduction is a sum (and so can be postponed and summed once).
+    SUM_REDUCER = "sum reducer"
+    # Linear: a partial sum may pass through it on its way to the gradient boundary.
+    LINEAR_CARRIER = "linear carrier"
 
 
-# Linear operators a partial sum may pass through on its way to the gradient boundary.
-_LINEAR_CARRIERS = (prims.transpose_p, prims.reshape_p, prims.squeeze_p, prims.copy_p,
-                    prims.convert_element_type_p, prims.neg_p, prims.add_jaxvals_p, prims.add_p)
+_LINEARITY: dict[object, Linearity] = {}
+
+
+def register_linearity(kind: Linearity, *primitives) -> None:
+    """Registers ``kind`` for ``primitives`` (objects, not names); one kind per primitive."""
+    for primitive in primitives:
+        if _LINEARITY.get(primitive, kind) is not kind:
+            raise ValueError(f"{primitive.name!r} is already a {_LINEARITY[primitive].value}.")
+        _LINEARITY[primitive] = kind
+
+
+def linearity(primitive) -> Linearity | None:
+    """The registered `Linearity` of ``primitive``; None: a reduction through it is not
+    deferred."""
+    return _LINEARITY.get(primitive)
+
+
+def _is_carrier(primitive) -> bool:
+    return _LINEARITY.get(primitive) is Linearity.LINEAR_CARRIER
+
+
+register_linearity(Linearity.SUM_REDUCER, prims.reduce_sum_p, prims.dot_general_p,
+                   prims.conv_general_dilated_p, prims.scatter_add_p)
+register_linearity(Linearity.LINEAR_CARRIER, prims.transpose_p, prims.reshape_p,
+                   prims.squeeze_p, prims.copy_p, prims.convert_element_type_p, prims.neg_p,
+                   prims.add_jaxvals_p, prims.add_p)
 
 
 @dataclasses.dataclass
@@ -59,8 +87,8 @@ def find_deferred_reductions(graph: OpGraph, plan: ShardingPlan, nodes,
     Such a reduction (the all-reduce of a weight gradient under data parallelism, say) can be
     postponed: each device accumulates its unreduced local result over the micro-batches and
     the reduction runs once per step, as Alpa does. A value qualifies when every path from it
-    reaches the boundary node through `_LINEAR_CARRIERS` among ``nodes`` only, all of whose
-    array operands carry partial sums over the same mesh axes.
+    reaches the boundary node through linear carriers (`linearity`) among ``nodes`` only, all
+    of whose array operands carry partial sums over the same mesh axes.
 
     Args:
         graph: the graph ``nodes`` and ``boundary_index`` index into.
@@ -80,10 +108,10 @@ def find_deferred_reductions(graph: OpGraph, plan: ShardingPlan, nodes,
             for src, dst in zip(node.invars, node.outvars):
                 if isinstance(src, int) and src in axes_of:
                     axes_of[dst] = axes_of[src]
-        elif (decision is not None and node.primitive in _SUM_REDUCERS
+        elif (decision is not None and linearity(node.primitive) is Linearity.SUM_REDUCER
               and reduction_axes(decision) and len(node.outvars) == 1):
             axes_of[node.outvars[0]] = reduction_axes(decision)
-        elif node.primitive in _LINEAR_CARRIERS and len(node.outvars) == 1:
+        elif _is_carrier(node.primitive) and len(node.outvars) == 1:
             ins = {axes_of.get(v) for v in node.invars if isinstance(v, int)}
             if len(ins) == 1 and None not in ins:
                 axes_of[node.outvars[0]] = ins.pop()
@@ -97,7 +125,7 @@ def find_deferred_reductions(graph: OpGraph, plan: ShardingPlan, nodes,
             return []
         if node.primitive is layer_boundary_p:
             return [d for s_, d in zip(node.invars, node.outvars) if s_ == v]
-        return list(node.outvars) if node.primitive in _LINEAR_CARRIERS else []
+        return list(node.outvars) if _is_carrier(node.primitive) else []
 
     boundary_ok = lambda v: summed is None or v in summed
     for index in reversed(nodes):  # a value is deferrable if all its users are
@@ -106,7 +134,7 @@ def find_deferred_reductions(graph: OpGraph, plan: ShardingPlan, nodes,
                 (u == boundary_index and boundary_ok(v))
                 or (carried(u, v) and all(ok.get(o) for o in carried(u, v)))
                 for u in users[v])
-    is_carrier = lambda i: graph.nodes[i].primitive in _LINEAR_CARRIERS or \
+    is_carrier = lambda i: _is_carrier(graph.nodes[i].primitive) or \
         graph.nodes[i].primitive is layer_boundary_p
     reductions = {i: axes_of[graph.nodes[i].outvars[0]] for i in nodes
                   if not is_carrier(i) and graph.nodes[i].outvars

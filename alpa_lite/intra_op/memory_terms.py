@@ -35,8 +35,8 @@ from __future__ import annotations
 import numpy as np
 from jax.extend.core import primitives as prims
 
+from alpa_lite.cost import is_fused
 from alpa_lite.cost.collectives import Collective
-from alpa_lite.cost.rules import is_fused
 from alpa_lite.intra_op.ilp import MemoryPairTerm, MemoryTerm
 from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.intra_op.strategies import spec_shards

@@ -7,8 +7,8 @@ import logging
 import time
 from typing import Sequence
 
-from alpa_lite.cost import compute_dtype_name, estimate_op_cost
-from alpa_lite.cost.rules import KERNEL_PRIMITIVES, is_fused
+from alpa_lite.cost import (OpClass, compute_dtype_name, estimate_op_cost, is_fused,
+                            operator_class)
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.ilp import solve_sharding_problem
 from alpa_lite.intra_op.layer_sharing import (build_layer_classes, build_quotient_problem,
@@ -110,7 +110,7 @@ def estimate_unit_compute_s(graph: OpGraph, mesh: LogicalMesh, node_index: int, 
     number of devices sharing the work); it computes in `compute_dtype_name` of its values.
     Operators XLA fuses into their neighbours (`is_fused`: elementwise ops,
     broadcasts, reshapes) are priced by their flops only: their bytes never reach memory.
-    Operators that remain kernels of their own after fusion (`KERNEL_PRIMITIVES`: matmuls,
+    Operators that remain kernels of their own after fusion (`OpClass.KERNEL`: matmuls,
     reductions, gathers, ...) also pay the mesh's ``op_latency_s``.
     """
     node = graph.nodes[node_index]
@@ -122,7 +122,7 @@ def estimate_unit_compute_s(graph: OpGraph, mesh: LogicalMesh, node_index: int, 
     divisor = max(work_divisor, 1)
     return mesh.compute_time_s(flops / divisor, hbm_bytes / divisor,
                                compute_dtype_name(avals_in, avals_out)) + (
-        mesh.op_latency_s if node.primitive in KERNEL_PRIMITIVES else 0.0)
+        mesh.op_latency_s if OpClass.KERNEL in operator_class(node.primitive) else 0.0)
 
 
 def decode_plan(graph, mesh, planning: PlanningProblem, choices, objective, peak_memory_bytes,

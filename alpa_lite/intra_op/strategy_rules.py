@@ -17,8 +17,8 @@ from jax.extend.core import primitives as prims
 
 from alpa_lite._jax_compat import (key_wrapping_primitives, split_primitive, stack_primitives,
                                    tile_primitive)
+from alpa_lite.cost.registry import OpClass, is_elementwise, primitives_of
 from alpa_lite.cost.registry import itemsize as dtype_itemsize
-from alpa_lite.cost.rules import ELEMENTWISE_PRIMITIVES, is_elementwise
 from alpa_lite.errors import UnsupportedPrimitiveError
 from alpa_lite.loop_regions import loop_enter_p, loop_exit_p
 from alpa_lite.intra_op.strategies import (FactorRule, Strategy, enumerate_factor_strategies,
@@ -169,7 +169,7 @@ def _loop_border_strategies(ctx: StrategyContext):
 # --- elementwise and data movement -----------------------------------------------------------
 
 
-@register_strategy_rule(*ELEMENTWISE_PRIMITIVES, prims.sharding_constraint_p,
+@register_strategy_rule(*primitives_of(OpClass.ELEMENTWISE), prims.sharding_constraint_p,
                         derived=is_elementwise)
 def _elementwise_strategies(ctx: StrategyContext):
     shape = ctx.avals_out[0].shape
