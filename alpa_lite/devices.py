@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from alpa_lite.cluster import ClusterSpec
+from alpa_lite.config import ShardParallel
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.mesh import LogicalMesh
 

@@ -28,29 +28,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from alpa_lite.cluster import ClusterSpec
-from alpa_lite.config import AutoLayerOption
+from alpa_lite.config import (AutoLayerOption, DataParallel, ShardParallel, Zero2Parallel,
+                              Zero3Parallel)
 from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
-from alpa_lite.graph import build_op_graph
-from alpa_lite.intra_op.planner import solve_intra_op
 from alpa_lite.intra_op.problem import InputRole, SpecPolicy
-from alpa_lite.layers import build_layer_transform
-from alpa_lite.markers import layer_construction
 from alpa_lite.models.presets import ModelPreset
 from alpa_lite.models.train import build_workload
 from alpa_lite.profiling.compute import progress_bar
 from alpa_lite.inter_op import assignment as sp
 from alpa_lite.intra_op.driver import single_mesh_step_time_s
-from alpa_lite.step import StepSpec, find_alias_pairs, input_roles, optimizer_state_mask
+from alpa_lite.step import StepSpec, input_roles, optimizer_state_mask, trace_step
 from alpa_lite.inter_op import pricing
 from alpa_lite.inter_op.pricing import memory_binds
 from alpa_lite.pipeline_model.partition import count_layers
-from alpa_lite.trace import trace_function
 
 MAX_DP_LAYERS = 32
 # the progress callback of the running `simulate` call (layer pricing reports to it)
 _PROGRESS: contextvars.ContextVar = contextvars.ContextVar("alpa_lite_progress", default=None)
 METHODS = ("auto", "shard", "dp", "zero2", "zero3", "megatron")
 REMAT_MODES = ("off", "layer", "auto")
+_METHODS = {SpecPolicy.AUTO: ShardParallel, SpecPolicy.DATA: DataParallel,
+            SpecPolicy.ZERO2: Zero2Parallel, SpecPolicy.ZERO3: Zero3Parallel}
 _POLICIES = {"shard": SpecPolicy.AUTO, "dp": SpecPolicy.DATA, "zero2": SpecPolicy.ZERO2,
              "zero3": SpecPolicy.ZERO3}
 
@@ -152,9 +150,9 @@ def _layer_graph(preset, cluster, num_micro_batches, remat_layer: bool):
     work = build_workload(small, abstract=True)
     option = AutoLayerOption(layer_num=min(3, _num_blocks(small)), method="names",
                              remat_layer=remat_layer)
-    with layer_construction(build_layer_transform(option)):
-        traced = trace_function(work.train_step, (work.state, work.batch), batch_argnums=(1,))
-    graph = build_op_graph(traced.closed_jaxpr)
+    trace = trace_step(work.train_step, (work.state, work.batch), StepSpec(), 1, analyse=False,
+                       layer_option=option)  # the planners' tracing
+    traced, graph = trace.traced, trace.graph
     roles = input_roles(traced, optimizer_state_mask((work.state, work.batch), StepSpec())[0])
     options = pricing.PricingOptions(
         time_limit_s=60.0, state_bytes_per_param_byte=pricing.estimate_state_bytes_per_param_byte(
@@ -337,17 +335,16 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None,
 
 
 def _plan_full_step(preset, cluster, policy, blocks, k, view):
+    """``blocks`` blocks at micro-batch size planned for ``cluster`` through the front door
+    (`parallelize(...).plan(..., cluster=...)`); its intra-op plan and once-per-step seconds."""
+    from alpa_lite.api import parallelize
+
     small = _micro_batch_preset(preset, k, blocks)
     work = build_workload(small, abstract=True)
-    traced = trace_function(work.train_step, (work.state, work.batch), batch_argnums=(1,))
-    graph = build_op_graph(traced.closed_jaxpr)
-    shape = (cluster.num_hosts, cluster.devices_per_host)
-    mesh = cluster.logical_mesh(shape, view)
-    opt_state, _ = optimizer_state_mask((work.state, work.batch), StepSpec())
-    plan = solve_intra_op(graph, mesh, input_roles=input_roles(traced, opt_state),
-                          input_paths=list(traced.in_paths), policy=policy,
-                          alias_pairs=find_alias_pairs(traced), share_repeated_layers=True)
-    return plan, sum(pricing.estimate_once_per_step_s(graph, plan))
+    method = _METHODS[policy](mesh_shape=tuple(view), share_repeated_layers=True)
+    plan = parallelize(work.train_step, method=method).plan(work.state, work.batch,
+                                                             cluster=cluster)
+    return plan.sharding, plan.extra.grad_sync_s + plan.extra.apply_s
 
 
 def _simulate_single_mesh(preset, cluster, policy, num_micro_batches) -> SimulationResult:

@@ -16,7 +16,6 @@ import math
 
 from alpa_lite.config import ManualStageOption, UniformStageOption
 from alpa_lite.errors import InvalidConfigError
-from alpa_lite.graph import OpGraph
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
-import numpy as np
 
 from alpa_lite.cost.registry import nbytes
 from alpa_lite.pipeline_model.grad_split import GradSplit, split_at_grad_boundary

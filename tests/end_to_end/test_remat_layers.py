@@ -86,14 +86,14 @@ def test_shard_parallel_auto_remat_recomputes_the_fewest_layers_that_fit():
     assert forced_peak < 0.9 * peak
 
     _, above, _ = _shard_plan("auto", 1.01 * peak)  # fits as it is: nothing recomputed
-    assert above.extra["remat_layers"] == [False] * 4
+    assert above.extra.remat_layers == (False,) * 4
     assert "rematerialized layers: 0 of 4 (none)" in above.summary()
 
     budget = (peak + forced_peak) / 2  # some layers must be recomputed, not all
     with pytest.raises(alpa_lite.InfeasiblePlanError):
         _shard_plan(False, budget)
     p, middle, args = _shard_plan("auto", budget)
-    flags = middle.extra["remat_layers"]
+    flags = list(middle.extra.remat_layers)
     assert middle.peak_memory_bytes <= budget
     assert flags == sorted(flags, reverse=True) and 0 < sum(flags) < 4  # the first r layers
     assert f"rematerialized layers: {sum(flags)} of 4" in middle.summary()

@@ -99,9 +99,9 @@ def test_flax_nn_scan_gpt_matches_serial_and_plans_like_the_python_loop():
     actual = p(scanned.state, scanned.batch)
     expected = jax.jit(scanned.train_step)(scanned.state, scanned.batch)
     assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6)
-    scan_s = p.plan(scanned.state, scanned.batch).extra["predicted_step_time_s"]
+    scan_s = p.plan(scanned.state, scanned.batch).predicted_step_time_s
     q = alpa_lite.parallelize(looped.train_step, method=method)
-    loop_s = q.plan(looped.state, looped.batch).extra["predicted_step_time_s"]
+    loop_s = q.plan(looped.state, looped.batch).predicted_step_time_s
     assert abs(scan_s - loop_s) <= 0.05 * loop_s, (scan_s, loop_s)
     assert _while_body_collectives(p.lower(scanned.state, scanned.batch).compile().as_text())
 

@@ -57,7 +57,7 @@ def test_unmodified_step_in_an_auto_layered_pipeline_equals_jax_jit(name):
         stage_option="uniform")
     parallel, state = _train_and_compare(step, state, batches, method)
     plan = parallel.plan(state, batches[0])
-    assert len(plan.stages) == 2 and plan.extra["layers"]["automatic"]
+    assert len(plan.stages) == 2 and plan.extra.layers.automatic
 
 
 def _mlp_state():
@@ -179,7 +179,7 @@ def test_a_jax_value_and_grad_pipeline_with_manual_boundaries():
     parallel, state = _train_and_compare(_mlp_step(jax.value_and_grad), _mlp_state(),
                                          _mlp_batches(), method)
     plan = parallel.plan(state, _mlp_batches(1)[0])
-    assert len(plan.stages) == 2 and plan.extra["layers"]["num_layers"] == 2
+    assert len(plan.stages) == 2 and plan.extra.layers.num_layers == 2
 
 
 def test_rematerialized_layers_of_a_jax_value_and_grad_step_say_what_to_change():

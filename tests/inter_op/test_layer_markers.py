@@ -26,16 +26,16 @@ def make():
 
 def markers_of(option):
     params, x = make()
-    record = {}
-    with layer_construction(build_layer_transform(option, record)):
+    transform = build_layer_transform(option)
+    with layer_construction(transform):
         jaxpr = jax.make_jaxpr(alpa_lite.grad(loss))(params, x)
     return [(e.params["layer"], e.params["kind"], e.params["backward"])
-            for e in jaxpr.eqns if e.primitive is layer_boundary_p], record
+            for e in jaxpr.eqns if e.primitive is layer_boundary_p], transform.record
 
 
 def test_manual_layers_are_mirrored_in_backward():
     marks, record = markers_of(ManualLayerOption())
-    assert record["num_layers"] == 4
+    assert record.num_layers == 4 and len(record.starts) == 4
     forward = [m for m in marks if not m[2]]
     backward = [m for m in marks if m[2]]
     assert forward == [(i, k, False) for i in range(4) for k in ("start", "end")]
@@ -45,7 +45,7 @@ def test_manual_layers_are_mirrored_in_backward():
 
 def test_auto_layers_pick_requested_count():
     marks, record = markers_of(AutoLayerOption(layer_num=2))
-    assert record["num_layers"] == 2
+    assert record.num_layers == 2 and len(record.starts) == 2
     assert {m[0] for m in marks} == {0, 1}
 
 

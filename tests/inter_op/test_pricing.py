@@ -8,6 +8,7 @@ import alpa_lite
 from alpa_lite.cluster import get_cluster_preset
 from alpa_lite.config import AutoLayerOption, PipeshardParallel
 from alpa_lite.inter_op import pricing
+from alpa_lite.pipeline_model.schedules import in_flight_micro_batches
 from alpa_lite.models import build_workload, get_preset
 from alpa_lite.simulate import simulate
 
@@ -32,9 +33,9 @@ def test_parallelize_and_simulation_give_the_same_plan_and_time():
 
 
 def test_one_f_one_b_and_gpipe_keep_different_activations_in_flight():
-    assert [pricing.in_flight_micro_batches("1f1b", 3, s, 8) for s in range(3)] == [3, 2, 1]
-    assert [pricing.in_flight_micro_batches("gpipe", 3, s, 8) for s in range(3)] == [8, 8, 8]
-    assert pricing.in_flight_micro_batches("1f1b", 4, 0, 2) == 2
+    assert [in_flight_micro_batches("1f1b", 3, s, 8) for s in range(3)] == [3, 2, 1]
+    assert [in_flight_micro_batches("gpipe", 3, s, 8) for s in range(3)] == [8, 8, 8]
+    assert in_flight_micro_batches("1f1b", 4, 0, 2) == 2
 
 
 def test_gradient_sync_is_priced_once_per_step():
@@ -73,9 +74,9 @@ def _single_mesh_plan(k: int):
 
 def test_the_optimizer_update_is_priced_once_per_step_not_per_micro_batch():
     two, four = _single_mesh_plan(2), _single_mesh_plan(4)
-    assert two.extra["apply_s"] > 0 and two.extra["apply_s"] == pytest.approx(
-        four.extra["apply_s"])
-    once = two.extra["apply_s"] + two.extra["grad_sync_s"]
+    assert two.extra.apply_s > 0 and two.extra.apply_s == pytest.approx(
+        four.extra.apply_s)
+    once = two.extra.apply_s + two.extra.grad_sync_s
     per_micro_batch = (two.predicted_step_time_s - once - two.sharding.mesh.launch_latency_s) / 2
     # two more micro-batches add two micro-batches of work, and no second update or sync
     assert four.predicted_step_time_s == pytest.approx(
@@ -124,7 +125,7 @@ def test_a_budget_no_pipeline_meets_names_the_smallest_need(mlp):
 def _stage_memory(plan) -> list[float]:
     if plan.stages:
         return [s.peak_memory_bytes for s in plan.stages]
-    return plan.extra["stage_memory_bytes"]  # one stage, run as ShardParallel
+    return plan.extra.stage_memory_bytes  # one stage, run as ShardParallel
 
 
 def test_the_stage_dp_keeps_every_stage_within_the_budget(mlp):
@@ -134,8 +135,8 @@ def test_the_stage_dp_keeps_every_stage_within_the_budget(mlp):
     assert max(_stage_memory(tight)) <= peak * 0.6
     # another layout (another logical view of the same devices, or more stages) or
     # memory-lean layer plans, chosen because the faster one does not fit
-    assert (tight.extra.get("logical_mesh"), len(tight.stages)) != (
-        free.extra.get("logical_mesh"), len(free.stages)) or tight.extra.get("lean") or any(
+    assert (getattr(tight.extra, "logical_mesh", None), len(tight.stages)) != (
+        getattr(free.extra, "logical_mesh", None), len(free.stages)) or getattr(tight.extra, "lean", 0.0) or any(
         s.lean for s in tight.stages)
     assert tight.predicted_step_time_s >= free.predicted_step_time_s
 

@@ -32,7 +32,7 @@ def _plan(work, remat, budget, devices=1):
 def _peak(plan) -> float:
     if plan.stages:
         return max(s.peak_memory_bytes for s in plan.stages)
-    return max(plan.extra["stage_memory_bytes"])  # one stage, run as ShardParallel
+    return max(plan.extra.stage_memory_bytes)  # one stage, run as ShardParallel
 
 
 def test_auto_remat_is_chosen_exactly_when_the_budget_needs_it(work):
@@ -44,12 +44,12 @@ def test_auto_remat_is_chosen_exactly_when_the_budget_needs_it(work):
     assert forced.predicted_step_time_s > plain.predicted_step_time_s  # recompute is priced
 
     _, above = _plan(work, "auto", 1.01 * no_remat_peak)
-    assert above.extra["remat"] is False
+    assert above.extra.remat is False
     assert above.predicted_step_time_s == pytest.approx(plain.predicted_step_time_s)
     assert "rematerialized layers: no" in above.summary()
 
     p, below = _plan(work, "auto", 0.99 * no_remat_peak)
-    assert below.extra["remat"] is True
+    assert below.extra.remat is True
     assert _peak(below) <= 0.99 * no_remat_peak
     assert below.predicted_step_time_s == pytest.approx(forced.predicted_step_time_s)
     assert "rematerialized layers: yes" in below.summary()
@@ -81,7 +81,7 @@ def test_auto_remat_is_chosen_per_stage_in_a_pipeline(work):
     assert [s.remat for s in tight.stages] == [True, False] and _peak(tight) <= budget
     assert free.predicted_step_time_s < tight.predicted_step_time_s
     assert tight.predicted_step_time_s <= all_remat.predicted_step_time_s * (1 + 1e-9)
-    flags = tight.extra["layers"]["remat_layers"]
+    flags = list(tight.extra.layers.remat_layers)
     assert flags == [s.remat for s in tight.stages for _ in s.layers]
     graph = p.get_executable(work.state, work.batch).graph
     assert sum(n.name == "optimization_barrier" for n in graph.nodes) == sum(flags)
