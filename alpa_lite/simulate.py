@@ -36,7 +36,7 @@ from alpa_lite.models.presets import ModelPreset
 from alpa_lite.models.train import build_workload
 from alpa_lite.profiling.compute import progress_bar
 from alpa_lite.inter_op import assignment as sp
-from alpa_lite.intra_op.driver import single_mesh_step_time_s
+from alpa_lite.intra_op.driver import plan_single_mesh, single_mesh_step_time_s
 from alpa_lite.step import StepSpec, input_roles, optimizer_state_mask, trace_step
 from alpa_lite.inter_op import pricing
 from alpa_lite.inter_op.pricing import memory_binds
@@ -335,15 +335,14 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None,
 
 
 def _plan_full_step(preset, cluster, policy, blocks, k, view):
-    """``blocks`` blocks at micro-batch size planned for ``cluster`` through the front door
-    (`parallelize(...).plan(..., cluster=...)`); its intra-op plan and once-per-step seconds."""
-    from alpa_lite.api import parallelize
-
+    """``blocks`` blocks at micro-batch size planned for ``cluster`` by the planner
+    `parallelize(...).plan(..., cluster=...)` uses; its intra-op plan and once-per-step
+    seconds."""
     small = _micro_batch_preset(preset, k, blocks)
     work = build_workload(small, abstract=True)
     method = _METHODS[policy](mesh_shape=tuple(view), share_repeated_layers=True)
-    plan = parallelize(work.train_step, method=method).plan(work.state, work.batch,
-                                                             cluster=cluster)
+    plan = plan_single_mesh(work.train_step, (work.state, work.batch), method, StepSpec(),
+                            cluster=cluster, simulate=True).plan
     return plan.sharding, plan.extra.grad_sync_s + plan.extra.apply_s
 
 

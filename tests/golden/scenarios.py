@@ -3,7 +3,7 @@
 Each scenario returns a JSON-compatible *essence* of its plan: what was decided (stages,
 meshes, strategies, specs) and what was predicted (times, memory), without timings of the
 search itself. `tests/golden/test_golden_plans.py` compares the essence with the recorded one
-(`tests/golden/plans/NAME.json`): decisions exactly, predictions to 1e-9 relative.
+(`tests/golden/plans/jax-X.Y/NAME.json`): decisions exactly, predictions to 1e-9 relative.
 
 Record again (only when a change of plans is intended, and say why in the commit):
 
@@ -18,7 +18,13 @@ import os
 import pathlib
 import sys
 
-PLANS = pathlib.Path(__file__).parent / "plans"
+def plans_dir() -> pathlib.Path:
+    """Golden plans per jax minor version: another jax traces other jaxprs (operator indices,
+    fused primitives), so each supported version has its own recording."""
+    import jax
+
+    major, minor = jax.__version__.split(".")[:2]
+    return pathlib.Path(__file__).parent / "plans" / f"jax-{major}.{minor}"
 
 
 def plan_essence(plan) -> dict:
@@ -300,10 +306,11 @@ def run(name: str, tmp_dir: str) -> dict:
 
 
 def record(names, tmp_dir: str) -> None:
-    PLANS.mkdir(exist_ok=True)
+    plans = plans_dir()
+    plans.mkdir(parents=True, exist_ok=True)
     for name in names:
         essence = run(name, tmp_dir)
-        (PLANS / f"{name}.json").write_text(json.dumps(essence, indent=1, sort_keys=True) + "\n")
+        (plans / f"{name}.json").write_text(json.dumps(essence, indent=1, sort_keys=True) + "\n")
         print(f"recorded {name}", file=sys.stderr)
 
 

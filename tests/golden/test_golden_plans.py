@@ -8,7 +8,7 @@ import json
 import math
 
 import pytest
-from scenarios import DEVICE_SCENARIOS, PLANS, SIMULATIONS, run
+from scenarios import DEVICE_SCENARIOS, SIMULATIONS, plans_dir, run
 
 REL = 1e-9
 
@@ -34,7 +34,10 @@ def _differences(got, want, path="") -> list[str]:
 
 
 def _check(name, tmp_path):
-    want = json.loads((PLANS / f"{name}.json").read_text())
+    path = plans_dir() / f"{name}.json"
+    if not path.exists():
+        pytest.skip(f"no golden plan recorded for this jax version ({path.parent.name})")
+    want = json.loads(path.read_text())
     got = json.loads(json.dumps(run(name, str(tmp_path))))  # tuples -> lists, as recorded
     differences = _differences(got, want)
     assert not differences, f"{name}: {len(differences)} difference(s):\n" + "\n".join(
