@@ -49,154 +49,198 @@ def build_node_evaluator(graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh) -> 
     """
     if len(plan.nodes) != sum(1 for n in graph.nodes if not is_transparent(n.primitive)):
         raise ValueError("The plan does not belong to this graph (operator counts differ).")
-    planned = value_specs(graph, plan)
-    decisions = {d.index: d for d in plan.nodes}
-    to_pin = find_unpinned_resharded_values(graph, plan, planned)
+    return _NodeEvaluator(graph, plan, jax_mesh).eval_nodes
 
-    def constrain(value, spec: Spec):
+
+class _NodeEvaluator:
+    """Re-binds a graph's nodes into an environment (value id -> value), under a plan.
+
+    Three jobs: single nodes (`_node_outputs`: the planned operator, with the constraints
+    that pin the plan), loop regions (`_run_loop`: one scan or while loop) and cond regions
+    (`_run_cond`: one switch). Both kinds of region evaluate their body with `eval_nodes`.
+    """
+
+    def __init__(self, graph: OpGraph, plan: ShardingPlan, jax_mesh: Mesh):
+        self.graph, self.mesh, self.jax_mesh = graph, plan.mesh, jax_mesh
+        self.planned = value_specs(graph, plan)
+        self.decisions = {d.index: d for d in plan.nodes}
+        self.to_pin = find_unpinned_resharded_values(graph, plan, self.planned)
+        self.inner = graph.innermost_loop()
+
+    # Values and their constraints.
+
+    def constrain(self, value, spec: Spec):
+        """``value`` pinned to ``spec`` (scalars, non-arrays and empty specs stay free)."""
         if not spec or not hasattr(value, "ndim") or value.ndim == 0:
             return value
         return jax.lax.with_sharding_constraint(
-            value, NamedSharding(jax_mesh, spec_to_partition_spec(spec)))
+            value, NamedSharding(self.jax_mesh, spec_to_partition_spec(spec)))
 
-    def operand(env, decision, pos, v):
+    @staticmethod
+    def _read(env: dict, v):
+        """The value of ``v``: from ``env``, or the literal's own."""
+        return env[v] if isinstance(v, int) else v.val
+
+    def _through_steps(self, value, src: Spec, dst: Spec):
+        """``value`` constrained through each step of the reshard from ``src`` to ``dst``."""
+        for spec in build_resharding_steps(src, dst, self.mesh):
+            value = self.constrain(value, spec)
+        return value
+
+    def operand(self, env: dict, decision, pos: int, v):
+        """Operand ``pos`` (value or literal ``v``) of a node, resharded to the spec its
+        decision requires (where the planned spec differs)."""
         if not isinstance(v, int):
             return v.val
         want = decision.in_specs[pos] if decision is not None else None
-        value = env[v]
-        if want is not None and want != planned[v]:
-            for spec in build_resharding_steps(planned[v], want, plan.mesh):
-                value = constrain(value, spec)
-        return value
+        if want is None or want == self.planned[v]:
+            return env[v]
+        return self._through_steps(env[v], self.planned[v], want)
 
-    inner = graph.innermost_loop()
-
-    def region_at(index: int, level: int) -> int:
-        """The region directly inside ``level`` (a region index, -1: top) holding ``index``."""
-        r = inner[index]
-        while r != -1 and graph.loops[r].parent != level:
-            r = graph.loops[r].parent
-        return r
-
-    def reshard_to(value, v, want: Spec):
+    def reshard_to(self, env: dict, v, want: Spec):
+        """Value ``v`` resharded to ``want`` and pinned there (a value leaving a region)."""
         if not isinstance(v, int):
             return v.val
-        for spec in build_resharding_steps(planned[v], want, plan.mesh):
-            value = constrain(value, spec)
-        return constrain(value, want)
+        return self.constrain(self._through_steps(env[v], self.planned[v], want), want)
 
-    def run_cond(env: dict, r: int, overrides) -> None:
-        region: LoopRegion = graph.loops[r]
-        index_node = graph.nodes[region.index_enter]
-        index = operand(env, None, 0, index_node.invars[0])
-        enter = [graph.nodes[i] for i in region.carry_enter]
-        operands = [operand(env, decisions[n.index], 0, n.invars[0]) for n in enter]
-        exits = [decisions[i] for i in region.carry_exit]
+    def _entering(self, env: dict, index: int):
+        """What border node ``index`` reads from outside its region, resharded as planned."""
+        return self.operand(env, self.decisions[index], 0, self.graph.nodes[index].invars[0])
 
-        def branch_fn(k: int):
-            def run(*ops):
-                body_env = dict(env)
-                body_env[index_node.outvars[0]] = index
-                for node, value in zip(enter, ops):
-                    body_env[node.outvars[0]] = constrain(
-                        value, decisions[node.index].out_specs[0])
-                eval_nodes(body_env, region.branches[k], overrides=overrides, level=r)
-                outs = []
-                for v, d, var in zip(region.branch_outs[k], exits, region.carry_exit):
-                    value = reshard_to(body_env[v] if isinstance(v, int) else None, v,
-                                       d.in_specs[k + 1])
-                    outs.append(jax.numpy.asarray(
-                        value, dtype=graph.avals[graph.nodes[var].outvars[0]].dtype))
-                return outs
-            return run
+    def _bind_pinned(self, env: dict, node_indices, values) -> None:
+        """Binds each node's single output to its value, pinned to the node's output spec."""
+        for i, value in zip(node_indices, values):
+            env[self.graph.nodes[i].outvars[0]] = self.constrain(
+                value, self.decisions[i].out_specs[0])
 
-        results = jax.lax.switch(index, [branch_fn(k) for k in range(len(region.branches))],
-                                 *operands)
-        for i, value in zip(region.carry_exit, results):
-            env[graph.nodes[i].outvars[0]] = constrain(value, decisions[i].out_specs[0])
+    # Nodes.
 
-    def run_loop(env: dict, r: int, overrides) -> None:
-        loop: LoopRegion = graph.loops[r]
-        if loop.branches:
-            run_cond(env, r, overrides)
-            return
-        border = set(loop.carry_enter + loop.slice_enter + loop.carry_exit + loop.stack_exit
-                     + loop.invariant_enter)
-        body_nodes = [i for i in range(loop.first, loop.last + 1) if i not in border]
-        enter = [graph.nodes[i] for i in loop.carry_enter + loop.slice_enter]
-        spec_of = lambda node, pos: decisions[node.index].in_specs[pos]  # noqa: E731
-        init = [operand(env, decisions[n.index], 0, n.invars[0]) for n in enter]
-        n_carry = len(loop.carry_enter)
-        carry_specs = [decisions[i].out_specs[0] for i in loop.carry_enter]
+    def eval_nodes(self, env: dict, node_indices, deferred: DeferredReductions | None = None,
+                   overrides: dict | None = None, level: int = -1):
+        """Evaluates ``node_indices`` into ``env``. A region directly inside ``level`` (a
+        region index, -1: top) runs whole at its last node; its other nodes are skipped."""
+        for index in node_indices:
+            r = self.region_at(index, level)
+            if r == -1:
+                outs = self._node_outputs(env, index, deferred, overrides)
+                env.update(zip(self.graph.nodes[index].outvars, outs))
+            elif index == self.graph.loops[r].last:
+                run = self._run_cond if self.graph.loops[r].branches else self._run_loop
+                run(env, r, overrides)
 
-        def body(carry, xs):
-            body_env = dict(env)
-            for node, value in zip(enter, list(carry) + list(xs)):
-                body_env[node.outvars[0]] = constrain(value, decisions[node.index].out_specs[0])
-            eval_nodes(body_env, body_nodes, overrides=overrides, level=r)
-            new_carry = [reshard_to(body_env[v] if isinstance(v, int) else None, v, spec)
-                         for v, spec in zip(loop.carry_out, carry_specs)]
-            new_carry = [jax.numpy.asarray(c, dtype=old.dtype) for c, old in zip(new_carry, carry)]
-            ys = []
-            for i in loop.stack_exit:
-                node = graph.nodes[i]
-                v = node.invars[0]
-                ys.append(reshard_to(body_env[v] if isinstance(v, int) else None, v,
-                                     spec_of(node, 0)))
-            return new_carry, ys
+    def region_at(self, index: int, level: int) -> int:
+        """The region directly inside ``level`` (a region index, -1: top) holding ``index``."""
+        r = self.inner[index]
+        while r != -1 and self.graph.loops[r].parent != level:
+            r = self.graph.loops[r].parent
+        return r
 
-        if loop.cond_jaxpr is not None:  # a while loop with a fixed trip count
-            cond_args = [env[v] if isinstance(v, int) else v.val for v in loop.cond_consts]
+    def _node_outputs(self, env: dict, index: int, deferred, overrides):
+        """The outputs of one node: from its override, as partial sums when its reduction is
+        deferred (or it carries deferred partial sums), else from the planned operator."""
+        node, decision = self.graph.nodes[index], self.decisions.get(index)
+        if overrides and index in overrides:  # e.g. a micro-batch's slice of random bits
+            invals = [self.operand(env, decision, pos, v) for pos, v in enumerate(node.invars)]
+            return overrides[index](*invals)
+        if deferred is not None and index in deferred.carriers:
+            params = bind_params(node.primitive, node.params)
+            outs = bind_over_partials(node, params, env, deferred.partial_values)
+            if not is_transparent(node.primitive):
+                deferred.partial_values.update(node.outvars)
+            return outs
+        invals = [self.operand(env, decision, pos, v) for pos, v in enumerate(node.invars)]
+        if deferred is not None and index in deferred.reductions:
+            outs = [emit_partial_result(node, decision, invals, self.jax_mesh)]
+            deferred.partial_values.update(node.outvars)
+            return outs
+        return self._bind_planned(node, decision, invals)
+
+    def _bind_planned(self, node, decision, invals) -> list:
+        """Binds the operator (a reduce-scatter strategy literally) and pins its outputs: an
+        anchor's to its decided specs, a value some consumer reshards to its planned spec."""
+        if decision is not None and scatter_collective(decision) is not None:
+            outs = [emit_reduce_scatter(node, decision, invals, self.jax_mesh)]
+        else:
+            outs = node.primitive.bind(*invals, **bind_params(node.primitive, node.params))
+            outs = outs if node.primitive.multiple_results else [outs]
+        if decision is not None and decision.anchor:
+            outs = [self.constrain(o, s) for o, s in zip(outs, decision.out_specs)]
+        return [self.constrain(o, self.planned[v]) if v in self.to_pin else o
+                for o, v in zip(outs, node.outvars)]
+
+    # Regions.
+
+    def _run_loop(self, env: dict, r: int, overrides) -> None:
+        """Emits loop region ``r`` as one scan (a while loop when it has a fixed trip count)
+        and binds its final carry and stacked outputs, pinned to their planned specs."""
+        loop: LoopRegion = self.graph.loops[r]
+        enter = loop.carry_enter + loop.slice_enter
+        init = [self._entering(env, i) for i in enter]
+        body = self._loop_body(env, r, enter, overrides)
+        if loop.cond_jaxpr is not None:
+            cond_args = [self._read(env, v) for v in loop.cond_consts]
             cond = jaxpr_as_fun(loop.cond_jaxpr)
             final = jax.lax.while_loop(lambda c: cond(*cond_args, *c)[0],
                                        lambda c: body(c, [])[0], init)
             ys = []
         else:
+            n_carry = len(loop.carry_enter)
             final, ys = jax.lax.scan(body, init[:n_carry], init[n_carry:], length=loop.length,
                                      reverse=loop.reverse, unroll=loop.unroll)
-        for i, value in zip(loop.carry_exit + loop.stack_exit, list(final) + list(ys)):
-            node = graph.nodes[i]
-            env[node.outvars[0]] = constrain(value, decisions[i].out_specs[0])
+        self._bind_pinned(env, loop.carry_exit + loop.stack_exit, list(final) + list(ys))
 
-    def eval_nodes(env: dict, node_indices, deferred: DeferredReductions | None = None,
-                   overrides: dict | None = None, level: int = -1):
-        for index in node_indices:
-            r = region_at(index, level)
-            if r != -1:
-                if index == graph.loops[r].last:
-                    run_loop(env, r, overrides)
-                continue
-            node = graph.nodes[index]
-            decision = decisions.get(index)
-            if overrides and index in overrides:  # e.g. a micro-batch's slice of random bits
-                invals = [operand(env, decision, pos, v) for pos, v in enumerate(node.invars)]
-                env.update(zip(node.outvars, overrides[index](*invals)))
-                continue
-            params = bind_params(node.primitive, node.params)
-            if deferred is not None and index in deferred.carriers:
-                outs = bind_over_partials(node, params, env, deferred.partial_values)
-                if not is_transparent(node.primitive):
-                    deferred.partial_values.update(node.outvars)
-                env.update(zip(node.outvars, outs))
-                continue
-            invals = [operand(env, decision, pos, v) for pos, v in enumerate(node.invars)]
-            if deferred is not None and index in deferred.reductions:
-                outs = [emit_partial_result(node, decision, invals, jax_mesh)]
-                deferred.partial_values.update(node.outvars)
-                env.update(zip(node.outvars, outs))
-                continue
-            if decision is not None and scatter_collective(decision) is not None:
-                outs = [emit_reduce_scatter(node, decision, invals, jax_mesh)]
-            else:
-                outs = node.primitive.bind(*invals, **params)
-                outs = outs if node.primitive.multiple_results else [outs]
-            if decision is not None and decision.anchor:
-                outs = [constrain(o, s) for o, s in zip(outs, decision.out_specs)]
-            outs = [constrain(o, planned[v]) if v in to_pin else o
-                    for o, v in zip(outs, node.outvars)]
-            env.update(zip(node.outvars, outs))
+    def _loop_body(self, env: dict, r: int, enter: list[int], overrides) -> Callable:
+        """The body of loop region ``r``: binds carry and slices to the ``enter`` nodes, runs
+        the body nodes, and reshards the new carry to the spec it entered with (in its dtype)
+        and each stacked output to the spec its exit node requires."""
+        loop: LoopRegion = self.graph.loops[r]
+        border = set(enter + loop.carry_exit + loop.stack_exit + loop.invariant_enter)
+        body_nodes = [i for i in range(loop.first, loop.last + 1) if i not in border]
+        carry_specs = [self.decisions[i].out_specs[0] for i in loop.carry_enter]
+        stacked = [(self.graph.nodes[i].invars[0], self.decisions[i].in_specs[0])
+                   for i in loop.stack_exit]
 
-    return eval_nodes
+        def body(carry, xs):
+            body_env = dict(env)
+            self._bind_pinned(body_env, enter, list(carry) + list(xs))
+            self.eval_nodes(body_env, body_nodes, overrides=overrides, level=r)
+            new_carry = [self.reshard_to(body_env, v, spec)
+                         for v, spec in zip(loop.carry_out, carry_specs)]
+            new_carry = [jax.numpy.asarray(c, dtype=old.dtype) for c, old in zip(new_carry, carry)]
+            return new_carry, [self.reshard_to(body_env, v, spec) for v, spec in stacked]
+
+        return body
+
+    def _run_cond(self, env: dict, r: int, overrides) -> None:
+        """Emits cond region ``r`` as one ``jax.lax.switch`` over its branches and binds its
+        results, pinned to their planned specs."""
+        region: LoopRegion = self.graph.loops[r]
+        index = self._read(env, self.graph.nodes[region.index_enter].invars[0])
+        operands = [self._entering(env, i) for i in region.carry_enter]
+        branches = [self._cond_branch(env, r, k, index, overrides)
+                    for k in range(len(region.branches))]
+        results = jax.lax.switch(index, branches, *operands)
+        self._bind_pinned(env, region.carry_exit, results)
+
+    def _cond_branch(self, env: dict, r: int, k: int, index, overrides) -> Callable:
+        """Branch ``k`` of cond region ``r``: binds the index and operands, runs the branch's
+        nodes, and reshards each result to the spec its exit node requires from branch ``k``,
+        in the exit value's dtype."""
+        region: LoopRegion = self.graph.loops[r]
+        nodes = self.graph.nodes
+        index_out = nodes[region.index_enter].outvars[0]
+        exits = [(self.decisions[i].in_specs[k + 1], self.graph.avals[nodes[i].outvars[0]].dtype)
+                 for i in region.carry_exit]
+
+        def run(*ops):
+            body_env = dict(env)
+            body_env[index_out] = index
+            self._bind_pinned(body_env, region.carry_enter, ops)
+            self.eval_nodes(body_env, region.branches[k], overrides=overrides, level=r)
+            return [jax.numpy.asarray(self.reshard_to(body_env, v, spec), dtype=dtype)
+                    for v, (spec, dtype) in zip(region.branch_outs[k], exits)]
+
+        return run
 
 
 def find_unpinned_resharded_values(graph: OpGraph, plan: ShardingPlan,
