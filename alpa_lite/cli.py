@@ -292,7 +292,7 @@ def _run_plan(args) -> int:
     import json
 
     from alpa_lite.models.presets import get_preset
-    from alpa_lite.simulate import simulate
+    from alpa_lite.simulate import simulate, simulation_to_dict
 
     cluster = _plan_cluster(args)
     if args.dtype == "auto":
@@ -327,47 +327,49 @@ def _run_plan(args) -> int:
                    "batch_size": preset.default_batch_size, "dtype": args.dtype,
                    "remat": args.remat,
                    "cluster": json.loads(cluster.to_json()),
-                   **{k: v for k, v in results[0].to_dict().items()},
-                   "compare": [r.to_dict() for r in results[1:]]}
+                   **simulation_to_dict(results[0]),
+                   "compare": [simulation_to_dict(r) for r in results[1:]]}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=1)
         print(f"# wrote {args.json}", file=sys.stderr)
     return 0
 
 
-def _format_simulation(result, cluster) -> str:
-    gib = 2**30
-    fits = result.memory_per_device_bytes <= cluster.memory_per_device_bytes
-    lines = [f"method {result.method}: predicted step time {result.predicted_step_time_s:.4g} s, "
-             f"memory/device {result.memory_per_device_bytes / gib:.2f} GiB "
+def _format_simulation(plan, cluster) -> str:
+    gib, info = 2**30, plan.extra
+    fits = info.memory_per_device_bytes <= cluster.memory_per_device_bytes
+    lines = [f"method {info.method}: predicted step time {info.predicted_step_time_s:.4g} s, "
+             f"memory/device {info.memory_per_device_bytes / gib:.2f} GiB "
              f"({'fits' if fits else 'DOES NOT FIT'} in "
-             f"{cluster.memory_per_device_bytes / gib:.0f} GiB), search {result.search_time_s:.1f} s",
-             f"  details: {result.details}"]
-    if result.stages:
+             f"{cluster.memory_per_device_bytes / gib:.0f} GiB), search {plan.plan_time_s:.1f} s",
+             f"  details: {info.details(plan.num_micro_batches)}"]
+    if plan.stages:
         lines.append(f"  {'stage':>5} {'blocks':<12} {'submesh':<9} {'logical':<9} "
                      f"{'s/micro-batch':>14} {'memory/device':>14} {'remat':>5} {'lean':>5}")
-        for i, st in enumerate(result.stages):
-            blocks = f"{st['blocks'][0]}-{st['blocks'][1]}"
-            lines.append(f"  {i:>5} {blocks:<12} {str(tuple(st['submesh'])):<9} "
-                         f"{str(tuple(st['logical_mesh'])):<9} {st['time_per_micro_batch_s']:>14.4g} "
-                         f"{st['memory_per_device_bytes'] / gib:>11.2f} GiB "
-                         f"{'yes' if st.get('remat') else 'no':>5} {st.get('lean') or 'no':>5}")
+        for st in plan.stages:
+            blocks = f"{st.layers[0]}-{st.layers[-1]}"
+            lines.append(f"  {st.stage:>5} {blocks:<12} {str(st.submesh):<9} "
+                         f"{str(st.logical_mesh):<9} {st.forward_s + st.backward_s:>14.4g} "
+                         f"{st.peak_memory_bytes / gib:>11.2f} GiB "
+                         f"{'yes' if st.remat else 'no':>5} {st.lean or 'no':>5}")
     return "\n".join(lines)
 
 
-def _format_comparison(results, cluster) -> str:
+def _format_comparison(plans, cluster) -> str:
+    budget = cluster.memory_per_device_bytes
     lines = ["", f"{'method':<10} {'step time (s)':>14} {'memory/device':>14} {'fits':>5}"]
-    for r in results:
-        fits = r.memory_per_device_bytes <= cluster.memory_per_device_bytes
-        lines.append(f"{r.method:<10} {r.predicted_step_time_s:>14.4g} "
-                     f"{r.memory_per_device_bytes / 2**30:>10.2f} GiB {'yes' if fits else 'no':>5}")
-    feasible = [r for r in results if r.memory_per_device_bytes <= cluster.memory_per_device_bytes]
-    auto = results[0]
-    manual = [r for r in feasible if r is not auto]
+    for p in plans:
+        fits = p.peak_memory_bytes <= budget
+        lines.append(f"{p.extra.method:<10} {p.predicted_step_time_s:>14.4g} "
+                     f"{p.peak_memory_bytes / 2**30:>10.2f} GiB {'yes' if fits else 'no':>5}")
+    feasible = [p for p in plans if p.peak_memory_bytes <= budget]
+    auto = plans[0]
+    manual = [p for p in feasible if p is not auto]
     if manual and auto in feasible:
-        best = min(manual, key=lambda r: r.predicted_step_time_s)
+        best = min(manual, key=lambda p: p.predicted_step_time_s)
         ratio = best.predicted_step_time_s / auto.predicted_step_time_s
-        lines.append(f"{auto.method} vs best manual ({best.method}): {ratio:.2f}x predicted speedup")
+        lines.append(f"{auto.extra.method} vs best manual ({best.extra.method}): {ratio:.2f}x "
+                     "predicted speedup")
     return "\n".join(lines)
 
 

@@ -106,7 +106,8 @@ class StagePlan:
         apply_s: predicted seconds of its optimizer update (once per step, with its launch).
         peak_memory_bytes: predicted peak per device: parameters, gradients, optimizer
             state, and the activations its schedule keeps in flight.
-        plan: the stage's intra-op `ShardingPlan`.
+        plan: the stage's intra-op `ShardingPlan` (None in a simulation, which prices the
+            stage from its layers' plans).
         num_operators: operators in its forward and backward programs.
         remat: whether its layers' forwards are recomputed in the backward pass.
         lean: the memory price level its layer plans were priced at (0: the fastest plans;
@@ -121,7 +122,7 @@ class StagePlan:
     backward_s: float
     grad_sync_s: float
     peak_memory_bytes: float
-    plan: ShardingPlan
+    plan: ShardingPlan | None
     num_operators: int = 0
     apply_s: float = 0.0
     remat: bool = False
@@ -130,7 +131,8 @@ class StagePlan:
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data.update(layers=list(self.layers), submesh=list(self.submesh),
-                    logical_mesh=list(self.logical_mesh), plan=_sharding_to_dict(self.plan))
+                    logical_mesh=list(self.logical_mesh),
+                    plan=None if self.plan is None else _sharding_to_dict(self.plan))
         return data
 
     @classmethod
@@ -140,7 +142,7 @@ class StagePlan:
                    forward_s=data["forward_s"], backward_s=data["backward_s"],
                    grad_sync_s=data.get("grad_sync_s", 0.0),
                    peak_memory_bytes=data["peak_memory_bytes"],
-                   plan=_sharding_from_dict(data["plan"]),
+                   plan=None if data["plan"] is None else _sharding_from_dict(data["plan"]),
                    num_operators=data.get("num_operators", 0),
                    apply_s=data.get("apply_s", 0.0), remat=data.get("remat", False),
                    lean=data.get("lean", 0.0))
@@ -223,12 +225,77 @@ class PipelineInfo:
                 "num_layers": self.num_layers, "memory_budget_bytes": self.memory_budget_bytes}
 
 
+@dataclasses.dataclass(frozen=True)
+class SimulationInfo:
+    """What planning for a cluster you do not have (`alpa_lite.simulate`) adds to a plan.
+
+    Attributes:
+        method: the simulated method: ``"auto"`` (pipeline search), ``"megatron"`` (the
+            best (dp, tp, pp) grid layout), ``"shard"``, ``"dp"``, ``"zero2"``, ``"zero3"``.
+        predicted_step_time_s: predicted seconds per step.
+        memory_per_device_bytes: predicted peak memory of the fullest device.
+        fits_memory: whether that fits the cluster's memory (None: not judged).
+        remat: the rematerialization mode asked for (``"off"``, ``"layer"``, ``"auto"``).
+        dtype: the compute dtype.
+        logical_mesh: single-mesh methods: the logical mesh chosen.
+        grid: ``"megatron"``: ``(dp, tp, pp)`` of the layout chosen.
+        remat_layers / lean: ``"megatron"``: whether its layers are rematerialized, and
+            their memory price level.
+        dp_layers / priced_at_micro_batches / lean_offered: ``"auto"``: the stage DP's layer
+            count, the micro-batch count layers were priced at, whether memory-lean plans
+            were offered.
+        ilp_variables / ilp_status: single-mesh methods: the ILP's size and status.
+    """
+
+    method: str
+    predicted_step_time_s: float
+    memory_per_device_bytes: float
+    fits_memory: bool | None = None
+    remat: str = "off"
+    dtype: str = "float32"
+    logical_mesh: tuple[int, ...] | None = None
+    grid: tuple[int, int, int] | None = None
+    remat_layers: bool | None = None
+    lean: float | None = None
+    dp_layers: int | None = None
+    priced_at_micro_batches: int | None = None
+    lean_offered: bool | None = None
+    ilp_variables: int | None = None
+    ilp_status: str | None = None
+
+    def details(self, num_micro_batches: int) -> dict:
+        """The method-specific numbers as the CLI's JSON ``details`` has them."""
+        out: dict = {"num_micro_batches": num_micro_batches}
+        if self.grid is not None:
+            out.update(dp=self.grid[0], tp=self.grid[1], pp=self.grid[2])
+        if self.logical_mesh is not None:
+            out["logical_mesh"] = list(self.logical_mesh)
+        for key in ("dp_layers", "fits_memory", "priced_at_micro_batches", "lean_offered",
+                    "remat_layers", "lean"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.ilp_status is not None:
+            out["ilp"] = {"num_variables": self.ilp_variables, "status": self.ilp_status}
+        return {**out, "remat": self.remat, "dtype": self.dtype}
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key in ("logical_mesh", "grid"):
+            out[key] = None if out[key] is None else list(out[key])
+        return {"simulation": True, **out}
+
+
 def extra_from_dict(method: str, data: dict | None):
     """The typed record of a plan's JSON ``extra`` (None when empty)."""
     from alpa_lite.layers import LayerRecord  # the layer record is made by tracing
 
     if not data:
         return None
+    if data.get("simulation"):
+        fields = {k: v for k, v in data.items() if k != "simulation"}
+        for key in ("logical_mesh", "grid"):
+            fields[key] = None if fields.get(key) is None else tuple(fields[key])
+        return SimulationInfo(**fields)
     if "one_stage" in data:
         memory = data.get("stage_memory_bytes")
         return OneStageInfo(tuple(data["logical_mesh"]),
@@ -258,7 +325,8 @@ class ParallelPlan:
         plan_time_s: seconds spent tracing and solving.
         stages: one `StagePlan` per stage for pipelined methods (empty otherwise).
         extra: what the method predicts beyond the intra-op plan: `SingleMeshInfo`,
-            `OneStageInfo` or `PipelineInfo` (None for a bare intra-op plan).
+            `OneStageInfo`, `PipelineInfo`, or `SimulationInfo` for a plan made by
+            `alpa_lite.simulate` (None for a bare intra-op plan).
     """
 
     method: str
@@ -266,7 +334,7 @@ class ParallelPlan:
     sharding: ShardingPlan | None
     plan_time_s: float
     stages: tuple[StagePlan, ...] = ()
-    extra: SingleMeshInfo | OneStageInfo | PipelineInfo | None = None
+    extra: SingleMeshInfo | OneStageInfo | PipelineInfo | SimulationInfo | None = None
 
     @property
     def objective(self) -> float:
@@ -289,8 +357,9 @@ class ParallelPlan:
     def peak_memory_bytes(self) -> float:
         """Predicted peak memory per device (bytes), for every method.
 
-        The intra-op plan's peak for the ShardParallel family; for pipelines, the largest of
-        the stages' peaks (each stage runs on its own devices); NaN when the plan has neither.
+        The intra-op plan's peak for the ShardParallel family; a simulation's predicted peak;
+        for pipelines, the largest of the stages' peaks (each stage runs on its own devices);
+        NaN when the plan has none of these.
 
         Example:
             >>> ParallelPlan("ShardParallel", 1, None, 0.0).peak_memory_bytes
@@ -298,6 +367,8 @@ class ParallelPlan:
         """
         if self.sharding is not None:
             return float(self.sharding.peak_memory_bytes)
+        if isinstance(self.extra, SimulationInfo):
+            return float(self.extra.memory_per_device_bytes)
         return max((float(s.peak_memory_bytes) for s in self.stages), default=math.nan)
 
     def summary(self, max_rows: int = 40) -> str:

@@ -1,8 +1,11 @@
 """Planning for clusters you do not have: predicted plans from abstract shapes.
 
-Input: a model preset (`alpa_lite.models.presets`), a `ClusterSpec`, a method. Output: a
-`SimulationResult` with the chosen plan, predicted step time, memory per device and the
-search time. Nothing is allocated: models are traced from `jax.ShapeDtypeStruct`s.
+Input: a model preset (`alpa_lite.models.presets`), a `ClusterSpec`, a method. Output: the
+same `ParallelPlan` record `parallelize(...).plan(...)` returns, with `StagePlan`s for
+pipelines and a `SimulationInfo` (predicted step time, memory per device, whether it fits,
+the method's own numbers); `simulation_to_dict` gives the CLI's JSON. Nothing is allocated:
+models are traced from `jax.ShapeDtypeStruct`s, by the planners' own tracing
+(`step.trace_step`) and planners (`intra_op.driver.plan_single_mesh`, `inter_op.pricing`).
 
 Search cost is kept small by reusing work across identical layers (transformer blocks):
 
@@ -41,6 +44,7 @@ from alpa_lite.step import StepSpec, input_roles, optimizer_state_mask, trace_st
 from alpa_lite.inter_op import pricing
 from alpa_lite.inter_op.pricing import memory_binds
 from alpa_lite.pipeline_model.partition import count_layers
+from alpa_lite.plan import ParallelPlan, SimulationInfo, StagePlan
 
 MAX_DP_LAYERS = 32
 # the progress callback of the running `simulate` call (layer pricing reports to it)
@@ -53,37 +57,46 @@ _POLICIES = {"shard": SpecPolicy.AUTO, "dp": SpecPolicy.DATA, "zero2": SpecPolic
              "zero3": SpecPolicy.ZERO3}
 
 
-@dataclasses.dataclass
-class SimulationResult:
-    """A predicted plan.
+_METHOD_CLASSES = {"auto": "PipeshardParallel", "megatron": "PipeshardParallel",
+                   "shard": "ShardParallel", "dp": "DataParallel", "zero2": "Zero2Parallel",
+                   "zero3": "Zero3Parallel"}
 
-    Attributes:
-        method: which method was planned.
-        predicted_step_time_s: predicted seconds per training step.
-        memory_per_device_bytes: predicted peak memory of the fullest device.
-        search_time_s: wall time of the search.
-        stages: per stage: blocks, submesh, logical mesh, time per micro-batch, memory.
-        details: method-specific numbers (micro-batches, mesh, ILP statistics, ...).
-    """
 
-    method: str
-    predicted_step_time_s: float
-    memory_per_device_bytes: float
-    search_time_s: float
-    stages: list = dataclasses.field(default_factory=list)
-    details: dict = dataclasses.field(default_factory=dict)
+def _simulated(k: int, info: SimulationInfo, stages=()) -> ParallelPlan:
+    """A simulation's `ParallelPlan` (its search time is filled in by `simulate`)."""
+    return ParallelPlan(method=_METHOD_CLASSES.get(info.method, info.method),
+                        num_micro_batches=k, sharding=None, plan_time_s=0.0,
+                        stages=tuple(stages), extra=info)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-    def fits(self, cluster: ClusterSpec) -> bool:
-        return self.memory_per_device_bytes <= cluster.memory_per_device_bytes
+def _with_info(plan: ParallelPlan, **changes) -> ParallelPlan:
+    return dataclasses.replace(plan, extra=dataclasses.replace(plan.extra, **changes))
+
+
+def simulation_to_dict(plan: ParallelPlan) -> dict:
+    """A simulated plan as the CLI's JSON has it: ``method``, ``predicted_step_time_s``,
+    ``memory_per_device_bytes``, ``search_time_s``, ``stages`` (blocks, submesh, logical
+    mesh, time per micro-batch, memory, remat, lean) and ``details``."""
+    info = plan.extra
+    return {"method": info.method, "predicted_step_time_s": info.predicted_step_time_s,
+            "memory_per_device_bytes": info.memory_per_device_bytes,
+            "search_time_s": plan.plan_time_s,
+            "stages": [{"blocks": [st.layers[0], st.layers[-1]], "submesh": list(st.submesh),
+                        "logical_mesh": list(st.logical_mesh),
+                        "time_per_micro_batch_s": st.forward_s + st.backward_s,
+                        "memory_per_device_bytes": st.peak_memory_bytes, "remat": st.remat,
+                        "lean": st.lean} for st in plan.stages],
+            "details": info.details(plan.num_micro_batches)}
 
 
 def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
              num_micro_batches: int | None = None, remat: str = "off",
-             progress: bool = False) -> SimulationResult:
+             progress: bool = False) -> ParallelPlan:
     """Plans ``preset`` on ``cluster`` with ``method`` without devices or weights.
+
+    Returns a `ParallelPlan` whose ``extra`` is a `SimulationInfo` (``plan.extra.method`` is
+    ``method``; ``plan.plan_time_s`` the search time); pipelines have one `StagePlan` per
+    stage, whose ``layers`` are the model's blocks.
 
     ``remat`` (pipelines: ``auto`` and ``megatron``): ``"off"`` keeps every activation,
     ``"layer"`` recomputes every layer's forward in the backward pass, ``"auto"`` lets the
@@ -112,11 +125,9 @@ def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
                 remat = "off"
         finally:
             _PROGRESS.reset(token)
-    result.method = method
-    result.details["remat"] = remat
-    result.details["dtype"] = jnp.dtype(preset.config.dtype).name
-    result.search_time_s = time.perf_counter() - start
-    return result
+    result = _with_info(result, method=method, remat=remat,
+                        dtype=jnp.dtype(preset.config.dtype).name)
+    return dataclasses.replace(result, plan_time_s=time.perf_counter() - start)
 
 
 def _num_blocks(preset: ModelPreset) -> int:
@@ -244,32 +255,30 @@ def _lean_prices(preset, cluster, k0: int, remat: str) -> dict:
             for level, table in _price_lean_layers(preset, cluster, k0, remat_layer).items()}
 
 
-def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off") -> SimulationResult:
+def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off") -> ParallelPlan:
     k0 = num_micro_batches or _default_micro_batches(preset, cluster)
     priced0, remat0 = _remat_prices(preset, cluster, k0, remat)
+    flops = _block_flops(preset, cluster, k0, remat == "layer")
     lean0 = None
     best, fastest = None, math.inf  # fastest: the least step time without the budget
     while True:
         for k in _micro_batch_options(preset, cluster, num_micro_batches):
             lean = None if lean0 is None else {
                 key: _scaled(table, k0, k) for key, table in lean0.items()}
-            result = _pipeline_for(preset, cluster, _scaled(priced0, k0, k), k,
-                                   None if remat0 is None else _scaled(remat0, k0, k), lean)
-            if remat == "layer":
-                for stage in result.stages:
-                    stage["remat"] = True
-            key = (not result.details["fits_memory"], result.predicted_step_time_s)
+            result, unconstrained = _pipeline_for(
+                preset, cluster, _scaled(priced0, k0, k), k,
+                None if remat0 is None else _scaled(remat0, k0, k), lean, flops=flops,
+                remat_layer=remat == "layer")
+            key = (not result.extra.fits_memory, result.predicted_step_time_s)
             if best is None or key < best[0]:
                 best = (key, result)
-            fastest = min(fastest, result.details.pop("unconstrained_step_time_s", math.inf))
-        if lean0 is not None or not memory_binds(best[1].details["fits_memory"],
+            fastest = min(fastest, unconstrained)
+        if lean0 is not None or not memory_binds(best[1].extra.fits_memory,
                                                  best[1].predicted_step_time_s, fastest):
             break
         # the budget costs time (or nothing fits): offer the memory-lean layer plans too
         lean0 = _lean_prices(preset, cluster, k0, remat)
-    best[1].details["priced_at_micro_batches"] = k0
-    best[1].details["lean_offered"] = lean0 is not None
-    return best[1]
+    return _with_info(best[1], priced_at_micro_batches=k0, lean_offered=lean0 is not None)
 
 
 def _stage_link(cluster: ClusterSpec) -> tuple[float, float]:
@@ -282,8 +291,11 @@ def _shared(cluster: ClusterSpec) -> int | None:
     return cluster.devices_per_host if cluster.shared_host_compute else None
 
 
-def _pipeline_for(preset, cluster, priced, k, remat_priced=None,
-                  lean_priced=None) -> SimulationResult:
+def _pipeline_for(preset, cluster, priced, k, remat_priced=None, lean_priced=None, *,
+                  flops, remat_layer: bool = False) -> tuple[ParallelPlan, float]:
+    """The stage DP's best pipeline of the L-block model at ``k`` micro-batches (the fastest
+    within the memory budget, else the fastest), and the least step time without the budget
+    (``inf`` when not asked: with ``lean_priced``)."""
     blocks = _num_blocks(preset)
     groups = min(blocks, MAX_DP_LAYERS)
     grouped, bounds = {}, None
@@ -301,34 +313,51 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None,
                               lean_priced=None if lean_priced is None else {
                                   key: group(table) for key, table in lean_priced.items()},
                               shared_compute_per_host=_shared(cluster))
-    fits, details = True, {}
+    fits = True
     try:
         solution = solve(memory_budget_bytes=cluster.memory_per_device_bytes)
     except InfeasiblePlanError:
         # Report the fastest plan and how much memory it would need, rather than nothing.
         fits = False
         solution = solve(memory_budget_bytes=None)
-    assignment = solution.assignment
-    times = [st.micro_batch_s for st in solution.price.stages]
-    memory = [st.memory_bytes for st in solution.price.stages]
+    unconstrained = math.inf
     if lean_priced is None:  # does the budget cost time? (`_simulate_pipeline` asks)
-        details["unconstrained_step_time_s"] = (
-            solve(memory_budget_bytes=None).assignment if fits else assignment
-        ).predicted_latency_s
-    stages = []
-    for s in range(assignment.num_stages):
+        unconstrained = (solve(memory_budget_bytes=None).assignment if fits
+                         else solution.assignment).predicted_latency_s
+    stages = _stage_records(solution, bounds, flops, remat_layer)
+    peak = max(st.peak_memory_bytes for st in stages)
+    info = SimulationInfo("auto", solution.assignment.predicted_latency_s, peak,
+                          fits_memory=fits and peak <= cluster.memory_per_device_bytes,
+                          dp_layers=groups)
+    return _simulated(k, info, stages), unconstrained
+
+
+def _stage_records(solution, bounds, flops, remat_layer: bool) -> list[StagePlan]:
+    """The DP's stages as `StagePlan`s over blocks (``bounds``: the DP layers' first
+    blocks); time split into forward and backward by the blocks' flops."""
+    assignment, stages = solution.assignment, []
+    for s, price in enumerate(solution.price.stages):
         layers = assignment.stage_layers(s)
-        stages.append({"blocks": [int(bounds[layers[0]]), int(bounds[layers[-1] + 1]) - 1],
-                       "submesh": list(assignment.submesh_shapes[s]),
-                       "logical_mesh": list(assignment.logical_shapes[s]),
-                       "time_per_micro_batch_s": times[s], "memory_per_device_bytes": memory[s],
-                       "remat": bool(assignment.remat[s]) if assignment.remat else False,
-                       "lean": float(assignment.lean[s]) if assignment.lean else 0.0})
-    peak = max(memory)
-    return SimulationResult("auto", assignment.predicted_latency_s, peak, 0.0, stages,
-                            {"num_micro_batches": k, "dp_layers": groups,
-                             "fits_memory": fits and peak <= cluster.memory_per_device_bytes,
-                             **details})
+        first, last = int(bounds[layers[0]]), int(bounds[layers[-1] + 1]) - 1
+        forward = sum(f for f, _ in flops[first:last + 1])
+        total = sum(t for _, t in flops[first:last + 1])
+        share = forward / total if total > 0 else 0.5
+        stages.append(StagePlan(
+            stage=s, layers=tuple(range(first, last + 1)),
+            submesh=tuple(assignment.submesh_shapes[s]),
+            logical_mesh=tuple(assignment.logical_shapes[s]),
+            forward_s=price.micro_batch_s * share,
+            backward_s=price.micro_batch_s * (1 - share), grad_sync_s=price.grad_sync_s,
+            apply_s=price.apply_s, peak_memory_bytes=price.memory_bytes, plan=None,
+            remat=remat_layer or (bool(assignment.remat[s]) if assignment.remat else False),
+            lean=float(assignment.lean[s]) if assignment.lean else 0.0))
+    return stages
+
+
+def _block_flops(preset, cluster, k: int, remat_layer: bool) -> list[tuple[float, float]]:
+    """Per block of the L-block model: (forward flops, total flops), from the 3-layer trace."""
+    graph, num_layers, _, _ = _layer_graph(preset, cluster, k, remat_layer)
+    return _expand(pricing.layer_flops(graph, num_layers), _num_blocks(preset))
 
 
 # --- single mesh (auto sharding, data parallel, ZeRO) ---------------------------------------
@@ -346,7 +375,7 @@ def _plan_full_step(preset, cluster, policy, blocks, k, view):
     return plan.sharding, plan.extra.grad_sync_s + plan.extra.apply_s
 
 
-def _simulate_single_mesh(preset, cluster, policy, num_micro_batches) -> SimulationResult:
+def _simulate_single_mesh(preset, cluster, policy, num_micro_batches) -> ParallelPlan:
     k = num_micro_batches or 1
     blocks = _num_blocks(preset)
     views = [(cluster.num_devices,)]
@@ -369,15 +398,15 @@ def _simulate_single_mesh(preset, cluster, policy, num_micro_batches) -> Simulat
         if best is None or step < best[0]:
             best = (step, memory, view, plans[0].solver)
     step, memory, view, solver = best
-    return SimulationResult("", step, memory, 0.0, [],
-                            {"num_micro_batches": k, "logical_mesh": list(view),
-                             "ilp": {key: solver[key] for key in ("num_variables", "status")}})
+    return _simulated(k, SimulationInfo("", step, memory, logical_mesh=tuple(view),
+                                        ilp_variables=solver["num_variables"],
+                                        ilp_status=solver["status"]))
 
 
 # --- Megatron-style 3-D grid -----------------------------------------------------------------
 
 
-def _simulate_megatron(preset, cluster, num_micro_batches, remat="off") -> SimulationResult:
+def _simulate_megatron(preset, cluster, num_micro_batches, remat="off") -> ParallelPlan:
     """Best (dp, tp, pp, micro-batches) on a grid: uniform stages, a (dp, tp) mesh per stage;
     with ``remat="auto"`` each layout is tried with and without rematerialization."""
     k0 = num_micro_batches or _default_micro_batches(preset, cluster)
@@ -385,7 +414,7 @@ def _simulate_megatron(preset, cluster, num_micro_batches, remat="off") -> Simul
     variants = [(plain0, remat == "layer", 0.0)] + (
         [] if remat0 is None else [(remat0, True, 0.0)])
     best = _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, None)
-    if best is not None and not best[1].details["fits_memory"]:
+    if best is not None and not best[1].extra.fits_memory:
         # the layers' memory-lean plans only when nothing else fits
         remat_of = (remat == "layer", True)
         variants = [(table, remat_of[position], level) for (position, level), table
@@ -425,8 +454,7 @@ def _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, best):
                 key = (not fits, latency)
                 if best is None or key < best[0]:
                     dp, tp = (view[0], view[1]) if len(view) == 2 else (view[0], 1)
-                    best = (key, SimulationResult(
-                        "", latency, mem, 0.0, [],
-                        {"dp": dp, "tp": tp, "pp": pp, "num_micro_batches": k,
-                         "fits_memory": fits, "remat_layers": remat_on, "lean": lean}))
+                    best = (key, _simulated(k, SimulationInfo(
+                        "", latency, mem, fits_memory=fits, grid=(dp, tp, pp),
+                        remat_layers=remat_on, lean=lean)))
     return best

@@ -42,10 +42,10 @@ def main() -> None:
         runs.append(("gpt-39b", 48, one_host.with_hosts(8)))
     for name, layers, cluster in runs:
         result = simulate(get_preset(name).with_overrides(num_layers=layers), cluster)
-        fits = result.memory_per_device_bytes <= cluster.memory_per_device_bytes
+        fits = result.peak_memory_bytes <= cluster.memory_per_device_bytes
         print(f"| {name} | {layers} | {cluster.num_hosts}x{cluster.devices_per_host} | "
-              f"{result.search_time_s:.1f} | {result.predicted_step_time_s:.4g} | "
-              f"{result.memory_per_device_bytes / 2**30:.1f} | {'yes' if fits else 'no'} | "
+              f"{result.plan_time_s:.1f} | {result.predicted_step_time_s:.4g} | "
+              f"{result.peak_memory_bytes / 2**30:.1f} | {'yes' if fits else 'no'} | "
               f"{len(result.stages)} |")
 
 

@@ -21,23 +21,23 @@ from alpa_lite.models import get_preset
 from alpa_lite.simulate import simulate
 
 
-def report(result, cluster) -> None:
-    gib = 2**30
-    fits = result.memory_per_device_bytes <= cluster.memory_per_device_bytes
-    print(f"\nmethod {result.method}: predicted step time {result.predicted_step_time_s:.1f} s, "
-          f"memory/device {result.memory_per_device_bytes / gib:.2f} GiB "
-          f"({'fits' if fits else 'does NOT fit'}), search {result.search_time_s:.1f} s")
-    print(f"  {result.details}")
-    if result.stages:
+def report(plan, cluster) -> None:
+    gib, info = 2**30, plan.extra
+    fits = plan.peak_memory_bytes <= cluster.memory_per_device_bytes
+    print(f"\nmethod {info.method}: predicted step time {plan.predicted_step_time_s:.1f} s, "
+          f"memory/device {plan.peak_memory_bytes / gib:.2f} GiB "
+          f"({'fits' if fits else 'does NOT fit'}), search {plan.plan_time_s:.1f} s")
+    print(f"  {info.details(plan.num_micro_batches)}")
+    if plan.stages:
         print(f"  {'stage':>5} {'blocks':<8} {'submesh':<9} {'logical':<9} "
               f"{'s/micro-batch':>13} {'memory':>10}")
-        for i, st in enumerate(result.stages):
-            blocks = f"{st['blocks'][0]}-{st['blocks'][1]}"
-            print(f"  {i:>5} {blocks:<8} {str(tuple(st['submesh'])):<9} "
-                  f"{str(tuple(st['logical_mesh'])):<9} {st['time_per_micro_batch_s']:>13.4f} "
-                  f"{st['memory_per_device_bytes'] / gib:>6.2f} GiB")
-        used = sum(st["submesh"][0] * st["submesh"][1] for st in result.stages)
-        print(f"  {len(result.stages)} stages on {used} of {cluster.num_devices} devices")
+        for st in plan.stages:
+            blocks = f"{st.layers[0]}-{st.layers[-1]}"
+            print(f"  {st.stage:>5} {blocks:<8} {str(st.submesh):<9} "
+                  f"{str(st.logical_mesh):<9} {st.forward_s + st.backward_s:>13.4f} "
+                  f"{st.peak_memory_bytes / gib:>6.2f} GiB")
+        used = sum(st.submesh[0] * st.submesh[1] for st in plan.stages)
+        print(f"  {len(plan.stages)} stages on {used} of {cluster.num_devices} devices")
 
 
 def main() -> None:

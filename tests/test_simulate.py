@@ -18,15 +18,15 @@ def test_plans_200_devices_without_allocating():
     result = simulate(get_preset("gpt-tiny").with_overrides(num_layers=4), cluster,
                       method="shard")
     assert len(jax.live_arrays()) == before  # nothing was allocated on any device
-    assert result.details["logical_mesh"] in ([200], [50, 4])
-    assert result.predicted_step_time_s > 0 and result.search_time_s > 0
+    assert result.extra.logical_mesh in ((200,), (50, 4))
+    assert result.predicted_step_time_s > 0 and result.plan_time_s > 0
 
 
 def test_pipeline_plan_uses_every_device_once():
     cluster = get_cluster_preset("v100-32gb-4x").with_hosts(2)
     result = simulate(get_preset("gpt-tiny").with_overrides(num_layers=4), cluster)
-    assert sum(s["submesh"][0] * s["submesh"][1] for s in result.stages) == 8
-    covered = [b for s in result.stages for b in range(s["blocks"][0], s["blocks"][1] + 1)]
+    assert sum(s.submesh[0] * s.submesh[1] for s in result.stages) == 8
+    covered = [b for s in result.stages for b in s.layers]
     assert covered == list(range(4))
 
 
@@ -35,7 +35,7 @@ def test_single_mesh_and_grid_methods(method):
     cluster = get_cluster_preset("a100-80gb-8x")
     result = simulate(get_preset("gpt-tiny").with_overrides(num_layers=4), cluster, method=method)
     assert result.predicted_step_time_s > 0
-    assert result.memory_per_device_bytes > 0
+    assert result.peak_memory_bytes > 0
 
 
 def test_extrapolation_is_linear_in_blocks():
@@ -95,29 +95,29 @@ def test_remat_layer_saves_activation_memory(remat_results):
     # stage DP may then pick another layout, so step times of tiny models are not ordered)
     _, results = remat_results
     off, layer, auto = results["off"], results["layer"], results["auto"]
-    assert layer.memory_per_device_bytes < off.memory_per_device_bytes
-    assert all(s["remat"] for s in layer.stages) and not any(s["remat"] for s in off.stages)
+    assert layer.peak_memory_bytes < off.peak_memory_bytes
+    assert all(s.remat for s in layer.stages) and not any(s.remat for s in off.stages)
     # the DP's choice is never slower than either fixed mode
     assert auto.predicted_step_time_s <= min(off.predicted_step_time_s,
                                              layer.predicted_step_time_s) * (1 + 1e-9)
-    assert auto.details["remat"] == "auto"
+    assert auto.extra.remat == "auto"
 
 
 def test_megatron_grid_takes_the_remat_mode(remat_results):
     cluster, results = remat_results
     grid = simulate(_tiny(), cluster, method="megatron", num_micro_batches=4, remat="layer")
     plain = simulate(_tiny(), cluster, method="megatron", num_micro_batches=4)
-    assert grid.details["remat_layers"] is True and plain.details["remat_layers"] is False
-    assert grid.memory_per_device_bytes < plain.memory_per_device_bytes
+    assert grid.extra.remat_layers is True and plain.extra.remat_layers is False
+    assert grid.peak_memory_bytes < plain.peak_memory_bytes
 
 
 def test_half_precision_compute_is_priced_at_the_dtype_peak():
     cluster = get_cluster_preset("v100-32gb-4x")
     fp32 = simulate(_tiny(), cluster, num_micro_batches=4)
     fp16 = simulate(_tiny("float16"), cluster, num_micro_batches=4)
-    assert fp16.details["dtype"] == "float16" and fp32.details["dtype"] == "float32"
+    assert fp16.extra.dtype == "float16" and fp32.extra.dtype == "float32"
     assert fp16.predicted_step_time_s < fp32.predicted_step_time_s  # V100: 125 vs 15.7 TFLOP/s
-    assert fp16.memory_per_device_bytes < fp32.memory_per_device_bytes  # half activations
+    assert fp16.peak_memory_bytes < fp32.peak_memory_bytes  # half activations
 
 
 def test_cli_plan_dtype_and_remat_in_json(tmp_path):
@@ -160,9 +160,22 @@ def test_memory_lean_layer_plans_are_offered_when_nothing_else_fits():
     preset = get_preset("gpt-tiny").with_overrides(num_layers=4, batch_size=64)
     cluster = get_cluster_preset("v100-32gb-4x")
     free = simulate(preset, cluster, num_micro_batches=8)
-    assert free.details["lean_offered"] is False  # fits: lean plans never priced
-    budget = 0.7 * free.memory_per_device_bytes
+    assert free.extra.lean_offered is False  # fits: lean plans never priced
+    budget = 0.7 * free.peak_memory_bytes
     tight = simulate(preset, cluster.with_memory(budget), num_micro_batches=8)
-    assert tight.details["lean_offered"] is True  # the fastest plans alone did not fit
-    assert tight.details["fits_memory"] and tight.memory_per_device_bytes <= budget
-    assert any(s["lean"] for s in tight.stages)
+    assert tight.extra.lean_offered is True  # the fastest plans alone did not fit
+    assert tight.extra.fits_memory and tight.peak_memory_bytes <= budget
+    assert any(s.lean for s in tight.stages)
+
+
+def test_a_simulated_plan_is_a_plan_record_and_round_trips_through_json():
+    from alpa_lite.plan import ParallelPlan, SimulationInfo
+
+    cluster = get_cluster_preset("v100-32gb-4x").with_hosts(2)
+    plan = simulate(get_preset("gpt-tiny").with_overrides(num_layers=4), cluster,
+                    num_micro_batches=4)
+    assert plan.method == "PipeshardParallel" and isinstance(plan.extra, SimulationInfo)
+    assert plan.extra.method == "auto" and all(s.plan is None for s in plan.stages)
+    assert plan.peak_memory_bytes == max(s.peak_memory_bytes for s in plan.stages)
+    again = ParallelPlan.from_json(plan.to_json())
+    assert again.extra == plan.extra and again.stages == plan.stages

@@ -21,7 +21,6 @@ from typing import Callable, Sequence
 import jax
 
 from alpa_lite.config import ShardParallel
-from alpa_lite.cost import estimate_op_cost
 from alpa_lite.devices import (SimulatedDevice, default_memory_budget, stage_link,
                                stage_mesh_builder)
 from alpa_lite.errors import InvalidConfigError
@@ -249,14 +248,8 @@ def build_stage_records(choice: StageChoice, plans, partition, k: int, schedule:
 def _forward_share(partition, graph: OpGraph, stage: int) -> float:
     """The forward program's share of the stage's flops (splits its time into forward and
     backward for the timeline)."""
-    def flops(program) -> float:
-        return sum(estimate_op_cost(graph.nodes[i].primitive, graph.nodes[i].params,
-                                    [graph.avals[v] if isinstance(v, int) else v.aval
-                                     for v in graph.nodes[i].invars],
-                                    [graph.avals[v] for v in graph.nodes[i].outvars]).flops
-                   for i in program.nodes)
-
-    forward, backward = flops(partition.forward[stage]), flops(partition.backward[stage])
+    forward = pricing.node_flops(graph, partition.forward[stage].nodes)
+    backward = pricing.node_flops(graph, partition.backward[stage].nodes)
     return forward / (forward + backward) if forward + backward > 0 else 0.5
 
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from alpa_lite.pipeline_model.schedules import in_flight_micro_batches
 from alpa_lite.pipeline_model.partition import assign_regions, build_subgraph, partition_pipeline
+from alpa_lite.cost import estimate_op_cost
 from alpa_lite.errors import InfeasiblePlanError
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.once_per_step import gradient_only_nodes, gradient_values
@@ -95,6 +96,22 @@ def build_layer_nodes(graph: OpGraph, num_layers: int) -> tuple[list[list[int]],
              for l in range(num_layers)]
     forward = [{i for i in layer if regions[i][0] == "F"} for layer in nodes]
     return nodes, forward
+
+
+def node_flops(graph: OpGraph, nodes) -> float:
+    """The flops of ``nodes`` of ``graph`` (splits a stage's time into forward and backward
+    for the timeline)."""
+    return sum(estimate_op_cost(graph.nodes[i].primitive, graph.nodes[i].params,
+                                [graph.avals[v] if isinstance(v, int) else v.aval
+                                 for v in graph.nodes[i].invars],
+                                [graph.avals[v] for v in graph.nodes[i].outvars]).flops
+               for i in nodes)
+
+
+def layer_flops(graph: OpGraph, num_layers: int) -> list[tuple[float, float]]:
+    """Per layer: (forward flops, forward + backward flops)."""
+    nodes, forward = build_layer_nodes(graph, num_layers)
+    return [(node_flops(graph, f), node_flops(graph, n)) for n, f in zip(nodes, forward)]
 
 
 def combine_prices(prices: Sequence[LayerPrice]) -> LayerPrice:

@@ -6,7 +6,7 @@ import pytest
 
 import alpa_lite
 from alpa_lite.cluster import get_cluster_preset
-from alpa_lite.config import AutoLayerOption, PipeshardParallel
+from alpa_lite.config import AutoLayerOption, PipeshardParallel, UniformStageOption
 from alpa_lite.inter_op import pricing
 from alpa_lite.pipeline_model.schedules import in_flight_micro_batches
 from alpa_lite.models import build_workload, get_preset
@@ -23,11 +23,9 @@ def test_parallelize_and_simulation_give_the_same_plan_and_time():
                                layer_option=AutoLayerOption(layer_num=3, method="names"))
     plan = alpa_lite.parallelize(work.train_step, method=method).plan(
         work.state, work.batch, cluster=cluster)
-    assert [list(s.layers) for s in plan.stages] == [
-        list(range(s["blocks"][0], s["blocks"][1] + 1)) for s in simulated.stages]
-    assert [list(s.submesh) for s in plan.stages] == [s["submesh"] for s in simulated.stages]
-    assert [list(s.logical_mesh) for s in plan.stages] == [s["logical_mesh"]
-                                                        for s in simulated.stages]
+    assert [s.layers for s in plan.stages] == [s.layers for s in simulated.stages]
+    assert [s.submesh for s in plan.stages] == [s.submesh for s in simulated.stages]
+    assert [s.logical_mesh for s in plan.stages] == [s.logical_mesh for s in simulated.stages]
     assert plan.predicted_step_time_s == pytest.approx(simulated.predicted_step_time_s,
                                                        rel=1e-9)
 
@@ -142,7 +140,15 @@ def test_the_stage_dp_keeps_every_stage_within_the_budget(mlp):
 
 
 def test_gpipe_keeps_more_in_flight_than_1f1b(mlp):
-    one = _plan(mlp, budget=None, schedule="1f1b")
-    gpipe = _plan(mlp, budget=None, schedule="gpipe")
-    total = sum(s["peak_memory_bytes"] for s in gpipe.stages)
-    assert total >= sum(s["peak_memory_bytes"] for s in one.stages)
+    state, batch, step = mlp
+
+    def stages(schedule):
+        method = PipeshardParallel(num_micro_batches=4, layer_option=AutoLayerOption(layer_num=4),
+                                   stage_option=UniformStageOption(num_stages=2),
+                                   schedule=schedule)
+        return alpa_lite.parallelize(step, method=method).plan(state, batch).stages
+
+    one, gpipe = stages("1f1b"), stages("gpipe")
+    assert len(one) == len(gpipe) == 2
+    # every stage holds 4 micro-batches' activations under GPipe; 2 and 1 under 1F1B
+    assert all(g.peak_memory_bytes > o.peak_memory_bytes for g, o in zip(gpipe, one))
