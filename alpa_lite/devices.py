@@ -122,12 +122,15 @@ def stage_mesh_builder(method, cluster, platform: str):
                                             alpha=method.mesh_alpha, beta=method.mesh_beta)
 
 
-def stage_link(cluster, method, per_host: int, num_devices: int) -> tuple[float, float]:
+def stage_link(cluster, method, per_host: int, num_devices: int,
+               platform: str = "cpu") -> tuple[float, float]:
     """(alpha, seconds per byte) of a stage-to-stage transfer: the inter-host link when the
-    devices span hosts (stages then usually sit on different hosts), else the intra-host."""
+    devices span hosts (stages then usually sit on different hosts), else the intra-host;
+    the cluster's, else the default links of ``platform`` (or the method's)."""
     across = num_devices > per_host
     if cluster is not None:
         spec = cluster.inter_host if across else cluster.intra_host
         return spec.alpha_s, spec.beta_s_per_byte
-    mesh = default_mesh((2,), (across,), "cpu", alpha=method.mesh_alpha, beta=method.mesh_beta)
+    mesh = default_mesh((2,), (across,), platform, alpha=method.mesh_alpha,
+                        beta=method.mesh_beta)
     return mesh.alpha_s[0], mesh.beta_s_per_byte[0]

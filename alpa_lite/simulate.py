@@ -33,6 +33,7 @@ import numpy as np
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.config import (AutoLayerOption, DataParallel, ShardParallel, Zero2Parallel,
                               Zero3Parallel)
+from alpa_lite.devices import stage_link
 from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
 from alpa_lite.intra_op.problem import InputRole, SpecPolicy
 from alpa_lite.models.presets import ModelPreset
@@ -282,8 +283,7 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off") -> Paral
 
 
 def _stage_link(cluster: ClusterSpec) -> tuple[float, float]:
-    spec = cluster.inter_host if cluster.num_hosts > 1 else cluster.intra_host
-    return spec.alpha_s, spec.beta_s_per_byte
+    return stage_link(cluster, None, cluster.devices_per_host, cluster.num_devices)
 
 
 def _shared(cluster: ClusterSpec) -> int | None:

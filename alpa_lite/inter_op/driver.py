@@ -151,7 +151,8 @@ def _context(method, step: StepSpec, args, trace: StepTrace, cluster, simulate: 
                           else devices[0].platform == "cpu") else None
     return _Context(devices, per_host, stage_mesh_builder(method, cluster, devices[0].platform),
                     method.memory_budget_per_device or default_memory_budget(cluster, devices),
-                    roles, donated, options, stage_link(cluster, method, per_host, len(devices)),
+                    roles, donated, options, stage_link(cluster, method, per_host, len(devices),
+                                                    devices[0].platform),
                     shared)
 
 
