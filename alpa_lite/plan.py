@@ -182,6 +182,8 @@ class OneStageInfo:
         remat: whether its layers are rematerialized.
         lean: the memory price level of its plan (0: the fastest plan).
         stage_memory_bytes: the stage DP's predicted memory per stage (automatic stages).
+        predicted_step_time_s: seconds per step of the ShardParallel plan it runs (None in
+            plans saved before it was recorded).
     """
 
     logical_mesh: tuple[int, ...]
@@ -189,6 +191,7 @@ class OneStageInfo:
     remat: bool = False
     lean: float = 0.0
     stage_memory_bytes: tuple[float, ...] | None = None
+    predicted_step_time_s: float | None = None
 
     def to_dict(self) -> dict:
         out = {"one_stage": "a single stage runs as ShardParallel on its mesh",
@@ -196,6 +199,8 @@ class OneStageInfo:
                "remat": self.remat, "lean": self.lean}
         if self.stage_memory_bytes is not None:
             out["stage_memory_bytes"] = list(self.stage_memory_bytes)
+        if self.predicted_step_time_s is not None:
+            out["predicted_step_time_s"] = self.predicted_step_time_s
         return out
 
 
@@ -301,7 +306,8 @@ def extra_from_dict(method: str, data: dict | None):
         return OneStageInfo(tuple(data["logical_mesh"]),
                             tuple(data.get("submesh") or (1, math.prod(data["logical_mesh"]))),
                             bool(data.get("remat", False)), float(data.get("lean", 0.0)),
-                            None if memory is None else tuple(memory))
+                            None if memory is None else tuple(memory),
+                            data.get("predicted_step_time_s"))
     if method == "PipeshardParallel":
         layers = data.get("layers")
         return PipelineInfo(data["predicted_step_time_s"], data["schedule"],

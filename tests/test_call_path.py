@@ -89,7 +89,14 @@ def test_one_stage_pipeline_runs_as_shard_parallel():
                                          atol=1e-6)
     assert isinstance(p.get_executable(state, batch), ShardExecutable)
     plan = p.plan(state, batch)
-    assert plan.method == "PipeshardParallel" and isinstance(plan.extra, alpa_lite.plan.OneStageInfo)
+    assert plan.method == "PipeshardParallel"
+    assert isinstance(plan.extra, alpa_lite.plan.OneStageInfo)
+    # its prediction is that of the ShardParallel plan it runs (gradient sync once per step)
+    shard = alpa_lite.parallelize(train_step, method=alpa_lite.ShardParallel(
+        mesh_shape=plan.extra.logical_mesh, num_micro_batches=2)).plan(state, batch)
+    assert plan.predicted_step_time_s == pytest.approx(shard.predicted_step_time_s, rel=1e-9)
+    saved = alpa_lite.ParallelPlan.from_json(plan.to_json())
+    assert saved.predicted_step_time_s == plan.predicted_step_time_s
 
 
 def test_batch_argnums_out_of_range_is_an_error():

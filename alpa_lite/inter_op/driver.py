@@ -276,7 +276,8 @@ def _one_stage(fun, args, method, step, choice: StageChoice, devices, start,
         extra=OneStageInfo(tuple(assignment.logical_shapes[0]),
                            tuple(assignment.submesh_shapes[0]), option is not None,
                            float(assignment.lean[0]) if assignment.lean else 0.0,
-                           None if memory is None else tuple(memory)))
+                           None if memory is None else tuple(memory),
+                           planned.plan.predicted_step_time_s))
     return dataclasses.replace(planned, plan=plan)
 
 
