@@ -16,12 +16,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-import math
 from collections import defaultdict
 from typing import Sequence
 
 import numpy as np
-from jax.extend.core import primitives as prims
 
 from alpa_lite._jax_compat import optimization_barrier_primitive
 from alpa_lite.cost import estimate_op_cost

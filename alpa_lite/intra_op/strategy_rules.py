@@ -12,7 +12,6 @@ import dataclasses
 import math
 from typing import Callable
 
-import numpy as np
 from jax.extend.core import primitives as prims
 
 from alpa_lite._jax_compat import (key_wrapping_primitives, split_primitive, stack_primitives,
