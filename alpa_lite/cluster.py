@@ -22,6 +22,7 @@ import re
 import types
 from typing import Mapping, Sequence
 
+from alpa_lite.inter_op.stage_dp import enumerate_submesh_shapes
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.mesh import DEFAULT_AXIS_NAMES, LogicalMesh, check_rate, check_seconds
 from alpa_lite.profiling.database import ProfileDatabase
@@ -168,11 +169,9 @@ class ClusterSpec:
         return best if table.get(best, 0.0) > table.get("float32", 0.0) else "float32"
 
     def enumerate_submesh_shapes(self) -> tuple[tuple[int, int], ...]:
-        """Alpa's submesh shapes: ``(1, 2^k)`` within a host, then ``(n, devices_per_host)``."""
-        within = [(1, 2 ** k) for k in range(self.devices_per_host.bit_length())
-                  if 2 ** k < self.devices_per_host]
-        full = [(n, self.devices_per_host) for n in range(1, self.num_hosts + 1)]
-        return tuple(within + full)
+        """Alpa's submesh shapes: ``(1, 2^k)`` within a host, then ``(n, devices_per_host)``
+        (`inter_op.stage_dp.enumerate_submesh_shapes`, the planner's enumeration)."""
+        return tuple(enumerate_submesh_shapes(self.num_hosts, self.devices_per_host))
 
     def logical_mesh(self, submesh_shape: tuple[int, int], logical_shape: Sequence[int], *,
                      dtype: str = "float32",

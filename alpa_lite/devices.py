@@ -113,24 +113,26 @@ def default_memory_budget(cluster, devices) -> float | None:
         return None
 
 
-def stage_mesh_builder(method, cluster, platform: str):
+def stage_mesh_builder(cluster, platform: str, links=(None, None)):
     """``(submesh, view) -> LogicalMesh``: the cluster's links and compute when a cluster is
-    given, else the method's link model and per-platform defaults."""
+    given, else ``links`` (a method's ``(mesh_alpha, mesh_beta)`` pairs) or the platform's
+    default links."""
     if cluster is not None:
         return lambda shape, view: cluster.logical_mesh(tuple(shape), tuple(view))
+    alpha, beta = links
     return lambda shape, view: default_mesh(view, submesh_spans(view, shape), platform,
-                                            alpha=method.mesh_alpha, beta=method.mesh_beta)
+                                            alpha=alpha, beta=beta)
 
 
-def stage_link(cluster, method, per_host: int, num_devices: int,
-               platform: str = "cpu") -> tuple[float, float]:
+def stage_link(cluster, per_host: int, num_devices: int, platform: str = "cpu",
+               links=(None, None)) -> tuple[float, float]:
     """(alpha, seconds per byte) of a stage-to-stage transfer: the inter-host link when the
     devices span hosts (stages then usually sit on different hosts), else the intra-host;
-    the cluster's, else the default links of ``platform`` (or the method's)."""
+    the cluster's, else ``links`` (a method's ``(mesh_alpha, mesh_beta)`` pairs) or the
+    default links of ``platform``."""
     across = num_devices > per_host
     if cluster is not None:
         spec = cluster.inter_host if across else cluster.intra_host
         return spec.alpha_s, spec.beta_s_per_byte
-    mesh = default_mesh((2,), (across,), platform, alpha=method.mesh_alpha,
-                        beta=method.mesh_beta)
+    mesh = default_mesh((2,), (across,), platform, alpha=links[0], beta=links[1])
     return mesh.alpha_s[0], mesh.beta_s_per_byte[0]

@@ -283,7 +283,7 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off") -> Paral
 
 
 def _stage_link(cluster: ClusterSpec) -> tuple[float, float]:
-    return stage_link(cluster, None, cluster.devices_per_host, cluster.num_devices)
+    return stage_link(cluster, cluster.devices_per_host, cluster.num_devices)
 
 
 def _shared(cluster: ClusterSpec) -> int | None:

@@ -149,11 +149,11 @@ def _context(method, step: StepSpec, args, trace: StepTrace, cluster, simulate: 
     # devices per host when a host's devices share compute (simulated CPU devices)
     shared = per_host if (cluster.shared_host_compute if cluster is not None
                           else devices[0].platform == "cpu") else None
-    return _Context(devices, per_host, stage_mesh_builder(method, cluster, devices[0].platform),
+    platform, links = devices[0].platform, (method.mesh_alpha, method.mesh_beta)
+    return _Context(devices, per_host, stage_mesh_builder(cluster, platform, links),
                     method.memory_budget_per_device or default_memory_budget(cluster, devices),
-                    roles, donated, options, stage_link(cluster, method, per_host, len(devices),
-                                                    devices[0].platform),
-                    shared)
+                    roles, donated, options,
+                    stage_link(cluster, per_host, len(devices), platform, links), shared)
 
 
 def _plan_stages(method, choice: StageChoice, context: _Context,
