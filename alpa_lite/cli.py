@@ -93,21 +93,27 @@ def _add_device_options(parser: argparse.ArgumentParser) -> None:
                         help="write the rows to this profile database; an existing file keeps "
                              "its other section (comm keeps matmuls, compute keeps collectives)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--max-scatter", type=float, default=0.2, metavar="FRACTION",
+                        help="warn when a measurement's repeats vary by more than +- this "
+                             "fraction of their median (default 0.2)")
 
 
 def _run_profile_comm(args) -> int:
     devices = _start_devices(args.devices)
     from alpa_lite.profiling.comm import (describe_devices, format_collective_table,
                                           profile_collectives)
+    from alpa_lite.profiling.compute import timing_scatter
 
     import jax
 
-    rows = profile_collectives(devices, max_bytes=args.max_bytes, kinds=args.kinds,
-                               group_sizes=args.group_sizes, repeats=args.repeats,
-                               show_progress=not args.no_progress and jax.process_index() == 0)
+    with timing_scatter(args.max_scatter) as scatter:
+        rows = profile_collectives(devices, max_bytes=args.max_bytes, kinds=args.kinds,
+                                   group_sizes=args.group_sizes, repeats=args.repeats,
+                                   show_progress=not args.no_progress and jax.process_index() == 0)
     if jax.process_index() != 0:  # every process measured; process 0 reports
         return 0
     print(format_collective_table(rows))
+    _warn_scatter(scatter)
     if args.out:
         _update_database(args.out, describe_devices(devices), collectives=rows)
     return 0
@@ -118,20 +124,29 @@ def _run_profile_compute(args) -> int:
     from alpa_lite.profiling.comm import describe_devices
     from alpa_lite.profiling.compute import (format_launch_and_memory, format_matmul_table,
                                              profile_launch_latency, profile_matmul,
-                                             profile_memory_bandwidth)
+                                             profile_memory_bandwidth, timing_scatter)
 
-    # every device computes at once: what each achieves in a mesh (shared CPU cores)
-    rows = profile_matmul(devices=devices, dtypes=args.dtypes, sizes=args.sizes,
-                          repeats=args.repeats, show_progress=not args.no_progress)
-    launches = profile_launch_latency(devices, repeats=args.launch_repeats)
-    bandwidths = profile_memory_bandwidth(devices=devices, array_bytes=args.bandwidth_bytes,
-                                          repeats=args.repeats)
+    with timing_scatter(args.max_scatter) as scatter:
+        # every device computes at once: what each achieves in a mesh (shared CPU cores)
+        rows = profile_matmul(devices=devices, dtypes=args.dtypes, sizes=args.sizes,
+                              repeats=args.repeats, show_progress=not args.no_progress)
+        launches = profile_launch_latency(devices, repeats=args.launch_repeats)
+        bandwidths = profile_memory_bandwidth(devices=devices, array_bytes=args.bandwidth_bytes,
+                                              repeats=args.repeats)
     print(format_matmul_table(rows))
     print(format_launch_and_memory(launches, bandwidths))
+    _warn_scatter(scatter)
     if args.out:
         _update_database(args.out, describe_devices(devices), matmuls=rows, launches=launches,
                          memory_bandwidths=bandwidths)
     return 0
+
+
+def _warn_scatter(scatter) -> None:
+    """Says on stderr when the profile's repeats scattered (`TimingScatter.warning`)."""
+    warning = scatter.warning()
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _start_devices(num_cpu_devices: int | None) -> list:

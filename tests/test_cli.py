@@ -115,3 +115,13 @@ def test_profile_comm_in_a_fresh_process(tmp_path):
     assert min(sizes) == 1024 and max(sizes) == 65536
     assert {row["kind"] for row in data["collectives"]} == {
         "all-reduce", "all-gather", "reduce-scatter", "all-to-all", "send-recv"}
+
+
+def test_profile_says_when_its_measurements_scatter(capsys, restore_env):
+    # with a zero tolerance any two repeats that differ at all are scatter
+    assert cli.main(["profile", "compute", "--dtypes", "float32", "--sizes", "32",
+                     "--repeats", "3", "--bandwidth-bytes", "64KiB", "--launch-repeats", "5",
+                     "--no-progress", "--max-scatter", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "measurements varied by more than +-0% between repeats" in err
+    assert "Measure again on an idle machine" in err

@@ -4,6 +4,7 @@ import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from alpa_lite.cluster import ClusterSpec, LinkSpec
@@ -259,3 +260,20 @@ def test_real_memory_bandwidth_on_cpu():
     assert "launch latency" in text and "GB/s" in text
     with pytest.raises(InvalidConfigError, match="at least 4 bytes"):
         profile_memory_bandwidth(array_bytes=(2,))
+
+
+def test_timing_scatter_counts_the_measurements_whose_repeats_vary():
+    from alpa_lite.profiling.compute import TimingScatter, run_timed, timing_scatter
+
+    scatter = TimingScatter(threshold=0.2)
+    scatter.add([1.0, 1.0, 1.0])
+    assert scatter.warning() is None
+    scatter.add([1.0, 1.0, 2.0])  # range 1 over median 1: +-50 %
+    assert scatter.spreads == [0.0, 0.5]
+    assert "1 of 2 measurements varied by more than +-20% between repeats (worst +-50%)" in \
+        scatter.warning()
+    with timing_scatter() as inside:
+        run_timed(jax.jit(lambda x: x + 1), jnp.ones(4), repeats=3)
+    assert len(inside.spreads) == 1
+    run_timed(jax.jit(lambda x: x + 1), jnp.ones(4), repeats=2)  # outside: not collected
+    assert len(inside.spreads) == 1

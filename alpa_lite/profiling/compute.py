@@ -9,6 +9,8 @@ of them) and `MemoryBandwidthRow`s (an elementwise pass over a large array) for 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import logging
 import statistics
 import time
@@ -30,6 +32,63 @@ DEFAULT_MATMUL_SIZES = {"cpu": (128, 256, 512, 1024), "gpu": (1024, 2048, 4096, 
 # largest should dwarf the last-level cache (CPU) or L2 (GPU: 50 MB on H100).
 DEFAULT_BANDWIDTH_ARRAY_BYTES = {"cpu": (2**22, 2**26), "gpu": (2**24, 2**30)}
 _MAX_CALLS_PER_REPEAT = 64
+
+
+@dataclasses.dataclass
+class TimingScatter:
+    """How much the timed repeats of each measurement varied (`timing_scatter`).
+
+    A measurement's spread is half its range over its median (``0.2``: the repeats lay
+    within +-20 % of the median). A profile whose repeats scatter prices plans badly: the
+    median of a noisy case can be far from what a step sees.
+    """
+
+    threshold: float = 0.2
+    spreads: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, samples: Sequence[float]) -> None:
+        median = statistics.median(samples)
+        self.spreads.append((max(samples) - min(samples)) / (2 * median) if median > 0 else 0.0)
+
+    def warning(self) -> str | None:
+        """A sentence for the user when some measurements scattered, else None."""
+        scattered = [s for s in self.spreads if s > self.threshold]
+        if not scattered:
+            return None
+        return (f"warning: {len(scattered)} of {len(self.spreads)} measurements varied by more "
+                f"than +-{self.threshold:.0%} between repeats (worst +-{max(scattered):.0%}); "
+                "their medians may misprice plans. Measure again on an idle machine (no other "
+                "jobs on its cores or devices), with more --repeats.")
+
+
+_SCATTER: contextvars.ContextVar = contextvars.ContextVar("alpa_lite_timing_scatter",
+                                                          default=None)
+
+
+@contextlib.contextmanager
+def timing_scatter(threshold: float = 0.2):
+    """Collects the spread of every measurement (`run_timed`, launch latency) made inside.
+
+    Example:
+        >>> with timing_scatter() as scatter:
+        ...     _ = run_timed(jax.jit(lambda x: x + 1), jnp.ones(4), repeats=3)
+        >>> len(scatter.spreads)
+        1
+    """
+    scatter = TimingScatter(threshold)
+    token = _SCATTER.set(scatter)
+    try:
+        yield scatter
+    finally:
+        _SCATTER.reset(token)
+
+
+def _median(samples: list[float]) -> float:
+    """The median of a measurement's repeats (their spread goes to `timing_scatter`)."""
+    scatter = _SCATTER.get()
+    if scatter is not None:
+        scatter.add(samples)
+    return statistics.median(samples)
 
 
 def run_timed(fn: Callable, *args, repeats: int = 5, min_repeat_s: float = 1e-3) -> float:
@@ -66,7 +125,7 @@ def run_timed(fn: Callable, *args, repeats: int = 5, min_repeat_s: float = 1e-3)
             out = fn(*args)
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+    return _median(samples)
 
 
 def profile_matmul(device=None, *, dtypes: Sequence[str] = ("float32", "bfloat16"),
@@ -187,7 +246,7 @@ def _median_blocked_call_s(fn: Callable, arg, repeats: int) -> float:
         start = time.perf_counter()
         jax.block_until_ready(fn(arg))
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return _median(samples)
 
 
 def profile_memory_bandwidth(device=None, *, array_bytes: Sequence[int] | None = None,
