@@ -24,14 +24,16 @@ from typing import Mapping, Sequence
 
 from alpa_lite.inter_op.stage_dp import enumerate_submesh_shapes
 from alpa_lite.errors import InvalidConfigError
-from alpa_lite.mesh import DEFAULT_AXIS_NAMES, LogicalMesh, check_rate, check_seconds
+from alpa_lite.mesh import (DEFAULT_AXIS_NAMES, LogicalMesh, check_fraction, check_rate,
+                            check_seconds)
 from alpa_lite.profiling.database import ProfileDatabase
 
 CLUSTER_FORMAT_VERSION = 1
 _JSON_KEYS = ("format_version", "name", "device_kind", "num_hosts", "devices_per_host",
               "memory_per_device_bytes", "peak_flops_per_s", "intra_host", "inter_host",
               "profile", "memory_bandwidth_bytes_per_s", "launch_latency_s",
-              "shared_host_compute")
+              "shared_host_compute", "matmul_efficiency", "memory_efficiency",
+              "vector_flops_per_s", "kernel_floor_s")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
                   "f16": "float16", "half": "float16", "tf32": "tensorfloat32"}
 
@@ -86,6 +88,14 @@ class ClusterSpec:
             devices share the host's cores), so programs on different submeshes of a host
             take turns instead of running side by side: a pipeline's stages on one host
             cost the sum of their work, not the overlapped schedule.
+        matmul_efficiency: the fraction of the dtype's peak large matmuls reach (the device
+            model's GEMM efficiency); a profile's matmul rows replace it.
+        memory_efficiency: the fraction of ``memory_bandwidth_bytes_per_s`` memory-bound
+            kernels reach; 1 once a profile measured the bandwidth.
+        vector_flops_per_s: flop/s of the operators that are not matmuls (a GPU's CUDA
+            cores), or None to price them like matmuls.
+        kernel_floor_s: the least time of one unfused kernel (launch and tail), added to every
+            kernel; a profile's per-operator latency replaces it.
 
     Example:
         >>> spec = get_cluster_preset("a100-80gb-8x").with_hosts(2)
@@ -106,6 +116,10 @@ class ClusterSpec:
     memory_bandwidth_bytes_per_s: float | None = None
     launch_latency_s: float = 0.0
     shared_host_compute: bool = False
+    matmul_efficiency: float = 1.0
+    memory_efficiency: float = 1.0
+    vector_flops_per_s: float | None = None
+    kernel_floor_s: float = 0.0
 
     def __post_init__(self):
         _check_count(self.num_hosts, "num_hosts", "hosts")
@@ -131,6 +145,11 @@ class ClusterSpec:
             check_rate(self.memory_bandwidth_bytes_per_s, "memory_bandwidth_bytes_per_s",
                        "2.0e12")
         check_seconds(self.launch_latency_s, "launch_latency_s", "2e-5")
+        check_seconds(self.kernel_floor_s, "kernel_floor_s", "4e-6")
+        check_fraction(self.matmul_efficiency, "matmul_efficiency", "0.8")
+        check_fraction(self.memory_efficiency, "memory_efficiency", "0.85")
+        if self.vector_flops_per_s is not None:
+            check_rate(self.vector_flops_per_s, "vector_flops_per_s", "19.5e12")
 
     # ----------------------------------------------------------------- queries
 
@@ -206,22 +225,30 @@ class ClusterSpec:
         links = tuple("inter" if _axis_spans_hosts(shape, axis, n_devices) else "intra"
                       for axis in range(len(shape)))
         link_specs = [self.inter_host if link == "inter" else self.intra_host for link in links]
+        # A host's NICs serve every group of an axis that spans hosts at once: the groups
+        # holding one device of each host (a (hosts, devices) view's axis 0) each get a share.
+        shares = [_host_share(shape, axis, n_devices) if link == "inter" else 1.0
+                  for axis, link in enumerate(links)]
+        bandwidth = self.memory_bandwidth_bytes_per_s
         return LogicalMesh(
             shape=shape, axis_names=tuple(axis_names)[: len(shape)],
             alpha_s=tuple(s.alpha_s for s in link_specs),
-            beta_s_per_byte=tuple(s.beta_s_per_byte for s in link_specs),
+            beta_s_per_byte=tuple(s.beta_s_per_byte / share
+                                  for s, share in zip(link_specs, shares)),
             memory_per_device_bytes=self.memory_per_device_bytes,
             peak_flops_per_s=self.peak_flops(dtype), profile=self.profile, axis_links=links,
             peak_flops_by_dtype=self.peak_flops_per_s,
-            memory_bandwidth_bytes_per_s=self.memory_bandwidth_bytes_per_s,
+            memory_bandwidth_bytes_per_s=None if bandwidth is None else (
+                bandwidth * self.memory_efficiency),
             launch_latency_s=self.launch_latency_for(n_hosts * n_devices),
-            op_latency_s=self.op_latency_for(n_hosts * n_devices))
+            op_latency_s=self.op_latency_for(n_hosts * n_devices),
+            matmul_efficiency=self.matmul_efficiency, vector_flops_per_s=self.vector_flops_per_s)
 
     def op_latency_for(self, num_devices: int) -> float:
-        """Extra seconds per operator of a program on ``num_devices`` devices: the profile's
-        measurement (interpolated), else 0 (not modelled)."""
+        """Extra seconds per kernel of a program on ``num_devices`` devices: the profile's
+        measurement (interpolated), else ``kernel_floor_s``."""
         measured = None if self.profile is None else self.profile.op_latency_s(num_devices)
-        return 0.0 if measured is None else measured
+        return self.kernel_floor_s if measured is None else measured
 
     def launch_latency_for(self, num_devices: int) -> float:
         """Launch latency of a program on ``num_devices`` devices.
@@ -251,8 +278,9 @@ class ClusterSpec:
         single-device launch latency replace this spec's.
         """
         changes: dict = {"profile": profile}
-        if profile.memory_bandwidth_bytes_per_s() is not None:
+        if profile.memory_bandwidth_bytes_per_s() is not None:  # measured: already achieved
             changes["memory_bandwidth_bytes_per_s"] = profile.memory_bandwidth_bytes_per_s()
+            changes["memory_efficiency"] = 1.0
         if profile.launch_latency_s(1) is not None:
             changes["launch_latency_s"] = profile.launch_latency_s(1)
         for link, field in (("intra", "intra_host"), ("inter", "inter_host")):
@@ -311,6 +339,10 @@ class ClusterSpec:
             "memory_bandwidth_bytes_per_s": self.memory_bandwidth_bytes_per_s,
             "launch_latency_s": self.launch_latency_s,
             "shared_host_compute": self.shared_host_compute,
+            "matmul_efficiency": self.matmul_efficiency,
+            "memory_efficiency": self.memory_efficiency,
+            "vector_flops_per_s": self.vector_flops_per_s,
+            "kernel_floor_s": self.kernel_floor_s,
         }
 
     @classmethod
@@ -484,6 +516,20 @@ def _axis_spans_hosts(shape: tuple[int, ...], axis: int, devices_per_host: int) 
     return False
 
 
+def _host_share(shape: tuple[int, ...], axis: int, devices_per_host: int) -> float:
+    """The share of a host's network bandwidth one group along ``axis`` gets: the group's
+    devices on one host over the host's devices (all groups of the axis run at once).
+
+    Example:
+        >>> _host_share((4, 8), 0, 8), _host_share((32,), 0, 8), _host_share((8, 4), 0, 8)
+        (0.125, 1.0, 0.25)
+    """
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    hosts = [(j * strides[axis]) // devices_per_host for j in range(shape[axis])]
+    per_host = max(hosts.count(h) for h in set(hosts))
+    return min(1.0, per_host / devices_per_host)
+
+
 def _template_for(platform: str, device_kind: str) -> ClusterSpec:
     for fragment, preset in _KIND_TEMPLATES:
         if fragment in device_kind:
@@ -507,17 +553,37 @@ def _device_memory_bytes(device, devices_per_host: int) -> int:
 
 # --------------------------------------------------------------------- presets
 #
-# Peak numbers are NVIDIA datasheet figures for dense math (the "with sparsity" figures are
-# twice these). Link bandwidths are per direction. NVLink: A100 (NVLink 3) 600 GB/s, H100
-# (NVLink 4) 900 GB/s, V100 SXM2 (NVLink 2) 300 GB/s total bidirectional per GPU, i.e.
-# 300 / 450 / 150 GB/s each way; measured nccl-tests all-reduce bus bandwidth reaches roughly
-# 75-85 % of that (seed 003 prints 215.6 GB/s for 8 A100s). Network: a host's NICs together,
-# e.g. 4 x 200 Gb/s HDR InfiniBand = 100 GB/s. Alphas are typical NCCL small-message latencies
-# (order of magnitude only, not from a datasheet): profile your cluster for real values.
-# Memory bandwidths are datasheet HBM figures: V100 SXM2 900 GB/s, A100 SXM4 80GB 2,039 GB/s,
-# H100 SXM5 3.35 TB/s; kernels reach roughly 80-90 % of them. Launch latencies are a typical
-# jax dispatch-to-completion of a tiny jitted program on a GPU (tens of microseconds; order
-# of magnitude only): `alpa-lite profile compute` measures yours.
+# The GPU device model. Every figure below is a public number; docs/simulation.md lists the
+# sources and the calibration against Megatron-LM's published step times. A profile measured
+# with `alpa-lite profile` (`ClusterSpec.with_profile`) replaces the links, the matmul rates,
+# the memory bandwidth and the kernel floor.
+#
+# Peaks: NVIDIA datasheets, dense math (the "with sparsity" figures are twice these):
+# V100 SXM2 125 TFLOP/s fp16 tensor / 15.7 fp32; A100 SXM4 312 bf16/fp16 / 19.5 fp32 (156
+# TF32); H100 and H200 SXM 989.5 bf16/fp16 / 67 fp32 (494.5 TF32). Operators other than
+# matmuls run on the CUDA cores: `vector_flops_per_s` is the fp32 figure (XLA computes
+# elementwise bf16 math in f32).
+# HBM (datasheets): V100 900 GB/s, A100 80GB 2,039 GB/s, H100 SXM5 3.35 TB/s, H200 4.8 TB/s.
+# _MEMORY_EFFICIENCY: streaming kernels reach about 85 % of the HBM datasheet figure
+# (published BabelStream/STREAM-style copy and triad results on V100 and A100 land at 80-90 %).
+# _MATMUL_EFFICIENCY: large cuBLAS GEMMs reach 75-90 % of the tensor-core peak (NVIDIA's
+# "Matrix Multiplication Background User's Guide" plots; a widely shared H100 measurement,
+# gist.github.com/Chillee/2ec89696db8b7ed1c24461159e325405, reaches 780 of 989 TFLOP/s = 79 %
+# for an 4224x8192x2048 bf16 GEMM). 0.8 is the calibrated value (docs/simulation.md).
+# _KERNEL_FLOOR_S: the least time of one kernel: a CUDA launch plus the tail of a small
+# grid, ~4-6 us per kernel without CUDA graphs (commonly measured; `alpa-lite profile
+# compute` measures yours as the per-operator latency).
+# Links are nccl-tests *bus* bandwidths per direction (what a ring collective reaches):
+# - NVLink: seed 003 measured 215.6 GB/s all-reduce bus bandwidth on 8 A100-SXM4-80GB
+#   (NVLink 3, 300 GB/s per direction nominal): _NVLINK_EFFICIENCY = 215.6 / 300 = 0.72, used
+#   for V100 (NVLink 2, 150 GB/s) and H100/H200 (NVLink 4, 450 GB/s) too.
+# - InfiniBand: seed 003 measured 12.54 GB/s send/recv between two hosts (one 100 Gb/s
+#   port = 12.5 GB/s) and 90.6 GB/s all-reduce bus bandwidth over 4 hosts x 8 GPUs with
+#   eight such ports per host (100 GB/s): _IB_EFFICIENCY = 0.9 of the nominal port rate.
+#   DGX A100 has 8 x HDR 200 Gb/s ports, DGX H100/H200 8 x NDR 400 Gb/s; a host's ports
+#   together are its inter-host bandwidth, shared by the groups of an axis spanning hosts.
+# Alphas are typical NCCL small-message latencies (order of magnitude only). Launch
+# latencies: a jax dispatch-to-completion of a tiny jitted program (tens of microseconds).
 
 _A100_PEAK = (("float32", 19.5e12), ("tensorfloat32", 156e12), ("bfloat16", 312e12),
               ("float16", 312e12))  # A100 SXM4 datasheet
@@ -527,49 +593,62 @@ _H100_PEAK = (("float32", 67e12), ("tensorfloat32", 494.5e12), ("bfloat16", 989.
 # tensor cores; XLA computes bf16 dots there at about the fp32 rate.
 _V100_PEAK = (("float32", 15.7e12), ("bfloat16", 15.7e12), ("float16", 125e12))
 
-_V100_HBM, _A100_80GB_HBM, _H100_HBM = 900e9, 2039e9, 3.35e12
+_V100_HBM, _A100_80GB_HBM, _H100_HBM, _H200_HBM = 900e9, 2039e9, 3.35e12, 4.8e12
 _GPU_LAUNCH_S = 2e-5
+_MATMUL_EFFICIENCY = 0.8
+_MEMORY_EFFICIENCY = 0.85
+_KERNEL_FLOOR_S = 5e-6
+_NVLINK_EFFICIENCY = 215.6 / 300
+_IB_EFFICIENCY = 0.9
 
-_NVLINK3 = LinkSpec(alpha_s=1e-5, bandwidth_bytes_per_s=300e9)
-_NVLINK4 = LinkSpec(alpha_s=1e-5, bandwidth_bytes_per_s=450e9)
-_NVLINK2 = LinkSpec(alpha_s=1e-5, bandwidth_bytes_per_s=150e9)
-_IB_4X200 = LinkSpec(alpha_s=3e-5, bandwidth_bytes_per_s=4 * 200e9 / 8)
-_IB_8X400 = LinkSpec(alpha_s=3e-5, bandwidth_bytes_per_s=8 * 400e9 / 8)
-_IB_100 = LinkSpec(alpha_s=3e-5, bandwidth_bytes_per_s=100e9 / 8)
-_ETH_25 = LinkSpec(alpha_s=1e-4, bandwidth_bytes_per_s=25e9 / 8)
+
+def _nvlink(per_direction_bytes_per_s: float) -> LinkSpec:
+    return LinkSpec(alpha_s=1e-5,
+                    bandwidth_bytes_per_s=per_direction_bytes_per_s * _NVLINK_EFFICIENCY)
+
+
+def _network(ports: int, gbit_per_s: float, alpha_s: float = 3e-5,
+             efficiency: float = _IB_EFFICIENCY) -> LinkSpec:
+    return LinkSpec(alpha_s=alpha_s,
+                    bandwidth_bytes_per_s=ports * gbit_per_s * 1e9 / 8 * efficiency)
+
+
+def _gpu(name: str, kind: str, memory_bytes: float, peak, hbm: float, vector: float,
+         intra: LinkSpec, inter: LinkSpec, devices_per_host: int = 8) -> ClusterSpec:
+    return ClusterSpec(
+        num_hosts=1, devices_per_host=devices_per_host, memory_per_device_bytes=memory_bytes,
+        peak_flops_per_s=peak, intra_host=intra, inter_host=inter, device_kind=kind,
+        name=name, memory_bandwidth_bytes_per_s=hbm, launch_latency_s=_GPU_LAUNCH_S,
+        matmul_efficiency=_MATMUL_EFFICIENCY, memory_efficiency=_MEMORY_EFFICIENCY,
+        vector_flops_per_s=vector, kernel_floor_s=_KERNEL_FLOOR_S)
+
 
 CLUSTER_PRESETS: Mapping[str, ClusterSpec] = types.MappingProxyType({
-    "a100-80gb-8x": ClusterSpec(
-        num_hosts=1, devices_per_host=8, memory_per_device_bytes=80 * 2**30,
-        peak_flops_per_s=_A100_PEAK, intra_host=_NVLINK3, inter_host=_IB_4X200,
-        device_kind="NVIDIA A100-SXM4-80GB", name="a100-80gb-8x",
-        memory_bandwidth_bytes_per_s=_A100_80GB_HBM, launch_latency_s=_GPU_LAUNCH_S),
-    "h100-80gb-8x": ClusterSpec(
-        num_hosts=1, devices_per_host=8, memory_per_device_bytes=80 * 2**30,
-        peak_flops_per_s=_H100_PEAK, intra_host=_NVLINK4, inter_host=_IB_8X400,
-        device_kind="NVIDIA H100 80GB HBM3", name="h100-80gb-8x",
-        memory_bandwidth_bytes_per_s=_H100_HBM, launch_latency_s=_GPU_LAUNCH_S),
-    # Alpa's paper cluster (AWS p3) had 25 Gb/s Ethernet between hosts.
-    "v100-16gb-4x": ClusterSpec(
-        num_hosts=1, devices_per_host=4, memory_per_device_bytes=16 * 2**30,
-        peak_flops_per_s=_V100_PEAK, intra_host=_NVLINK2, inter_host=_ETH_25,
-        device_kind="Tesla V100-SXM2-16GB", name="v100-16gb-4x",
-        memory_bandwidth_bytes_per_s=_V100_HBM, launch_latency_s=_GPU_LAUNCH_S),
-    "v100-32gb-4x": ClusterSpec(
-        num_hosts=1, devices_per_host=4, memory_per_device_bytes=32 * 2**30,
-        peak_flops_per_s=_V100_PEAK, intra_host=_NVLINK2, inter_host=_IB_100,
-        device_kind="Tesla V100-SXM2-32GB", name="v100-32gb-4x",
-        memory_bandwidth_bytes_per_s=_V100_HBM, launch_latency_s=_GPU_LAUNCH_S),
+    # DGX A100 (NVIDIA Selene's nodes): 8 x A100-SXM4-80GB, NVLink 3, 8 x HDR 200 Gb/s.
+    "a100-80gb-8x": _gpu("a100-80gb-8x", "NVIDIA A100-SXM4-80GB", 80 * 2**30, _A100_PEAK,
+                         _A100_80GB_HBM, 19.5e12, _nvlink(300e9), _network(8, 200)),
+    # DGX H100: 8 x H100 SXM5 80GB, NVLink 4, 8 x NDR 400 Gb/s.
+    "h100-80gb-8x": _gpu("h100-80gb-8x", "NVIDIA H100 80GB HBM3", 80 * 2**30, _H100_PEAK,
+                         _H100_HBM, 67e12, _nvlink(450e9), _network(8, 400)),
+    # DGX H200: 8 x H200 SXM 141GB (same compute as H100, 4.8 TB/s HBM3e), 8 x NDR 400 Gb/s.
+    "h200-141gb-8x": _gpu("h200-141gb-8x", "NVIDIA H200", 141 * 10**9, _H100_PEAK, _H200_HBM,
+                          67e12, _nvlink(450e9), _network(8, 400)),
+    # Alpa's paper cluster (AWS p3.8xlarge-like: 4 x V100 16GB, NVLink 2) had 25 Gb/s
+    # Ethernet between hosts (TCP: efficiency assumed like IB's, an optimistic guess).
+    "v100-16gb-4x": _gpu("v100-16gb-4x", "Tesla V100-SXM2-16GB", 16 * 2**30, _V100_PEAK,
+                         _V100_HBM, 15.7e12, _nvlink(150e9), _network(1, 25, alpha_s=1e-4),
+                         devices_per_host=4),
+    "v100-32gb-4x": _gpu("v100-32gb-4x", "Tesla V100-SXM2-32GB", 32 * 2**30, _V100_PEAK,
+                         _V100_HBM, 15.7e12, _nvlink(150e9), _network(1, 100),
+                         devices_per_host=4),
     # Seed 001's simulation: 50 nodes x 4 GPUs, 32 GB each. It gives ClusterEnvironment
     # alpha = [1, 1], beta = [1, 0.01] in unstated units (inter-node 100x slower than
     # intra-node); those are not seconds, so this preset uses V100-32GB numbers instead
     # (NVLink 2 inside a node, 100 Gb/s InfiniBand between nodes). For the seed's exact
     # abstract costs use LogicalMesh(shape=(50, 4), alpha_s=(1, 1), beta_s_per_byte=(1, 0.01)).
-    "seed-50x4-32gb": ClusterSpec(
-        num_hosts=50, devices_per_host=4, memory_per_device_bytes=32 * 2**30,
-        peak_flops_per_s=_V100_PEAK, intra_host=_NVLINK2, inter_host=_IB_100,
-        device_kind="Tesla V100-SXM2-32GB", name="seed-50x4-32gb",
-        memory_bandwidth_bytes_per_s=_V100_HBM, launch_latency_s=_GPU_LAUNCH_S),
+    "seed-50x4-32gb": dataclasses.replace(
+        _gpu("seed-50x4-32gb", "Tesla V100-SXM2-32GB", 32 * 2**30, _V100_PEAK, _V100_HBM,
+             15.7e12, _nvlink(150e9), _network(1, 100), devices_per_host=4), num_hosts=50),
     # This repository's test machine: 8 devices simulated on one 2-core CPU host
     # (XLA_FLAGS=--xla_force_host_platform_device_count=8), rounded from the profile in
     # docs/profiling.md: all-reduce etc. fit alpha ~0.7 ms, bus bandwidth ~0.8 GB/s; one device
@@ -589,7 +668,7 @@ CLUSTER_PRESETS: Mapping[str, ClusterSpec] = types.MappingProxyType({
 })
 
 # device_kind substring -> preset whose flops and links a live device of that kind gets.
-_KIND_TEMPLATES = (("H100", "h100-80gb-8x"), ("H200", "h100-80gb-8x"),
+_KIND_TEMPLATES = (("H100", "h100-80gb-8x"), ("H200", "h200-141gb-8x"),
                    ("A100", "a100-80gb-8x"), ("V100", "v100-32gb-4x"))
 _PLATFORM_TEMPLATES = {"cpu": "cpu-sim", "gpu": "a100-80gb-8x", "cuda": "a100-80gb-8x",
                        "rocm": "a100-80gb-8x", "tpu": "a100-80gb-8x"}

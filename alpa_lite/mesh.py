@@ -40,7 +40,14 @@ class LogicalMesh:
             when unknown (then `compute_time_s` prices flops only, unless ``profile`` has a
             measured bandwidth).
         launch_latency_s: fixed cost of launching one program on this mesh, in seconds.
-        op_latency_s: fixed cost of each unfused operator (kernel) in a program, in seconds.
+        op_latency_s: fixed cost of each unfused operator (kernel) in a program, in seconds:
+            the per-kernel floor of the device model.
+        matmul_efficiency: the fraction of the dtype's peak that large matmuls and
+            convolutions reach (a GPU's cuBLAS GEMMs reach 0.75-0.9 of the datasheet figure);
+            a profile's measured matmul rows replace it.
+        vector_flops_per_s: flop/s of operators that are not matmuls (elementwise, reductions:
+            the GPU's CUDA cores, not its tensor cores), or None to price them at the dtype's
+            peak like matmuls.
         profile: measured collective times (`alpa_lite.profiling.ProfileDatabase`); when set,
             `estimate_collective_s` interpolates them instead of using alpha/beta.
         axis_links: link class of each mesh axis, ``"intra"`` (within a host) or ``"inter"``
@@ -64,6 +71,8 @@ class LogicalMesh:
     memory_bandwidth_bytes_per_s: float | None = None
     launch_latency_s: float = 0.0
     op_latency_s: float = 0.0
+    matmul_efficiency: float = 1.0
+    vector_flops_per_s: float | None = None
 
     def __post_init__(self):
         shape = tuple(int(s) for s in self.shape)
@@ -98,6 +107,9 @@ class LogicalMesh:
         for name in ("launch_latency_s", "op_latency_s"):
             check_seconds(getattr(self, name), name, "1e-5")
             object.__setattr__(self, name, float(getattr(self, name)))
+        check_fraction(self.matmul_efficiency, "matmul_efficiency", "0.8")
+        if self.vector_flops_per_s is not None:
+            check_rate(self.vector_flops_per_s, "vector_flops_per_s", "19.5e12")
 
     @property
     def num_devices(self) -> int:
@@ -124,23 +136,28 @@ class LogicalMesh:
         links = self.axis_links or ("intra",) * len(self.shape)
         return "inter" if any(links[self.axis_names.index(a)] == "inter" for a in axes) else "intra"
 
-    def flops_per_s(self, dtype: str, flops: float = 0.0) -> float:
+    def flops_per_s(self, dtype: str, flops: float = 0.0, matmul: bool = True) -> float:
         """Flop/s one device reaches on an operator of ``flops`` flops in ``dtype``.
 
-        The profile's measured matmul throughput at that size when it has rows for
-        ``dtype`` (`ProfileDatabase.matmul_flops_per_s`), else the dtype's peak from
-        ``peak_flops_by_dtype``, else ``peak_flops_per_s``.
+        Matmuls (``matmul=True``): the profile's measured matmul throughput at that size when
+        it has rows for ``dtype`` (`ProfileDatabase.matmul_flops_per_s`), else the dtype's peak
+        from ``peak_flops_by_dtype`` (else ``peak_flops_per_s``) times ``matmul_efficiency``.
+        Other operators: ``vector_flops_per_s`` when set, else as a matmul.
 
         Example:
-            >>> mesh = LogicalMesh(shape=(2,), peak_flops_per_s=1e12,
-            ...                    peak_flops_by_dtype={"bfloat16": 2e12})
-            >>> mesh.flops_per_s("bfloat16"), mesh.flops_per_s("int32")
-            (2000000000000.0, 1000000000000.0)
+            >>> mesh = LogicalMesh(shape=(2,), peak_flops_per_s=1e12, matmul_efficiency=0.5,
+            ...                    peak_flops_by_dtype={"bfloat16": 2e12},
+            ...                    vector_flops_per_s=1e11)
+            >>> mesh.flops_per_s("bfloat16"), mesh.flops_per_s("int32", matmul=False)
+            (1000000000000.0, 100000000000.0)
         """
+        if not matmul and self.vector_flops_per_s is not None:
+            return self.vector_flops_per_s
         name = str(dtype)
         if self.profile is not None and name in self.profile.matmul_dtypes:
             return self.profile.matmul_flops_per_s(name, flops)
-        return dict(self.peak_flops_by_dtype).get(name, self.peak_flops_per_s)
+        peak = dict(self.peak_flops_by_dtype).get(name, self.peak_flops_per_s)
+        return peak * self.matmul_efficiency
 
     @property
     def effective_memory_bandwidth_bytes_per_s(self) -> float | None:
@@ -152,11 +169,12 @@ class LogicalMesh:
         return None
 
     def compute_time_s(self, flops: float, hbm_bytes: float = 0.0,
-                       dtype: str = "float32") -> float:
+                       dtype: str = "float32", matmul: bool = True) -> float:
         """Roofline seconds of one operator on one device.
 
         ``t = max(flops / F(dtype, flops), hbm_bytes / W)`` where ``F`` is `flops_per_s`
-        (measured matmul throughput, else the dtype's peak) and ``W`` the memory bandwidth;
+        (measured matmul throughput, else the dtype's peak times ``matmul_efficiency``; the
+        vector rate for ``matmul=False``) and ``W`` the (achievable) memory bandwidth;
         the second term is left out when the bandwidth is unknown, which gives the plain
         ``flops / peak`` estimate.
 
@@ -171,7 +189,7 @@ class LogicalMesh:
             >>> mesh.compute_time_s(1e12, 1e9), mesh.compute_time_s(1e9, 1e12)
             (1.0, 10.0)
         """
-        flop_s = float(flops) / self.flops_per_s(dtype, flops) if flops > 0 else 0.0
+        flop_s = float(flops) / self.flops_per_s(dtype, flops, matmul) if flops > 0 else 0.0
         bandwidth = self.effective_memory_bandwidth_bytes_per_s
         if bandwidth is None or hbm_bytes <= 0:
             return flop_s
@@ -200,6 +218,14 @@ def check_seconds(value, name: str, example: str) -> None:
         raise InvalidConfigError(
             f"{name} must be a finite number of seconds >= 0; got {value!r}. Use e.g. "
             f"{name}={example}, or 0 to ignore it.")
+
+
+def check_fraction(value, name: str, example: str) -> None:
+    """An efficiency: a number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise InvalidConfigError(
+            f"{name} must be a fraction in (0, 1]; got {value!r}. Use e.g. {name}={example} "
+            "(1 for the datasheet figure).")
 
 
 def check_rate(value, name: str, example: str) -> None:

@@ -250,6 +250,8 @@ class SimulationInfo:
             count, the micro-batch count layers were priced at, whether memory-lean plans
             were offered.
         ilp_variables / ilp_status: single-mesh methods: the ILP's size and status.
+        layout: the named layout this result is (`alpa_lite.layout.Layout.to_dict`), for
+            ``"megatron"``, ``"dp"``, ``"zero2"``, ``"zero3"``; None for searched plans.
     """
 
     method: str
@@ -267,6 +269,7 @@ class SimulationInfo:
     lean_offered: bool | None = None
     ilp_variables: int | None = None
     ilp_status: str | None = None
+    layout: dict | None = None
 
     def details(self, num_micro_batches: int) -> dict:
         """The method-specific numbers as the CLI's JSON ``details`` has them."""

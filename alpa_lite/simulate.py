@@ -36,6 +36,7 @@ from alpa_lite.config import (AutoLayerOption, DataParallel, ShardParallel, Zero
 from alpa_lite.devices import stage_link
 from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
 from alpa_lite.intra_op.problem import InputRole, SpecPolicy
+from alpa_lite.layout import Layout
 from alpa_lite.models.presets import ModelPreset
 from alpa_lite.models.train import build_workload
 from alpa_lite.profiling.compute import progress_bar
@@ -92,22 +93,28 @@ def simulation_to_dict(plan: ParallelPlan) -> dict:
 
 def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
              num_micro_batches: int | None = None, remat: str = "off",
-             progress: bool = False) -> ParallelPlan:
+             progress: bool = False, layout: Layout | None = None) -> ParallelPlan:
     """Plans ``preset`` on ``cluster`` with ``method`` without devices or weights.
 
     Returns a `ParallelPlan` whose ``extra`` is a `SimulationInfo` (``plan.extra.method`` is
     ``method``; ``plan.plan_time_s`` the search time); pipelines have one `StagePlan` per
     stage, whose ``layers`` are the model's blocks.
 
-    ``remat`` (pipelines: ``auto`` and ``megatron``): ``"off"`` keeps every activation,
-    ``"layer"`` recomputes every layer's forward in the backward pass, ``"auto"`` lets the
-    stage DP (or the Megatron grid, per layout) choose per stage, the least time that fits.
-    Single-mesh methods are planned without layers, so without rematerialization.
-    ``progress`` draws a `rich` progress line on stderr while layers are priced.
+    ``remat``: ``"off"`` keeps every activation, ``"layer"`` recomputes every layer's
+    forward in the backward pass, ``"auto"`` lets the stage DP (or the Megatron grid, per
+    layout) choose per stage the least time that fits; single-mesh methods take the faster
+    of off and layer that fits. ``progress`` draws a `rich` progress line on stderr while
+    layers are priced.
+
+    ``layout`` (a `Layout`: Megatron's t/p/d/micro-batch size/schedule, or dp/ZeRO with a
+    micro-batch size) prices that configuration as named instead of searching; its method
+    and remat replace ``method`` and ``remat``.
 
     The plans assume the train state is donated (``donate_argnums``), so the optimizer
     update writes the new state over the old one, as Alpa does.
     """
+    if layout is not None:
+        method, remat = layout.method, layout.remat
     if method not in METHODS:
         raise InvalidConfigError(f"method must be one of {METHODS}; got {method!r}.")
     if remat not in REMAT_MODES:
@@ -116,14 +123,17 @@ def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
     with progress_bar(progress, f"planning {preset.name}", None) as advance:
         token = _PROGRESS.set(advance)
         try:
-            if method == "auto":
+            if layout is not None and method == "megatron":
+                result = _megatron_layout(preset, cluster, layout)
+            elif layout is not None:
+                result = _single_mesh_layout(preset, cluster, layout)
+            elif method == "auto":
                 result = _simulate_pipeline(preset, cluster, num_micro_batches, remat)
             elif method == "megatron":
                 result = _simulate_megatron(preset, cluster, num_micro_batches, remat)
             else:
                 result = _simulate_single_mesh(preset, cluster, _POLICIES[method],
-                                               num_micro_batches)
-                remat = "off"
+                                               num_micro_batches, remat)
         finally:
             _PROGRESS.reset(token)
     result = _with_info(result, method=method, remat=remat,
@@ -155,9 +165,10 @@ def _default_micro_batches(preset: ModelPreset, cluster: ClusterSpec) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _layer_graph(preset, cluster, num_micro_batches, remat_layer: bool):
+def _layer_graph(preset, cluster, num_micro_batches, remat_layer: bool, megatron=None):
     """The 3-layer trace the pipeline prices come from: ``(graph, layers, options,
-    candidates)``."""
+    candidates)``; with ``megatron`` (a (submesh, (dp, tp)) pair) that one candidate, priced
+    with Megatron's tensor parallelism (`SpecPolicy.MEGATRON`)."""
     small = _micro_batch_preset(preset, num_micro_batches, min(3, _num_blocks(preset)))
     work = build_workload(small, abstract=True)
     option = AutoLayerOption(layer_num=min(3, _num_blocks(small)), method="names",
@@ -169,19 +180,23 @@ def _layer_graph(preset, cluster, num_micro_batches, remat_layer: bool):
     options = pricing.PricingOptions(
         time_limit_s=60.0, state_bytes_per_param_byte=pricing.estimate_state_bytes_per_param_byte(
             roles, [graph.avals[v] for v in graph.inputs]),
-        param_positions=frozenset(i for i, r in enumerate(roles) if r is InputRole.PARAM))
-    candidates = [(tuple(shape), view) for shape in candidate_submeshes(cluster)
-                  for view in sp.logical_views(shape)]
+        param_positions=frozenset(i for i, r in enumerate(roles) if r is InputRole.PARAM),
+        policy=SpecPolicy.AUTO if megatron is None else SpecPolicy.MEGATRON,
+        input_roles=tuple(roles))
+    candidates = [megatron] if megatron is not None else [
+        (tuple(shape), view) for shape in candidate_submeshes(cluster)
+        for view in sp.logical_views(shape)]
     return graph, count_layers(graph), options, candidates
 
 
 @functools.lru_cache(maxsize=8)
-def _price_layers(preset, cluster, num_micro_batches, remat_layer: bool = False):
+def _price_layers(preset, cluster, num_micro_batches, remat_layer: bool = False,
+                  megatron=None):
     """Per (submesh, view): the `LayerPrice`s of the 3 traced layers (`inter_op.pricing`, the
     path `parallelize` uses), each layer rematerialized if ``remat_layer``. Cached:
     `--compare` prices once for the pipeline search and the Megatron grid."""
     graph, num_layers, options, candidates = _layer_graph(preset, cluster, num_micro_batches,
-                                                          remat_layer)
+                                                          remat_layer, megatron)
     return pricing.price_layers(graph, num_layers, candidates, cluster.logical_mesh, options,
                                 progress=_PROGRESS.get())
 
@@ -334,33 +349,50 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None, lean_priced=Non
 
 def _stage_records(solution, bounds, flops, remat_layer: bool) -> list[StagePlan]:
     """The DP's stages as `StagePlan`s over blocks (``bounds``: the DP layers' first
-    blocks); time split into forward and backward by the blocks' flops."""
-    assignment, stages = solution.assignment, []
-    for s, price in enumerate(solution.price.stages):
-        layers = assignment.stage_layers(s)
-        first, last = int(bounds[layers[0]]), int(bounds[layers[-1] + 1]) - 1
+    blocks)."""
+    assignment = solution.assignment
+    ranges = [(int(bounds[assignment.stage_layers(s)[0]]),
+               int(bounds[assignment.stage_layers(s)[-1] + 1]) - 1)
+              for s in range(len(solution.price.stages))]
+    remat = [remat_layer or (bool(assignment.remat[s]) if assignment.remat else False)
+             for s in range(len(ranges))]
+    lean = [float(assignment.lean[s]) if assignment.lean else 0.0 for s in range(len(ranges))]
+    return _span_records(solution.price, ranges, flops, assignment.submesh_shapes,
+                         assignment.logical_shapes, remat, lean)
+
+
+def _span_records(price, ranges, flops, submeshes, views, remat, lean=None) -> list[StagePlan]:
+    """`StagePlan`s of a priced pipeline whose stage ``s`` holds blocks ``ranges[s]`` (first,
+    last); time per micro-batch split into forward and backward by the blocks' flops."""
+    stages = []
+    for s, (stage, (first, last)) in enumerate(zip(price.stages, ranges)):
         forward = sum(f for f, _ in flops[first:last + 1])
         total = sum(t for _, t in flops[first:last + 1])
         share = forward / total if total > 0 else 0.5
         stages.append(StagePlan(
-            stage=s, layers=tuple(range(first, last + 1)),
-            submesh=tuple(assignment.submesh_shapes[s]),
-            logical_mesh=tuple(assignment.logical_shapes[s]),
-            forward_s=price.micro_batch_s * share,
-            backward_s=price.micro_batch_s * (1 - share), grad_sync_s=price.grad_sync_s,
-            apply_s=price.apply_s, peak_memory_bytes=price.memory_bytes, plan=None,
-            remat=remat_layer or (bool(assignment.remat[s]) if assignment.remat else False),
-            lean=float(assignment.lean[s]) if assignment.lean else 0.0))
+            stage=s, layers=tuple(range(first, last + 1)), submesh=tuple(submeshes[s]),
+            logical_mesh=tuple(views[s]), forward_s=stage.micro_batch_s * share,
+            backward_s=stage.micro_batch_s * (1 - share), grad_sync_s=stage.grad_sync_s,
+            apply_s=stage.apply_s, peak_memory_bytes=stage.memory_bytes, plan=None,
+            remat=bool(remat[s]), lean=float(lean[s]) if lean else 0.0))
     return stages
 
 
-def _block_flops(preset, cluster, k: int, remat_layer: bool) -> list[tuple[float, float]]:
+def _block_flops(preset, cluster, k: int, remat_layer: bool,
+                 megatron=None) -> list[tuple[float, float]]:
     """Per block of the L-block model: (forward flops, total flops), from the 3-layer trace."""
-    graph, num_layers, _, _ = _layer_graph(preset, cluster, k, remat_layer)
+    graph, num_layers, _, _ = _layer_graph(preset, cluster, k, remat_layer, megatron)
     return _expand(pricing.layer_flops(graph, num_layers), _num_blocks(preset))
 
 
 # --- single mesh (auto sharding, data parallel, ZeRO) ---------------------------------------
+
+
+def _with_remat(preset: ModelPreset, remat_layer: bool) -> ModelPreset:
+    """``preset`` with every block rematerialized (flax ``remat``) when ``remat_layer``."""
+    if not remat_layer or not hasattr(preset.config, "remat"):
+        return preset
+    return dataclasses.replace(preset, config=dataclasses.replace(preset.config, remat=True))
 
 
 def _plan_full_step(preset, cluster, policy, blocks, k, view):
@@ -375,8 +407,22 @@ def _plan_full_step(preset, cluster, policy, blocks, k, view):
     return plan.sharding, plan.extra.grad_sync_s + plan.extra.apply_s
 
 
-def _simulate_single_mesh(preset, cluster, policy, num_micro_batches) -> ParallelPlan:
-    k = num_micro_batches or 1
+def _simulate_single_mesh(preset, cluster, policy, num_micro_batches,
+                          remat: str = "off") -> ParallelPlan:
+    """The single-mesh plan at ``num_micro_batches`` (default 1); with ``remat="auto"`` the
+    faster of plain and rematerialized blocks that fits memory."""
+    best = None
+    for remat_layer in {"off": (False,), "layer": (True,), "auto": (False, True)}[remat]:
+        plan = _single_mesh_plan(_with_remat(preset, remat_layer), cluster, policy,
+                                 num_micro_batches or 1)
+        plan = _with_info(plan, remat_layers=remat_layer)
+        key = (not plan.extra.fits_memory, plan.extra.predicted_step_time_s)
+        if best is None or key < best[0]:
+            best = (key, plan)
+    return best[1]
+
+
+def _single_mesh_plan(preset, cluster, policy, k: int) -> ParallelPlan:
     blocks = _num_blocks(preset)
     views = [(cluster.num_devices,)]
     if policy is SpecPolicy.AUTO and cluster.num_hosts > 1:
@@ -399,8 +445,83 @@ def _simulate_single_mesh(preset, cluster, policy, num_micro_batches) -> Paralle
             best = (step, memory, view, plans[0].solver)
     step, memory, view, solver = best
     return _simulated(k, SimulationInfo("", step, memory, logical_mesh=tuple(view),
+                                        fits_memory=memory <= cluster.memory_per_device_bytes,
                                         ilp_variables=solver["num_variables"],
                                         ilp_status=solver["status"]))
+
+
+# --- named layouts ---------------------------------------------------------------------------
+
+
+def _single_mesh_layout(preset, cluster, layout: Layout) -> ParallelPlan:
+    """dp / ZeRO as named: ``micro_batch_size`` sequences per device and micro-batch
+    (gradient accumulation over ``batch / (devices * size)`` micro-batches)."""
+    n, batch = cluster.num_devices, preset.default_batch_size
+    layout.data_parallel(n)
+    size = layout.micro_batch_size or batch // n
+    if batch % (n * size):
+        raise InvalidConfigError(
+            f"Micro-batch size {size} on {n} devices needs a batch that is a multiple of "
+            f"{n * size}; the batch is {batch}. Choose --micro-batch-size dividing "
+            f"{batch // n if batch % n == 0 else batch} or another --batch-size.")
+    plan = _simulate_single_mesh(preset, cluster, _POLICIES[layout.method], batch // (n * size),
+                                 layout.remat)
+    return _with_info(plan, layout=dataclasses.replace(
+        layout, micro_batch_size=size, dp=n).to_dict())
+
+
+def _megatron_layout(preset, cluster, layout: Layout) -> ParallelPlan:
+    """Megatron-LM's t x p x d as named: ``pp`` stages of ``blocks / pp`` blocks (the first
+    stages take one more when they do not divide), each on ``tp * dp`` devices seen as a
+    ``(dp, tp)`` mesh with Megatron's tensor parallelism; ``batch / (dp * b)`` micro-batches
+    of ``dp * b`` sequences. Without a micro-batch size, the fastest of 1, 2, 4, 8 that fits;
+    with ``remat="auto"``, the faster of off and layer that fits."""
+    n, per_host = cluster.num_devices, cluster.devices_per_host
+    dp, tp, pp = layout.data_parallel(n), layout.tp, layout.pp
+    blocks, batch = _num_blocks(preset), preset.default_batch_size
+    if per_host % tp:
+        raise InvalidConfigError(
+            f"Tensor parallelism runs within a host: tp={tp} must divide the "
+            f"{per_host} devices per host. Use tp in "
+            f"{[t for t in range(1, per_host + 1) if per_host % t == 0]}.")
+    if pp > blocks:
+        raise InvalidConfigError(
+            f"pp={pp} stages need at least {pp} blocks; the model has {blocks}.")
+    sizes = ([layout.micro_batch_size] if layout.micro_batch_size else
+             [b for b in (1, 2, 4, 8) if batch % (dp * b) == 0])
+    if not sizes or batch % (dp * sizes[0]):
+        raise InvalidConfigError(
+            f"The batch of {batch} does not split into micro-batches of "
+            f"{layout.micro_batch_size or 1} sequences on each of dp={dp} replicas. Use a "
+            f"--batch-size that is a multiple of {dp * (layout.micro_batch_size or 1)}.")
+    per_stage = tp * dp
+    shape = (1, per_stage) if per_stage <= per_host else (per_stage // per_host, per_host)
+    candidate = (shape, (dp, tp))
+    mesh = cluster.logical_mesh(shape, (dp, tp))
+    bounds = np.array_split(np.arange(blocks), pp)
+    best = None
+    for size, remat_layer in itertools.product(
+            sizes, {"off": (False,), "layer": (True,), "auto": (False, True)}[layout.remat]):
+        k = batch // (dp * size)
+        layers = _expand(_price_layers(preset, cluster, k, remat_layer, candidate)[candidate],
+                         blocks)
+        spans = [layers[int(b[0]):int(b[-1]) + 1] for b in bounds]
+        price = pricing.price_pipeline(spans, [mesh] * pp, _stage_link(cluster), k,
+                                       layout.schedule,
+                                       pricing.shared_stage_hosts([shape] * pp, _shared(cluster)))
+        memory = max(st.memory_bytes for st in price.stages)
+        fits = memory <= cluster.memory_per_device_bytes
+        key = (not fits, price.step_time_s)
+        if best is None or key < best[0]:
+            named = dataclasses.replace(layout, dp=dp, micro_batch_size=size,
+                                        remat="layer" if remat_layer else "off")
+            flops = _block_flops(preset, cluster, k, remat_layer, candidate)
+            stages = _span_records(price, [(int(b[0]), int(b[-1])) for b in bounds], flops,
+                                   [shape] * pp, [(dp, tp)] * pp, [remat_layer] * pp)
+            best = (key, _simulated(k, SimulationInfo(
+                "", price.step_time_s, memory, fits_memory=fits, grid=(dp, tp, pp),
+                remat_layers=remat_layer, layout=named.to_dict()), stages))
+    return best[1]
 
 
 # --- Megatron-style 3-D grid -----------------------------------------------------------------

@@ -164,6 +164,8 @@ class OpClass(enum.Flag):
     KERNEL = enum.auto()
     # Reductions along dims (sums, maxima, arg-maxima, cumulative ops, sorts).
     REDUCTION = enum.auto()
+    # Matrix products (dot_general, convolutions): the tensor cores' work on a GPU.
+    MATMUL = enum.auto()
 
 
 _NO_CLASS = OpClass(0)

@@ -71,6 +71,8 @@ register_operator_class(
     prims.dynamic_update_slice_p,
 )
 
+register_operator_class(OpClass.MATMUL, prims.dot_general_p, prims.conv_general_dilated_p)
+
 register_operator_class(
     OpClass.REDUCTION,
     prims.reduce_sum_p, prims.reduce_max_p, prims.reduce_min_p, prims.reduce_prod_p,

@@ -46,7 +46,7 @@ from alpa_lite.errors import InfeasiblePlanError
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.once_per_step import gradient_only_nodes, gradient_values
 from alpa_lite.intra_op.planner import solve_intra_op
-from alpa_lite.intra_op.problem import InputRole
+from alpa_lite.intra_op.problem import InputRole, SpecPolicy
 from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.intra_op.strategies import spec_shards
 from alpa_lite.inter_op.stage_dp import StageProblem, solve_stage_dp
@@ -85,6 +85,10 @@ class PricingOptions:
     # positions in the graph's inputs of the parameters: a layer's marked copy of one is held
     # once per step by the runtime, not once per micro-batch in flight
     param_positions: frozenset[int] = frozenset()
+    # which strategies the ILP may pick (`SpecPolicy.MEGATRON` prices a named Megatron
+    # layout) and, for a policy other than AUTO, the role of each graph input
+    policy: SpecPolicy = SpecPolicy.AUTO
+    input_roles: tuple[InputRole, ...] = ()
 
 
 def build_layer_nodes(graph: OpGraph, num_layers: int) -> tuple[list[list[int]], list[set[int]]]:
@@ -148,16 +152,25 @@ LEAN_LEVELS = (0.03, 0.3, 1.0)
 
 
 def _plan_nodes(graph: OpGraph, nodes: Sequence[int], mesh: LogicalMesh,
-                options: PricingOptions, memory_price: float = 0.0):
+                options: PricingOptions, memory_price: float = 0.0,
+                intermediate_role: InputRole = InputRole.BATCH):
     """The ILP's plan of ``nodes`` on ``mesh``. ``memory_price`` (seconds per byte) charges
     each byte of the step's inputs (parameters) a device holds, times the state each
-    parameter byte brings (`PricingOptions.state_bytes_per_param_byte`)."""
+    parameter byte brings (`PricingOptions.state_bytes_per_param_byte`). Under a policy
+    other than AUTO the subgraph's inputs get the graph's input roles, and values made by
+    other operators ``intermediate_role`` (activations: BATCH; gradients read by the
+    optimizer update: PARAM)."""
     sub, _ = build_subgraph(graph, list(nodes))
     inputs = set(graph.inputs)
     price = [memory_price * options.state_bytes_per_param_byte if v in inputs else 0.0
              for v in sub.inputs]
+    roles = [InputRole.PARAM] * len(sub.inputs)
+    if options.policy is not SpecPolicy.AUTO:
+        position = {v: i for i, v in enumerate(graph.inputs)}
+        roles = [options.input_roles[position[v]] if v in position else intermediate_role
+                 for v in sub.inputs]
     return sub, solve_intra_op(
-        sub, mesh, input_roles=[InputRole.PARAM] * len(sub.inputs),
+        sub, mesh, input_roles=roles, policy=options.policy,
         input_paths=[f"v{v}" for v in sub.inputs], strict=False, solver=options.solver,
         share_repeated_layers=False, time_limit_s=options.time_limit_s,
         input_memory_price=price)
@@ -173,7 +186,8 @@ def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: L
     sub, plan = _plan_nodes(graph, nodes, mesh, options, memory_price)
     update_s = 0.0
     if update_nodes:
-        update = _plan_nodes(graph, update_nodes, mesh, options)[1]
+        update = _plan_nodes(graph, update_nodes, mesh, options,
+                             intermediate_role=InputRole.PARAM)[1]
         update_s = update.compute_s + update.objective
     specs = value_specs(sub, plan)
     grad_only = gradient_only_nodes(sub, gradients)

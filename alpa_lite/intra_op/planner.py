@@ -110,6 +110,8 @@ def estimate_unit_compute_s(graph: OpGraph, mesh: LogicalMesh, node_index: int, 
     number of devices sharing the work); it computes in `compute_dtype_name` of its values.
     Operators XLA fuses into their neighbours (`is_fused`: elementwise ops,
     broadcasts, reshapes) are priced by their flops only: their bytes never reach memory.
+    Matmuls (`OpClass.MATMUL`) compute at the mesh's matmul rate, everything else at its
+    vector rate (`LogicalMesh.flops_per_s`).
     Operators that remain kernels of their own after fusion (`OpClass.KERNEL`: matmuls,
     reductions, gathers, ...) also pay the mesh's ``op_latency_s``.
     """
@@ -120,9 +122,11 @@ def estimate_unit_compute_s(graph: OpGraph, mesh: LogicalMesh, node_index: int, 
     hbm_bytes = 0.0 if fused else estimate_op_cost(
         node.primitive, node.params, avals_in, avals_out).hbm_bytes
     divisor = max(work_divisor, 1)
+    classes = operator_class(node.primitive)
     return mesh.compute_time_s(flops / divisor, hbm_bytes / divisor,
-                               compute_dtype_name(avals_in, avals_out)) + (
-        mesh.op_latency_s if OpClass.KERNEL in operator_class(node.primitive) else 0.0)
+                               compute_dtype_name(avals_in, avals_out),
+                               matmul=OpClass.MATMUL in classes) + (
+        mesh.op_latency_s if OpClass.KERNEL in classes else 0.0)
 
 
 def decode_plan(graph, mesh, planning: PlanningProblem, choices, objective, peak_memory_bytes,

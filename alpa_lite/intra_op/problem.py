@@ -49,13 +49,18 @@ class SpecPolicy(enum.Enum):
     AUTO: any. DATA: only batch dims are ever split; parameters and optimizer state replicated.
     ZERO2: matmuls and convolutions split batch dims only (their results may be
     reduce-scattered), optimizer state is sharded, parameters replicated. ZERO3: ZERO2 plus
-    sharded parameters (gathered where they are used).
+    sharded parameters (gathered where they are used). MEGATRON: a 2-D ``(dp, tp)`` mesh
+    with Megatron-LM's tensor parallelism: batch inputs split over the first axis only,
+    every parameter of rank >= 2 split over the second axis along one of its dims (the ILP
+    picks which: column- or row-parallel), matmuls and convolutions split batch dims over
+    the first axis and other dims over the second.
     """
 
     AUTO = "auto"
     DATA = "data"
     ZERO2 = "zero2"
     ZERO3 = "zero3"
+    MEGATRON = "megatron"
 
 
 def is_transparent(primitive) -> bool:
@@ -191,7 +196,7 @@ class _UnitBuilder:
         self.batch_dependent: set[int] = set()
         # Alpa's default: on a 2-D mesh, no dim is split over both axes at once unless a
         # data-parallel policy needs the batch split over every device.
-        self.allow_mixed = policy is not SpecPolicy.AUTO
+        self.allow_mixed = policy not in (SpecPolicy.AUTO, SpecPolicy.MEGATRON)
         # Reduce-scatter strategies only where ZeRO needs them (Alpa: prefer_reduce_scatter
         # off by default); in auto mode an all-reduce followed by a free slice covers them.
         self.scatter = policy in (SpecPolicy.ZERO2, SpecPolicy.ZERO3)
@@ -217,6 +222,8 @@ class _UnitBuilder:
 
     def input_specs(self, aval, role: InputRole, path: str) -> list[Spec]:
         policy, mesh = self.policy, self.mesh
+        if policy is SpecPolicy.MEGATRON and mesh.sharding_axes:
+            return _megatron_input_specs(aval, role, mesh, path)
         if policy is SpecPolicy.AUTO or not mesh.sharding_axes:
             return enumerate_value_specs(aval, mesh, self.allow_mixed)
         if role is InputRole.BATCH:
@@ -291,12 +298,16 @@ class _UnitBuilder:
         # optimizer state.
         restricted = policy is SpecPolicy.DATA or (
             policy in (SpecPolicy.ZERO2, SpecPolicy.ZERO3) and getattr(rule, "heavy", False))
+        in_bdims = [self.batch_dims.get(v, frozenset()) if v is not None else None
+                    for v in operands]
         if restricted:
-            in_bdims = [self.batch_dims.get(v, frozenset()) if v is not None else None
-                        for v in operands]
             allow_scatter = policy is not SpecPolicy.DATA
             strategies = [s for s in strategies
                           if _splits_only_batch(s, in_bdims, out_bdims, allow_scatter)]
+        if policy is SpecPolicy.MEGATRON and getattr(rule, "heavy", False):
+            dp, tp = _megatron_axes(self.mesh)
+            strategies = [s for s in strategies
+                          if _megatron_split(s, in_bdims, out_bdims, dp, tp)]
         if getattr(rule, "heavy", False):
             full = [s for s in strategies if s.work_divisor == self.mesh.num_devices]
             strategies = full or strategies
@@ -344,6 +355,41 @@ class _UnitBuilder:
                 if vid is not None:
                     result[vid].append((index, pos))
         return result
+
+
+def _megatron_axes(mesh: LogicalMesh) -> tuple[str, str]:
+    if len(mesh.shape) != 2:
+        raise InvalidConfigError(
+            f"The Megatron policy needs a 2-D (dp, tp) logical mesh; got shape {mesh.shape}. "
+            "Use e.g. mesh_shape=(2, 4) for dp=2, tp=4 (a size-1 axis is fine).")
+    return mesh.axis_names[0], mesh.axis_names[1]
+
+
+def _megatron_input_specs(aval, role: InputRole, mesh: LogicalMesh, path: str) -> list[Spec]:
+    """Batch inputs: the batch dim over the dp axis. Parameters and optimizer state: never
+    over the dp axis; of rank >= 2, over the tp axis along one dim (when one divides)."""
+    dp, tp = _megatron_axes(mesh)
+    rank = len(aval.shape)
+    if role is InputRole.BATCH:  # a layer's activations too: kept whole when they don't divide
+        if mesh.axis_size(dp) == 1 or not aval.shape or aval.shape[0] % mesh.axis_size(dp):
+            return [replicated_spec(rank)]
+        return [batch_spec(aval, dataclasses.replace(mesh, shape=(mesh.shape[0], 1)), path)]
+    specs = [s for s in enumerate_value_specs(aval, mesh, False)
+             if not any(dp in axes for axes in s)]
+    split = [s for s in specs if any(tp in axes for axes in s)]
+    return split if rank >= 2 and split and mesh.axis_size(tp) > 1 else specs
+
+
+def _megatron_split(strategy: Strategy, in_bdims, out_bdims, dp: str, tp: str) -> bool:
+    """Does ``strategy`` split batch dims over ``dp`` only and other dims over ``tp`` only?"""
+    for specs, bdims_of in ((strategy.in_specs, in_bdims), (strategy.out_specs, out_bdims)):
+        for spec, bdims in zip(specs, bdims_of):
+            if spec is None or bdims is None:
+                continue
+            for d, axes in enumerate(spec):
+                if (dp in axes and d not in bdims) or (tp in axes and d in bdims):
+                    return False
+    return True
 
 
 def _splits_only_batch(strategy: Strategy, in_bdims, out_bdims, allow_scatter: bool) -> bool:
