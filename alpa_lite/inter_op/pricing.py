@@ -44,7 +44,7 @@ from alpa_lite.pipeline_model.partition import assign_regions, build_subgraph, p
 from alpa_lite.cost import estimate_op_cost
 from alpa_lite.errors import InfeasiblePlanError
 from alpa_lite.graph import OpGraph
-from alpa_lite.intra_op.once_per_step import gradient_only_nodes, gradient_values
+from alpa_lite.intra_op.once_per_step import gradient_only_nodes, gradient_only_values
 from alpa_lite.intra_op.planner import solve_intra_op
 from alpa_lite.intra_op.problem import InputRole, SpecPolicy
 from alpa_lite.intra_op.resharding import tensor_bytes
@@ -240,7 +240,7 @@ def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshVi
     its memory priced relative to its plan in ``fastest`` (this function's result without
     a level). ``progress`` is called with a description after each candidate."""
     nodes, forward = build_layer_nodes(graph, num_layers)
-    gradients = gradient_values(graph)
+    gradients = gradient_only_values(graph)
     updates = layer_update_nodes(graph, num_layers)
 
     def signature(indices):

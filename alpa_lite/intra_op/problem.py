@@ -52,8 +52,9 @@ class SpecPolicy(enum.Enum):
     sharded parameters (gathered where they are used). MEGATRON: a 2-D ``(dp, tp)`` mesh
     with Megatron-LM's tensor parallelism: batch inputs split over the first axis only,
     every parameter of rank >= 2 split over the second axis along one of its dims (the ILP
-    picks which: column- or row-parallel), matmuls and convolutions split batch dims over
-    the first axis and other dims over the second.
+    picks which: column- or row-parallel); the operators are the ILP's choice, which for a
+    transformer block is Megatron's split (two all-reduces of the activations forward, two
+    backward) and never costlier than it.
     """
 
     AUTO = "auto"
@@ -298,16 +299,12 @@ class _UnitBuilder:
         # optimizer state.
         restricted = policy is SpecPolicy.DATA or (
             policy in (SpecPolicy.ZERO2, SpecPolicy.ZERO3) and getattr(rule, "heavy", False))
-        in_bdims = [self.batch_dims.get(v, frozenset()) if v is not None else None
-                    for v in operands]
         if restricted:
+            in_bdims = [self.batch_dims.get(v, frozenset()) if v is not None else None
+                        for v in operands]
             allow_scatter = policy is not SpecPolicy.DATA
             strategies = [s for s in strategies
                           if _splits_only_batch(s, in_bdims, out_bdims, allow_scatter)]
-        if policy is SpecPolicy.MEGATRON and getattr(rule, "heavy", False):
-            dp, tp = _megatron_axes(self.mesh)
-            strategies = [s for s in strategies
-                          if _megatron_split(s, in_bdims, out_bdims, dp, tp)]
         if getattr(rule, "heavy", False):
             full = [s for s in strategies if s.work_divisor == self.mesh.num_devices]
             strategies = full or strategies
@@ -378,18 +375,6 @@ def _megatron_input_specs(aval, role: InputRole, mesh: LogicalMesh, path: str) -
              if not any(dp in axes for axes in s)]
     split = [s for s in specs if any(tp in axes for axes in s)]
     return split if rank >= 2 and split and mesh.axis_size(tp) > 1 else specs
-
-
-def _megatron_split(strategy: Strategy, in_bdims, out_bdims, dp: str, tp: str) -> bool:
-    """Does ``strategy`` split batch dims over ``dp`` only and other dims over ``tp`` only?"""
-    for specs, bdims_of in ((strategy.in_specs, in_bdims), (strategy.out_specs, out_bdims)):
-        for spec, bdims in zip(specs, bdims_of):
-            if spec is None or bdims is None:
-                continue
-            for d, axes in enumerate(spec):
-                if (dp in axes and d not in bdims) or (tp in axes and d in bdims):
-                    return False
-    return True
 
 
 def _splits_only_batch(strategy: Strategy, in_bdims, out_bdims, allow_scatter: bool) -> bool:
