@@ -252,6 +252,7 @@ class SimulationInfo:
         ilp_variables / ilp_status: single-mesh methods: the ILP's size and status.
         layout: the named layout this result is (`alpa_lite.layout.Layout.to_dict`), for
             ``"megatron"``, ``"dp"``, ``"zero2"``, ``"zero3"``; None for searched plans.
+        breakdown: where the predicted step time and memory go (`alpa_lite.explain`).
     """
 
     method: str
@@ -270,6 +271,7 @@ class SimulationInfo:
     ilp_variables: int | None = None
     ilp_status: str | None = None
     layout: dict | None = None
+    breakdown: object | None = None  # an `alpa_lite.explain.Breakdown`
 
     def details(self, num_micro_batches: int) -> dict:
         """The method-specific numbers as the CLI's JSON ``details`` has them."""
@@ -290,6 +292,7 @@ class SimulationInfo:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key in ("logical_mesh", "grid"):
             out[key] = None if out[key] is None else list(out[key])
+        out["breakdown"] = None if self.breakdown is None else self.breakdown.to_dict()
         return {"simulation": True, **out}
 
 
@@ -303,6 +306,10 @@ def extra_from_dict(method: str, data: dict | None):
         fields = {k: v for k, v in data.items() if k != "simulation"}
         for key in ("logical_mesh", "grid"):
             fields[key] = None if fields.get(key) is None else tuple(fields[key])
+        if fields.get("breakdown") is not None:
+            from alpa_lite.explain import Breakdown  # explain formats with the cluster module
+
+            fields["breakdown"] = Breakdown.from_dict(fields["breakdown"])
         return SimulationInfo(**fields)
     if "one_stage" in data:
         memory = data.get("stage_memory_bytes")

@@ -29,12 +29,14 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import primitives as prims
 
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.config import (AutoLayerOption, DataParallel, ShardParallel, Zero2Parallel,
                               Zero3Parallel)
 from alpa_lite.devices import stage_link
 from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
+from alpa_lite.explain import pipeline_breakdown, single_mesh_breakdown
 from alpa_lite.intra_op.problem import InputRole, SpecPolicy
 from alpa_lite.layout import Layout
 from alpa_lite.models.presets import ModelPreset
@@ -378,6 +380,20 @@ def _span_records(price, ranges, flops, submeshes, views, remat, lean=None) -> l
     return stages
 
 
+def _pipeline_breakdown(preset, cluster, k: int, price, ranges, remat, megatron=None):
+    """`explain.pipeline_breakdown` of a priced pipeline whose stages hold blocks
+    ``ranges``; a rematerialized stage's recomputed share is its blocks' forward flops."""
+    flops = _block_flops(preset, cluster, k, True, megatron) if any(remat) else None
+    shares = []
+    for (first, last), on in zip(ranges, remat):
+        forward = sum(f for f, _ in flops[first:last + 1]) if on else 0.0
+        total = sum(t for _, t in flops[first:last + 1]) if on else 1.0
+        shares.append(forward / total if total > 0 else 0.0)
+    options = _layer_graph(preset, cluster, k, any(remat), megatron)[2]
+    return pipeline_breakdown(price, k, state_per_param=options.state_bytes_per_param_byte,
+                              recompute_shares=shares)
+
+
 def _block_flops(preset, cluster, k: int, remat_layer: bool,
                  megatron=None) -> list[tuple[float, float]]:
     """Per block of the L-block model: (forward flops, total flops), from the 3-layer trace."""
@@ -404,7 +420,7 @@ def _plan_full_step(preset, cluster, policy, blocks, k, view):
     method = _METHODS[policy](mesh_shape=tuple(view), share_repeated_layers=True)
     plan = plan_single_mesh(work.train_step, (work.state, work.batch), method, StepSpec(),
                             cluster=cluster, simulate=True).plan
-    return plan.sharding, plan.extra.grad_sync_s + plan.extra.apply_s
+    return plan.sharding, plan.extra.grad_sync_s, plan.extra.apply_s
 
 
 def _simulate_single_mesh(preset, cluster, policy, num_micro_batches,
@@ -414,7 +430,7 @@ def _simulate_single_mesh(preset, cluster, policy, num_micro_batches,
     best = None
     for remat_layer in {"off": (False,), "layer": (True,), "auto": (False, True)}[remat]:
         plan = _single_mesh_plan(_with_remat(preset, remat_layer), cluster, policy,
-                                 num_micro_batches or 1)
+                                 num_micro_batches or 1, remat_layer)
         plan = _with_info(plan, remat_layers=remat_layer)
         key = (not plan.extra.fits_memory, plan.extra.predicted_step_time_s)
         if best is None or key < best[0]:
@@ -422,7 +438,9 @@ def _simulate_single_mesh(preset, cluster, policy, num_micro_batches,
     return best[1]
 
 
-def _single_mesh_plan(preset, cluster, policy, k: int) -> ParallelPlan:
+def _single_mesh_plan(preset, cluster, policy, k: int, remat_layer: bool) -> ParallelPlan:
+    """The single-mesh plan of the L-block model: planned with 2 and 3 blocks, time, memory
+    and the breakdown's parts extrapolated linearly to L blocks."""
     blocks = _num_blocks(preset)
     views = [(cluster.num_devices,)]
     if policy is SpecPolicy.AUTO and cluster.num_hosts > 1:
@@ -431,23 +449,46 @@ def _single_mesh_plan(preset, cluster, policy, k: int) -> ParallelPlan:
     for view in views:
         priced = [_plan_full_step(preset, cluster, policy, b, k, view)
                   for b in ((2, 3) if blocks > 3 else (blocks,))]
-        plans = [p for p, _ in priced]
-        per_block = (lambda f: f(priced[1]) - f(priced[0])) if len(priced) == 2 else (
-            lambda f: 0.0)
-        extra = blocks - 2 if len(plans) == 2 else 0
-        comm = plans[0].objective + extra * per_block(lambda p: p[0].objective)
-        once = priced[0][1] + extra * per_block(lambda p: p[1])
-        compute = plans[0].compute_s + extra * per_block(lambda p: p[0].compute_s)
-        memory = plans[0].peak_memory_bytes + extra * per_block(
-            lambda p: p[0].peak_memory_bytes)
-        step = single_mesh_step_time_s(compute, comm, once, k)
+        extra = blocks - 2 if len(priced) == 2 else 0
+
+        def at_l_blocks(f):
+            return f(priced[0]) + (extra * (f(priced[1]) - f(priced[0])) if extra else 0.0)
+
+        comm, sync, update, compute, memory = (at_l_blocks(f) for f in (
+            lambda p: p[0].objective, lambda p: p[1], lambda p: p[2],
+            lambda p: p[0].compute_s, lambda p: p[0].peak_memory_bytes))
+        step = single_mesh_step_time_s(compute, comm, sync + update, k)
         if best is None or step < best[0]:
-            best = (step, memory, view, plans[0].solver)
-    step, memory, view, solver = best
+            by_class = _compute_by_class(priced[-1][0])
+            scale = (compute - update) / max(sum(s for _, s in by_class), 1e-30)
+            breakdown = single_mesh_breakdown(
+                step, k, [(n, v * scale) for n, v in by_class], comm - sync, sync, update, 0.0,
+                _forward_share(preset, cluster, k) if remat_layer else 0.0, memory)
+            best = (step, memory, view, priced[0][0].solver, breakdown)
+    step, memory, view, solver, breakdown = best
     return _simulated(k, SimulationInfo("", step, memory, logical_mesh=tuple(view),
                                         fits_memory=memory <= cluster.memory_per_device_bytes,
                                         ilp_variables=solver["num_variables"],
-                                        ilp_status=solver["status"]))
+                                        ilp_status=solver["status"], breakdown=breakdown))
+
+
+def _compute_by_class(sharding) -> list[tuple[str, float]]:
+    """A sharding plan's operator seconds by `pricing.compute_class`."""
+    totals: dict[str, float] = {}
+    for decision in sharding.nodes:
+        primitive = getattr(prims, f"{decision.primitive}_p", None)
+        name = "data movement and other" if primitive is None else pricing.compute_class(
+            primitive)
+        totals[name] = totals.get(name, 0.0) + decision.compute_s
+    return sorted(totals.items())
+
+
+def _forward_share(preset, cluster, k: int) -> float:
+    """The recomputed forward's share of a rematerialized block's flops, ``f / (f + t)``
+    from the plain block's forward ``f`` and forward + backward ``t`` flops."""
+    plain = dataclasses.replace(preset, config=dataclasses.replace(preset.config, remat=False))
+    forward, total = _block_flops(plain, cluster, k, False)[min(1, _num_blocks(preset) - 1)]
+    return forward / (forward + total) if total > 0 else 0.0
 
 
 # --- named layouts ---------------------------------------------------------------------------
@@ -516,11 +557,15 @@ def _megatron_layout(preset, cluster, layout: Layout) -> ParallelPlan:
             named = dataclasses.replace(layout, dp=dp, micro_batch_size=size,
                                         remat="layer" if remat_layer else "off")
             flops = _block_flops(preset, cluster, k, remat_layer, candidate)
-            stages = _span_records(price, [(int(b[0]), int(b[-1])) for b in bounds], flops,
-                                   [shape] * pp, [(dp, tp)] * pp, [remat_layer] * pp)
+            ranges = [(int(b[0]), int(b[-1])) for b in bounds]
+            stages = _span_records(price, ranges, flops, [shape] * pp, [(dp, tp)] * pp,
+                                   [remat_layer] * pp)
+            breakdown = _pipeline_breakdown(preset, cluster, k, price, ranges,
+                                            [remat_layer] * pp, candidate)
             best = (key, _simulated(k, SimulationInfo(
                 "", price.step_time_s, memory, fits_memory=fits, grid=(dp, tp, pp),
-                remat_layers=remat_layer, layout=named.to_dict()), stages))
+                remat_layers=remat_layer, layout=named.to_dict(), breakdown=breakdown),
+                stages))
     return best[1]
 
 

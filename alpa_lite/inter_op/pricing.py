@@ -41,7 +41,7 @@ import numpy as np
 
 from alpa_lite.pipeline_model.schedules import in_flight_micro_batches
 from alpa_lite.pipeline_model.partition import assign_regions, build_subgraph, partition_pipeline
-from alpa_lite.cost import estimate_op_cost
+from alpa_lite.cost import OpClass, estimate_op_cost, operator_class
 from alpa_lite.errors import InfeasiblePlanError
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.once_per_step import gradient_only_nodes, gradient_only_values
@@ -69,10 +69,32 @@ class LayerPrice:
     activation_bytes: float
     boundary_bytes: float
     apply_s: float = 0.0
+    # compute_s by operator class (`compute_class`), for `alpa_lite.explain`
+    compute_by_class: tuple[tuple[str, float], ...] = ()
 
     @property
     def micro_batch_s(self) -> float:
         return self.compute_s + self.comm_s
+
+
+def compute_class(primitive) -> str:
+    """The breakdown's name for what an operator spends its time on."""
+    classes = operator_class(primitive)
+    if OpClass.MATMUL in classes:
+        return "matmul"
+    if OpClass.REDUCTION in classes:
+        return "reductions (norms, softmax, losses)"
+    if OpClass.ELEMENTWISE in classes or OpClass.FUSED_LAYOUT in classes:
+        return "elementwise"
+    return "data movement and other"
+
+
+def _add_classes(*tables, factor: float = 1.0) -> tuple[tuple[str, float], ...]:
+    total: dict[str, float] = {}
+    for table in tables:
+        for name, seconds in table:
+            total[name] = total.get(name, 0.0) + seconds * factor
+    return tuple(sorted(total.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +144,8 @@ def combine_prices(prices: Sequence[LayerPrice]) -> LayerPrice:
     """Consecutive layers as one (their sums; the boundary is the last layer's)."""
     total = {f: sum(getattr(p, f) for p in prices) for f in (
         "compute_s", "comm_s", "grad_sync_s", "state_bytes", "activation_bytes", "apply_s")}
-    return LayerPrice(**total, boundary_bytes=prices[-1].boundary_bytes)
+    return LayerPrice(**total, boundary_bytes=prices[-1].boundary_bytes,
+                      compute_by_class=_add_classes(*(p.compute_by_class for p in prices)))
 
 
 def scale_prices(price: LayerPrice, factor: float) -> LayerPrice:
@@ -130,6 +153,8 @@ def scale_prices(price: LayerPrice, factor: float) -> LayerPrice:
     activations and boundary scale; state, gradient sync and update do not (simulation's
     shortcut)."""
     return dataclasses.replace(price, compute_s=price.compute_s * factor,
+                               compute_by_class=_add_classes(price.compute_by_class,
+                                                             factor=factor),
                                comm_s=price.comm_s * factor,
                                activation_bytes=price.activation_bytes * factor,
                                boundary_bytes=price.boundary_bytes * factor)
@@ -215,7 +240,9 @@ def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: L
         state_bytes=weights * options.state_bytes_per_param_byte + per_device(copies),
         activation_bytes=per_device(kept),
         boundary_bytes=float(sum(tensor_bytes(graph.avals[v]) for v in leaving)),
-        apply_s=float(update_s))
+        apply_s=float(update_s),
+        compute_by_class=_add_classes(
+            [(compute_class(sub.nodes[d.index].primitive), d.compute_s) for d in plan.nodes]))
 
 
 def _parameter_copies(graph: OpGraph, forward: set[int], param_positions) -> set[int]:
@@ -352,12 +379,21 @@ def shared_stage_hosts(submesh_shapes, devices_per_host: int | None) -> list[lis
 
 @dataclasses.dataclass(frozen=True)
 class StagePrice:
-    """One stage's predicted seconds per micro-batch, once-per-step seconds and memory."""
+    """One stage's predicted seconds per micro-batch, once-per-step seconds and memory, and
+    what they are made of (for `alpa_lite.explain`): per micro-batch its compute by operator
+    class, activation collectives, boundary transfers and program launches; its state
+    (parameters, gradients, optimizer state) and activations in flight."""
 
     micro_batch_s: float
     grad_sync_s: float
     apply_s: float
     memory_bytes: float
+    compute_by_class: tuple[tuple[str, float], ...] = ()
+    comm_s: float = 0.0
+    transfer_s: float = 0.0
+    launch_s: float = 0.0
+    state_bytes: float = 0.0
+    activation_bytes: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,10 +414,18 @@ def price_pipeline(spans: Sequence[Sequence[LayerPrice]], meshes: Sequence[Logic
     alpha, beta = link
     stages = []
     for s, (span, mesh) in enumerate(zip(spans, meshes)):
-        t, g, u = estimate_stage(span, mesh, beta, alpha, s == len(spans) - 1)
-        memory = sum(p.state_bytes for p in span) + in_flight_micro_batches(
-            schedule, len(spans), s, k) * sum(p.activation_bytes for p in span)
-        stages.append(StagePrice(t, g, u, memory))
+        last = s == len(spans) - 1
+        t, g, u = estimate_stage(span, mesh, beta, alpha, last)
+        state = sum(p.state_bytes for p in span)
+        activations = in_flight_micro_batches(schedule, len(spans), s, k) * sum(
+            p.activation_bytes for p in span)
+        stages.append(StagePrice(
+            t, g, u, state + activations,
+            compute_by_class=_add_classes(*(p.compute_by_class for p in span)),
+            comm_s=sum(p.comm_s for p in span),
+            transfer_s=0.0 if last else 2 * (alpha + span[-1].boundary_bytes * beta),
+            launch_s=2 * getattr(mesh, "launch_latency_s", 0.0), state_bytes=state,
+            activation_bytes=activations))
     return PipelinePrice(tuple(stages), pipeline_step_time_s(
         [st.micro_batch_s for st in stages], [st.grad_sync_s + st.apply_s for st in stages], k,
         stage_hosts=stage_hosts))
