@@ -261,7 +261,14 @@ def _int_list(text: str) -> list[int]:
 def _add_plan_command(subparsers) -> None:
     plan = subparsers.add_parser(
         "plan", help="plan a model for a cluster you do not have (no devices, no weights)")
-    plan.add_argument("--model", required=True, help="model preset, e.g. gpt-1.3b, llama2-13b")
+    plan.add_argument("--model", required=True,
+                      help="model preset (e.g. gpt-1.3b, llama2-13b), or a family (gpt, llama) "
+                           "with --hidden --num-layers --heads [--vocab --seq-len --ffn]")
+    plan.add_argument("--hidden", type=int, default=None, help="model width (with a family)")
+    plan.add_argument("--heads", type=int, default=None, help="attention heads (with a family)")
+    plan.add_argument("--vocab", type=int, default=None, help="vocabulary (with a family)")
+    plan.add_argument("--ffn", type=int, default=None,
+                      help="MLP width (LLaMA's SwiGLU size; GPT: a multiple of --hidden)")
     plan.add_argument("--cluster", required=True,
                       help="HOSTSxDEVICES (e.g. 50x4) or a cluster preset / JSON file")
     plan.add_argument("--device", default="a100-80gb-8x",
@@ -283,11 +290,69 @@ def _add_plan_command(subparsers) -> None:
                            "(pipelines; it prices every layer both ways)")
     plan.add_argument("--method", default="auto",
                       choices=("auto", "shard", "dp", "zero2", "zero3", "megatron"))
+    plan.add_argument("--tp", type=int, default=None,
+                      help="price a named Megatron layout: tensor-parallel degree (in a host)")
+    plan.add_argument("--pp", type=int, default=None, help="named layout: pipeline stages")
+    plan.add_argument("--dp", type=int, default=None,
+                      help="named layout: data-parallel degree (default: devices / (tp pp))")
+    plan.add_argument("--micro-batch-size", type=int, default=None,
+                      help="named layout: sequences per micro-batch per replica (megatron, dp, "
+                           "zero2, zero3)")
+    plan.add_argument("--schedule", default="1f1b", choices=("1f1b", "gpipe"),
+                      help="named Megatron layout: pipeline schedule")
+    plan.add_argument("--layout", default=None, metavar="LAYOUT.json",
+                      help="price a layout file ({\"method\": \"megatron\", \"tp\": 8, ...}) or "
+                           "the JSON of an earlier `alpa-lite plan --json`")
+    plan.add_argument("--explain", action="store_true",
+                      help="print where the predicted step time and memory go")
     plan.add_argument("--compare", action="store_true",
                       help="also plan Megatron-style 3-D grids and ZeRO, print them side by side")
     plan.add_argument("--json", default=None, metavar="PLAN.json", help="write the result")
     plan.add_argument("--no-progress", action="store_true", help="no progress line")
     plan.set_defaults(handler=_run_plan)
+
+
+def _plan_model(args):
+    """The preset ``--model`` names, or a family with the dimension flags."""
+    from alpa_lite.models.presets import FAMILIES, custom_preset, get_preset
+
+    dims = {"hidden": args.hidden, "heads": args.heads, "vocab": args.vocab, "ffn": args.ffn}
+    if args.model not in FAMILIES:
+        given = [f"--{k}" for k, v in dims.items() if v is not None]
+        if given:
+            raise InvalidConfigError(
+                f"{', '.join(given)} describe a model of a family; --model {args.model!r} is a "
+                f"preset. Use --model gpt or --model llama with them, or drop them.")
+        return get_preset(args.model)
+    missing = [f"--{k}" for k in ("hidden", "heads") if dims[k] is None] + (
+        ["--num-layers"] if args.num_layers is None else [])
+    if missing:
+        raise InvalidConfigError(
+            f"--model {args.model} needs {', '.join(missing)} (and may take --vocab, "
+            "--seq-len, --batch-size, --ffn), e.g. --model gpt --hidden 2304 --num-layers 24 "
+            "--heads 24 --seq-len 2048 --batch-size 512.")
+    return custom_preset(args.model, hidden=args.hidden, num_layers=args.num_layers,
+                         heads=args.heads, vocab=args.vocab, seq_len=args.seq_len,
+                         batch=args.batch_size or 1024, ffn=args.ffn)
+
+
+def _plan_layout(args):
+    """The named layout of ``--layout`` or of the layout flags, or None (search)."""
+    from alpa_lite.layout import Layout
+
+    if args.layout is not None:
+        return Layout.load(args.layout)
+    named = args.tp is not None or args.pp is not None or args.dp is not None or (
+        args.micro_batch_size is not None)
+    if not named:
+        return None
+    if args.method not in ("megatron", "dp", "zero2", "zero3"):
+        raise InvalidConfigError(
+            f"--tp/--pp/--dp/--micro-batch-size name a layout of method megatron, dp, zero2 "
+            f"or zero3; got --method {args.method}. Add e.g. --method megatron.")
+    return Layout(method=args.method, tp=args.tp or 1, pp=args.pp or 1, dp=args.dp,
+                  micro_batch_size=args.micro_batch_size, schedule=args.schedule,
+                  remat=args.remat)
 
 
 def _plan_cluster(args) -> ClusterSpec:
@@ -306,15 +371,17 @@ def _plan_cluster(args) -> ClusterSpec:
 def _run_plan(args) -> int:
     import json
 
-    from alpa_lite.models.presets import get_preset
     from alpa_lite.simulate import simulate, simulation_to_dict
 
     cluster = _plan_cluster(args)
     if args.dtype == "auto":
         args.dtype = cluster.training_dtype
-    preset = get_preset(args.model).with_overrides(
+    preset = _plan_model(args).with_overrides(
         num_layers=args.num_layers, batch_size=args.batch_size, seq_len=args.seq_len,
         dtype=None if args.dtype == "float32" else args.dtype)
+    layout = _plan_layout(args)
+    if layout is not None:
+        args.method, args.remat = layout.method, layout.remat
     methods = [args.method] + ([m for m in ("megatron", "zero2", "zero3") if m != args.method]
                                if args.compare else [])
     results, skipped = [], []
@@ -326,17 +393,25 @@ def _run_plan(args) -> int:
         try:
             results.append(simulate(preset, cluster, method=method,
                                     num_micro_batches=args.micro_batches, remat=args.remat,
-                                    progress=not args.no_progress))
+                                    progress=not args.no_progress,
+                                    layout=layout if method == args.method else None))
         except AlpaLiteError as err:
             if method == args.method:
                 raise
             skipped.append(f"{method}: not applicable: {err}")
     for result in results:
         print(_format_simulation(result, cluster))
+        if args.explain and result.extra.breakdown is not None:
+            print(result.extra.breakdown.format())
     for line in skipped:
         print(line)
     if len(results) > 1:
         print(_format_comparison(results, cluster))
+        if args.explain:
+            from alpa_lite.explain import format_side_by_side
+
+            print(format_side_by_side({r.extra.method: r.extra.breakdown for r in results
+                                       if r.extra.breakdown is not None}))
     if args.json:
         payload = {"model": preset.name, "num_layers": preset.config.num_layers,
                    "batch_size": preset.default_batch_size, "dtype": args.dtype,

@@ -118,7 +118,7 @@ def pipeline_breakdown(price, k: int, *, state_per_param: float,
     b = stages[slowest]
     compute = sum(s for _, s in b.compute_by_class)
     time = _split_compute(b.compute_by_class, recompute_shares[slowest], k)
-    time += [("tensor-parallel collectives", k * b.comm_s),
+    time += [("activation collectives (tensor parallel)", k * b.comm_s),
              ("stage transfers", k * b.transfer_s),
              ("program launches", k * b.launch_s),
              ("unattributed (per micro-batch)",
@@ -132,7 +132,7 @@ def pipeline_breakdown(price, k: int, *, state_per_param: float,
         "stage": s,
         "time_per_micro_batch": tuple(
             _split_compute(st.compute_by_class, recompute_shares[s], 1.0)
-            + [("tensor-parallel collectives", st.comm_s), ("stage transfers", st.transfer_s),
+            + [("activation collectives (tensor parallel)", st.comm_s), ("stage transfers", st.transfer_s),
                ("program launches", st.launch_s)]),
         "once_per_step": (("gradient sync", st.grad_sync_s), ("optimizer update", st.apply_s)),
         "memory": memory_parts(st.state_bytes, st.activation_bytes, state_per_param),

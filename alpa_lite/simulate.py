@@ -79,11 +79,15 @@ def _with_info(plan: ParallelPlan, **changes) -> ParallelPlan:
 
 def simulation_to_dict(plan: ParallelPlan) -> dict:
     """A simulated plan as the CLI's JSON has it: ``method``, ``predicted_step_time_s``,
-    ``memory_per_device_bytes``, ``search_time_s``, ``stages`` (blocks, submesh, logical
-    mesh, time per micro-batch, memory, remat, lean) and ``details``."""
+    ``memory_per_device_bytes``, ``fits_memory``, ``search_time_s``, ``stages`` (blocks,
+    submesh, logical mesh, time per micro-batch, memory, remat, lean), ``details``, the
+    named ``layout`` (None for searched plans; `alpa-lite plan --layout` takes this JSON
+    back) and the ``breakdown`` (`alpa_lite.explain`)."""
     info = plan.extra
     return {"method": info.method, "predicted_step_time_s": info.predicted_step_time_s,
             "memory_per_device_bytes": info.memory_per_device_bytes,
+            "fits_memory": info.fits_memory, "layout": info.layout,
+            "breakdown": None if info.breakdown is None else info.breakdown.to_dict(),
             "search_time_s": plan.plan_time_s,
             "stages": [{"blocks": [st.layers[0], st.layers[-1]], "submesh": list(st.submesh),
                         "logical_mesh": list(st.logical_mesh),

@@ -31,8 +31,8 @@ from typing import Literal, Mapping
 import jax.numpy as jnp
 
 from alpa_lite.errors import InvalidConfigError
-from alpa_lite.models.gpt import GPTConfig
-from alpa_lite.models.llama import LlamaConfig
+from alpa_lite.models.gpt import GPTConfig, estimate_gpt_params
+from alpa_lite.models.llama import LlamaConfig, estimate_llama_params
 from alpa_lite.models.wide_resnet import WideResNetConfig
 
 Family = Literal["gpt", "llama", "wresnet"]
@@ -153,6 +153,55 @@ _ALL = [
 ]
 
 PRESETS: Mapping[str, ModelPreset] = types.MappingProxyType({p.name: p for p in _ALL})
+
+
+FAMILIES = ("gpt", "llama")
+
+
+def custom_preset(family: str, *, hidden: int, num_layers: int, heads: int,
+                  vocab: int | None = None, seq_len: int | None = None, batch: int = 1024,
+                  ffn: int | None = None) -> ModelPreset:
+    """A model of ``family`` (``"gpt"`` or ``"llama"``) with the given dimensions, for
+    planning a model no preset names (`alpa-lite plan --model gpt --hidden ...`).
+
+    Defaults: GPT vocabulary 51200 and sequence 1024 with an MLP of ``4 * hidden`` (``ffn``
+    must be a multiple of ``hidden``); LLaMA vocabulary 32000, sequence 4096 and ``ffn``
+    required. Grouped-query attention (fewer KV heads) is not modelled.
+
+    Example:
+        >>> custom_preset("gpt", hidden=2304, num_layers=24, heads=24, seq_len=2048).config.mlp_ratio
+        4
+    """
+    for name, value in (("hidden", hidden), ("num_layers", num_layers), ("heads", heads),
+                        ("batch", batch), ("vocab", vocab), ("seq_len", seq_len),
+                        ("ffn", ffn)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise InvalidConfigError(f"--{name.replace('_', '-')} must be a positive integer; "
+                                     f"got {value!r}.")
+    if hidden % heads:
+        raise InvalidConfigError(
+            f"--heads {heads} must divide --hidden {hidden} (head size hidden / heads).")
+    name = f"{family}-h{hidden}-l{num_layers}"
+    if family == "gpt":
+        if ffn is not None and ffn % hidden:
+            raise InvalidConfigError(
+                f"GPT's MLP width is a multiple of hidden; --ffn {ffn} is not a multiple of "
+                f"--hidden {hidden}. Leave --ffn out for 4 x hidden.")
+        config = GPTConfig(vocab or 51200, hidden, num_layers, heads, seq_len or 1024,
+                           mlp_ratio=(ffn // hidden) if ffn else 4)
+    elif family == "llama":
+        if ffn is None:
+            raise InvalidConfigError(
+                "--model llama needs --ffn (the SwiGLU width, e.g. 11008 for LLaMA-2 7B).")
+        config = LlamaConfig(vocab or 32000, hidden, num_layers, heads, ffn_size=ffn,
+                             seq_len=seq_len or 4096)
+    else:
+        raise InvalidConfigError(
+            f"--model with dimension flags takes a family, one of {FAMILIES}; got {family!r}.")
+    count = estimate_gpt_params(config) if family == "gpt" else estimate_llama_params(config)
+    return ModelPreset(name=name, family=family, config=config, default_batch_size=batch,
+                       nominal_params=float(count))
 
 
 def get_preset(name: str) -> ModelPreset:
