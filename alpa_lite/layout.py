@@ -79,6 +79,11 @@ class Layout:
     def data_parallel(self, num_devices: int) -> int:
         """The data-parallel degree on ``num_devices`` devices (checks that they divide)."""
         model = self.tp * self.pp
+        if self.dp is None and num_devices % model:
+            raise InvalidConfigError(
+                f"The cluster's {num_devices} devices do not divide into tp={self.tp} x "
+                f"pp={self.pp} = {model} per data-parallel replica. Choose tp x pp dividing "
+                f"{num_devices}.")
         dp = self.dp if self.dp is not None else num_devices // model
         if model * dp != num_devices:
             raise InvalidConfigError(

@@ -29,7 +29,6 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import primitives as prims
 
 from alpa_lite.cluster import ClusterSpec
 from alpa_lite.config import (AutoLayerOption, DataParallel, ShardParallel, Zero2Parallel,
@@ -347,9 +346,12 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None, lean_priced=Non
                          else solution.assignment).predicted_latency_s
     stages = _stage_records(solution, bounds, flops, remat_layer)
     peak = max(st.peak_memory_bytes for st in stages)
+    breakdown = _pipeline_breakdown(preset, cluster, k, solution.price,
+                                    [(st.layers[0], st.layers[-1]) for st in stages],
+                                    [st.remat for st in stages])
     info = SimulationInfo("auto", solution.assignment.predicted_latency_s, peak,
                           fits_memory=fits and peak <= cluster.memory_per_device_bytes,
-                          dp_layers=groups)
+                          dp_layers=groups, breakdown=breakdown)
     return _simulated(k, info, stages), unconstrained
 
 
@@ -417,29 +419,55 @@ def _with_remat(preset: ModelPreset, remat_layer: bool) -> ModelPreset:
 
 def _plan_full_step(preset, cluster, policy, blocks, k, view):
     """``blocks`` blocks at micro-batch size planned for ``cluster`` by the planner
-    `parallelize(...).plan(..., cluster=...)` uses; its intra-op plan and once-per-step
-    seconds."""
+    `parallelize(...).plan(..., cluster=...)` uses: its intra-op plan, gradient-sync and
+    update seconds (once per step), the update's compute seconds, and the per-micro-batch
+    compute by class (`pricing.compute_class`, operators before the gradient boundary)."""
     small = _micro_batch_preset(preset, k, blocks)
     work = build_workload(small, abstract=True)
     method = _METHODS[policy](mesh_shape=tuple(view), share_repeated_layers=True)
-    plan = plan_single_mesh(work.train_step, (work.state, work.batch), method, StepSpec(),
-                            cluster=cluster, simulate=True).plan
-    return plan.sharding, plan.extra.grad_sync_s, plan.extra.apply_s
+    planned = plan_single_mesh(work.train_step, (work.state, work.batch), method, StepSpec(),
+                               cluster=cluster, simulate=True)
+    plan, graph = planned.plan, planned.trace.graph
+    boundary = next((n.index for n in graph.nodes if n.name == "grad_boundary"), math.inf)
+    by_class: dict[str, float] = {}
+    for d in plan.sharding.nodes:
+        if d.index < boundary:
+            name = pricing.compute_class(graph.nodes[d.index].primitive)
+            by_class[name] = by_class.get(name, 0.0) + d.compute_s
+    update_compute = sum(d.compute_s for d in plan.sharding.nodes if d.index > boundary)
+    return (plan.sharding, plan.extra.grad_sync_s, plan.extra.apply_s, update_compute,
+            by_class)
 
 
 def _simulate_single_mesh(preset, cluster, policy, num_micro_batches,
                           remat: str = "off") -> ParallelPlan:
-    """The single-mesh plan at ``num_micro_batches`` (default 1); with ``remat="auto"`` the
-    faster of plain and rematerialized blocks that fits memory."""
+    """The single-mesh plan at ``num_micro_batches``; with ``remat="auto"`` the faster of
+    plain and rematerialized blocks that fits memory. Without a micro-batch count, the
+    fewest micro-batches (1, 2, 4, ...: gradient accumulation, at least one sequence per
+    device each) with which a plan fits, else the lightest."""
+    n, batch = cluster.num_devices, preset.default_batch_size
+    counts = [num_micro_batches] if num_micro_batches else [
+        k for k in (2**i for i in range(batch.bit_length())) if batch % k == 0
+        and (batch // k) % n == 0] or [1]
     best = None
-    for remat_layer in {"off": (False,), "layer": (True,), "auto": (False, True)}[remat]:
-        plan = _single_mesh_plan(_with_remat(preset, remat_layer), cluster, policy,
-                                 num_micro_batches or 1, remat_layer)
-        plan = _with_info(plan, remat_layers=remat_layer)
-        key = (not plan.extra.fits_memory, plan.extra.predicted_step_time_s)
-        if best is None or key < best[0]:
-            best = (key, plan)
-    return best[1]
+    for k in counts:
+        for remat_layer in {"off": (False,), "layer": (True,), "auto": (False, True)}[remat]:
+            plan = _single_mesh_plan(_with_remat(preset, remat_layer), cluster, policy, k,
+                                     remat_layer)
+            plan = _with_info(plan, remat_layers=remat_layer)
+            key = (not plan.extra.fits_memory, plan.extra.predicted_step_time_s
+                   if plan.extra.fits_memory else plan.extra.memory_per_device_bytes)
+            if best is None or key < best[0]:
+                best = (key, plan)
+        if best[1].extra.fits_memory:
+            break
+    plan = best[1]
+    size, rest = divmod(batch, plan.num_micro_batches * n)
+    method = {v: k for k, v in _POLICIES.items()}[policy]
+    named = None if rest or method == "shard" else Layout(
+        method=method, dp=n, micro_batch_size=size,
+        remat="layer" if plan.extra.remat_layers else "off").to_dict()
+    return _with_info(plan, layout=named)
 
 
 def _single_mesh_plan(preset, cluster, policy, k: int, remat_layer: bool) -> ParallelPlan:
@@ -458,15 +486,15 @@ def _single_mesh_plan(preset, cluster, policy, k: int, remat_layer: bool) -> Par
         def at_l_blocks(f):
             return f(priced[0]) + (extra * (f(priced[1]) - f(priced[0])) if extra else 0.0)
 
-        comm, sync, update, compute, memory = (at_l_blocks(f) for f in (
+        comm, sync, update, compute, memory, update_compute = (at_l_blocks(f) for f in (
             lambda p: p[0].objective, lambda p: p[1], lambda p: p[2],
-            lambda p: p[0].compute_s, lambda p: p[0].peak_memory_bytes))
+            lambda p: p[0].compute_s, lambda p: p[0].peak_memory_bytes, lambda p: p[3]))
         step = single_mesh_step_time_s(compute, comm, sync + update, k)
         if best is None or step < best[0]:
-            by_class = _compute_by_class(priced[-1][0])
-            scale = (compute - update) / max(sum(s for _, s in by_class), 1e-30)
+            by_class = [(name, at_l_blocks(lambda p, n=name: p[4].get(n, 0.0)))
+                        for name in sorted(set(priced[-1][4]) | set(priced[0][4]))]
             breakdown = single_mesh_breakdown(
-                step, k, [(n, v * scale) for n, v in by_class], comm - sync, sync, update, 0.0,
+                step, k, by_class, comm - sync - (update - update_compute), sync, update, 0.0,
                 _forward_share(preset, cluster, k) if remat_layer else 0.0, memory)
             best = (step, memory, view, priced[0][0].solver, breakdown)
     step, memory, view, solver, breakdown = best
@@ -474,17 +502,6 @@ def _single_mesh_plan(preset, cluster, policy, k: int, remat_layer: bool) -> Par
                                         fits_memory=memory <= cluster.memory_per_device_bytes,
                                         ilp_variables=solver["num_variables"],
                                         ilp_status=solver["status"], breakdown=breakdown))
-
-
-def _compute_by_class(sharding) -> list[tuple[str, float]]:
-    """A sharding plan's operator seconds by `pricing.compute_class`."""
-    totals: dict[str, float] = {}
-    for decision in sharding.nodes:
-        primitive = getattr(prims, f"{decision.primitive}_p", None)
-        name = "data movement and other" if primitive is None else pricing.compute_class(
-            primitive)
-        totals[name] = totals.get(name, 0.0) + decision.compute_s
-    return sorted(totals.items())
 
 
 def _forward_share(preset, cluster, k: int) -> float:
@@ -509,10 +526,8 @@ def _single_mesh_layout(preset, cluster, layout: Layout) -> ParallelPlan:
             f"Micro-batch size {size} on {n} devices needs a batch that is a multiple of "
             f"{n * size}; the batch is {batch}. Choose --micro-batch-size dividing "
             f"{batch // n if batch % n == 0 else batch} or another --batch-size.")
-    plan = _simulate_single_mesh(preset, cluster, _POLICIES[layout.method], batch // (n * size),
+    return _simulate_single_mesh(preset, cluster, _POLICIES[layout.method], batch // (n * size),
                                  layout.remat)
-    return _with_info(plan, layout=dataclasses.replace(
-        layout, micro_batch_size=size, dp=n).to_dict())
 
 
 def _megatron_layout(preset, cluster, layout: Layout) -> ParallelPlan:
@@ -624,7 +639,14 @@ def _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, best):
                 key = (not fits, latency)
                 if best is None or key < best[0]:
                     dp, tp = (view[0], view[1]) if len(view) == 2 else (view[0], 1)
+                    size, rest = divmod(preset.default_batch_size, k * dp)
+                    named = None if rest or lean else Layout(
+                        method="megatron", tp=tp, pp=pp, dp=dp, micro_batch_size=size,
+                        remat="layer" if remat_on else "off").to_dict()
+                    ranges = [(s * per, (s + 1) * per - 1) for s in range(pp)]
                     best = (key, _simulated(k, SimulationInfo(
                         "", latency, mem, fits_memory=fits, grid=(dp, tp, pp),
-                        remat_layers=remat_on, lean=lean)))
+                        remat_layers=remat_on, lean=lean, layout=named,
+                        breakdown=_pipeline_breakdown(preset, cluster, k, price, ranges,
+                                                      [remat_on] * pp))))
     return best

@@ -70,11 +70,14 @@ def build(args):
     preset = get_preset(args.model).with_overrides(
         num_layers=args.layers, batch_size=args.batch_size,
         dtype=None if args.dtype == "float32" else args.dtype)
-    if getattr(args, "hidden", None):
+    dims = {field: getattr(args, name, None) for name, field in (
+        ("hidden", "hidden_size"), ("heads", "num_heads"), ("vocab", "vocab_size"),
+        ("seq_len", "seq_len"))}
+    dims = {field: value for field, value in dims.items() if value}
+    if dims:
         if preset.family == "wresnet":
-            raise SystemExit("--hidden applies to GPT / LLaMA presets only")
-        preset = dataclasses.replace(preset, config=dataclasses.replace(
-            preset.config, hidden_size=args.hidden))
+            raise SystemExit("--hidden/--heads/--vocab/--seq-len apply to GPT / LLaMA only")
+        preset = dataclasses.replace(preset, config=dataclasses.replace(preset.config, **dims))
     optimizer = None
     if preset.family != "wresnet":
         # AdamW + global-norm clipping as in GPT training; eps=1e-3 so Adam's 1/sqrt(v) does not

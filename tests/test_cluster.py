@@ -98,7 +98,9 @@ def test_presets_are_valid_and_named():
             "cpu-sim"} <= set(CLUSTER_PRESETS)
     for name, spec in CLUSTER_PRESETS.items():
         assert spec.name == name
-        assert spec.intra_host.bandwidth_bytes_per_s >= spec.inter_host.bandwidth_bytes_per_s
+        # a device's share of its host's network is slower than its intra-host link
+        assert spec.intra_host.bandwidth_bytes_per_s >= (
+            spec.inter_host.bandwidth_bytes_per_s / spec.devices_per_host)
     seed = get_cluster_preset("seed-50x4-32gb")
     assert (seed.num_hosts, seed.devices_per_host, seed.memory_per_device_bytes) == (
         50, 4, 32 * 2**30)
@@ -119,15 +121,19 @@ def test_overrides_return_new_specs():
         spec.with_hosts(0)
 
 
-@pytest.mark.parametrize("logical_shape, links", [
-    ((2, 8), ("inter", "intra")), ((4, 4), ("inter", "intra")), ((16, 1), ("inter", "intra")),
-    ((1, 16), ("intra", "inter")), ((16,), ("inter",)), ((8, 2), ("inter", "intra"))])
-def test_logical_mesh_axis_spanning_hosts_gets_inter_link(logical_shape, links):
+# share: of a host's network, what one group of the axis spanning hosts gets (its devices on
+# a host over the host's 8: all groups of the axis run at once)
+@pytest.mark.parametrize("logical_shape, links, share", [
+    ((2, 8), ("inter", "intra"), 1 / 8), ((4, 4), ("inter", "intra"), 2 / 8),
+    ((16, 1), ("inter", "intra"), 1.0), ((1, 16), ("intra", "inter"), 1.0),
+    ((16,), ("inter",), 1.0), ((8, 2), ("inter", "intra"), 4 / 8)])
+def test_logical_mesh_axis_spanning_hosts_gets_inter_link(logical_shape, links, share):
     mesh = make_spec().logical_mesh((2, 8), logical_shape)
     assert mesh.shape == logical_shape and mesh.axis_links == links
     for link, alpha, beta in zip(links, mesh.alpha_s, mesh.beta_s_per_byte):
-        expected = INTER if link == "inter" else INTRA
-        assert (alpha, beta) == (expected.alpha_s, 1 / expected.bandwidth_bytes_per_s)
+        expected, part = (INTER, share) if link == "inter" else (INTRA, 1.0)
+        assert alpha == expected.alpha_s
+        assert beta == pytest.approx(1 / (expected.bandwidth_bytes_per_s * part))
     assert mesh.memory_per_device_bytes == 2**30 and mesh.peak_flops_per_s == 1e13
 
 
@@ -177,4 +183,4 @@ def test_from_devices_with_profile_fits_the_links():
 
 def test_describe_mentions_devices_and_links():
     text = dataclasses.replace(get_cluster_preset("h100-80gb-8x"), num_hosts=2).describe()
-    assert "2 host(s) x 8 = 16" in text and "450 GB/s" in text and "80 GiB" in text
+    assert "2 host(s) x 8 = 16" in text and "323 GB/s" in text and "80 GiB" in text

@@ -24,7 +24,7 @@ from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary
     (layer_boundary_p, OpClass.DATA_MOVEMENT | OpClass.FUSED_LAYOUT),
     (prims.gather_p, OpClass.DATA_MOVEMENT | OpClass.KERNEL),
     (prims.dynamic_update_slice_p, OpClass.DATA_MOVEMENT | OpClass.KERNEL),
-    (prims.dot_general_p, OpClass.KERNEL),
+    (prims.dot_general_p, OpClass.KERNEL | OpClass.MATMUL),
     (prims.reduce_sum_p, OpClass.KERNEL | OpClass.REDUCTION),
     (prims.reduce_xor_p, OpClass.REDUCTION),
     (prims.while_p, OpClass(0)),
