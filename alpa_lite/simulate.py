@@ -450,17 +450,14 @@ def _simulate_single_mesh(preset, cluster, policy, num_micro_batches,
         k for k in (2**i for i in range(batch.bit_length())) if batch % k == 0
         and (batch // k) % n == 0] or [1]
     best = None
-    for k in counts:
-        for remat_layer in {"off": (False,), "layer": (True,), "auto": (False, True)}[remat]:
-            plan = _single_mesh_plan(_with_remat(preset, remat_layer), cluster, policy, k,
-                                     remat_layer)
-            plan = _with_info(plan, remat_layers=remat_layer)
-            key = (not plan.extra.fits_memory, plan.extra.predicted_step_time_s
-                   if plan.extra.fits_memory else plan.extra.memory_per_device_bytes)
-            if best is None or key < best[0]:
-                best = (key, plan)
-        if best[1].extra.fits_memory:
-            break
+    for remat_layer in {"off": (False,), "layer": (True,), "auto": (False, True)}[remat]:
+        plan = _fewest_micro_batches(preset, cluster, policy, counts, remat_layer)
+        key = (not plan.extra.fits_memory, plan.extra.predicted_step_time_s
+               if plan.extra.fits_memory else plan.extra.memory_per_device_bytes)
+        if best is None or key < best[0]:
+            best = (key, plan)
+        if plan.extra.fits_memory:
+            break  # more micro-batches cost less than recomputing every forward
     plan = best[1]
     size, rest = divmod(batch, plan.num_micro_batches * n)
     method = {v: k for k, v in _POLICIES.items()}[policy]
@@ -468,6 +465,30 @@ def _simulate_single_mesh(preset, cluster, policy, num_micro_batches,
         method=method, dp=n, micro_batch_size=size,
         remat="layer" if plan.extra.remat_layers else "off").to_dict()
     return _with_info(plan, layout=named)
+
+
+def _fewest_micro_batches(preset, cluster, policy, counts, remat_layer: bool) -> ParallelPlan:
+    """The single-mesh plan at the fewest of ``counts`` micro-batches that fits memory, else
+    the lightest tried. The memory at the first two counts, ``state + activations / k``,
+    predicts the count to try next, so a search plans three or four counts, not all."""
+    def plan_at(k: int) -> ParallelPlan:
+        plan = _single_mesh_plan(_with_remat(preset, remat_layer), cluster, policy, k,
+                                 remat_layer)
+        return _with_info(plan, remat_layers=remat_layer)
+
+    tried = [plan_at(counts[0])]
+    if len(counts) > 1 and not tried[0].extra.fits_memory:
+        tried.append(plan_at(counts[1]))
+        (k1, m1), (k2, m2) = ((p.num_micro_batches, p.extra.memory_per_device_bytes)
+                              for p in tried)
+        activations = (m1 - m2) / (1 / k1 - 1 / k2)
+        state = m1 - activations / k1
+        rest = [k for k in counts[2:] if activations > 0
+                and state + activations / k <= cluster.memory_per_device_bytes]
+        while rest and not tried[-1].extra.fits_memory:
+            tried.append(plan_at(rest.pop(0)))
+    fitting = [p for p in tried if p.extra.fits_memory]
+    return fitting[0] if fitting else min(tried, key=lambda p: p.extra.memory_per_device_bytes)
 
 
 def _single_mesh_plan(preset, cluster, policy, k: int, remat_layer: bool) -> ParallelPlan:
@@ -562,6 +583,9 @@ def _megatron_layout(preset, cluster, layout: Layout) -> ParallelPlan:
     best = None
     for size, remat_layer in itertools.product(
             sizes, {"off": (False,), "layer": (True,), "auto": (False, True)}[layout.remat]):
+        if remat_layer and layout.remat == "auto" and best is not None and (
+                best[1].extra.layout["micro_batch_size"] == size and best[1].extra.fits_memory):
+            continue  # recomputing only adds time to a layout that fits
         k = batch // (dp * size)
         layers = _expand(_price_layers(preset, cluster, k, remat_layer, candidate)[candidate],
                          blocks)
