@@ -207,3 +207,14 @@ def test_megatron_calibration_point_is_within_the_band():
     published = 96 * 512 * 2048 * 24 * 2304**2 * (
         1 + 2048 / (6 * 2304) + 51200 / (16 * 24 * 2304)) / (137e12 * 32)
     assert 0.85 <= plan.predicted_step_time_s / published <= 1.15
+
+
+def test_cli_compare_explain_sets_the_methods_side_by_side(capsys):
+    assert main(["plan", "--model", "gpt-tiny", "--num-layers", "4", "--cluster", "1x8",
+                 "--device", "a100-80gb-8x", "--remat", "off", "--compare", "--explain",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("predicted speedup"):] if "predicted speedup" in out else out
+    header = next(line for line in table.splitlines() if "zero3" in line and "megatron" in line)
+    assert header.split() == ["auto", "megatron", "zero2", "zero3"]
+    assert "optimizer update" in table and "predicted step" in table
