@@ -176,3 +176,61 @@ def format_side_by_side(breakdowns: Mapping[str, Breakdown]) -> str:
     lines.append(f"{'predicted step':<{width}}" + "".join(
         f"{breakdowns[n].total_s:>12.4g} s" for n in names))
     return "\n".join(lines)
+
+
+def plan_breakdown(plan) -> Breakdown:
+    """`ParallelPlan.explain`: a simulated plan's own breakdown; for a plan of
+    `parallelize(...).plan(...)`, one from what the plan records: a single-mesh plan's
+    operators by class (their compute shares split the per-micro-batch time; the optimizer
+    update's collectives are counted with it), or a pipeline's stage times (bubble,
+    gradient sync and update as above; per-stage compute is not split by class there).
+
+    Raises:
+        InvalidConfigError: for a plan that records no prediction (a loaded plan of an old
+            format).
+    """
+    from alpa_lite.errors import InvalidConfigError
+    from alpa_lite.inter_op.pricing import compute_class
+    from jax.extend.core import primitives as prims
+
+    own = getattr(plan.extra, "breakdown", None)
+    if own is not None:
+        return own
+    total, k = plan.predicted_step_time_s, plan.num_micro_batches
+    if total != total:  # NaN
+        raise InvalidConfigError(
+            "This plan records no predicted step time to explain; plan again with "
+            "parallelize(...).plan(...) or alpa_lite.simulate.simulate.")
+    if plan.sharding is not None:
+        sync = float(getattr(plan.extra, "grad_sync_s", 0.0))
+        update = float(getattr(plan.extra, "apply_s", 0.0))
+        by_class: dict[str, float] = {}
+        for d in plan.sharding.nodes:
+            primitive = getattr(prims, f"{d.primitive}_p", None)
+            name = "data movement and other" if primitive is None else compute_class(primitive)
+            by_class[name] = by_class.get(name, 0.0) + d.compute_s
+        compute = max(plan.sharding.compute_s - update, 0.0)
+        scale = compute / plan.sharding.compute_s if plan.sharding.compute_s > 0 else 0.0
+        comm = plan.sharding.compute_s + plan.sharding.objective - sync - update - compute
+        launch = plan.sharding.mesh.launch_latency_s
+        return single_mesh_breakdown(total, k, [(n, s * scale) for n, s in by_class.items()],
+                                     comm, sync, update, launch, 0.0,
+                                     plan.sharding.peak_memory_bytes)
+    stages = plan.stages
+    times = [st.forward_s + st.backward_s for st in stages]
+    slowest = max(range(len(stages)), key=lambda s: times[s])
+    once = max(range(len(stages)), key=lambda s: stages[s].grad_sync_s + stages[s].apply_s)
+    parts = [("stage compute and collectives (slowest stage, k micro-batches)",
+              k * times[slowest]),
+             ("pipeline bubble", sum(times) - times[slowest]),
+             ("gradient sync (exposed)", stages[once].grad_sync_s),
+             ("optimizer update", stages[once].apply_s)]
+    parts.append(("other (stages sharing a host, launches)", total - sum(s for _, s in parts)))
+    per_stage = tuple({"stage": st.stage,
+                       "time_per_micro_batch": (("forward", st.forward_s),
+                                                ("backward", st.backward_s)),
+                       "once_per_step": (("gradient sync", st.grad_sync_s),
+                                         ("optimizer update", st.apply_s)),
+                       "memory": (("peak", st.peak_memory_bytes),)} for st in stages)
+    return Breakdown(total, _nonzero(parts), (("gradient sync overlapped", 0.0),),
+                     (("peak of the fullest stage", plan.peak_memory_bytes),), per_stage)

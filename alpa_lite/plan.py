@@ -387,6 +387,13 @@ class ParallelPlan:
             return float(self.extra.memory_per_device_bytes)
         return max((float(s.peak_memory_bytes) for s in self.stages), default=math.nan)
 
+    def explain(self):
+        """Where the predicted step time and memory go: an `alpa_lite.explain.Breakdown`
+        (``.format()`` prints it; `alpa-lite plan --explain` shows a simulation's)."""
+        from alpa_lite.explain import plan_breakdown  # explain formats with the cluster module
+
+        return plan_breakdown(self)
+
     def summary(self, max_rows: int = 40) -> str:
         """A readable table: mesh, objective, solver, inputs and the main operator choices."""
         return format_plan_summary(self, max_rows=max_rows)

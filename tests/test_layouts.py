@@ -218,3 +218,25 @@ def test_cli_compare_explain_sets_the_methods_side_by_side(capsys):
     header = next(line for line in table.splitlines() if "zero3" in line and "megatron" in line)
     assert header.split() == ["auto", "megatron", "zero2", "zero3"]
     assert "optimizer update" in table and "predicted step" in table
+
+
+def test_explain_a_plan_of_parallelize():
+    import alpa_lite
+    from alpa_lite.models.train import build_workload
+
+    work = build_workload(get_preset("gpt-tiny"), abstract=True)
+    methods = {"shard": alpa_lite.ShardParallel(mesh_shape=(2, 4), num_micro_batches=2),
+               "pipeline": alpa_lite.PipeshardParallel(
+                   num_micro_batches=2, stage_option=alpa_lite.UniformStageOption(num_stages=2),
+                   layer_option=alpa_lite.AutoLayerOption(layer_num=2))}
+    for name, method in methods.items():
+        plan = alpa_lite.parallelize(work.train_step, method=method).plan(work.state, work.batch)
+        breakdown = plan.explain()
+        _sums_to_total(breakdown)
+        assert breakdown.total_s == plan.predicted_step_time_s
+        parts = dict(breakdown.time)
+        if name == "pipeline":
+            assert parts["pipeline bubble"] > 0 and len(breakdown.stages) == 2
+        else:
+            assert parts["compute: matmul"] > 0 and "gradient sync (exposed)" in parts
+        assert "predicted step" in breakdown.format()
