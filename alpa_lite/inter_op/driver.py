@@ -106,7 +106,8 @@ def plan_pipeline(fun: Callable, args: Sequence, method, step: StepSpec, *, clus
 
     choice = choose_stages(method, trace, context, plan, retrace)
     if choice.assignment.num_stages == 1 and not simulate:
-        return _one_stage(fun, args, method, step, choice, context.devices, start, plan)
+        return _one_stage(fun, args, method, step, choice, context.devices, start, plan,
+                          cluster)
     stages = _plan_stages(method, choice, context, plan)
     return _records(method, choice, context, stages, plan, start)
 
@@ -255,9 +256,10 @@ def _forward_share(partition, graph: OpGraph, stage: int) -> float:
 
 
 def _one_stage(fun, args, method, step, choice: StageChoice, devices, start,
-               loaded: ParallelPlan | None) -> SingleMeshPlanned:
+               loaded: ParallelPlan | None, cluster=None) -> SingleMeshPlanned:
     """A pipeline of one stage is intra-op parallelism on that stage's mesh: plan and run it
-    as `ShardParallel` (one jitted program instead of the pipeline runtime)."""
+    as `ShardParallel` (one jitted program instead of the pipeline runtime), priced on the
+    same ``cluster`` as the stages were."""
     assignment = choice.assignment
     num = sp.submesh_devices(assignment.submesh_shapes[0])
     option = (dataclasses.replace(method.layer_option, remat_layer=True)
@@ -267,7 +269,7 @@ def _one_stage(fun, args, method, step, choice: StageChoice, devices, start,
                           solver=method.solver, solver_time_limit_s=method.solver_time_limit_s,
                           memory_budget_per_device=method.memory_budget_per_device,
                           layer_option=option)
-    planned = plan_single_mesh(fun, args, shard, step, plan=loaded)
+    planned = plan_single_mesh(fun, args, shard, step, plan=loaded, cluster=cluster)
     if loaded is not None:
         return planned
     memory = choice.dp_memory
