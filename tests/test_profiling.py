@@ -277,3 +277,28 @@ def test_timing_scatter_counts_the_measurements_whose_repeats_vary():
     assert len(inside.spreads) == 1
     run_timed(jax.jit(lambda x: x + 1), jnp.ones(4), repeats=2)  # outside: not collected
     assert len(inside.spreads) == 1
+
+
+@pytest.mark.parametrize("kind", ["all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                                  "send-recv"])
+def test_collective_chains_keep_their_shape(kind):
+    """A row's time is the slope to a chain of collectives in one program: every chain
+    must run on its own result, at the shape it started with."""
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from alpa_lite.profiling.comm import _build_collective
+
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(1, 4), ("group", "member"))
+    x = jax.device_put(jnp.ones((1, 4, 8), jnp.float32),
+                       NamedSharding(mesh, P("group", "member", None)))
+    out = _build_collective(kind, mesh, 3)(x)
+    assert out.shape == x.shape
+
+
+def test_collective_times_never_fall_as_messages_grow():
+    from alpa_lite.profiling.comm import monotone_in_size
+
+    rows = [CollectiveRow(kind="all-reduce", group_size=4, num_bytes=b, time_s=t, link="intra")
+            for b, t in ((1024, 9e-4), (2048, 2e-4), (4096, 3e-4), (8192, 1e-3))]
+    assert [r.time_s for r in monotone_in_size(rows)] == [2e-4, 2e-4, 3e-4, 1e-3]
