@@ -11,10 +11,8 @@ the pipeline runtime (`emit/pipeline.py`).
 from __future__ import annotations
 
 import dataclasses
-import enum
 
 import jax
-from jax.extend.core import primitives as prims
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alpa_lite._jax_compat import bind_params
@@ -22,45 +20,13 @@ from alpa_lite.emit.specs import spec_to_partition_spec
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.problem import is_transparent
 from alpa_lite.intra_op.strategies import Spec
+from alpa_lite.cost.linearity import Linearity, linearity
 from alpa_lite.markers import layer_boundary_p
 from alpa_lite.plan import ShardingPlan
 
 
-class Linearity(enum.Enum):
-    """What a primitive does to partial sums, as far as deferring a reduction goes."""
-
-    # Its cross-device reduction is a sum (and so can be postponed and summed once).
-    SUM_REDUCER = "sum reducer"
-    # Linear: a partial sum may pass through it on its way to the gradient boundary.
-    LINEAR_CARRIER = "linear carrier"
-
-
-_LINEARITY: dict[object, Linearity] = {}
-
-
-def register_linearity(kind: Linearity, *primitives) -> None:
-    """Registers ``kind`` for ``primitives`` (objects, not names); one kind per primitive."""
-    for primitive in primitives:
-        if _LINEARITY.get(primitive, kind) is not kind:
-            raise ValueError(f"{primitive.name!r} is already a {_LINEARITY[primitive].value}.")
-        _LINEARITY[primitive] = kind
-
-
-def linearity(primitive) -> Linearity | None:
-    """The registered `Linearity` of ``primitive``; None: a reduction through it is not
-    deferred."""
-    return _LINEARITY.get(primitive)
-
-
 def _is_carrier(primitive) -> bool:
-    return _LINEARITY.get(primitive) is Linearity.LINEAR_CARRIER
-
-
-register_linearity(Linearity.SUM_REDUCER, prims.reduce_sum_p, prims.dot_general_p,
-                   prims.conv_general_dilated_p, prims.scatter_add_p)
-register_linearity(Linearity.LINEAR_CARRIER, prims.transpose_p, prims.reshape_p,
-                   prims.squeeze_p, prims.copy_p, prims.convert_element_type_p, prims.neg_p,
-                   prims.add_jaxvals_p, prims.add_p)
+    return linearity(primitive) is Linearity.LINEAR_CARRIER
 
 
 @dataclasses.dataclass

@@ -4,14 +4,9 @@ boundary. Used by the single-mesh planner and by the pipeline's layer prices."""
 
 from __future__ import annotations
 
-from jax.extend.core import primitives as prims
-
-from alpa_lite.cost import OpClass, operator_class
+from alpa_lite.cost.linearity import Linearity, linearity
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.problem import is_transparent
-
-_SUMS = frozenset({prims.add_p, prims.add_jaxvals_p, prims.sub_p, prims.neg_p,
-                   prims.convert_element_type_p})
 
 
 def gradient_values(graph: OpGraph) -> set[int]:
@@ -51,7 +46,8 @@ def gradient_only_nodes(sub: OpGraph, gradients: set[int]) -> set[int]:
 def gradient_only_values(graph: OpGraph) -> set[int]:
     """The values of the whole step that only flow into gradients: every use of them is the
     gradient boundary, a marker whose matching output only flows into gradients, or a linear
-    data movement or sum (`_carries_gradients`) whose results only do. A layer's sub-graph
+    carrier (`cost.linearity`: what the runtime defers reductions through) whose results only
+    do. A layer's sub-graph
     cannot tell (a weight gradient may be finished by an operator of another layer: a
     transpose, an accumulation, a layer marker), so layer pricing asks the whole step."""
     users = graph.users()
@@ -64,19 +60,14 @@ def gradient_only_values(graph: OpGraph) -> set[int]:
             return True
         if is_transparent(node.primitive) and len(node.invars) == len(node.outvars):
             return all(o in result for i, o in zip(node.invars, node.outvars) if i == v)
-        return _carries_gradients(node.primitive) and all(o in result for o in node.outvars)
+        return (linearity(node.primitive) is Linearity.LINEAR_CARRIER
+                and all(o in result for o in node.outvars))
 
     for node in reversed(graph.nodes):
         for v in node.outvars:
             if v not in outputs and users[v] and all(flows_to_gradients(v, u) for u in users[v]):
                 result.add(v)
     return result
-
-
-def _carries_gradients(primitive) -> bool:
-    """Linear operators a partial gradient passes through unchanged in kind: data movement
-    (reshape, slice, transpose, ...), sums and casts."""
-    return bool(operator_class(primitive) & OpClass.DATA_MOVEMENT) or primitive in _SUMS
 
 
 def estimate_once_per_step_s(graph: OpGraph, plan) -> tuple[float, float]:

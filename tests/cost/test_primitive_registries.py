@@ -12,7 +12,7 @@ from alpa_lite.batch_rules import (index_operands, is_identity, register_data_mo
 from alpa_lite.cost import (OpClass, estimate_op_cost, is_elementwise, is_fused, operator_class,
                             register_operator_class)
 from alpa_lite.cost.registry import primitives_of
-from alpa_lite.emit.deferred import Linearity, linearity, register_linearity
+from alpa_lite.cost.linearity import Linearity, linearity, register_linearity
 from alpa_lite.markers import grad_boundary_p, layer_boundary_p, manual_boundary_p
 
 
