@@ -132,8 +132,8 @@ def pipeline_breakdown(price, k: int, *, state_per_param: float,
         "stage": s,
         "time_per_micro_batch": tuple(
             _split_compute(st.compute_by_class, recompute_shares[s], 1.0)
-            + [("activation collectives (tensor parallel)", st.comm_s), ("stage transfers", st.transfer_s),
-               ("program launches", st.launch_s)]),
+            + [("activation collectives (tensor parallel)", st.comm_s),
+               ("stage transfers", st.transfer_s), ("program launches", st.launch_s)]),
         "once_per_step": (("gradient sync", st.grad_sync_s), ("optimizer update", st.apply_s)),
         "memory": memory_parts(st.state_bytes, st.activation_bytes, state_per_param),
     } for s, st in enumerate(stages))

@@ -50,6 +50,8 @@ from alpa_lite.pipeline_model.partition import count_layers
 from alpa_lite.plan import ParallelPlan, SimulationInfo, StagePlan
 
 MAX_DP_LAYERS = 32
+# --remat mode -> the rematerialization flags tried, plain first
+_REMAT_FLAGS = {"off": (False,), "layer": (True,), "auto": (False, True)}
 # the progress callback of the running `simulate` call (layer pricing reports to it)
 _PROGRESS: contextvars.ContextVar = contextvars.ContextVar("alpa_lite_progress", default=None)
 METHODS = ("auto", "shard", "dp", "zero2", "zero3", "megatron")
@@ -271,7 +273,7 @@ def _remat_prices(preset, cluster, k0: int, remat: str):
 def _lean_prices(preset, cluster, k0: int, remat: str) -> dict:
     """The memory-lean tables of `_remat_prices`' two, for `pricing.solve_stages`'
     ``lean_priced``: ``(False, level)`` for the first, ``(True, level)`` for the second."""
-    flags = {"off": (False,), "layer": (True,), "auto": (False, True)}[remat]
+    flags = _REMAT_FLAGS[remat]
     return {(bool(position), level): table for position, remat_layer in enumerate(flags)
             for level, table in _price_lean_layers(preset, cluster, k0, remat_layer).items()}
 
@@ -450,7 +452,7 @@ def _simulate_single_mesh(preset, cluster, policy, num_micro_batches,
         k for k in (2**i for i in range(batch.bit_length())) if batch % k == 0
         and (batch // k) % n == 0] or [1]
     best = None
-    for remat_layer in {"off": (False,), "layer": (True,), "auto": (False, True)}[remat]:
+    for remat_layer in _REMAT_FLAGS[remat]:
         plan = _fewest_micro_batches(preset, cluster, policy, counts, remat_layer)
         key = (not plan.extra.fits_memory, plan.extra.predicted_step_time_s
                if plan.extra.fits_memory else plan.extra.memory_per_device_bytes)
@@ -582,7 +584,7 @@ def _megatron_layout(preset, cluster, layout: Layout) -> ParallelPlan:
     bounds = np.array_split(np.arange(blocks), pp)
     best = None
     for size, remat_layer in itertools.product(
-            sizes, {"off": (False,), "layer": (True,), "auto": (False, True)}[layout.remat]):
+            sizes, _REMAT_FLAGS[layout.remat]):
         if remat_layer and layout.remat == "auto" and best is not None and (
                 best[1].extra.layout["micro_batch_size"] == size and best[1].extra.fits_memory):
             continue  # recomputing only adds time to a layout that fits
