@@ -271,7 +271,7 @@ class AutoStageOption:
         _check_positive_int("max_num_stages", self.max_num_stages)
 
 
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("auto", "1f1b", "gpipe", "interleaved-1f1b", "zb-h1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -283,7 +283,12 @@ class PipeshardParallel:
         layer_option: `AutoLayerOption(layer_num=L)` or ``"manual"`` / `ManualLayerOption()`.
         stage_option: ``"auto"`` / `AutoStageOption`, ``"uniform"`` / `UniformStageOption`, or a
             `ManualStageOption`.
-        schedule: ``"1f1b"`` or ``"gpipe"``.
+        schedule: ``"auto"`` (the planner prices each and takes the fastest that fits),
+            ``"1f1b"``, ``"gpipe"``, ``"interleaved-1f1b"`` (every stage holds
+            ``virtual_stages`` model chunks) or ``"zb-h1"`` (zero-bubble: backwards split
+            into input- and weight-gradient programs); `alpa_lite.pipeline_model.schedules`.
+        virtual_stages: model chunks per stage for ``"interleaved-1f1b"`` (default 2); with
+            ``"auto"``, the chunk counts tried (default 2 and 4).
         devices: the devices to use (default: all of jax.devices()).
         devices_per_host: how devices group into hosts (default: jax.local_device_count()).
         mesh_alpha / mesh_beta: link model (intra-host, inter-host) when no cluster is given.
@@ -297,13 +302,14 @@ class PipeshardParallel:
     Example:
         >>> PipeshardParallel(num_micro_batches=4, layer_option=AutoLayerOption(layer_num=2),
         ...                   stage_option="uniform").schedule
-        '1f1b'
+        'auto'
     """
 
     num_micro_batches: int = 1
     layer_option: object = "manual"
     stage_option: object = "auto"
-    schedule: str = "1f1b"
+    schedule: str = "auto"
+    virtual_stages: int | None = None
     devices: tuple | None = None
     devices_per_host: int | None = None
     mesh_alpha: tuple[float, float] | None = None
@@ -336,6 +342,13 @@ class PipeshardParallel:
         if self.schedule not in SCHEDULES:
             raise InvalidConfigError(
                 f"schedule must be one of {SCHEDULES}; got {self.schedule!r}.")
+        _check_positive_int("virtual_stages", self.virtual_stages)
+        if self.virtual_stages not in (None, 1) and self.schedule not in (
+                "auto", "interleaved-1f1b"):
+            raise InvalidConfigError(
+                f"virtual_stages={self.virtual_stages} needs schedule='interleaved-1f1b' (or "
+                f"'auto'); got schedule={self.schedule!r}. Drop virtual_stages or change the "
+                "schedule.")
         if self.solver not in SOLVERS:
             raise InvalidConfigError(f"solver must be one of {SOLVERS}; got {self.solver!r}.")
         _check_positive_int("devices_per_host", self.devices_per_host)

@@ -52,7 +52,8 @@ def _pipeline_executable(planned: PipelinePlanned, method, step: StepSpec,
     trace = planned.trace
     return PipelineExecutable(trace.traced, trace.graph, planned.partition, planned.subgraphs,
                               planned.index_maps, planned.stage_plans, meshes,
-                              build_schedule(method.schedule, len(meshes), k), k, trace.micro,
+                              build_schedule(planned.plan.extra.schedule, len(meshes), k,
+                                             planned.plan.extra.virtual_stages), k, trace.micro,
                               signature, planned.donated,
                               frozenset(j for j, _ in find_alias_pairs(trace.traced)))
 

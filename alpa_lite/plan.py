@@ -210,10 +210,14 @@ class PipelineInfo:
 
     Attributes:
         predicted_step_time_s: seconds per step (`inter_op.pricing.pipeline_step_time_s`).
-        schedule: ``"1f1b"`` or ``"gpipe"``.
+        schedule: the schedule run: ``"1f1b"``, ``"gpipe"``, ``"interleaved-1f1b"`` or
+            ``"zb-h1"`` (``"auto"`` is resolved when planning).
         layers: the `alpa_lite.layers.LayerRecord` of the trace (as a dict in JSON).
         num_layers: layers in the trace.
         memory_budget_bytes: the memory budget per device planned for (None: none).
+        virtual_stages: model chunks per stage (interleaved; else 1).
+        runner_up: the next best schedule the planner priced, ``(schedule, virtual stages,
+            predicted step time)``, or None.
     """
 
     predicted_step_time_s: float
@@ -221,11 +225,14 @@ class PipelineInfo:
     layers: Any
     num_layers: int
     memory_budget_bytes: float | None = None
+    virtual_stages: int = 1
+    runner_up: tuple | None = None
 
     def to_dict(self) -> dict:
         return {"objective": self.predicted_step_time_s,
                 "predicted_step_time_s": self.predicted_step_time_s,
-                "schedule": self.schedule,
+                "schedule": self.schedule, "virtual_stages": self.virtual_stages,
+                "runner_up": None if self.runner_up is None else list(self.runner_up),
                 "layers": None if self.layers is None else self.layers.to_dict(),
                 "num_layers": self.num_layers, "memory_budget_bytes": self.memory_budget_bytes}
 
@@ -320,9 +327,12 @@ def extra_from_dict(method: str, data: dict | None):
                             data.get("predicted_step_time_s"))
     if method == "PipeshardParallel":
         layers = data.get("layers")
+        runner_up = data.get("runner_up")
         return PipelineInfo(data["predicted_step_time_s"], data["schedule"],
                             LayerRecord.from_dict(layers) if layers else None,
-                            data["num_layers"], data.get("memory_budget_bytes"))
+                            data["num_layers"], data.get("memory_budget_bytes"),
+                            int(data.get("virtual_stages", 1)),
+                            None if runner_up is None else tuple(runner_up))
     flags = data.get("remat_layers")
     if "predicted_step_time_s" not in data:  # saved before the gradient sync was split out
         return None

@@ -25,8 +25,13 @@ class TimelineEvent:
 
 def simulate_timeline(schedule: PipelineSchedule, forward_s: Sequence[float],
                       backward_s: Sequence[float],
-                      apply_s: Sequence[float] | None = None) -> list[TimelineEvent]:
+                      apply_s: Sequence[float] | None = None,
+                      weight_s: Sequence[float] | None = None) -> list[TimelineEvent]:
     """Start and end of every task, in dispatch order.
+
+    Durations are per model chunk in model order (per stage unless interleaved); under
+    ZB-H1 ``backward_s`` is the input-gradient part and ``weight_s`` the weight-gradient
+    part. ``apply_s`` is per stage.
 
     Example:
         >>> from alpa_lite.pipeline_model.schedules import build_schedule
@@ -34,39 +39,44 @@ def simulate_timeline(schedule: PipelineSchedule, forward_s: Sequence[float],
         >>> max(e.end_s for e in events)
         9.0
     """
-    n = schedule.num_stages
+    n, last = schedule.num_stages, schedule.num_chunks - 1
     apply_s = apply_s or [0.0] * n
+    weight_s = weight_s or [0.0] * schedule.num_chunks
     mesh_free = [0.0] * n
-    done: dict[tuple[str, int, int], float] = {}
+    done: dict[tuple[TaskKind, int, int], float] = {}
+    backward_end = 0.0
     events = []
     for task in schedule.dispatch_order():
-        s, b = task.stage, task.micro_batch
+        s, b, p = task.stage, task.micro_batch, task.position(n)
         if task.kind is TaskKind.FORWARD:
-            ready = done.get(("forward", s - 1, b), 0.0) if s > 0 else 0.0
-            duration = forward_s[s]
-        elif task.kind is TaskKind.BACKWARD:
-            ready = max(done.get(("forward", s, b), 0.0),
-                        done.get(("backward", s + 1, b), 0.0) if s < n - 1 else 0.0)
-            duration = backward_s[s]
+            ready = done.get((TaskKind.FORWARD, p - 1, b), 0.0)
+            duration = forward_s[p]
+        elif task.kind is TaskKind.APPLY:
+            ready, duration = backward_end, apply_s[s]
         else:
-            ready = max((t for (kind, _, _), t in done.items() if kind == "backward"), default=0.0)
-            duration = apply_s[s]
+            ready = max(done.get((TaskKind.FORWARD, p, b), 0.0),
+                        done.get((TaskKind.BACKWARD, p + 1, b), 0.0) if p < last else 0.0)
+            duration = (backward_s if task.kind is TaskKind.BACKWARD else weight_s)[p]
         start = max(ready, mesh_free[s])
         end = start + duration
         mesh_free[s] = end
-        done[(task.kind.value, s, b)] = end
+        done[(task.kind, p, b)] = end
+        if task.kind is not TaskKind.FORWARD and task.kind is not TaskKind.APPLY:
+            backward_end = max(backward_end, end)
         events.append(TimelineEvent(s, task.kind.value, b, start, end))
     return events
 
 
 def plot_timeline(events: Sequence[TimelineEvent], path: str, *, title: str = "") -> str:
-    """Writes a stages x time chart (forward blue, backward orange, apply green) to ``path``."""
+    """Writes a stages x time chart (forward blue, backward orange, weight gradient red,
+    apply green) to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"forward": "#4c72b0", "backward": "#dd8452", "apply": "#55a868"}
+    colors = {"forward": "#4c72b0", "backward": "#dd8452", "weight": "#c44e52",
+              "apply": "#55a868"}
     num_stages = max(e.stage for e in events) + 1
     fig, ax = plt.subplots(figsize=(10, 0.6 * num_stages + 1.2))
     for e in events:
@@ -89,15 +99,20 @@ def plot_timeline(events: Sequence[TimelineEvent], path: str, *, title: str = ""
 
 
 def plan_timeline(plan, schedule: PipelineSchedule) -> list[TimelineEvent]:
-    """The timeline a pipelined `ParallelPlan` predicts."""
-    forward = [s.forward_s for s in plan.stages]
-    backward = [s.backward_s for s in plan.stages]
-    return simulate_timeline(schedule, forward, backward)
+    """The timeline a pipelined `ParallelPlan` predicts (a stage's time shared evenly among
+    its chunks; under ZB-H1 its backward cut as `pricing.task_durations` does)."""
+    from alpa_lite.inter_op.pricing import task_durations
+
+    forward, backward, weight = task_durations(
+        [s.forward_s + s.backward_s for s in plan.stages], schedule,
+        [s.remat for s in plan.stages])
+    return simulate_timeline(schedule, forward, backward, weight_s=weight)
 
 
 def write_plan_timeline(plan, path: str) -> str:
     """PNG of the timeline a pipelined plan predicts (from its per-stage times)."""
-    schedule = build_schedule(plan.extra.schedule, len(plan.stages), plan.num_micro_batches)
+    schedule = build_schedule(plan.extra.schedule, len(plan.stages), plan.num_micro_batches,
+                              getattr(plan.extra, "virtual_stages", 1))
     title = (f"predicted: {plan.extra.schedule}, {len(plan.stages)} stages x "
              f"{plan.num_micro_batches} micro-batches")
     return plot_timeline(plan_timeline(plan, schedule), path, title=title)
@@ -106,10 +121,10 @@ def write_plan_timeline(plan, path: str) -> str:
 def write_measured_timeline(executable, args, path: str, repeats: int = 3) -> str:
     """PNG of the timeline from measured program times of a `PipelineExecutable`."""
     times = executable.time_programs(*args, repeats=repeats)
-    n = len(executable.meshes)
-    forward = [times.get(f"forward[{s}]", 0.0) for s in range(n)]
-    backward = [times.get(f"backward[{s}]", 0.0) for s in range(n)]
+    n, chunks = len(executable.meshes), executable.schedule.num_chunks
+    forward, backward, weight = ([times.get(f"{kind}[{c}]", 0.0) for c in range(chunks)]
+                                 for kind in ("forward", "backward", "weight"))
     title = (f"measured: {executable.schedule.kind.value}, {n} stages x {executable.k} "
              "micro-batches")
-    events = simulate_timeline(executable.schedule, forward, backward)
+    events = simulate_timeline(executable.schedule, forward, backward, weight_s=weight)
     return plot_timeline(events, path, title=title)

@@ -101,7 +101,7 @@ class PipelineExecutable:
         self.batch_inputs = {v for v, b in zip(graph.inputs, traced.batch_leaves) if b}
         self.partial_axes: list[dict[int, tuple[str, ...]]] = [{} for _ in meshes]
         self.compiled = {}
-        for program in partition.forward + partition.backward + partition.apply:
+        for program in partition.compute_programs() + partition.apply:
             self.compiled[program.name] = self._compile(
                 program, subgraphs[program.mesh], index_maps[program.mesh],
                 evaluators[program.mesh])
@@ -391,11 +391,14 @@ class _ScheduleBuilder:
             if ids:
                 self.emit(f"zeros@{mesh}", ex.compile_zeros(mesh), (),
                           [self.slot(("acc", mesh, v)) for v in ids])
+        programs = {TaskKind.FORWARD: ex.partition.forward,
+                    TaskKind.BACKWARD: ex.partition.backward,
+                    TaskKind.WEIGHT: ex.partition.weight}
+        n = ex.schedule.num_stages
         for task in ex.schedule.dispatch_order():
             if task.kind is TaskKind.APPLY:
                 continue
-            program = (ex.partition.forward if task.kind is TaskKind.FORWARD
-                       else ex.partition.backward)[task.stage]
+            program = programs[task.kind][task.position(n)]
             if program.nodes:
                 self.emit_program(ex.compiled[program.name], task.micro_batch)
         self.emit_boundary()
@@ -419,7 +422,7 @@ class _ScheduleBuilder:
         """One program per mesh splits the batch leaves it reads into micro-batches."""
         ex = self.ex
         first: dict[int, tuple[int, NamedSharding]] = {}  # split where first read; moved on
-        for program in ex.partition.forward + ex.partition.backward:
+        for program in ex.partition.compute_programs():
             compiled = ex.compiled[program.name]
             for v, sharding in zip(program.inputs, compiled.in_shardings):
                 if v in ex.batch_inputs:

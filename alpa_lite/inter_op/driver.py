@@ -5,9 +5,11 @@
 3. `choose_stages`: layers -> stages -> (submesh, logical mesh) -> `StageChoice` (uniform,
    manual, a loaded plan's, or the stage DP over layer prices, with rematerialization and
    memory-lean plans when the budget binds; re-traced once with the chosen remat layers);
-4. `_plan_stages`: split the graph into stages and plan each with the intra-op ILP
-   -> `_StagePlans`;
-5. `_records`: the `ParallelPlan` with one `StagePlan` per stage -> `PipelinePlanned`.
+4. `choose_schedule`: the schedule (1F1B, GPipe, interleaved 1F1B, ZB-H1; ``"auto"``
+   prices each) and the layer -> stage map it runs -> `ScheduleChoice`;
+5. `_plan_stages`: split the graph into programs per model chunk and plan each stage with the
+   intra-op ILP -> `_StagePlans`;
+6. `_records`: the `ParallelPlan` with one `StagePlan` per stage -> `PipelinePlanned`.
 
 A pipeline of one stage is planned as ShardParallel on its mesh (`intra_op.driver`).
 """
@@ -27,6 +29,7 @@ from alpa_lite.errors import InvalidConfigError
 from alpa_lite.graph import OpGraph
 from alpa_lite.inter_op import assignment as sp
 from alpa_lite.inter_op import pricing
+from alpa_lite.inter_op.schedule_choice import ScheduleChoice, choose_schedule
 from alpa_lite.inter_op.stages import StageChoice, choose_stages
 from alpa_lite.intra_op.driver import SingleMeshPlanned, check_plan_matches, plan_single_mesh
 from alpa_lite.intra_op.planner import solve_intra_op
@@ -34,7 +37,7 @@ from alpa_lite.intra_op.problem import InputRole
 from alpa_lite.mesh import LogicalMesh
 from alpa_lite.pipeline_model.partition import (PipelinePartition, boundary_slice,
                                                 build_subgraph, count_layers,
-                                                partition_pipeline)
+                                                partition_pipeline, split_layer_markers)
 from alpa_lite.plan import OneStageInfo, ParallelPlan, PipelineInfo, StagePlan
 from alpa_lite.step import (StepSpec, StepTrace, donated_leaves, find_alias_pairs, input_roles,
                             optimizer_state_mask, sub_alias_pairs, trace_step, value_name)
@@ -108,8 +111,28 @@ def plan_pipeline(fun: Callable, args: Sequence, method, step: StepSpec, *, clus
     if choice.assignment.num_stages == 1 and not simulate:
         return _one_stage(fun, args, method, step, choice, context.devices, start, plan,
                           cluster)
-    stages = _plan_stages(method, choice, context, plan)
-    return _records(method, choice, context, stages, plan, start)
+    schedule = _schedule(method, choice, context, plan)
+    choice = dataclasses.replace(choice, trace=_split_markers(choice.trace, schedule),
+                                 assignment=dataclasses.replace(
+                                     choice.assignment, layer_to_stage=schedule.layer_to_stage))
+    stages = _plan_stages(method, choice, context, plan, schedule)
+    return _records(method, choice, context, stages, plan, start, schedule)
+
+
+def _schedule(method, choice: StageChoice, context: _Context,
+              loaded: ParallelPlan | None) -> ScheduleChoice:
+    """The schedule: a loaded plan's, or `choose_schedule` over the method's request."""
+    assignment = choice.assignment
+    if loaded is not None:
+        return ScheduleChoice(loaded.extra.schedule, loaded.extra.virtual_stages,
+                              assignment.layer_to_stage, None, True, loaded.extra.runner_up)
+    options = choice.stage_options
+    return choose_schedule(
+        method.schedule, method.virtual_stages, assignment,
+        lambda s, layer: choice.priced[options[s]][layer],
+        [context.mesh_of(*option) for option in options], context.link,
+        method.num_micro_batches, context.budget,
+        pricing.shared_stage_hosts(assignment.submesh_shapes, context.shared))
 
 
 def _trace(fun, args, method, step: StepSpec, plan: ParallelPlan | None,
@@ -157,15 +180,27 @@ def _context(method, step: StepSpec, args, trace: StepTrace, cluster, simulate: 
                     stage_link(cluster, per_host, len(devices), platform, links), shared)
 
 
+def _split_markers(trace: StepTrace, schedule: ScheduleChoice) -> StepTrace:
+    """ZB-H1: the trace with its backward layer markers cut per value
+    (`split_layer_markers`), so weight gradients can leave the input-gradient programs."""
+    if schedule.schedule != "zb-h1":
+        return trace
+    graph, index_map = split_layer_markers(trace.graph)
+    micro = trace.micro if trace.micro is None else dataclasses.replace(
+        trace.micro, random_dims={index_map[i]: d for i, d in trace.micro.random_dims.items()})
+    return dataclasses.replace(trace, graph=graph, micro=micro)
+
+
 def _plan_stages(method, choice: StageChoice, context: _Context,
-                 loaded: ParallelPlan | None) -> _StagePlans:
+                 loaded: ParallelPlan | None, schedule: ScheduleChoice) -> _StagePlans:
     """The stages' sub-graphs, devices and intra-op plans (a loaded plan's, checked)."""
     graph, traced, assignment = choice.trace.graph, choice.trace.traced, choice.assignment
     micro = choice.trace.micro
     batch_inputs = [v for v, b in zip(graph.inputs, traced.batch_leaves) if b]
     partition = partition_pipeline(graph, batch_inputs, list(assignment.layer_to_stage),
                                    assignment.num_stages,
-                                   micro.random_dims if micro is not None else ())
+                                   micro.random_dims if micro is not None else (),
+                                   split_backward=schedule.schedule == "zb-h1")
     aliases = find_alias_pairs(traced)
     position = {v: i for i, v in enumerate(graph.inputs)}
     subgraphs, index_maps, plans = [], [], []
@@ -204,25 +239,28 @@ def _solve_stage(method, choice: StageChoice, context: _Context, s: int, sub: Op
 
 
 def _records(method, choice: StageChoice, context: _Context, stages: _StagePlans,
-             loaded: ParallelPlan | None, start: float) -> PipelinePlanned:
+             loaded: ParallelPlan | None, start: float,
+             schedule: ScheduleChoice) -> PipelinePlanned:
     """The `ParallelPlan` (the loaded plan's predictions, or the priced stages')."""
     trace, k = choice.trace, method.num_micro_batches
     if loaded is not None:  # nothing is solved again
         records, latency = tuple(loaded.stages), loaded.predicted_step_time_s
     else:
         records, latency = build_stage_records(choice, stages.plans, stages.partition, k,
-                                               method.schedule, context)
+                                               schedule, context)
     plan = ParallelPlan(
         method="PipeshardParallel", num_micro_batches=k, sharding=None,
         plan_time_s=time.perf_counter() - start, stages=records,
-        extra=PipelineInfo(latency, method.schedule, trace.layers,
-                           count_layers(trace.graph), context.budget))
+        extra=PipelineInfo(latency, schedule.schedule, trace.layers,
+                           count_layers(trace.graph), context.budget,
+                           schedule.virtual_stages, schedule.runner_up))
     return PipelinePlanned(trace, plan, stages.partition, stages.subgraphs, stages.index_maps,
                            stages.plans, stages.devices, context.donated)
 
 
-def build_stage_records(choice: StageChoice, plans, partition, k: int, schedule: str,
-                        context: _Context) -> tuple[tuple[StagePlan, ...], float]:
+def build_stage_records(choice: StageChoice, plans, partition, k: int,
+                        schedule: ScheduleChoice, context: _Context
+                        ) -> tuple[tuple[StagePlan, ...], float]:
     """Per stage: layers, meshes, predicted forward/backward/gradient-sync/update seconds and
     memory from the layer prices (the DP's numbers, `pricing.price_pipeline`); and the
     pipeline's predicted step time."""
@@ -231,7 +269,9 @@ def build_stage_records(choice: StageChoice, plans, partition, k: int, schedule:
              for s in range(assignment.num_stages)]
     price = pricing.price_pipeline(
         spans, [context.mesh_of(*option) for option in choice.stage_options], context.link,
-        k, schedule, pricing.shared_stage_hosts(assignment.submesh_shapes, context.shared))
+        k, schedule.schedule, pricing.shared_stage_hosts(assignment.submesh_shapes,
+                                                         context.shared),
+        schedule.virtual_stages, assignment.remat)
     records = []
     for s, (span, stage) in enumerate(zip(spans, price.stages)):
         layers = assignment.stage_layers(s)
@@ -243,16 +283,19 @@ def build_stage_records(choice: StageChoice, plans, partition, k: int, schedule:
             logical_mesh=tuple(plans[s].mesh.shape), forward_s=stage.micro_batch_s * share,
             backward_s=stage.micro_batch_s * (1 - share), grad_sync_s=stage.grad_sync_s,
             apply_s=stage.apply_s, peak_memory_bytes=stage.memory_bytes, plan=plans[s],
-            num_operators=len(partition.forward[s].nodes) + len(partition.backward[s].nodes)))
+            num_operators=sum(len(p.nodes) for p in partition.compute_programs()
+                              if p.mesh == s)))
     return tuple(records), price.step_time_s
 
 
 def _forward_share(partition, graph: OpGraph, stage: int) -> float:
-    """The forward program's share of the stage's flops (splits its time into forward and
+    """The forward programs' share of the stage's flops (splits its time into forward and
     backward for the timeline)."""
-    forward = pricing.node_flops(graph, partition.forward[stage].nodes)
-    backward = pricing.node_flops(graph, partition.backward[stage].nodes)
-    return forward / (forward + backward) if forward + backward > 0 else 0.5
+    forward = sum(pricing.node_flops(graph, p.nodes) for p in partition.forward
+                  if p.mesh == stage)
+    total = forward + sum(pricing.node_flops(graph, p.nodes)
+                          for p in partition.backward + partition.weight if p.mesh == stage)
+    return forward / total if total > 0 else 0.5
 
 
 def _one_stage(fun, args, method, step, choice: StageChoice, devices, start,

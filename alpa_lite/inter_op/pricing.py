@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from alpa_lite.pipeline_model.schedules import in_flight_micro_batches
+from alpa_lite.pipeline_model.schedules import build_schedule, in_flight_micro_batches
 from alpa_lite.pipeline_model.partition import assign_regions, build_subgraph, partition_pipeline
 from alpa_lite.cost import OpClass, estimate_op_cost, operator_class
 from alpa_lite.errors import InfeasiblePlanError
@@ -342,10 +342,42 @@ def estimate_stage(prices: Sequence[LayerPrice], mesh: LogicalMesh, link_s_per_b
             sum(p.grad_sync_s for p in prices), sum(p.apply_s for p in prices) + launch)
 
 
+# Under ZB-H1 a backward runs as an input-gradient and a weight-gradient task. Each weight's
+# matmul runs once in the forward, once for the input gradient and once for the weight
+# gradient, with equal flops, so a layer's time splits forward : input gradient : weight
+# gradient = 1 : 1 : 1; a rematerialized layer's backward also recomputes its forward, 1 : 2 : 1.
+_TASK_SHARES = {False: (1 / 3, 1 / 3, 1 / 3), True: (1 / 4, 1 / 2, 1 / 4)}
+
+
+def task_durations(stage_s: Sequence[float], schedule, remat: Sequence[bool] | None = None
+                   ) -> tuple[list[float], list[float], list[float]]:
+    """Per model chunk (model order): forward, backward and weight-gradient seconds of one
+    micro-batch, from per-stage seconds. A stage's time is shared evenly among its chunks
+    (``schedule.virtual_stages``); the weight-gradient part is its own task only when the
+    schedule splits backwards (ZB-H1)."""
+    n, v = schedule.num_stages, schedule.virtual_stages
+    forward, backward, weight = [], [], []
+    for c in range(n * v):
+        t = stage_s[c % n] / v
+        f, b, w = _TASK_SHARES[bool(remat and remat[c % n])]
+        if not schedule.splits_backward:
+            b, w = b + w, 0.0
+        forward.append(t * f)
+        backward.append(t * b)
+        weight.append(t * w)
+    return forward, backward, weight
+
+
 def pipeline_step_time_s(stage_micro_batch_s: Sequence[float], once_per_step_s: Sequence[float],
-                         k: int, *, stage_hosts: Sequence[Sequence[int]] | None = None) -> float:
+                         k: int, *, stage_hosts: Sequence[Sequence[int]] | None = None,
+                         schedule: str = "1f1b", virtual_stages: int = 1,
+                         remat: Sequence[bool] | None = None) -> float:
     """Fill and drain once, then ``k - 1`` micro-batches at the slowest stage, then the
     stages' once-per-step work (gradient sync and optimizer update, side by side).
+
+    That is GPipe's and 1F1B's step. The interleaved and ZB-H1 schedules are run on a
+    timeline instead (`alpa_lite.timeline.simulate_timeline`, tasks timed by
+    `task_durations`): their fill and drain depend on the order of the tasks.
 
     With ``stage_hosts`` (per stage, the hosts it runs on, for hosts whose devices share
     compute: `ClusterSpec.shared_host_compute`), stages of one host take turns, so the step
@@ -357,8 +389,16 @@ def pipeline_step_time_s(stage_micro_batch_s: Sequence[float], once_per_step_s: 
         >>> pipeline_step_time_s([1.0, 2.0], [0.5, 0.0], k=4, stage_hosts=[[0], [0]])
         12.5
     """
-    overlapped = (sum(stage_micro_batch_s) + (k - 1) * max(stage_micro_batch_s)
-                  + max(once_per_step_s, default=0.0))
+    if schedule in ("1f1b", "gpipe"):
+        overlapped = sum(stage_micro_batch_s) + (k - 1) * max(stage_micro_batch_s)
+    else:
+        from alpa_lite.timeline import simulate_timeline
+
+        built = build_schedule(schedule, len(stage_micro_batch_s), k, virtual_stages)
+        forward, backward, weight = task_durations(stage_micro_batch_s, built, remat)
+        overlapped = max(e.end_s for e in simulate_timeline(built, forward, backward,
+                                                            weight_s=weight))
+    overlapped += max(once_per_step_s, default=0.0)
     host_work: dict[int, float] = {}
     for t, once, hosts in zip(stage_micro_batch_s, once_per_step_s, stage_hosts or ()):
         for host in hosts:
@@ -406,29 +446,36 @@ class PipelinePrice:
 
 def price_pipeline(spans: Sequence[Sequence[LayerPrice]], meshes: Sequence[LogicalMesh],
                    link: tuple[float, float], k: int, schedule: str,
-                   stage_hosts=None) -> PipelinePrice:
+                   stage_hosts=None, virtual_stages: int = 1,
+                   remat: Sequence[bool] | None = None) -> PipelinePrice:
     """The one stage-price assembly: per stage (its layers' prices ``spans[s]`` on
     ``meshes[s]``) `estimate_stage` and its memory, ``state + in flight x activations``
     (`in_flight_micro_batches` of the schedule); the step time `pipeline_step_time_s`.
-    ``link`` is the stage-to-stage ``(alpha, seconds per byte)``."""
+    ``link`` is the stage-to-stage ``(alpha, seconds per byte)``. An interleaved stage
+    launches two programs and moves one boundary each way per chunk; a ZB-H1 stage
+    launches three programs."""
     alpha, beta = link
+    n, v = len(spans), virtual_stages
+    launches = 3 if schedule == "zb-h1" else 2
     stages = []
     for s, (span, mesh) in enumerate(zip(spans, meshes)):
-        last = s == len(spans) - 1
-        t, g, u = estimate_stage(span, mesh, beta, alpha, last)
+        sends = v - 1 if s == n - 1 else v  # chunk boundaries this stage sends on
+        t, g, u = estimate_stage(span, mesh, beta, alpha, True)
+        launch = getattr(mesh, "launch_latency_s", 0.0)
+        transfer = sends * 2 * (alpha + span[-1].boundary_bytes * beta)
+        t += transfer + (launches * v - 2) * launch
         state = sum(p.state_bytes for p in span)
-        activations = in_flight_micro_batches(schedule, len(spans), s, k) * sum(
+        activations = in_flight_micro_batches(schedule, n, s, k, v) * sum(
             p.activation_bytes for p in span)
         stages.append(StagePrice(
             t, g, u, state + activations,
             compute_by_class=_add_classes(*(p.compute_by_class for p in span)),
-            comm_s=sum(p.comm_s for p in span),
-            transfer_s=0.0 if last else 2 * (alpha + span[-1].boundary_bytes * beta),
-            launch_s=2 * getattr(mesh, "launch_latency_s", 0.0), state_bytes=state,
+            comm_s=sum(p.comm_s for p in span), transfer_s=transfer,
+            launch_s=launches * v * launch, state_bytes=state,
             activation_bytes=activations))
     return PipelinePrice(tuple(stages), pipeline_step_time_s(
         [st.micro_batch_s for st in stages], [st.grad_sync_s + st.apply_s for st in stages], k,
-        stage_hosts=stage_hosts))
+        stage_hosts=stage_hosts, schedule=schedule, virtual_stages=v, remat=remat))
 
 
 @dataclasses.dataclass(frozen=True)

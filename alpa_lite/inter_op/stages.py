@@ -106,7 +106,8 @@ def _search(method, trace: StepTrace, context, retrace) -> StageChoice:
               for remat, g in graphs.items()}
     solve = functools.partial(
         pricing.solve_stages, tables[(False, 0.0)], {c: context.mesh_of(*c) for c in candidates},
-        num_devices=len(context.devices), k=method.num_micro_batches, schedule=method.schedule,
+        num_devices=len(context.devices), k=method.num_micro_batches,
+        schedule="gpipe" if method.schedule == "gpipe" else "1f1b",  # others: `schedule_choice`
         memory_budget_bytes=context.budget, link=context.link,
         max_num_stages=method.stage_option.max_num_stages,
         shared_compute_per_host=context.shared, remat_priced=tables.get((True, 0.0)))

@@ -8,6 +8,12 @@ stages' meshes in *phases*, so that values crossing meshes (e.g. the global grad
 
 Each node of the compute part belongs to the region opened by the last marker before it:
 forward layer i (from its ``start`` marker) or backward layer i (from the mirrored marker).
+
+Programs are per model *chunk*: a run of consecutive layers on one mesh. Without interleaving
+a chunk is a stage; an interleaved layer -> mesh map (e.g. ``[0, 0, 1, 1, 0, 0, 1, 1]``) has
+several chunks per mesh. With ``split_backward`` (ZB-H1) each chunk's backward is cut into the
+input-gradient program (what the previous chunk waits for) and the weight-gradient program
+(the rest, `PipelinePartition.weight`).
 """
 
 from __future__ import annotations
@@ -47,7 +53,10 @@ class PipelinePartition:
     """All programs of a pipelined step.
 
     Attributes:
-        forward / backward: one program per stage.
+        forward / backward: one program per model chunk (a stage, unless interleaved), in
+            model order; ``program.mesh`` is its stage.
+        weight: with ``split_backward``, the weight-gradient program of every chunk (its
+            ``backward`` then computes only what the previous chunk needs); else empty.
         apply: programs run once per step, in order (phase by phase).
         sinks: boundary operand value id -> the mesh that accumulates it over micro-batches.
         boundary: the grad_boundary node.
@@ -63,6 +72,15 @@ class PipelinePartition:
     input_mesh: dict[int, int]
     mesh_nodes: list[list[int]]
     split: GradSplit
+    weight: list[Program] = dataclasses.field(default_factory=list)
+
+    def compute_programs(self) -> list[Program]:
+        """Every program run per micro-batch."""
+        return self.forward + self.backward + self.weight
+
+    def chunks_of(self, mesh: int) -> list[int]:
+        """The chunks (indices into ``forward``) that run on ``mesh``."""
+        return [c for c, program in enumerate(self.forward) if program.mesh == mesh]
 
 
 def count_layers(graph: OpGraph) -> int:
@@ -85,12 +103,29 @@ def assign_regions(graph: OpGraph, nodes) -> dict[int, tuple[str, int]]:
     return result
 
 
+def layer_chunks(layer_to_stage) -> list[int]:
+    """The chunk of every layer: runs of consecutive layers on one stage, numbered in order.
+
+    Example:
+        >>> layer_chunks([0, 0, 1, 1, 0, 0, 1, 1])
+        [0, 0, 1, 1, 2, 2, 3, 3]
+    """
+    chunks, chunk = [], -1
+    for layer, stage in enumerate(layer_to_stage):
+        if layer == 0 or stage != layer_to_stage[layer - 1]:
+            chunk += 1
+        chunks.append(chunk)
+    return chunks
+
+
 def partition_pipeline(graph: OpGraph, batch_inputs: list[int], layer_to_stage: list[int],
-                       num_stages: int, per_micro_batch_nodes=()) -> PipelinePartition:
-    """Splits the step into forward/backward programs per stage and phased apply programs.
+                       num_stages: int, per_micro_batch_nodes=(),
+                       split_backward: bool = False) -> PipelinePartition:
+    """Splits the step into forward/backward programs per chunk and phased apply programs.
 
     ``per_micro_batch_nodes`` (random draws of a batch-sized shape) differ per micro-batch
-    though they read no batch value, as in `split_at_grad_boundary`."""
+    though they read no batch value, as in `split_at_grad_boundary`. ``split_backward`` cuts
+    every backward into input- and weight-gradient programs (`split_weight_gradient`)."""
     split = split_at_grad_boundary(graph, batch_inputs, per_micro_batch_nodes)
     # Batch-independent operators after the boundary (constants the optimizer builds, e.g. a
     # zero tree) run with the update that reads them, not on the first layer's mesh.
@@ -100,12 +135,20 @@ def partition_pipeline(graph: OpGraph, batch_inputs: list[int], layer_to_stage: 
     boundary = graph.nodes[split.boundary]
     compute_nodes = sorted(set(split.pre) | set(split.compute) - {split.boundary})
     regions = assign_regions(graph, compute_nodes)
-    mesh_of = {i: layer_to_stage[min(layer, len(layer_to_stage) - 1)]
-               for i, (_, layer) in regions.items()}
-    forward = [[] for _ in range(num_stages)]
-    backward = [[] for _ in range(num_stages)]
+    chunk_of_layer = layer_chunks(layer_to_stage)
+    chunk_mesh = {chunk_of_layer[layer]: stage for layer, stage in enumerate(layer_to_stage)}
+    chunk_of = {i: chunk_of_layer[min(layer, len(layer_to_stage) - 1)]
+                for i, (_, layer) in regions.items()}
+    mesh_of = {i: chunk_mesh[c] for i, c in chunk_of.items()}
+    num_chunks = len(chunk_mesh)
+    forward = [[] for _ in range(num_chunks)]
+    backward = [[] for _ in range(num_chunks)]
     for index in compute_nodes:
-        (forward if regions[index][0] == "F" else backward)[mesh_of[index]].append(index)
+        (forward if regions[index][0] == "F" else backward)[chunk_of[index]].append(index)
+    weight = [[] for _ in range(num_chunks)] if split_backward else []
+    if split_backward:
+        for c in range(num_chunks):
+            backward[c], weight[c] = split_weight_gradient(graph, backward[c], chunk_of)
     producer_mesh = {v: mesh_of[n.index] for n in graph.nodes if n.index in mesh_of
                      for v in n.outvars}
     sinks = {v: producer_mesh.get(v, 0) for v in boundary.invars if isinstance(v, int)}
@@ -118,20 +161,83 @@ def partition_pipeline(graph: OpGraph, batch_inputs: list[int], layer_to_stage: 
     for v, m in input_mesh.items():  # inputs only the apply part reads live where it runs
         producer_mesh[v] = m
     phases = _apply_phases(graph, split.post, apply_mesh, producer_mesh)
-    programs_f = [Program(f"forward[{s}]", s, tuple(n)) for s, n in enumerate(forward)]
-    programs_b = [Program(f"backward[{s}]", s, tuple(n)) for s, n in enumerate(backward)]
+    programs_f = [Program(f"forward[{c}]", chunk_mesh[c], tuple(n))
+                  for c, n in enumerate(forward)]
+    programs_b = [Program(f"backward[{c}]", chunk_mesh[c], tuple(n))
+                  for c, n in enumerate(backward)]
+    programs_w = [Program(f"weight[{c}]", chunk_mesh[c], tuple(n)) for c, n in enumerate(weight)]
     grouped = defaultdict(list)
     for index in split.post:
         grouped[(phases[index], apply_mesh[index])].append(index)
     programs_a = [Program(f"apply[{p}]@{m}", m, tuple(nodes))
                   for (p, m), nodes in sorted(grouped.items())]
-    _fill_inputs_outputs(graph, programs_f + programs_b + programs_a, boundary)
-    mesh_nodes = [sorted(forward[s] + backward[s] + [i for i in split.post if apply_mesh[i] == s])
+    _fill_inputs_outputs(graph, programs_f + programs_b + programs_w + programs_a, boundary)
+    mesh_nodes = [sorted([i for c in range(num_chunks) if chunk_mesh[c] == s
+                          for i in forward[c] + backward[c] + (weight[c] if weight else [])]
+                         + [i for i in split.post if apply_mesh[i] == s])
                   for s in range(num_stages)]
     for v in graph.inputs:
         input_mesh.setdefault(v, 0)
     return PipelinePartition(programs_f, programs_b, programs_a, sinks, boundary, input_mesh,
-                             mesh_nodes, split)
+                             mesh_nodes, split, programs_w)
+
+
+def split_weight_gradient(graph: OpGraph, nodes: list[int], group_of: dict[int, int]
+                          ) -> tuple[list[int], list[int]]:
+    """A backward's nodes cut into (input-gradient part, weight-gradient part).
+
+    The input-gradient part is every node that a value read by another group's compute node
+    (``group_of``: node -> chunk or layer) depends on, with whole scans; the rest (the weight
+    gradients and what only they need) can run later. Values the weight part reads from the
+    input part stay on the mesh in between. Backward layer markers should carry one value
+    each (`split_layer_markers`): a marker carrying a cotangent and weight gradients together
+    would pull the weight gradients into the input part."""
+    group = group_of[nodes[0]] if nodes else None
+    inside = set(nodes)
+    producer = {v: i for i in nodes for v in graph.nodes[i].outvars}
+    users = graph.users()
+    loop_of = graph.innermost_loop()
+    outer = {}  # node -> its outermost loop region's node range
+    for loop in graph.loops:
+        for i in range(loop.first, loop.last + 1):
+            outer.setdefault(i, range(loop.first, loop.last + 1))
+    needed = [i for i in nodes if any(
+        u in group_of and u not in inside and group_of[u] != group
+        for v in graph.nodes[i].outvars if v < len(users) for u in users[v])]
+    keep = set()
+    while needed:
+        index = needed.pop()
+        if index in keep:
+            continue
+        keep.add(index)
+        needed.extend(producer[v] for v in graph.nodes[index].invars
+                      if isinstance(v, int) and v in producer)
+        if loop_of[index] != -1:  # a scan runs whole in one program
+            needed.extend(i for i in outer[index] if i in inside)
+    return [i for i in nodes if i in keep], [i for i in nodes if i not in keep]
+
+
+def split_layer_markers(graph: OpGraph) -> tuple[OpGraph, dict[int, int]]:
+    """The graph with every backward layer marker of several values cut into one marker per
+    value (a marker is the identity on each value), and the map old node -> new node (a cut
+    marker's first piece). Node order, regions and value ids are kept."""
+    nodes: list[OpNode] = []
+    index_map = {}
+    for node in graph.nodes:
+        index_map[node.index] = len(nodes)
+        if (node.primitive is layer_boundary_p and node.params["backward"]
+                and len(node.outvars) > 1):
+            for a, out in zip(node.invars, node.outvars):
+                nodes.append(OpNode(len(nodes), node.primitive, node.params, (a,), (out,),
+                                    node.name_stack, node.repeat, node.source_info))
+        else:
+            nodes.append(dataclasses.replace(node, index=len(nodes)))
+    producer = list(graph.producer)
+    for node in nodes:
+        for v in node.outvars:
+            producer[v] = node.index
+    return dataclasses.replace(graph, nodes=nodes, producer=producer,
+                               loops=remap_loops(graph.loops, index_map)), index_map
 
 
 def _input_meshes(graph, compute_nodes, mesh_of) -> dict[int, int]:
@@ -278,7 +384,7 @@ def boundary_slice(boundary: OpNode, sinks: dict[int, int], mesh: int, index: in
 def count_cross_mesh_bytes(graph: OpGraph, partition: PipelinePartition) -> float:
     """Bytes moved between meshes per micro-batch by the forward and backward programs."""
     total = 0.0
-    for program in partition.forward + partition.backward:
+    for program in partition.compute_programs():
         for v in program.inputs:
             if v in graph.inputs:
                 continue

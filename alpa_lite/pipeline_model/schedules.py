@@ -1,18 +1,34 @@
 """Pipeline schedules as data: which (stage, micro-batch) task runs in which clock.
 
-Input: a schedule kind, the number of pipeline stages ``n`` (one device mesh each) and of
-micro-batches ``m``. Output: a `PipelineSchedule`, a tuple of clocks. Each clock holds the tasks
+Input: a schedule kind, the number of pipeline stages ``n`` (one device mesh each), of
+micro-batches ``m`` and, for the interleaved schedule, of model chunks per stage ``v``
+(virtual stages). Output: a `PipelineSchedule`, a tuple of clocks. Each clock holds the tasks
 that may run at the same time, at most one per stage; a task only depends on tasks of earlier
-clocks. Both schedules take ``2 (n + m - 1)`` compute clocks and then one clock in which every
-stage applies its accumulated gradients (Alpa, OSDI'22, section 5; GPipe; PipeDream-flush).
+clocks. The last clock has one task per stage that applies the accumulated gradients (Alpa,
+OSDI'22, section 5).
 
-With 0-based stage ``i`` and micro-batch ``b``, the forward (``f``) and backward (``g``) clocks are
+Every schedule is an order of tasks per stage; the clocks are that order run as soon as
+possible with every task taking one clock (`_run_in_clocks`). With 0-based stage ``i``:
 
-* GPipe: ``f(i, b) = i + b`` and ``g(i, b) = (n + m - 1) + (n - 1 - i) + b``: all forwards,
-  then all backwards in reverse stage order. Every stage holds all ``m`` micro-batches.
-* 1F1B: ``f(i, b) = i + b`` for the first ``n - i`` micro-batches (warm-up), ``f(i, b) = i + 2b``
-  afterwards, and ``g(i, b) = 2n - 1 - i + 2b``. After the warm-up, stage ``i`` alternates one
-  backward and one forward, so it never holds more than ``n - i`` micro-batches.
+* GPipe: all ``m`` forwards, then all ``m`` backwards. Every stage holds all ``m``
+  micro-batches. ``2 (n + m - 1)`` compute clocks.
+* 1F1B (PipeDream-flush): ``n - i`` forwards, then one backward and one forward alternately,
+  then the remaining backwards; stage ``i`` never holds more than ``n - i`` micro-batches.
+  ``2 (n + m - 1)`` compute clocks.
+* Interleaved 1F1B (Megatron-LM, SC'21): the model is cut into ``n v`` chunks and stage ``i``
+  holds chunks ``i, i + n, ...`` (``Task.chunk`` ``0 .. v-1``). Forwards go through a stage's
+  chunks in rounds of ``n`` micro-batches; ``2 (n - i - 1) + (v - 1) n`` warm-up forwards,
+  then one forward and one backward alternately. The fill and drain take ``n - 1`` chunk
+  times instead of ``n - 1`` stage times: the bubble shrinks ``v``-fold, for more transfers
+  and activations. Needs ``m`` to be a multiple of ``n``.
+* ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR'24): each backward is split into
+  the input-gradient part (`TaskKind.BACKWARD`, which the previous stage waits for) and the
+  weight-gradient part (`TaskKind.WEIGHT`, which nobody waits for). Each stage runs, in
+  order of preference, a ready backward, a forward (at most ``n - i`` forwards ahead of the
+  backwards, as 1F1B, and at most ``n`` micro-batches held until their weight gradient), or
+  a pending weight gradient: weight gradients fill what were bubbles. Peak activations are
+  those of 1F1B's first stage; the bubble is ``(n - 1)(F + B - W)`` instead of
+  ``(n - 1)(F + B + W)``.
 
 The module is pure Python: emit/ runs a schedule, tests check it as data.
 """
@@ -21,8 +37,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 from alpa_lite.errors import InvalidConfigError
 
@@ -32,13 +49,16 @@ class ScheduleKind(enum.Enum):
 
     GPIPE = "gpipe"
     ONE_F_ONE_B = "1f1b"
+    INTERLEAVED = "interleaved-1f1b"
+    ZB_H1 = "zb-h1"
 
 
 class TaskKind(enum.Enum):
     """What a task does on its stage's mesh."""
 
     FORWARD = "forward"
-    BACKWARD = "backward"
+    BACKWARD = "backward"  # the whole backward, or (ZB-H1) its input-gradient part
+    WEIGHT = "weight"      # ZB-H1: the weight-gradient part of a backward
     APPLY = "apply"
 
 
@@ -47,15 +67,22 @@ class Task:
     """One unit of work on one stage's mesh.
 
     Attributes:
-        kind: forward, backward (both on one micro-batch) or apply (the gradients of all
-            micro-batches, once per step).
+        kind: forward, backward, weight gradient (all three on one micro-batch) or apply (the
+            gradients of all micro-batches, once per step).
         stage: 0-based pipeline stage, which is also the index of the stage's device mesh.
         micro_batch: 0-based micro-batch index; -1 for `TaskKind.APPLY`.
+        chunk: which of the stage's model chunks (0 unless interleaved); the chunk's place in
+            the model is `position`.
     """
 
     kind: TaskKind
     stage: int
     micro_batch: int
+    chunk: int = 0
+
+    def position(self, num_stages: int) -> int:
+        """The model chunk this task runs, counted along the model: ``chunk * n + stage``."""
+        return self.chunk * num_stages + self.stage
 
     def pipeline_stage_id(self, num_stages: int) -> int:
         """Alpa's computation index: forward ``i``, backward ``2n - 1 - i``, apply ``2n + i``.
@@ -73,13 +100,17 @@ class Task:
         """
         if self.kind is TaskKind.FORWARD:
             return self.stage
-        if self.kind is TaskKind.BACKWARD:
+        if self.kind in (TaskKind.BACKWARD, TaskKind.WEIGHT):
             return 2 * num_stages - 1 - self.stage
         return 2 * num_stages + self.stage
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict, e.g. ``{"kind": "forward", "stage": 0, "micro_batch": 2}``."""
-        return {"kind": self.kind.value, "stage": self.stage, "micro_batch": self.micro_batch}
+        """A JSON-ready dict, e.g. ``{"kind": "forward", "stage": 0, "micro_batch": 2}``
+        (with ``"chunk"`` when it is not 0)."""
+        data = {"kind": self.kind.value, "stage": self.stage, "micro_batch": self.micro_batch}
+        if self.chunk:
+            data["chunk"] = self.chunk
+        return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +124,7 @@ class PipelineSchedule:
         clocks: one tuple of tasks per clock, sorted by stage; at most one task per stage per
             clock, and every task depends only on tasks of earlier clocks. The last clock holds
             one `TaskKind.APPLY` task per stage.
+        virtual_stages: model chunks per stage, ``v`` (1 unless interleaved).
 
     Example:
         >>> schedule = build_schedule("1f1b", num_stages=2, num_micro_batches=2)
@@ -106,6 +138,17 @@ class PipelineSchedule:
     num_stages: int
     num_micro_batches: int
     clocks: tuple[tuple[Task, ...], ...]
+    virtual_stages: int = 1
+
+    @property
+    def num_chunks(self) -> int:
+        """Model chunks in all, ``n v`` (the programs forward[0 .. n v - 1] run them)."""
+        return self.num_stages * self.virtual_stages
+
+    @property
+    def splits_backward(self) -> bool:
+        """Whether backwards run as an input-gradient and a weight-gradient task (ZB-H1)."""
+        return self.kind is ScheduleKind.ZB_H1
 
     def dispatch_order(self) -> list[Task]:
         """All tasks in an order a single-threaded driver may issue them.
@@ -119,19 +162,19 @@ class PipelineSchedule:
         """The tasks that `stage`'s mesh runs, in clock order."""
         return [task for clock in self.clocks for task in clock if task.stage == stage]
 
-    def max_in_flight(self, stage: int) -> int:
-        """Peak number of micro-batches whose forward ran on `stage` but whose backward has not.
-
-        This is how many micro-batches of activations the stage keeps alive at once.
-        """
+    def max_in_flight(self, stage: int) -> float:
+        """Peak number of micro-batches whose activations `stage` keeps at once: a forward
+        adds one, the backward that ends it (the weight-gradient part under ZB-H1) removes
+        it. A chunk of an interleaved stage counts ``1 / v`` of a micro-batch."""
+        last = TaskKind.WEIGHT if self.splits_backward else TaskKind.BACKWARD
         in_flight = peak = 0
         for task in self.tasks_of_stage(stage):
             if task.kind is TaskKind.FORWARD:
                 in_flight += 1
                 peak = max(peak, in_flight)
-            elif task.kind is TaskKind.BACKWARD:
+            elif task.kind is last:
                 in_flight -= 1
-        return peak
+        return peak if self.virtual_stages == 1 else peak / self.virtual_stages
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; `from_dict` inverts it."""
@@ -139,6 +182,7 @@ class PipelineSchedule:
             "kind": self.kind.value,
             "num_stages": self.num_stages,
             "num_micro_batches": self.num_micro_batches,
+            "virtual_stages": self.virtual_stages,
             "clocks": [[task.to_dict() for task in clock] for clock in self.clocks],
         }
 
@@ -147,7 +191,8 @@ class PipelineSchedule:
         """Rebuilds a schedule written by `to_dict`."""
         clocks = tuple(
             tuple(
-                Task(TaskKind(task["kind"]), int(task["stage"]), int(task["micro_batch"]))
+                Task(TaskKind(task["kind"]), int(task["stage"]), int(task["micro_batch"]),
+                     int(task.get("chunk", 0)))
                 for task in clock
             )
             for clock in data["clocks"]
@@ -157,24 +202,31 @@ class PipelineSchedule:
             num_stages=int(data["num_stages"]),
             num_micro_batches=int(data["num_micro_batches"]),
             clocks=clocks,
+            virtual_stages=int(data.get("virtual_stages", 1)),
         )
 
 
 def build_schedule(
-    kind: ScheduleKind | str, num_stages: int, num_micro_batches: int
+    kind: ScheduleKind | str, num_stages: int, num_micro_batches: int,
+    virtual_stages: int = 1,
 ) -> PipelineSchedule:
-    """Builds a GPipe or 1F1B schedule (formulas in the module docstring).
+    """Builds a schedule (orders in the module docstring).
 
     Args:
-        kind: `ScheduleKind` or its value, ``"gpipe"`` or ``"1f1b"``.
+        kind: `ScheduleKind` or its value, ``"gpipe"``, ``"1f1b"``, ``"interleaved-1f1b"`` or
+            ``"zb-h1"``.
         num_stages: number of pipeline stages ``n`` (positive).
-        num_micro_batches: number of micro-batches ``m`` (positive).
+        num_micro_batches: number of micro-batches ``m`` (positive; a multiple of ``n`` for
+            the interleaved schedule).
+        virtual_stages: model chunks per stage ``v``: 2 or more for the interleaved schedule,
+            1 for the others.
 
     Returns:
-        ``2 (n + m - 1)`` compute clocks followed by one apply clock.
+        The compute clocks followed by one apply clock.
 
     Raises:
-        InvalidConfigError: if `kind` is unknown or a count is not a positive integer.
+        InvalidConfigError: if `kind` is unknown, a count is not a positive integer, or the
+            counts do not suit the kind.
 
     Example:
         >>> schedule = build_schedule(ScheduleKind.GPIPE, num_stages=4, num_micro_batches=8)
@@ -182,40 +234,164 @@ def build_schedule(
         (23, 8)
     """
     kind = _check_kind(kind)
-    num_stages = _check_positive_int(num_stages, "num_stages")
-    num_micro_batches = _check_positive_int(num_micro_batches, "num_micro_batches")
-    n, m = num_stages, num_micro_batches
-    num_compute_clocks = 2 * (n + m - 1)
-    by_clock: list[list[Task]] = [[] for _ in range(num_compute_clocks)]
-    for stage in range(n):
-        for micro_batch in range(m):
-            forward_clock, backward_clock = _task_clocks(kind, n, m, stage, micro_batch)
-            by_clock[forward_clock].append(Task(TaskKind.FORWARD, stage, micro_batch))
-            by_clock[backward_clock].append(Task(TaskKind.BACKWARD, stage, micro_batch))
-    clocks = [tuple(sorted(clock, key=lambda task: task.stage)) for clock in by_clock]
-    clocks.append(tuple(Task(TaskKind.APPLY, stage, -1) for stage in range(n)))
-    return PipelineSchedule(kind, n, m, tuple(clocks))
+    n = _check_positive_int(num_stages, "num_stages")
+    m = _check_positive_int(num_micro_batches, "num_micro_batches")
+    v = _check_positive_int(virtual_stages, "virtual_stages")
+    _check_counts(kind, n, m, v)
+    return _build(kind, n, m, v)
 
 
-def in_flight_micro_batches(schedule: str, num_stages: int, stage: int, k: int) -> int:
-    """Micro-batches whose activations ``stage`` holds at once (what pricing charges memory
-    for): 1F1B ``min(S - s, k)``, GPipe all ``k``; equal to
-    ``build_schedule(schedule, S, k).max_in_flight(stage)``, without building the schedule."""
-    return k if _check_kind(schedule) is ScheduleKind.GPIPE else min(num_stages - stage, k)
-
-
-def _task_clocks(
-    kind: ScheduleKind, n: int, m: int, stage: int, micro_batch: int
-) -> tuple[int, int]:
-    """The (forward, backward) clocks of one (stage, micro-batch); see the module docstring."""
-    if kind is ScheduleKind.GPIPE:
-        return stage + micro_batch, (n + m - 1) + (n - 1 - stage) + micro_batch
-    warm_up = n - stage
-    if micro_batch < warm_up:
-        forward_clock = stage + micro_batch
+@functools.lru_cache(maxsize=256)
+def _build(kind: ScheduleKind, n: int, m: int, v: int) -> PipelineSchedule:
+    if kind is ScheduleKind.ZB_H1:
+        picks = [_zb_h1_picker(n, m, stage) for stage in range(n)]
     else:
-        forward_clock = stage + 2 * micro_batch
-    return forward_clock, 2 * n - 1 - stage + 2 * micro_batch
+        orders = {ScheduleKind.GPIPE: _gpipe_order, ScheduleKind.ONE_F_ONE_B: _one_f_one_b_order,
+                  ScheduleKind.INTERLEAVED: _interleaved_order}[kind]
+        picks = [_in_order(orders(n, m, v, stage)) for stage in range(n)]
+    clocks = _run_in_clocks(picks, n, m, v, kind is ScheduleKind.ZB_H1)
+    clocks.append(tuple(Task(TaskKind.APPLY, stage, -1) for stage in range(n)))
+    return PipelineSchedule(kind, n, m, tuple(clocks), v)
+
+
+def in_flight_micro_batches(schedule: str, num_stages: int, stage: int, k: int,
+                            virtual_stages: int = 1) -> float:
+    """Micro-batches whose activations ``stage`` holds at once (what pricing charges memory
+    for): ``build_schedule(schedule, S, k, v).max_in_flight(stage)``; GPipe all ``k`` and
+    1F1B ``min(S - s, k)`` without building the schedule."""
+    kind = _check_kind(schedule)
+    if kind is ScheduleKind.GPIPE:
+        return k
+    if kind is ScheduleKind.ONE_F_ONE_B:
+        return min(num_stages - stage, k)
+    return build_schedule(kind, num_stages, k, virtual_stages).max_in_flight(stage)
+
+
+# --- per-stage orders ----------------------------------------------------------------------
+
+
+def _gpipe_order(n: int, m: int, v: int, stage: int) -> list[Task]:
+    return ([Task(TaskKind.FORWARD, stage, b) for b in range(m)]
+            + [Task(TaskKind.BACKWARD, stage, b) for b in range(m)])
+
+
+def _one_f_one_b_order(n: int, m: int, v: int, stage: int) -> list[Task]:
+    warm_up = min(n - stage, m)
+    order = [Task(TaskKind.FORWARD, stage, b) for b in range(warm_up)]
+    for b in range(m):
+        order.append(Task(TaskKind.BACKWARD, stage, b))
+        if warm_up + b < m:
+            order.append(Task(TaskKind.FORWARD, stage, warm_up + b))
+    return order
+
+
+def _interleaved_order(n: int, m: int, v: int, stage: int) -> list[Task]:
+    """Megatron-LM's order: the ``k``-th forward of a stage runs chunk ``(k // n) % v`` on
+    micro-batch ``(k // (n v)) n + k % n``; backwards go through the chunks in reverse."""
+    total = m * v
+
+    def forward(k: int) -> Task:
+        return Task(TaskKind.FORWARD, stage, (k // (n * v)) * n + k % n, (k // n) % v)
+
+    def backward(k: int) -> Task:
+        return Task(TaskKind.BACKWARD, stage, (k // (n * v)) * n + k % n, v - 1 - (k // n) % v)
+
+    warm_up = total if m == n else min(total, 2 * (n - stage - 1) + (v - 1) * n)
+    order = [forward(k) for k in range(warm_up)]
+    for k in range(total - warm_up):
+        order += [forward(warm_up + k), backward(k)]
+    order += [backward(k) for k in range(total - warm_up, total)]
+    return order
+
+
+def _in_order(order: list[Task]) -> Callable:
+    """A picker that runs ``order`` as given: its next task once that is ready."""
+    position = [0]
+
+    def pick(ready: Callable[[Task], bool]) -> Task | None:
+        if position[0] < len(order) and ready(order[position[0]]):
+            position[0] += 1
+            return order[position[0] - 1]
+        return None
+
+    pick.remaining = lambda: len(order) - position[0]
+    return pick
+
+
+def _zb_h1_picker(n: int, m: int, stage: int) -> Callable:
+    """ZB-H1's choice on one stage: a ready backward, else a forward within the limits, else
+    the oldest pending weight gradient."""
+    done = {"forward": 0, "backward": 0, "weight": 0}
+
+    def pick(ready: Callable[[Task], bool]) -> Task | None:
+        f, b, w = done["forward"], done["backward"], done["weight"]
+        choices = []
+        if b < f:
+            choices.append(Task(TaskKind.BACKWARD, stage, b))
+        if f < m and f - b < n - stage and f - w < n:
+            choices.append(Task(TaskKind.FORWARD, stage, f))
+        for task in choices:
+            if ready(task):
+                done[task.kind.value] += 1
+                return task
+        if w < b:
+            done["weight"] += 1
+            return Task(TaskKind.WEIGHT, stage, w)
+        return None
+
+    pick.remaining = lambda: 3 * m - sum(done.values())
+    return pick
+
+
+def _run_in_clocks(picks: list[Callable], n: int, m: int, v: int,
+                   weights: bool) -> list[tuple[Task, ...]]:
+    """Runs each stage's picker as soon as possible, every task taking one clock.
+
+    A forward waits for the previous chunk's forward of its micro-batch, a backward for its
+    own forward and the next chunk's backward (the one after it along the model)."""
+    finished: dict[tuple[TaskKind, int, int], int] = {}  # (kind, position, mb) -> clock
+    last = n * v - 1
+    clocks: list[tuple[Task, ...]] = []
+
+    def ready_at(clock: int) -> Callable[[Task], bool]:
+        def ready(task: Task) -> bool:
+            p, b = task.position(n), task.micro_batch
+            if task.kind is TaskKind.FORWARD:
+                needs = [(TaskKind.FORWARD, p - 1, b)] if p > 0 else []
+            else:
+                needs = [(TaskKind.FORWARD, p, b)]
+                if p < last:
+                    needs.append((TaskKind.BACKWARD, p + 1, b))
+            return all(finished.get(key, clock) < clock for key in needs)
+        return ready
+
+    while any(pick.remaining() for pick in picks):
+        clock = len(clocks)
+        ready = ready_at(clock)
+        tasks = tuple(task for task in (pick(ready) for pick in picks) if task is not None)
+        if not tasks:
+            raise RuntimeError(f"internal error: the pipeline schedule is stuck at clock {clock}")
+        for task in tasks:
+            finished[(task.kind, task.position(n), task.micro_batch)] = clock
+        clocks.append(tasks)
+    return clocks
+
+
+def _check_counts(kind: ScheduleKind, n: int, m: int, v: int) -> None:
+    if kind is ScheduleKind.INTERLEAVED:
+        if v < 2:
+            raise InvalidConfigError(
+                f"The interleaved-1f1b schedule needs virtual_stages >= 2 (model chunks per "
+                f"stage); got {v}. Pass virtual_stages=2 or more, or schedule='1f1b'.")
+        if m % n:
+            raise InvalidConfigError(
+                f"The interleaved-1f1b schedule needs the number of micro-batches to be a "
+                f"multiple of the {n} stages; got {m}. Use {n * max(1, round(m / n))} "
+                "micro-batches, or schedule='1f1b'.")
+    elif v != 1:
+        raise InvalidConfigError(
+            f"virtual_stages={v} needs schedule='interleaved-1f1b'; got schedule="
+            f"{kind.value!r}. Pass virtual_stages=1 or schedule='interleaved-1f1b'.")
 
 
 def _check_kind(kind: ScheduleKind | str) -> ScheduleKind:

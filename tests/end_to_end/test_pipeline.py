@@ -10,6 +10,7 @@ import pytest
 import alpa_lite
 from alpa_lite.config import (AutoLayerOption, ManualStageOption, PipeshardParallel,
                               UniformStageOption)
+from alpa_lite.errors import InvalidConfigError
 from alpa_lite.testing import assert_trees_close
 
 from test_matches_serial import make_gpt
@@ -45,6 +46,67 @@ def test_mlp_pipeline_matches_serial(layers, stages, schedule):
     p = check_pipeline(mse_step, state, batch, method)
     plan = p.plan(state, batch)
     assert sum(len(s.layers) for s in plan.stages) == 4
+
+
+@pytest.mark.parametrize("schedule,stages,virtual", [("zb-h1", "uniform2", None),
+                                                     ("zb-h1", "uniform4", None),
+                                                     ("zb-h1", "2+6devices", None),
+                                                     ("interleaved-1f1b", "uniform2", 2),
+                                                     ("interleaved-1f1b", "uniform2", 4)])
+def test_zero_bubble_and_interleaved_pipelines_match_serial(schedule, stages, virtual):
+    layers = 8 if virtual == 4 else 4
+    state, batch = make_mlp(64, 16, layers, optimizer=optax.sgd(0.1, momentum=0.9))
+    method = PipeshardParallel(num_micro_batches=4,
+                               layer_option=AutoLayerOption(layer_num=layers),
+                               stage_option=STAGES[stages], schedule=schedule,
+                               virtual_stages=virtual)
+    p = check_pipeline(mse_step, state, batch, method)
+    plan = p.plan(state, batch)
+    assert (plan.extra.schedule, plan.extra.virtual_stages) == (schedule, virtual or 1)
+    executable = p.get_executable(state, batch)
+    partition = executable.partition
+    assert len(partition.forward) == len(plan.stages) * (virtual or 1)
+    if schedule == "zb-h1":  # every chunk's weight gradients left its input-gradient program
+        assert all(w.nodes for w in partition.weight)
+        assert all(b.nodes for b in partition.backward[1:]) and not partition.backward[0].nodes
+        names = [i.name for i in executable.instructions]
+        assert names.count("weight[0]") == 4
+    else:  # stage s holds chunks s, s + n, ...: layers interleaved
+        n = len(plan.stages)
+        assert [c % n for c in range(len(partition.forward))] == [
+            prog.mesh for prog in partition.forward]
+        assert plan.stages[0].layers == tuple(
+            layer for layer in range(layers) if (layer * n * virtual // layers) % n == 0)
+
+
+def test_zero_bubble_gpt_with_adamw_and_clipping_matches_serial():
+    work = make_gpt()  # AdamW + clip_by_global_norm; attention, layer norms, tied embedding
+    method = PipeshardParallel(num_micro_batches=2, layer_option=AutoLayerOption(layer_num=2),
+                               stage_option=UniformStageOption(num_stages=2), schedule="zb-h1")
+    p = check_pipeline(work.train_step, work.state, work.batch, method)
+    assert all(w.nodes for w in p.get_executable(work.state, work.batch).partition.weight)
+
+
+def test_auto_schedule_names_its_choice_and_the_runner_up():
+    state, batch = make_mlp(64, 16, 4, optimizer=optax.sgd(0.1, momentum=0.9))
+    method = PipeshardParallel(num_micro_batches=4, layer_option=AutoLayerOption(layer_num=4),
+                               stage_option=UniformStageOption(num_stages=2))
+    assert method.schedule == "auto"
+    p = check_pipeline(mse_step, state, batch, method)
+    plan = p.plan(state, batch)
+    assert plan.extra.schedule in ("1f1b", "zb-h1", "interleaved-1f1b")
+    other, _, seconds = plan.extra.runner_up
+    assert other != plan.extra.schedule and seconds >= plan.predicted_step_time_s
+
+
+def test_interleaving_needs_enough_layers_and_micro_batches():
+    state, batch = make_mlp(64, 16, 8)
+    for k, virtual, match in [(4, 8, "needs at least 32 layers"), (2, 2, "multiple of the 4")]:
+        method = PipeshardParallel(num_micro_batches=k, layer_option=AutoLayerOption(layer_num=8),
+                                   stage_option=UniformStageOption(num_stages=4),
+                                   schedule="interleaved-1f1b", virtual_stages=virtual)
+        with pytest.raises(InvalidConfigError, match=match):
+            alpa_lite.parallelize(mse_step, method=method).plan(state, batch)
 
 
 def test_mlp_pipeline_auto_stages_matches_serial():

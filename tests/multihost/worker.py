@@ -41,6 +41,12 @@ CASES = {
                                        submesh_shapes=((2, 2), (2, 2)))),
     "pipeline_donated": lambda: PipeshardParallel(num_micro_batches=4, layer_option="manual",
                                                   stage_option=UniformStageOption(num_stages=2)),
+    "pipeline_zb_h1": lambda: PipeshardParallel(num_micro_batches=4, layer_option="manual",
+                                                stage_option=UniformStageOption(num_stages=2),
+                                                schedule="zb-h1"),
+    "pipeline_interleaved": lambda: PipeshardParallel(
+        num_micro_batches=4, layer_option="manual",
+        stage_option=UniformStageOption(num_stages=2), schedule="interleaved-1f1b"),
     "pipeline_auto": lambda: PipeshardParallel(num_micro_batches=2,
                                                layer_option=AutoLayerOption(layer_num=4),
                                                stage_option="auto"),
