@@ -298,8 +298,13 @@ def _add_plan_command(subparsers) -> None:
     plan.add_argument("--micro-batch-size", type=int, default=None,
                       help="named layout: sequences per micro-batch per replica (megatron, dp, "
                            "zero2, zero3)")
-    plan.add_argument("--schedule", default="1f1b", choices=("1f1b", "gpipe"),
-                      help="named Megatron layout: pipeline schedule")
+    plan.add_argument("--schedule", default=None,
+                      choices=("auto", "1f1b", "gpipe", "interleaved-1f1b", "zb-h1"),
+                      help="pipeline schedule (default: auto for --method auto, which prices "
+                           "1f1b, zb-h1 and interleaved-1f1b; 1f1b for a named Megatron layout)")
+    plan.add_argument("--virtual-stages", type=int, default=None,
+                      help="named Megatron layout with --schedule interleaved-1f1b: model "
+                           "chunks per stage (default 2)")
     plan.add_argument("--layout", default=None, metavar="LAYOUT.json",
                       help="price a layout file ({\"method\": \"megatron\", \"tp\": 8, ...}) or "
                            "the JSON of an earlier `alpa-lite plan --json`")
@@ -351,8 +356,9 @@ def _plan_layout(args):
             f"--tp/--pp/--dp/--micro-batch-size name a layout of method megatron, dp, zero2 "
             f"or zero3; got --method {args.method}. Add e.g. --method megatron.")
     return Layout(method=args.method, tp=args.tp or 1, pp=args.pp or 1, dp=args.dp,
-                  micro_batch_size=args.micro_batch_size, schedule=args.schedule,
-                  remat=args.remat)
+                  micro_batch_size=args.micro_batch_size,
+                  schedule=args.schedule if args.schedule not in (None, "auto") else "1f1b",
+                  remat=args.remat, virtual_stages=args.virtual_stages)
 
 
 def _plan_cluster(args) -> ClusterSpec:
@@ -394,7 +400,8 @@ def _run_plan(args) -> int:
             results.append(simulate(preset, cluster, method=method,
                                     num_micro_batches=args.micro_batches, remat=args.remat,
                                     progress=not args.no_progress,
-                                    layout=layout if method == args.method else None))
+                                    layout=layout if method == args.method else None,
+                                    schedule=args.schedule or "auto"))
         except AlpaLiteError as err:
             if method == args.method:
                 raise

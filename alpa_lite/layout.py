@@ -18,7 +18,7 @@ from typing import Mapping
 from alpa_lite.errors import InvalidConfigError
 
 LAYOUT_METHODS = ("megatron", "dp", "zero2", "zero3")
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b", "zb-h1")
 REMAT_MODES = ("off", "layer", "auto")
 
 
@@ -35,7 +35,9 @@ class Layout:
         micro_batch_size: sequences per micro-batch on each data-parallel replica
             (gradient accumulation for the single-mesh methods); None lets the pricing pick
             the fastest of 1, 2, 4, 8 that fits (Megatron), or no accumulation (dp, ZeRO).
-        schedule: the pipeline schedule, ``"1f1b"`` or ``"gpipe"``.
+        schedule: the pipeline schedule, ``"1f1b"``, ``"gpipe"``, ``"interleaved-1f1b"``
+            (Megatron's ``--num-layers-per-virtual-pipeline-stage``) or ``"zb-h1"``.
+        virtual_stages: model chunks per stage for ``"interleaved-1f1b"`` (None: 2).
         remat: ``"off"``, ``"layer"`` (recompute every block's forward in the backward pass)
             or ``"auto"`` (the faster of the two that fits memory).
 
@@ -51,15 +53,16 @@ class Layout:
     micro_batch_size: int | None = None
     schedule: str = "1f1b"
     remat: str = "off"
+    virtual_stages: int | None = None
 
     def __post_init__(self):
         if self.method not in LAYOUT_METHODS:
             raise InvalidConfigError(
                 f"A layout's method must be one of {LAYOUT_METHODS}; got {self.method!r}. "
                 "(method 'auto' searches; it is not a layout.)")
-        for name in ("tp", "pp", "dp", "micro_batch_size"):
+        for name in ("tp", "pp", "dp", "micro_batch_size", "virtual_stages"):
             value = getattr(self, name)
-            if value is None and name in ("dp", "micro_batch_size"):
+            if value is None and name in ("dp", "micro_batch_size", "virtual_stages"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidConfigError(
@@ -71,6 +74,17 @@ class Layout:
         if self.remat not in REMAT_MODES:
             raise InvalidConfigError(
                 f"Layout remat must be one of {REMAT_MODES}; got {self.remat!r}.")
+        if self.virtual_stages not in (None, 1) and self.schedule != "interleaved-1f1b":
+            raise InvalidConfigError(
+                f"Layout virtual_stages={self.virtual_stages} needs schedule "
+                f"'interleaved-1f1b'; got {self.schedule!r}.")
+
+    @property
+    def chunks(self) -> int:
+        """Model chunks per pipeline stage (2 by default when interleaved, else 1)."""
+        if self.schedule == "interleaved-1f1b":
+            return self.virtual_stages or 2
+        return 1
         if self.method != "megatron" and (self.tp, self.pp) != (1, 1):
             raise InvalidConfigError(
                 f"--tp/--pp are Megatron's; method {self.method!r} runs on one mesh, got "

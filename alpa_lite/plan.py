@@ -260,6 +260,8 @@ class SimulationInfo:
         layout: the named layout this result is (`alpa_lite.layout.Layout.to_dict`), for
             ``"megatron"``, ``"dp"``, ``"zero2"``, ``"zero3"``; None for searched plans.
         breakdown: where the predicted step time and memory go (`alpa_lite.explain`).
+        schedule / virtual_stages / runner_up: ``"auto"``: the pipeline schedule chosen, its
+            model chunks per stage, and the next best ``(schedule, chunks, step seconds)``.
     """
 
     method: str
@@ -279,6 +281,9 @@ class SimulationInfo:
     ilp_status: str | None = None
     layout: dict | None = None
     breakdown: object | None = None  # an `alpa_lite.explain.Breakdown`
+    schedule: str | None = None
+    virtual_stages: int = 1
+    runner_up: tuple | None = None
 
     def details(self, num_micro_batches: int) -> dict:
         """The method-specific numbers as the CLI's JSON ``details`` has them."""
@@ -288,9 +293,12 @@ class SimulationInfo:
         if self.logical_mesh is not None:
             out["logical_mesh"] = list(self.logical_mesh)
         for key in ("dp_layers", "fits_memory", "priced_at_micro_batches", "lean_offered",
-                    "remat_layers", "lean"):
+                    "remat_layers", "lean", "schedule"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.schedule is not None:
+            out["virtual_stages"] = self.virtual_stages
+            out["runner_up"] = None if self.runner_up is None else list(self.runner_up)
         if self.ilp_status is not None:
             out["ilp"] = {"num_variables": self.ilp_variables, "status": self.ilp_status}
         return {**out, "remat": self.remat, "dtype": self.dtype}

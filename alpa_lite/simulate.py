@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from alpa_lite.cluster import ClusterSpec
-from alpa_lite.config import (AutoLayerOption, DataParallel, ShardParallel, Zero2Parallel,
-                              Zero3Parallel)
+from alpa_lite.config import (SCHEDULES, AutoLayerOption, DataParallel, ShardParallel,
+                              Zero2Parallel, Zero3Parallel)
 from alpa_lite.devices import stage_link
 from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
 from alpa_lite.explain import pipeline_breakdown, single_mesh_breakdown
@@ -46,6 +46,7 @@ from alpa_lite.intra_op.driver import plan_single_mesh, single_mesh_step_time_s
 from alpa_lite.step import StepSpec, input_roles, optimizer_state_mask, trace_step
 from alpa_lite.inter_op import pricing
 from alpa_lite.inter_op.pricing import memory_binds
+from alpa_lite.inter_op.schedule_choice import choose_schedule, interleaved_layers
 from alpa_lite.pipeline_model.partition import count_layers
 from alpa_lite.plan import ParallelPlan, SimulationInfo, StagePlan
 
@@ -100,7 +101,8 @@ def simulation_to_dict(plan: ParallelPlan) -> dict:
 
 def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
              num_micro_batches: int | None = None, remat: str = "off",
-             progress: bool = False, layout: Layout | None = None) -> ParallelPlan:
+             progress: bool = False, layout: Layout | None = None,
+             schedule: str = "auto") -> ParallelPlan:
     """Plans ``preset`` on ``cluster`` with ``method`` without devices or weights.
 
     Returns a `ParallelPlan` whose ``extra`` is a `SimulationInfo` (``plan.extra.method`` is
@@ -117,6 +119,10 @@ def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
     micro-batch size) prices that configuration as named instead of searching; its method
     and remat replace ``method`` and ``remat``.
 
+    ``schedule`` (``method="auto"``): the pipeline schedule, ``"auto"`` (each of 1F1B, ZB-H1
+    and interleaved 1F1B priced on the stages the DP chose; `inter_op.schedule_choice`),
+    ``"1f1b"``, ``"gpipe"``, ``"zb-h1"`` or ``"interleaved-1f1b"`` (2 chunks per stage).
+
     The plans assume the train state is donated (``donate_argnums``), so the optimizer
     update writes the new state over the old one, as Alpa does.
     """
@@ -126,6 +132,8 @@ def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
         raise InvalidConfigError(f"method must be one of {METHODS}; got {method!r}.")
     if remat not in REMAT_MODES:
         raise InvalidConfigError(f"remat must be one of {REMAT_MODES}; got {remat!r}.")
+    if schedule not in SCHEDULES:
+        raise InvalidConfigError(f"schedule must be one of {SCHEDULES}; got {schedule!r}.")
     start = time.perf_counter()
     with progress_bar(progress, f"planning {preset.name}", None) as advance:
         token = _PROGRESS.set(advance)
@@ -135,7 +143,8 @@ def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
             elif layout is not None:
                 result = _single_mesh_layout(preset, cluster, layout)
             elif method == "auto":
-                result = _simulate_pipeline(preset, cluster, num_micro_batches, remat)
+                result = _simulate_pipeline(preset, cluster, num_micro_batches, remat,
+                                            schedule)
             elif method == "megatron":
                 result = _simulate_megatron(preset, cluster, num_micro_batches, remat)
             else:
@@ -278,7 +287,8 @@ def _lean_prices(preset, cluster, k0: int, remat: str) -> dict:
             for level, table in _price_lean_layers(preset, cluster, k0, remat_layer).items()}
 
 
-def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off") -> ParallelPlan:
+def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
+                       schedule="auto") -> ParallelPlan:
     k0 = num_micro_batches or _default_micro_batches(preset, cluster)
     priced0, remat0 = _remat_prices(preset, cluster, k0, remat)
     flops = _block_flops(preset, cluster, k0, remat == "layer")
@@ -291,7 +301,7 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off") -> Paral
             result, unconstrained = _pipeline_for(
                 preset, cluster, _scaled(priced0, k0, k), k,
                 None if remat0 is None else _scaled(remat0, k0, k), lean, flops=flops,
-                remat_layer=remat == "layer")
+                remat_layer=remat == "layer", schedule=schedule)
             key = (not result.extra.fits_memory, result.predicted_step_time_s)
             if best is None or key < best[0]:
                 best = (key, result)
@@ -314,7 +324,8 @@ def _shared(cluster: ClusterSpec) -> int | None:
 
 
 def _pipeline_for(preset, cluster, priced, k, remat_priced=None, lean_priced=None, *,
-                  flops, remat_layer: bool = False) -> tuple[ParallelPlan, float]:
+                  flops, remat_layer: bool = False, schedule: str = "auto"
+                  ) -> tuple[ParallelPlan, float]:
     """The stage DP's best pipeline of the L-block model at ``k`` micro-batches (the fastest
     within the memory budget, else the fastest), and the least step time without the budget
     (``inf`` when not asked: with ``lean_priced``)."""
@@ -330,7 +341,8 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None, lean_priced=Non
 
     meshes = {key: cluster.logical_mesh(*key) for key in grouped}
     solve = functools.partial(pricing.solve_stages, grouped, meshes,
-                              num_devices=cluster.num_devices, k=k, schedule="1f1b",
+                              num_devices=cluster.num_devices, k=k,
+                              schedule="gpipe" if schedule == "gpipe" else "1f1b",
                               link=_stage_link(cluster), remat_priced=group(remat_priced),
                               lean_priced=None if lean_priced is None else {
                                   key: group(table) for key, table in lean_priced.items()},
@@ -346,41 +358,61 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None, lean_priced=Non
     if lean_priced is None:  # does the budget cost time? (`_simulate_pipeline` asks)
         unconstrained = (solve(memory_budget_bytes=None).assignment if fits
                          else solution.assignment).predicted_latency_s
-    stages = _stage_records(solution, bounds, flops, remat_layer)
+    variants = {(False, 0.0): grouped, (True, 0.0): group(remat_priced), **{
+        (bool(remat), float(level)): group(table)
+        for (remat, level), table in (lean_priced or {}).items()}}
+    chosen = _choose_schedule(solution.assignment, variants, meshes, cluster, k, schedule)
+    stages = _stage_records(solution.assignment, chosen, bounds, flops, remat_layer)
     peak = max(st.peak_memory_bytes for st in stages)
-    breakdown = _pipeline_breakdown(preset, cluster, k, solution.price,
-                                    [(st.layers[0], st.layers[-1]) for st in stages],
-                                    [st.remat for st in stages])
-    info = SimulationInfo("auto", solution.assignment.predicted_latency_s, peak,
+    breakdown = _pipeline_breakdown(preset, cluster, k, chosen.price,
+                                    [st.layers for st in stages], [st.remat for st in stages])
+    info = SimulationInfo("auto", chosen.price.step_time_s, peak,
                           fits_memory=fits and peak <= cluster.memory_per_device_bytes,
-                          dp_layers=groups, breakdown=breakdown)
+                          dp_layers=groups, breakdown=breakdown, schedule=chosen.schedule,
+                          virtual_stages=chosen.virtual_stages, runner_up=chosen.runner_up)
     return _simulated(k, info, stages), unconstrained
 
 
-def _stage_records(solution, bounds, flops, remat_layer: bool) -> list[StagePlan]:
-    """The DP's stages as `StagePlan`s over blocks (``bounds``: the DP layers' first
-    blocks)."""
-    assignment = solution.assignment
-    ranges = [(int(bounds[assignment.stage_layers(s)[0]]),
-               int(bounds[assignment.stage_layers(s)[-1] + 1]) - 1)
-              for s in range(len(solution.price.stages))]
+def _choose_schedule(assignment, variants, meshes, cluster, k: int, schedule: str):
+    """`schedule_choice.choose_schedule` over the DP's stages: each stage's layer prices are
+    those of its (remat, lean) variant on its (submesh, view)."""
+    def price_of(s: int, layer: int):
+        variant = (bool(assignment.remat[s]) if assignment.remat else False,
+                   float(assignment.lean[s]) if assignment.lean else 0.0)
+        option = (tuple(assignment.submesh_shapes[s]), tuple(assignment.logical_shapes[s]))
+        return variants[variant][option][layer]
+
+    return choose_schedule(schedule, None, assignment, price_of,
+                           [meshes[(tuple(a), tuple(b))] for a, b in zip(
+                               assignment.submesh_shapes, assignment.logical_shapes)],
+                           _stage_link(cluster), k, cluster.memory_per_device_bytes,
+                           pricing.shared_stage_hosts(assignment.submesh_shapes,
+                                                      _shared(cluster)))
+
+
+def _stage_records(assignment, chosen, bounds, flops, remat_layer: bool) -> list[StagePlan]:
+    """The DP's stages, run with the ``chosen`` schedule (`ScheduleChoice`), as `StagePlan`s
+    over blocks (``bounds``: the DP layers' first blocks)."""
+    n = assignment.num_stages
+    blocks = [[b for g, st in enumerate(chosen.layer_to_stage) if st == s
+               for b in range(int(bounds[g]), int(bounds[g + 1]))] for s in range(n)]
     remat = [remat_layer or (bool(assignment.remat[s]) if assignment.remat else False)
-             for s in range(len(ranges))]
-    lean = [float(assignment.lean[s]) if assignment.lean else 0.0 for s in range(len(ranges))]
-    return _span_records(solution.price, ranges, flops, assignment.submesh_shapes,
+             for s in range(n)]
+    lean = [float(assignment.lean[s]) if assignment.lean else 0.0 for s in range(n)]
+    return _span_records(chosen.price, blocks, flops, assignment.submesh_shapes,
                          assignment.logical_shapes, remat, lean)
 
 
-def _span_records(price, ranges, flops, submeshes, views, remat, lean=None) -> list[StagePlan]:
-    """`StagePlan`s of a priced pipeline whose stage ``s`` holds blocks ``ranges[s]`` (first,
-    last); time per micro-batch split into forward and backward by the blocks' flops."""
+def _span_records(price, blocks, flops, submeshes, views, remat, lean=None) -> list[StagePlan]:
+    """`StagePlan`s of a priced pipeline whose stage ``s`` holds ``blocks[s]``; time per
+    micro-batch split into forward and backward by the blocks' flops."""
     stages = []
-    for s, (stage, (first, last)) in enumerate(zip(price.stages, ranges)):
-        forward = sum(f for f, _ in flops[first:last + 1])
-        total = sum(t for _, t in flops[first:last + 1])
+    for s, (stage, held) in enumerate(zip(price.stages, blocks)):
+        forward = sum(flops[b][0] for b in held)
+        total = sum(flops[b][1] for b in held)
         share = forward / total if total > 0 else 0.5
         stages.append(StagePlan(
-            stage=s, layers=tuple(range(first, last + 1)), submesh=tuple(submeshes[s]),
+            stage=s, layers=tuple(held), submesh=tuple(submeshes[s]),
             logical_mesh=tuple(views[s]), forward_s=stage.micro_batch_s * share,
             backward_s=stage.micro_batch_s * (1 - share), grad_sync_s=stage.grad_sync_s,
             apply_s=stage.apply_s, peak_memory_bytes=stage.memory_bytes, plan=None,
@@ -388,14 +420,14 @@ def _span_records(price, ranges, flops, submeshes, views, remat, lean=None) -> l
     return stages
 
 
-def _pipeline_breakdown(preset, cluster, k: int, price, ranges, remat, megatron=None):
-    """`explain.pipeline_breakdown` of a priced pipeline whose stages hold blocks
-    ``ranges``; a rematerialized stage's recomputed share is its blocks' forward flops."""
+def _pipeline_breakdown(preset, cluster, k: int, price, blocks, remat, megatron=None):
+    """`explain.pipeline_breakdown` of a priced pipeline whose stage ``s`` holds
+    ``blocks[s]``; a rematerialized stage's recomputed share is its blocks' forward flops."""
     flops = _block_flops(preset, cluster, k, True, megatron) if any(remat) else None
     shares = []
-    for (first, last), on in zip(ranges, remat):
-        forward = sum(f for f, _ in flops[first:last + 1]) if on else 0.0
-        total = sum(t for _, t in flops[first:last + 1]) if on else 1.0
+    for held, on in zip(blocks, remat):
+        forward = sum(flops[b][0] for b in held) if on else 0.0
+        total = sum(flops[b][1] for b in held) if on else 1.0
         shares.append(forward / total if total > 0 else 0.0)
     options = _layer_graph(preset, cluster, k, any(remat), megatron)[2]
     return pipeline_breakdown(price, k, state_per_param=options.state_bytes_per_param_byte,
@@ -581,7 +613,15 @@ def _megatron_layout(preset, cluster, layout: Layout) -> ParallelPlan:
     shape = (1, per_stage) if per_stage <= per_host else (per_stage // per_host, per_host)
     candidate = (shape, (dp, tp))
     mesh = cluster.logical_mesh(shape, (dp, tp))
-    bounds = np.array_split(np.arange(blocks), pp)
+    if layout.chunks > 1:  # stage s holds chunks s, s + pp, ... of blocks / (pp v) blocks
+        if blocks < pp * layout.chunks:
+            raise InvalidConfigError(
+                f"pp={pp} stages of {layout.chunks} interleaved chunks need at least "
+                f"{pp * layout.chunks} blocks; the model has {blocks}.")
+        owner = interleaved_layers([1.0] * blocks, pp, layout.chunks)
+        bounds = [np.array([b for b in range(blocks) if owner[b] == s]) for s in range(pp)]
+    else:
+        bounds = np.array_split(np.arange(blocks), pp)
     best = None
     for size, remat_layer in itertools.product(
             sizes, _REMAT_FLAGS[layout.remat]):
@@ -589,12 +629,15 @@ def _megatron_layout(preset, cluster, layout: Layout) -> ParallelPlan:
                 best[1].extra.layout["micro_batch_size"] == size and best[1].extra.fits_memory):
             continue  # recomputing only adds time to a layout that fits
         k = batch // (dp * size)
+        if layout.chunks > 1 and k % pp:
+            continue  # interleaving needs the micro-batches to be a multiple of the stages
         layers = _expand(_price_layers(preset, cluster, k, remat_layer, candidate)[candidate],
                          blocks)
-        spans = [layers[int(b[0]):int(b[-1]) + 1] for b in bounds]
+        spans = [[layers[int(b)] for b in held] for held in bounds]
         price = pricing.price_pipeline(spans, [mesh] * pp, _stage_link(cluster), k,
                                        layout.schedule,
-                                       pricing.shared_stage_hosts([shape] * pp, _shared(cluster)))
+                                       pricing.shared_stage_hosts([shape] * pp, _shared(cluster)),
+                                       layout.chunks, [remat_layer] * pp)
         memory = max(st.memory_bytes for st in price.stages)
         fits = memory <= cluster.memory_per_device_bytes
         key = (not fits, price.step_time_s)
@@ -602,15 +645,22 @@ def _megatron_layout(preset, cluster, layout: Layout) -> ParallelPlan:
             named = dataclasses.replace(layout, dp=dp, micro_batch_size=size,
                                         remat="layer" if remat_layer else "off")
             flops = _block_flops(preset, cluster, k, remat_layer, candidate)
-            ranges = [(int(b[0]), int(b[-1])) for b in bounds]
+            ranges = [[int(x) for x in b] for b in bounds]
             stages = _span_records(price, ranges, flops, [shape] * pp, [(dp, tp)] * pp,
                                    [remat_layer] * pp)
             breakdown = _pipeline_breakdown(preset, cluster, k, price, ranges,
                                             [remat_layer] * pp, candidate)
             best = (key, _simulated(k, SimulationInfo(
                 "", price.step_time_s, memory, fits_memory=fits, grid=(dp, tp, pp),
-                remat_layers=remat_layer, layout=named.to_dict(), breakdown=breakdown),
+                remat_layers=remat_layer, layout=named.to_dict(), breakdown=breakdown,
+                schedule=layout.schedule, virtual_stages=layout.chunks),
                 stages))
+    if best is None:
+        raise InvalidConfigError(
+            f"The interleaved schedule needs the micro-batch count (batch {batch} / (dp={dp} x "
+            f"micro-batch size)) to be a multiple of pp={pp}; no micro-batch size in {sizes} "
+            "gives one. Choose --micro-batch-size or --batch-size accordingly, or --schedule "
+            "1f1b.")
     return best[1]
 
 
@@ -669,7 +719,7 @@ def _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, best):
                     named = None if rest or lean else Layout(
                         method="megatron", tp=tp, pp=pp, dp=dp, micro_batch_size=size,
                         remat="layer" if remat_on else "off").to_dict()
-                    ranges = [(s * per, (s + 1) * per - 1) for s in range(pp)]
+                    ranges = [list(range(s * per, (s + 1) * per)) for s in range(pp)]
                     best = (key, _simulated(k, SimulationInfo(
                         "", latency, mem, fits_memory=fits, grid=(dp, tp, pp),
                         remat_layers=remat_on, lean=lean, layout=named,

@@ -64,16 +64,30 @@ def format_plan_summary(plan, *, max_rows: int = 40) -> str:
     return "\n".join(lines)
 
 
+def _schedule_text(extra) -> str:
+    """``zb-h1 (runner-up 1f1b: 1.2s)``: the schedule run, its chunks per stage, and the
+    next best schedule the planner priced."""
+    text = str(getattr(extra, "schedule", None))
+    if getattr(extra, "virtual_stages", 1) > 1:
+        text += f" x{extra.virtual_stages} chunks per stage"
+    runner_up = getattr(extra, "runner_up", None)
+    if runner_up:
+        name, chunks, seconds = runner_up
+        text += (f" (runner-up {name}{f' x{chunks}' if chunks > 1 else ''}: "
+                 f"{seconds:.4g}s)")
+    return text
+
+
 def _stage_lines(plan) -> list[str]:
     extra, nan = plan.extra, float("nan")
     layers = getattr(extra, "layers", None)
     imbalance = nan if layers is None or layers.imbalance is None else layers.imbalance
-    lines = [f"schedule {getattr(extra, 'schedule', None)}  layers "
+    lines = [f"schedule {_schedule_text(extra)}  layers "
              f"{getattr(extra, 'num_layers', None)} (clustering: "
              f"{getattr(layers, 'method', None)}, flops imbalance {imbalance:.2f})",
              f"predicted step time {plan.predicted_step_time_s:.4g}s "
-             "(sum of stage times + (micro-batches - 1) x slowest stage + gradient sync and "
-             "update; stages sharing a host's compute take turns)", "",
+             "(the schedule's fill and drain + micro-batches at the slowest stage + gradient "
+             "sync and update; stages sharing a host's compute take turns)", "",
              f"{'stage':>5} {'layers':<14} {'submesh':<9} {'logical':<9} {'fwd (s)':>10} "
              f"{'bwd (s)':>10} {'peak mem':>12} {'operators':>9} {'remat':>5} {'lean':>5}"]
     for st in plan.stages:
