@@ -11,10 +11,11 @@ flops, small boundaries) and the model's own modules (flax names such as ``block
 each equation's name stack).
 
 Scanned layers: with `AutoLayerOption(layer_num=n)`, every top-level ``scan`` of length L >= 2
-is first split into ``min(n, L)`` consecutive scans of near-equal length (`split_scans`): each
-reads its slice of the stacked operands (``xs[a:b]``) and the stacked results are concatenated
-back. The layering then sees n balanced pieces and can give each stage its share of the
-iterations; the backward pass mirrors the pieces.
+is first split into consecutive scans (`split_scans`): each reads its slice of the stacked
+operands (``xs[a:b]``) and the stacked results are concatenated back. The cuts are where n
+layers of equal flops would end if the scans were unrolled, counting the equations around
+them (an embedding before, a vocabulary head after), so the layering can balance the layers
+like any others; the backward pass mirrors the pieces.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def build_layer_transform(option, starts: Sequence[int] | None = None,
 
 
 def split_scans(closed: jcore.ClosedJaxpr, pieces: int) -> jcore.ClosedJaxpr:
-    """``closed`` with each top-level scan of length >= 2 split into ``pieces`` scans.
+    """``closed`` with its top-level scans of length >= 2 cut where ``pieces`` layers of
+    equal flops would end (`scan_cuts`).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -134,8 +136,8 @@ def split_scans(closed: jcore.ClosedJaxpr, pieces: int) -> jcore.ClosedJaxpr:
         >>> [e.primitive.name for e in split_scans(closed, 2).jaxpr.eqns].count("scan")
         2
     """
-    if not any(e.primitive is prims.scan_p and e.params["length"] >= 2
-               for e in closed.jaxpr.eqns):
+    cuts = scan_cuts(closed.jaxpr, pieces)
+    if not any(len(edges) > 2 for edges in cuts.values()):
         return closed
 
     def run(*args):
@@ -143,10 +145,10 @@ def split_scans(closed: jcore.ClosedJaxpr, pieces: int) -> jcore.ClosedJaxpr:
         env = dict(zip(jaxpr.constvars, closed.consts))
         env.update(zip(jaxpr.invars, args))
         read = lambda a: a.val if isinstance(a, jcore.Literal) else env[a]  # noqa: E731
-        for eqn in jaxpr.eqns:
+        for i, eqn in enumerate(jaxpr.eqns):
             invals = list(map(read, eqn.invars))
-            if eqn.primitive is prims.scan_p and eqn.params["length"] >= 2:
-                outs = _bind_split_scan(eqn.params, invals, pieces)
+            if len(cuts.get(i, ())) > 2:
+                outs = _bind_split_scan(eqn.params, invals, cuts[i])
             else:
                 outs = eqn.primitive.bind(*invals, **bind_params(eqn.primitive, eqn.params))
                 outs = outs if eqn.primitive.multiple_results else [outs]
@@ -157,11 +159,42 @@ def split_scans(closed: jcore.ClosedJaxpr, pieces: int) -> jcore.ClosedJaxpr:
     return jax.make_jaxpr(run)(*avals)
 
 
-def _bind_split_scan(params: dict, invals: list, pieces: int) -> list:
-    length, (n_const, n_carry) = params["length"], scan_operand_counts(params)
+def scan_cuts(jaxpr: jcore.Jaxpr, pieces: int) -> dict[int, list[int]]:
+    """Per top-level scan of length >= 2 (by equation index): its piece edges
+    ``[0, ..., length]``, where ``pieces`` layers of equal flops would end if every scan were
+    unrolled into its iterations (a scan whose flops are unknown is cut evenly).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> def f(xs, head):  # 4 iterations of a 8x8x8 matmul, then a head worth two
+        ...     return jax.lax.scan(lambda c, x: (c @ x, None), xs[0], xs)[0] @ head
+        >>> jaxpr = jax.make_jaxpr(f)(jnp.ones((4, 8, 8)), jnp.ones((8, 16))).jaxpr
+        >>> scan_cuts(jaxpr, 2)  # {equation: edges}: 3 iterations | 1 iteration + the head
+        {2: [0, 3, 4]}
+    """
+    flops = [_eqn_flops(e) for e in jaxpr.eqns]
+    total = sum(flops)
+    targets = [total * j / pieces for j in range(1, pieces)]
+    cuts, before = {}, 0.0
+    for i, eqn in enumerate(jaxpr.eqns):
+        if eqn.primitive is prims.scan_p and eqn.params["length"] >= 2:
+            length = eqn.params["length"]
+            if flops[i] > 0:
+                inside = [round((t - before) / (flops[i] / length)) for t in targets
+                          if before < t < before + flops[i]]
+                if eqn.params["reverse"]:  # iterations run from the end
+                    inside = [length - c for c in inside]
+            else:
+                inside = np.linspace(0, length, min(pieces, length) + 1).round()[1:-1]
+            cuts[i] = sorted({0, length} | {int(c) for c in inside if 0 < c < length})
+        before += flops[i]
+    return cuts
+
+
+def _bind_split_scan(params: dict, invals: list, edges: list[int]) -> list:
+    n_const, n_carry = scan_operand_counts(params)
     consts, carry, xs = (invals[:n_const], invals[n_const:n_const + n_carry],
                          invals[n_const + n_carry:])
-    edges = np.linspace(0, length, min(pieces, length) + 1).round().astype(int)
     spans = list(zip(edges[:-1], edges[1:]))
     ys_parts: dict[int, list] = {}
     for a, b in (reversed(spans) if params["reverse"] else spans):

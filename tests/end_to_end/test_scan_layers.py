@@ -288,3 +288,23 @@ def test_pipeline_splits_scanned_gpt_layers_across_stages():
     assert len(stages) == 2
     forward = [s.forward_s for s in stages]
     assert min(forward) > 0.5 * max(forward), forward  # each stage runs part of the scan
+
+
+def test_scan_cuts_count_the_layers_around_the_scan():
+    """A scanned 4-block GPT whose vocabulary head costs about two blocks, in 2 layers: the
+    scan is cut after 3 iterations (embedding + 3 blocks | 1 block + head), not in the middle
+    (which left the head's stage 1.3x the flops of the other); equal to serial."""
+    preset = get_preset("gpt-tiny").with_overrides(num_layers=4, batch_size=8)
+    config = dataclasses.replace(preset.config, scan_layers=True, vocab_size=1664)
+    work = build_workload(dataclasses.replace(preset, config=config), optimizer=optax.sgd(1e-2))
+    method = alpa_lite.PipeshardParallel(num_micro_batches=2, stage_option="uniform",
+                                         layer_option=alpa_lite.AutoLayerOption(layer_num=2))
+    p = alpa_lite.parallelize(work.train_step, method=method)
+    assert_trees_close(p(work.state, work.batch), jax.jit(work.train_step)(work.state, work.batch),
+                       rtol=1e-4, atol=1e-5)
+    plan = p.plan(work.state, work.batch)
+    assert plan.extra.layers.imbalance < 1.1
+    graph = p.get_executable(work.state, work.batch).graph
+    # the forward pieces and their mirrored backward scans
+    assert sorted(loop.length for loop in graph.loops if loop.parent == -1
+                  and not loop.branches) == [1, 1, 3, 3]

@@ -54,7 +54,7 @@ def _pipeline(work, budget):
     method = PipeshardParallel(
         num_micro_batches=8, stage_option="auto", devices=tuple(jax.devices()[:4]),
         layer_option=AutoLayerOption(layer_num=4, method="names"),
-        memory_budget_per_device=budget)
+        memory_budget_per_device=budget, schedule="1f1b")  # the DP's own schedule
     return alpa_lite.parallelize(work.train_step, method=method, donate_argnums=(0,),
                                  cluster=get_cluster_preset("v100-32gb-4x"))
 
