@@ -11,8 +11,10 @@ Search cost is kept small by reusing work across identical layers (transformer b
 
 * Pipelines: the model is traced with 3 blocks; its 3 layers (embedding + block, block,
   block + head) are each priced once per candidate (submesh, logical view) with the intra-op
-  ILP; an L-block model's layer costs are ``[first, middle x (L - 2), last]``. For the stage DP
-  the blocks are grouped into at most `MAX_DP_LAYERS` contiguous groups.
+  ILP; an L-block model's layer costs are ``[first, middle x (L - 2), last]``. The stage DP
+  sees every block when there are at most as many blocks as devices (so any stage, down to one
+  block per device, can be chosen), else ``max(MAX_DP_LAYERS, devices)`` contiguous groups
+  of blocks (`dp_layer_count`).
 * Single-mesh methods (auto sharding, data parallel, ZeRO): the full step is planned with 2 and
   3 blocks (identical blocks share one strategy choice); cost, compute and memory of L blocks
   are extrapolated linearly, exact when blocks are identical.
@@ -314,6 +316,19 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
     return _with_info(best[1], priced_at_micro_batches=k0, lean_offered=lean0 is not None)
 
 
+def dp_layer_count(blocks: int, num_devices: int) -> int:
+    """How many layers the stage DP sees for a model of ``blocks`` identical blocks: all of
+    them when a pipeline could hold them one per stage (each stage takes a device at
+    least), else ``max(MAX_DP_LAYERS, devices)`` groups: with more blocks than devices a stage
+    holds several blocks anyway, and the groups are at most one block apart in size.
+
+    Example:
+        >>> dp_layer_count(40, 200), dp_layer_count(128, 8), dp_layer_count(1024, 128)
+        (40, 32, 128)
+    """
+    return min(blocks, max(MAX_DP_LAYERS, num_devices))
+
+
 def _stage_link(cluster: ClusterSpec) -> tuple[float, float]:
     return stage_link(cluster, cluster.devices_per_host, cluster.num_devices)
 
@@ -330,7 +345,7 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None, lean_priced=Non
     within the memory budget, else the fastest), and the least step time without the budget
     (``inf`` when not asked: with ``lean_priced``)."""
     blocks = _num_blocks(preset)
-    groups = min(blocks, MAX_DP_LAYERS)
+    groups = dp_layer_count(blocks, cluster.num_devices)
     grouped, bounds = {}, None
     for key, layers in priced.items():
         grouped[key], bounds = _group(_expand(layers, blocks), groups)
