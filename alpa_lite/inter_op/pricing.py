@@ -33,7 +33,6 @@ in flight on stage ``s`` and GPipe all ``k``.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import Callable, Sequence
 
@@ -554,37 +553,44 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
 
 
 def _stage_tables(tables, columns, meshes, link, budget, schedule: str, k: int):
-    """Per (first layer, last layer, option column): the stage's micro-batch seconds, how
-    many stages may follow it within the memory budget, and its state + activation bytes."""
+    """Per (first layer, last layer, option column): the stage's micro-batch seconds
+    (`estimate_stage`'s, from prefix sums over the layers), how many stages may follow it
+    within the memory budget, and its state + activation bytes."""
     num_layers = len(next(iter(tables[(False, 0.0)].values())))
     alpha, beta = link
     shape = (num_layers, num_layers, len(columns))
     cost, succ, state = np.full(shape, np.inf), np.full(shape, np.inf), np.zeros(shape)
+    spans = np.triu(np.ones((num_layers, num_layers), dtype=bool))  # first <= last
+
+    def summed(values):  # [first, last] -> sum of values[first..last]
+        prefix = np.concatenate([[0.0], np.cumsum(values)])
+        return prefix[None, 1:] - prefix[:-1, None]
+
     for j, (option, variant) in enumerate(columns):
         layers = tables[variant][option]
-        for start, end in itertools.combinations_with_replacement(range(num_layers), 2):
-            span = layers[start:end + 1]
-            # the stage's micro-batch time; the last stage's transfer is not known here, so
-            # every stage pays for sending its boundary (the DP's stage sum then counts one
-            # boundary too many: the last layer's, which carries the loss only)
-            cost[start, end, j] = estimate_stage(span, meshes[option], beta, alpha,
-                                                 end == num_layers - 1)[0]
-            w = sum(p.state_bytes for p in span)
-            a = sum(p.activation_bytes for p in span)
-            state[start, end, j] = w + a
-            succ[start, end, j] = _max_successors(w, a, budget, schedule, k)
+        launch = getattr(meshes[option], "launch_latency_s", 0.0)
+        # the last stage's transfer is not known here, so every stage pays for sending its
+        # boundary (the DP's stage sum then counts one boundary too many: the last layer's,
+        # which carries the loss only)
+        transfer = np.array([2 * (alpha + p.boundary_bytes * beta) for p in layers])
+        transfer[-1] = 0.0
+        seconds = summed([p.micro_batch_s for p in layers]) + 2 * launch + transfer[None, :]
+        w = summed([p.state_bytes for p in layers])
+        a = summed([p.activation_bytes for p in layers])
+        cost[..., j] = np.where(spans, seconds, np.inf)
+        state[..., j] = np.where(spans, w + a, 0.0)
+        succ[..., j] = np.where(spans, _max_successors(w, a, budget, schedule, k), np.inf)
     return cost, succ, state
 
 
-def _max_successors(state: float, activations: float, budget: float | None, schedule: str,
-                    k: int) -> float:
+def _max_successors(state: np.ndarray, activations: np.ndarray, budget: float | None,
+                    schedule: str, k: int) -> np.ndarray:
     """How many stages may follow a stage before its in-flight activations overflow."""
     if budget is None:
-        return np.inf
+        return np.full(np.shape(state), np.inf)
     if schedule == "gpipe":
-        return np.inf if state + k * activations <= budget else -1.0
-    if state + activations > budget:
-        return -1.0
-    if activations <= 0 or state + k * activations <= budget:
-        return np.inf
-    return math.floor((budget - state) / activations) - 1
+        return np.where(state + k * activations <= budget, np.inf, -1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        limit = np.floor((budget - state) / activations) - 1
+    unlimited = (activations <= 0) | (state + k * activations <= budget)
+    return np.where(state + activations > budget, -1.0, np.where(unlimited, np.inf, limit))
