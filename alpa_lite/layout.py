@@ -78,6 +78,10 @@ class Layout:
             raise InvalidConfigError(
                 f"Layout virtual_stages={self.virtual_stages} needs schedule "
                 f"'interleaved-1f1b'; got {self.schedule!r}.")
+        if self.method != "megatron" and (self.tp, self.pp) != (1, 1):
+            raise InvalidConfigError(
+                f"--tp/--pp are Megatron's; method {self.method!r} runs on one mesh, got "
+                f"tp={self.tp}, pp={self.pp}. Use method='megatron', or leave tp and pp at 1.")
 
     @property
     def chunks(self) -> int:
@@ -85,10 +89,6 @@ class Layout:
         if self.schedule == "interleaved-1f1b":
             return self.virtual_stages or 2
         return 1
-        if self.method != "megatron" and (self.tp, self.pp) != (1, 1):
-            raise InvalidConfigError(
-                f"--tp/--pp are Megatron's; method {self.method!r} runs on one mesh, got "
-                f"tp={self.tp}, pp={self.pp}. Use method='megatron', or leave tp and pp at 1.")
 
     def data_parallel(self, num_devices: int) -> int:
         """The data-parallel degree on ``num_devices`` devices (checks that they divide)."""
@@ -107,7 +107,10 @@ class Layout:
         return dp
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["virtual_stages"] is None:
+            del data["virtual_stages"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Layout":

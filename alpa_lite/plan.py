@@ -319,7 +319,7 @@ def extra_from_dict(method: str, data: dict | None):
         return None
     if data.get("simulation"):
         fields = {k: v for k, v in data.items() if k != "simulation"}
-        for key in ("logical_mesh", "grid"):
+        for key in ("logical_mesh", "grid", "runner_up"):
             fields[key] = None if fields.get(key) is None else tuple(fields[key])
         if fields.get("breakdown") is not None:
             from alpa_lite.explain import Breakdown  # explain formats with the cluster module
