@@ -1,6 +1,8 @@
 """One pricing path: parallelize and simulation plan pipelines through `inter_op.pricing`, and
 the stage DP keeps pipelines within a memory budget."""
 
+import types
+
 import optax
 import pytest
 
@@ -152,3 +154,20 @@ def test_gpipe_keeps_more_in_flight_than_1f1b(mlp):
     assert len(one) == len(gpipe) == 2
     # every stage holds 4 micro-batches' activations under GPipe; 2 and 1 under 1F1B
     assert all(g.peak_memory_bytes > o.peak_memory_bytes for g, o in zip(gpipe, one))
+
+
+def test_a_128_layer_model_gets_one_layer_stages_when_they_are_fastest():
+    """The stage DP sees all 128 blocks of a 128-block model on 128 devices
+    (`simulate.dp_layer_count`; before, at most 32 groups of 4 blocks) and, when a layer on
+    one device beats two layers on two devices, gives each layer its own stage."""
+    from alpa_lite.simulate import dp_layer_count
+
+    assert dp_layer_count(128, 128) == 128
+    one = pricing.LayerPrice(1.0, 0.0, 0.0, 10.0, 1.0, 1.0)
+    two = pricing.LayerPrice(0.7, 0.0, 0.0, 5.0, 0.5, 1.0)  # per layer on 2 devices
+    options = {((1, 1), (1,)): [one] * 128, ((1, 2), (2,)): [two] * 128}
+    meshes = {option: types.SimpleNamespace(launch_latency_s=0.0) for option in options}
+    solution = pricing.solve_stages(options, meshes, num_devices=128, k=256, schedule="1f1b",
+                                    memory_budget_bytes=None, link=(0.0, 0.0))
+    assert solution.assignment.layer_to_stage == tuple(range(128))
+    assert set(solution.assignment.submesh_shapes) == {(1, 1)}

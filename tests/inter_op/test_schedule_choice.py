@@ -103,3 +103,4 @@ def test_priced_step_times_follow_the_timeline():
     interleaved = pricing.pipeline_step_time_s(times, [0.0] * 4, 8,
                                                schedule="interleaved-1f1b", virtual_stages=2)
     assert 8 * 3 < zb < closed and interleaved == pytest.approx(8 * 3 + 9 / 2)
+
