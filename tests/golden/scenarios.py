@@ -33,6 +33,8 @@ def plan_essence(plan) -> dict:
         "method": plan.method, "num_micro_batches": plan.num_micro_batches,
         "predicted_step_time_s": plan.predicted_step_time_s,
         "peak_memory_bytes": plan.peak_memory_bytes,
+        "schedule": getattr(plan.extra, "schedule", None),
+        "virtual_stages": getattr(plan.extra, "virtual_stages", None),
         "sharding": None if plan.sharding is None else _sharding_essence(plan.sharding),
         "stages": [{
             "layers": list(s.layers), "submesh": list(s.submesh),

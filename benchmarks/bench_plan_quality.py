@@ -1,0 +1,99 @@
+"""Plan quality: the automatic plan against Megatron-LM's own published layouts, priced by the
+same model (simulation only, no devices).
+
+For each point of ../shared/design/GPU_REFERENCE.md section 1 (Megatron-LM weak scaling on
+A100, SC'21 Table 1) it prices Megatron's layout as published (t, p, micro-batch 1, full
+recomputation) under 1F1B, interleaved 1F1B (2 chunks per stage) and ZB-H1, then runs the
+automatic search (`alpa-lite plan` defaults: remat auto, schedule auto) and prints the
+predicted step times, the speedup of the automatic plan, what it chose and how long it
+searched. Run:
+
+    python benchmarks/bench_plan_quality.py                 # every point (hours on 2 cores)
+    python benchmarks/bench_plan_quality.py --points 1.7 3.6  # by size (billions)
+    python benchmarks/bench_plan_quality.py --layouts-only   # Megatron's layouts only (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+
+from bench_gpu_calibration import MEGATRON_A100, SEQ, VOCAB  # noqa: E402
+
+from alpa_lite.cluster import get_cluster_preset  # noqa: E402
+from alpa_lite.layout import Layout  # noqa: E402
+from alpa_lite.models.presets import custom_preset  # noqa: E402
+from alpa_lite.simulate import simulate  # noqa: E402
+
+SCHEDULES = ("1f1b", "interleaved-1f1b", "zb-h1")
+
+
+def _model(row):
+    _, heads, hidden, layers, _, _, _, batch, _ = row
+    return custom_preset("gpt", hidden=hidden, num_layers=layers, heads=heads, vocab=VOCAB,
+                         seq_len=SEQ, batch=batch).with_overrides(dtype="bfloat16")
+
+
+def _megatron(row, schedule: str):
+    """Megatron's published layout under ``schedule`` (None where it cannot run)."""
+    _, _, _, layers, t, p, gpus, _, _ = row
+    if schedule != "1f1b" and p == 1:
+        return None  # one stage: no pipeline schedule to change
+    cluster = get_cluster_preset("a100-80gb-8x").with_hosts(gpus // 8)
+    try:
+        return simulate(_model(row), cluster, layout=Layout(
+            method="megatron", tp=t, pp=p, micro_batch_size=1, remat="layer",
+            schedule=schedule))
+    except Exception as err:  # noqa: BLE001 - reported in the table
+        print(f"  ({row[0]}B {schedule}: {err})", file=sys.stderr)
+        return None
+
+
+def _auto(row):
+    cluster = get_cluster_preset("a100-80gb-8x").with_hosts(row[6] // 8)
+    return simulate(_model(row), cluster, remat="auto", progress=True)
+
+
+def _choice(plan) -> str:
+    info = plan.extra
+    chunks = f" x{info.virtual_stages}" if info.virtual_stages > 1 else ""
+    remat = sum(st.remat for st in plan.stages)
+    return (f"{info.schedule}{chunks}, {len(plan.stages)} stages, remat {remat}/"
+            f"{len(plan.stages)}, k={plan.num_micro_batches}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=float, nargs="*", default=None,
+                        help="model sizes in billions (default: all ten)")
+    parser.add_argument("--layouts-only", action="store_true")
+    args = parser.parse_args()
+    rows = [r for r in MEGATRON_A100 if args.points is None or r[0] in args.points]
+    print(f"Command: `python {' '.join(sys.argv)}`  ")
+    print(f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, jax {jax.__version__}\n")
+    print("| model (B) | GPUs | t/p | Megatron 1F1B (s) | interleaved x2 (s) | ZB-H1 (s) "
+          "| auto (s) | auto vs Megatron | auto chose | search (s) |")
+    print("|--:|--:|:--|--:|--:|--:|--:|--:|:--|--:|")
+    for row in rows:
+        params, _, _, _, t, p, gpus, _, _ = row
+        named = {s: _megatron(row, s) for s in SCHEDULES}
+        times = {s: (f"{r.predicted_step_time_s:.3f}" if r is not None else "-")
+                 for s, r in named.items()}
+        auto = None if args.layouts_only else _auto(row)
+        base = named["1f1b"].predicted_step_time_s
+        cells = ("-", "-", "-", "-") if auto is None else (
+            f"{auto.predicted_step_time_s:.3f}",
+            f"{base / auto.predicted_step_time_s:.2f}x", _choice(auto),
+            f"{auto.plan_time_s:.0f}")
+        print(f"| {params} | {gpus} | {t}/{p} | {times['1f1b']} | {times['interleaved-1f1b']} "
+              f"| {times['zb-h1']} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
