@@ -23,12 +23,11 @@ possible with every task taking one clock (`_run_in_clocks`). With 0-based stage
   and activations. Needs ``m`` to be a multiple of ``n``.
 * ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR'24): each backward is split into
   the input-gradient part (`TaskKind.BACKWARD`, which the previous stage waits for) and the
-  weight-gradient part (`TaskKind.WEIGHT`, which nobody waits for). Each stage runs, in
-  order of preference, a ready backward, a forward (at most ``n - i`` forwards ahead of the
-  backwards, as 1F1B, and at most ``n`` micro-batches held until their weight gradient), or
-  a pending weight gradient: weight gradients fill what were bubbles. Peak activations are
-  those of 1F1B's first stage; the bubble is ``(n - 1)(F + B - W)`` instead of
-  ``(n - 1)(F + B + W)``.
+  weight-gradient part (`TaskKind.WEIGHT`, which nobody waits for). Stage ``i`` runs 1F1B's
+  order with each micro-batch's weight gradient after its backward, except that it keeps
+  ``i`` weight gradients pending and runs them last, in its drain. Peak activations (held
+  until the weight gradient) are ``n`` micro-batches on every stage, 1F1B's first stage's;
+  the bubble is ``(n - 1)(F + B - W)`` instead of ``(n - 1)(F + B + W)``.
 
 The module is pure Python: emit/ runs a schedule, tests check it as data.
 """
@@ -39,7 +38,7 @@ import dataclasses
 import enum
 import functools
 import numbers
-from typing import Any, Callable
+from typing import Any
 
 from alpa_lite.errors import InvalidConfigError
 
@@ -243,13 +242,9 @@ def build_schedule(
 
 @functools.lru_cache(maxsize=256)
 def _build(kind: ScheduleKind, n: int, m: int, v: int) -> PipelineSchedule:
-    if kind is ScheduleKind.ZB_H1:
-        picks = [_zb_h1_picker(n, m, stage) for stage in range(n)]
-    else:
-        orders = {ScheduleKind.GPIPE: _gpipe_order, ScheduleKind.ONE_F_ONE_B: _one_f_one_b_order,
-                  ScheduleKind.INTERLEAVED: _interleaved_order}[kind]
-        picks = [_in_order(orders(n, m, v, stage)) for stage in range(n)]
-    clocks = _run_in_clocks(picks, n, m, v, kind is ScheduleKind.ZB_H1)
+    orders = {ScheduleKind.GPIPE: _gpipe_order, ScheduleKind.ONE_F_ONE_B: _one_f_one_b_order,
+              ScheduleKind.INTERLEAVED: _interleaved_order, ScheduleKind.ZB_H1: _zb_h1_order}[kind]
+    clocks = _run_in_clocks([orders(n, m, v, stage) for stage in range(n)], n, v)
     clocks.append(tuple(Task(TaskKind.APPLY, stage, -1) for stage in range(n)))
     return PipelineSchedule(kind, n, m, tuple(clocks), v)
 
@@ -304,74 +299,54 @@ def _interleaved_order(n: int, m: int, v: int, stage: int) -> list[Task]:
     return order
 
 
-def _in_order(order: list[Task]) -> Callable:
-    """A picker that runs ``order`` as given: its next task once that is ready."""
-    position = [0]
-
-    def pick(ready: Callable[[Task], bool]) -> Task | None:
-        if position[0] < len(order) and ready(order[position[0]]):
-            position[0] += 1
-            return order[position[0] - 1]
-        return None
-
-    pick.remaining = lambda: len(order) - position[0]
-    return pick
-
-
-def _zb_h1_picker(n: int, m: int, stage: int) -> Callable:
-    """ZB-H1's choice on one stage: a ready backward, else a forward within the limits, else
-    the oldest pending weight gradient."""
-    done = {"forward": 0, "backward": 0, "weight": 0}
-
-    def pick(ready: Callable[[Task], bool]) -> Task | None:
-        f, b, w = done["forward"], done["backward"], done["weight"]
-        choices = []
-        if b < f:
-            choices.append(Task(TaskKind.BACKWARD, stage, b))
-        if f < m and f - b < n - stage and f - w < n:
-            choices.append(Task(TaskKind.FORWARD, stage, f))
-        for task in choices:
-            if ready(task):
-                done[task.kind.value] += 1
-                return task
-        if w < b:
-            done["weight"] += 1
-            return Task(TaskKind.WEIGHT, stage, w)
-        return None
-
-    pick.remaining = lambda: 3 * m - sum(done.values())
-    return pick
+def _zb_h1_order(n: int, m: int, v: int, stage: int) -> list[Task]:
+    """ZB-H1's order (Qi et al., figure 3): 1F1B's ``n - i`` warm-up forwards, then per
+    micro-batch ``b`` its backward, the weight gradient of micro-batch ``b - i`` (stage ``i``
+    keeps ``i`` of them pending: the later the stage, the longer its drain, which they
+    fill) and the next forward; the pending weight gradients last."""
+    warm_up = min(n - stage, m)
+    order = [Task(TaskKind.FORWARD, stage, b) for b in range(warm_up)]
+    for b in range(m):
+        order.append(Task(TaskKind.BACKWARD, stage, b))
+        if b >= stage:
+            order.append(Task(TaskKind.WEIGHT, stage, b - stage))
+        if warm_up + b < m:
+            order.append(Task(TaskKind.FORWARD, stage, warm_up + b))
+    order += [Task(TaskKind.WEIGHT, stage, b) for b in range(max(m - stage, 0), m)]
+    return order
 
 
-def _run_in_clocks(picks: list[Callable], n: int, m: int, v: int,
-                   weights: bool) -> list[tuple[Task, ...]]:
-    """Runs each stage's picker as soon as possible, every task taking one clock.
+def _run_in_clocks(orders: list[list[Task]], n: int, v: int) -> list[tuple[Task, ...]]:
+    """Runs each stage's order as soon as possible, every task taking one clock.
 
-    A forward waits for the previous chunk's forward of its micro-batch, a backward for its
-    own forward and the next chunk's backward (the one after it along the model)."""
+    A forward waits for the previous chunk's forward of its micro-batch; a backward for its
+    own forward and the next chunk's backward (the one after it along the model); a weight
+    gradient for its backward."""
     finished: dict[tuple[TaskKind, int, int], int] = {}  # (kind, position, mb) -> clock
     last = n * v - 1
+    position = [0] * n
     clocks: list[tuple[Task, ...]] = []
 
-    def ready_at(clock: int) -> Callable[[Task], bool]:
-        def ready(task: Task) -> bool:
-            p, b = task.position(n), task.micro_batch
-            if task.kind is TaskKind.FORWARD:
-                needs = [(TaskKind.FORWARD, p - 1, b)] if p > 0 else []
-            else:
-                needs = [(TaskKind.FORWARD, p, b)]
-                if p < last:
-                    needs.append((TaskKind.BACKWARD, p + 1, b))
-            return all(finished.get(key, clock) < clock for key in needs)
-        return ready
+    def ready(task: Task, clock: int) -> bool:
+        p, b = task.position(n), task.micro_batch
+        if task.kind is TaskKind.FORWARD:
+            needs = [(TaskKind.FORWARD, p - 1, b)] if p > 0 else []
+        elif task.kind is TaskKind.WEIGHT:
+            needs = [(TaskKind.BACKWARD, p, b)]
+        else:
+            needs = [(TaskKind.FORWARD, p, b)]
+            if p < last:
+                needs.append((TaskKind.BACKWARD, p + 1, b))
+        return all(finished.get(key, clock) < clock for key in needs)
 
-    while any(pick.remaining() for pick in picks):
+    while any(position[s] < len(orders[s]) for s in range(n)):
         clock = len(clocks)
-        ready = ready_at(clock)
-        tasks = tuple(task for task in (pick(ready) for pick in picks) if task is not None)
+        tasks = tuple(orders[s][position[s]] for s in range(n)
+                      if position[s] < len(orders[s]) and ready(orders[s][position[s]], clock))
         if not tasks:
             raise RuntimeError(f"internal error: the pipeline schedule is stuck at clock {clock}")
         for task in tasks:
+            position[task.stage] += 1
             finished[(task.kind, task.position(n), task.micro_batch)] = clock
         clocks.append(tasks)
     return clocks
