@@ -7,7 +7,8 @@ fullest device's memory into parameters, gradients, optimizer state and activati
   ``step = k * t_b + (sum_s t_s - t_b) + once_b`` where ``b`` is the slowest stage. ``k *
   t_b`` is split into the slowest stage's compute by operator class, the recomputed
   forward (rematerialized stages), tensor-parallel (activation) collectives, stage
-  transfers and program launches; ``sum_s t_s - t_b`` is the pipeline bubble; ``once``
+  transfers and program launches; the pipeline bubble is the schedule's fill and drain
+  (``sum_s t_s - t_b`` under 1F1B and GPipe; ``PipelinePrice.bubble_s``); ``once``
   (the stage with the most once-per-step work) is its gradient sync and optimizer update;
 * single-mesh plans: ``k`` micro-batches of compute and activation collectives, then the
   gradient sync and optimizer update once.
@@ -123,7 +124,8 @@ def pipeline_breakdown(price, k: int, *, state_per_param: float,
              ("program launches", k * b.launch_s),
              ("unattributed (per micro-batch)",
               k * (b.micro_batch_s - compute - b.comm_s - b.transfer_s - b.launch_s)),
-             ("pipeline bubble", sum(st.micro_batch_s for st in stages) - b.micro_batch_s),
+             ("pipeline bubble", price.bubble_s if price.bubble_s is not None
+              else sum(st.micro_batch_s for st in stages) - b.micro_batch_s),
              ("gradient sync (exposed)", stages[once].grad_sync_s),
              ("optimizer update", stages[once].apply_s)]
     overlapped = sum(v for _, v in time)

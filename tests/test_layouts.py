@@ -40,6 +40,20 @@ def test_megatron_layout_is_priced_as_named(megatron_2x2):
                                  "micro_batch_size": 2, "schedule": "1f1b", "remat": "off"}
 
 
+@pytest.mark.parametrize("schedule", ["zb-h1", "interleaved-1f1b"])
+def test_zero_bubble_and_interleaved_layouts_shrink_the_bubble_they_report(megatron_2x2,
+                                                                          schedule):
+    plan = simulate(TINY, get_cluster_preset("a100-80gb-8x"), layout=Layout(
+        method="megatron", tp=2, pp=2, micro_batch_size=2, schedule=schedule))
+    assert (plan.extra.schedule, plan.extra.virtual_stages) == (
+        schedule, 2 if schedule == "interleaved-1f1b" else 1)
+    _sums_to_total(plan.extra.breakdown)
+    bubble = dict(plan.extra.breakdown.time)["pipeline bubble"]
+    assert 0 < bubble < dict(megatron_2x2.extra.breakdown.time)["pipeline bubble"]
+    if schedule == "interleaved-1f1b":  # stage s holds chunks s and s + 2 of one block each
+        assert [st.layers for st in plan.stages] == [(0, 2), (1, 3)]
+
+
 def test_pipeline_breakdown_sums_to_the_prediction(megatron_2x2):
     breakdown = megatron_2x2.extra.breakdown
     _sums_to_total(breakdown)

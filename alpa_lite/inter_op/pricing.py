@@ -388,21 +388,27 @@ def pipeline_step_time_s(stage_micro_batch_s: Sequence[float], once_per_step_s: 
         >>> pipeline_step_time_s([1.0, 2.0], [0.5, 0.0], k=4, stage_hosts=[[0], [0]])
         12.5
     """
-    if schedule in ("1f1b", "gpipe"):
-        overlapped = sum(stage_micro_batch_s) + (k - 1) * max(stage_micro_batch_s)
-    else:
-        from alpa_lite.timeline import simulate_timeline
-
-        built = build_schedule(schedule, len(stage_micro_batch_s), k, virtual_stages)
-        forward, backward, weight = task_durations(stage_micro_batch_s, built, remat)
-        overlapped = max(e.end_s for e in simulate_timeline(built, forward, backward,
-                                                            weight_s=weight))
-    overlapped += max(once_per_step_s, default=0.0)
+    overlapped = (schedule_makespan_s(stage_micro_batch_s, k, schedule, virtual_stages, remat)
+                  + max(once_per_step_s, default=0.0))
     host_work: dict[int, float] = {}
     for t, once, hosts in zip(stage_micro_batch_s, once_per_step_s, stage_hosts or ()):
         for host in hosts:
             host_work[host] = host_work.get(host, 0.0) + k * t + once
     return float(max([overlapped, *host_work.values()]))
+
+
+def schedule_makespan_s(stage_micro_batch_s: Sequence[float], k: int, schedule: str = "1f1b",
+                        virtual_stages: int = 1, remat: Sequence[bool] | None = None) -> float:
+    """Seconds from the first forward to the last backward of ``k`` micro-batches:
+    ``sum(t) + (k - 1) max(t)`` for GPipe and 1F1B, the timeline of the schedule for the
+    others (see `pipeline_step_time_s`)."""
+    if schedule in ("1f1b", "gpipe"):
+        return sum(stage_micro_batch_s) + (k - 1) * max(stage_micro_batch_s)
+    from alpa_lite.timeline import simulate_timeline
+
+    built = build_schedule(schedule, len(stage_micro_batch_s), k, virtual_stages)
+    forward, backward, weight = task_durations(stage_micro_batch_s, built, remat)
+    return max(e.end_s for e in simulate_timeline(built, forward, backward, weight_s=weight))
 
 
 def shared_stage_hosts(submesh_shapes, devices_per_host: int | None) -> list[list[int]] | None:
@@ -437,10 +443,12 @@ class StagePrice:
 
 @dataclasses.dataclass(frozen=True)
 class PipelinePrice:
-    """A pipeline's stage prices and its predicted step time."""
+    """A pipeline's stage prices, its predicted step time and its schedule's bubble (the
+    makespan beyond ``k`` micro-batches of the slowest stage)."""
 
     stages: tuple[StagePrice, ...]
     step_time_s: float
+    bubble_s: float | None = None
 
 
 def price_pipeline(spans: Sequence[Sequence[LayerPrice]], meshes: Sequence[LogicalMesh],
@@ -472,9 +480,11 @@ def price_pipeline(spans: Sequence[Sequence[LayerPrice]], meshes: Sequence[Logic
             comm_s=sum(p.comm_s for p in span), transfer_s=transfer,
             launch_s=launches * v * launch, state_bytes=state,
             activation_bytes=activations))
+    times = [st.micro_batch_s for st in stages]
     return PipelinePrice(tuple(stages), pipeline_step_time_s(
-        [st.micro_batch_s for st in stages], [st.grad_sync_s + st.apply_s for st in stages], k,
-        stage_hosts=stage_hosts, schedule=schedule, virtual_stages=v, remat=remat))
+        times, [st.grad_sync_s + st.apply_s for st in stages], k, stage_hosts=stage_hosts,
+        schedule=schedule, virtual_stages=v, remat=remat),
+        schedule_makespan_s(times, k, schedule, v, remat) - k * max(times))
 
 
 @dataclasses.dataclass(frozen=True)
