@@ -99,10 +99,14 @@ def plot_timeline(events: Sequence[TimelineEvent], path: str, *, title: str = ""
 
 
 def plan_timeline(plan, schedule: PipelineSchedule) -> list[TimelineEvent]:
-    """The timeline a pipelined `ParallelPlan` predicts (a stage's time shared evenly among
-    its chunks; under ZB-H1 its backward cut as `pricing.task_durations` does)."""
+    """The timeline a pipelined `ParallelPlan` predicts: each stage's forward and backward
+    times; interleaved or under ZB-H1, its time shared among its chunks and tasks as
+    `pricing.task_durations` does."""
     from alpa_lite.inter_op.pricing import task_durations
 
+    if schedule.virtual_stages == 1 and not schedule.splits_backward:
+        return simulate_timeline(schedule, [s.forward_s for s in plan.stages],
+                                 [s.backward_s for s in plan.stages])
     forward, backward, weight = task_durations(
         [s.forward_s + s.backward_s for s in plan.stages], schedule,
         [s.remat for s in plan.stages])

@@ -28,3 +28,21 @@ def test_plot_writes_png(tmp_path):
     path = plot_timeline(events, str(tmp_path / "t.png"), title="x")
     with open(path, "rb") as f:
         assert f.read(4) == b"\x89PNG"
+
+
+def test_plan_timeline_draws_weight_gradients_and_chunks():
+    import types
+
+    from alpa_lite.timeline import plan_timeline
+
+    stages = [types.SimpleNamespace(forward_s=1.0, backward_s=2.0, remat=False)] * 4
+    plan = types.SimpleNamespace(stages=stages)
+    one_f_one_b = plan_timeline(plan, build_schedule("1f1b", 4, 8))
+    zb = plan_timeline(plan, build_schedule("zb-h1", 4, 8))
+    interleaved = plan_timeline(plan, build_schedule("interleaved-1f1b", 4, 8, 2))
+    assert {e.kind for e in zb} == {"forward", "backward", "weight", "apply"}
+    assert sum(e.kind == "weight" for e in zb) == 4 * 8
+    assert sum(e.kind == "forward" for e in interleaved) == 4 * 8 * 2
+    end = {name: max(e.end_s for e in events) for name, events in
+           [("1f1b", one_f_one_b), ("zb", zb), ("interleaved", interleaved)]}
+    assert end["zb"] < end["1f1b"] and end["interleaved"] < end["1f1b"]
