@@ -432,6 +432,17 @@ def _run_plan(args) -> int:
     return 0
 
 
+def _block_ranges(blocks) -> str:
+    """``0-3`` for consecutive blocks; ``0-1,4-5`` for an interleaved stage's chunks."""
+    runs, start = [], blocks[0]
+    for previous, block in zip(blocks, blocks[1:]):
+        if block != previous + 1:
+            runs.append((start, previous))
+            start = block
+    runs.append((start, blocks[-1]))
+    return ",".join(f"{a}-{b}" for a, b in runs)
+
+
 def _format_simulation(plan, cluster) -> str:
     gib, info = 2**30, plan.extra
     fits = info.memory_per_device_bytes <= cluster.memory_per_device_bytes
@@ -444,7 +455,7 @@ def _format_simulation(plan, cluster) -> str:
         lines.append(f"  {'stage':>5} {'blocks':<12} {'submesh':<9} {'logical':<9} "
                      f"{'s/micro-batch':>14} {'memory/device':>14} {'remat':>5} {'lean':>5}")
         for st in plan.stages:
-            blocks = f"{st.layers[0]}-{st.layers[-1]}"
+            blocks = _block_ranges(st.layers)
             lines.append(f"  {st.stage:>5} {blocks:<12} {str(st.submesh):<9} "
                          f"{str(st.logical_mesh):<9} {st.forward_s + st.backward_s:>14.4g} "
                          f"{st.peak_memory_bytes / gib:>11.2f} GiB "
