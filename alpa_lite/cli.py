@@ -434,13 +434,9 @@ def _run_plan(args) -> int:
 
 def _block_ranges(blocks) -> str:
     """``0-3`` for consecutive blocks; ``0-1,4-5`` for an interleaved stage's chunks."""
-    runs, start = [], blocks[0]
-    for previous, block in zip(blocks, blocks[1:]):
-        if block != previous + 1:
-            runs.append((start, previous))
-            start = block
-    runs.append((start, blocks[-1]))
-    return ",".join(f"{a}-{b}" for a, b in runs)
+    from alpa_lite.simulate import block_runs
+
+    return ",".join(f"{a}-{b}" for a, b in block_runs(blocks))
 
 
 def _format_simulation(plan, cluster) -> str:

@@ -84,7 +84,8 @@ def _with_info(plan: ParallelPlan, **changes) -> ParallelPlan:
 def simulation_to_dict(plan: ParallelPlan) -> dict:
     """A simulated plan as the CLI's JSON has it: ``method``, ``predicted_step_time_s``,
     ``memory_per_device_bytes``, ``fits_memory``, ``search_time_s``, ``stages`` (blocks,
-    submesh, logical mesh, time per micro-batch, memory, remat, lean), ``details``, the
+    submesh, logical mesh, time per micro-batch, memory, remat, lean; an interleaved stage's
+    ``chunks`` as ``[first, last]`` block runs), ``details``, the
     named ``layout`` (None for searched plans; `alpa-lite plan --layout` takes this JSON
     back) and the ``breakdown`` (`alpa_lite.explain`)."""
     info = plan.extra
@@ -97,8 +98,26 @@ def simulation_to_dict(plan: ParallelPlan) -> dict:
                         "logical_mesh": list(st.logical_mesh),
                         "time_per_micro_batch_s": st.forward_s + st.backward_s,
                         "memory_per_device_bytes": st.peak_memory_bytes, "remat": st.remat,
-                        "lean": st.lean} for st in plan.stages],
+                        "lean": st.lean, **({"chunks": [list(r) for r in block_runs(st.layers)]}
+                                            if len(block_runs(st.layers)) > 1 else {})}
+                       for st in plan.stages],
             "details": info.details(plan.num_micro_batches)}
+
+
+def block_runs(blocks) -> list[tuple[int, int]]:
+    """(first, last) of each run of consecutive blocks: one for a stage, one per chunk for
+    an interleaved stage.
+
+    Example:
+        >>> block_runs((0, 1, 4, 5))
+        [(0, 1), (4, 5)]
+    """
+    runs, start = [], blocks[0]
+    for previous, block in zip(blocks, blocks[1:]):
+        if block != previous + 1:
+            runs.append((start, previous))
+            start = block
+    return runs + [(start, blocks[-1])]
 
 
 def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
