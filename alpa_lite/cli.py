@@ -25,6 +25,7 @@ from typing import Sequence
 
 from alpa_lite.cluster import (CLUSTER_PRESETS, ClusterSpec, get_cluster_preset, parse_bytes,
                                parse_cluster_string)
+from alpa_lite.config import SCHEDULES
 from alpa_lite.errors import AlpaLiteError, InvalidConfigError
 from alpa_lite.launch import with_device_count
 from alpa_lite.profiling.database import COLLECTIVE_KINDS, ProfileDatabase
@@ -299,7 +300,7 @@ def _add_plan_command(subparsers) -> None:
                       help="named layout: sequences per micro-batch per replica (megatron, dp, "
                            "zero2, zero3)")
     plan.add_argument("--schedule", default=None,
-                      choices=("auto", "1f1b", "gpipe", "interleaved-1f1b", "zb-h1"),
+                      choices=SCHEDULES,
                       help="pipeline schedule (default: auto for --method auto, which prices "
                            "1f1b, zb-h1 and interleaved-1f1b; 1f1b for a named Megatron layout)")
     plan.add_argument("--virtual-stages", type=int, default=None,

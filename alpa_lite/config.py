@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.intra_op.problem import SpecPolicy
+from alpa_lite.pipeline_model.schedules import ScheduleKind
 
 SOLVERS = ("auto", "highs", "cbc")
 
@@ -271,7 +272,7 @@ class AutoStageOption:
         _check_positive_int("max_num_stages", self.max_num_stages)
 
 
-SCHEDULES = ("auto", "1f1b", "gpipe", "interleaved-1f1b", "zb-h1")
+SCHEDULES = ("auto",) + tuple(kind.value for kind in ScheduleKind)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

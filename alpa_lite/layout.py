@@ -16,9 +16,10 @@ import os
 from typing import Mapping
 
 from alpa_lite.errors import InvalidConfigError
+from alpa_lite.pipeline_model.schedules import DEFAULT_VIRTUAL_STAGES, ScheduleKind
 
 LAYOUT_METHODS = ("megatron", "dp", "zero2", "zero3")
-SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b", "zb-h1")
+SCHEDULES = tuple(kind.value for kind in ScheduleKind)
 REMAT_MODES = ("off", "layer", "auto")
 
 
@@ -87,7 +88,7 @@ class Layout:
     def chunks(self) -> int:
         """Model chunks per pipeline stage (2 by default when interleaved, else 1)."""
         if self.schedule == "interleaved-1f1b":
-            return self.virtual_stages or 2
+            return self.virtual_stages or DEFAULT_VIRTUAL_STAGES
         return 1
 
     def data_parallel(self, num_devices: int) -> int:

@@ -94,14 +94,17 @@ def simulation_to_dict(plan: ParallelPlan) -> dict:
             "fits_memory": info.fits_memory, "layout": info.layout,
             "breakdown": None if info.breakdown is None else info.breakdown.to_dict(),
             "search_time_s": plan.plan_time_s,
-            "stages": [{"blocks": [st.layers[0], st.layers[-1]], "submesh": list(st.submesh),
-                        "logical_mesh": list(st.logical_mesh),
-                        "time_per_micro_batch_s": st.forward_s + st.backward_s,
-                        "memory_per_device_bytes": st.peak_memory_bytes, "remat": st.remat,
-                        "lean": st.lean, **({"chunks": [list(r) for r in block_runs(st.layers)]}
-                                            if len(block_runs(st.layers)) > 1 else {})}
-                       for st in plan.stages],
+            "stages": [_stage_to_dict(st) for st in plan.stages],
             "details": info.details(plan.num_micro_batches)}
+
+
+def _stage_to_dict(st: StagePlan) -> dict:
+    runs = block_runs(st.layers)
+    return {"blocks": [st.layers[0], st.layers[-1]], "submesh": list(st.submesh),
+            "logical_mesh": list(st.logical_mesh),
+            "time_per_micro_batch_s": st.forward_s + st.backward_s,
+            "memory_per_device_bytes": st.peak_memory_bytes, "remat": st.remat,
+            "lean": st.lean, **({"chunks": [list(r) for r in runs]} if len(runs) > 1 else {})}
 
 
 def block_runs(blocks) -> list[tuple[int, int]]:
@@ -374,13 +377,14 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None, lean_priced=Non
             key: _group(_expand(layers, blocks), groups)[0] for key, layers in table.items()}
 
     meshes = {key: cluster.logical_mesh(*key) for key in grouped}
+    remat_grouped = group(remat_priced)
+    lean_grouped = None if lean_priced is None else {
+        key: group(table) for key, table in lean_priced.items()}
     solve = functools.partial(pricing.solve_stages, grouped, meshes,
                               num_devices=cluster.num_devices, k=k,
                               schedule="gpipe" if schedule == "gpipe" else "1f1b",
-                              link=_stage_link(cluster), remat_priced=group(remat_priced),
-                              lean_priced=None if lean_priced is None else {
-                                  key: group(table) for key, table in lean_priced.items()},
-                              shared_compute_per_host=_shared(cluster))
+                              link=_stage_link(cluster), remat_priced=remat_grouped,
+                              lean_priced=lean_grouped, shared_compute_per_host=_shared(cluster))
     fits = True
     try:
         solution = solve(memory_budget_bytes=cluster.memory_per_device_bytes)
@@ -392,9 +396,9 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None, lean_priced=Non
     if lean_priced is None:  # does the budget cost time? (`_simulate_pipeline` asks)
         unconstrained = (solve(memory_budget_bytes=None).assignment if fits
                          else solution.assignment).predicted_latency_s
-    variants = {(False, 0.0): grouped, (True, 0.0): group(remat_priced), **{
-        (bool(remat), float(level)): group(table)
-        for (remat, level), table in (lean_priced or {}).items()}}
+    variants = {(False, 0.0): grouped, (True, 0.0): remat_grouped, **{
+        (bool(remat), float(level)): table
+        for (remat, level), table in (lean_grouped or {}).items()}}
     chosen = _choose_schedule(solution.assignment, variants, meshes, cluster, k, schedule)
     stages = _stage_records(solution.assignment, chosen, bounds, flops, remat_layer)
     peak = max(st.peak_memory_bytes for st in stages)

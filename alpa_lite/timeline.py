@@ -39,24 +39,21 @@ def simulate_timeline(schedule: PipelineSchedule, forward_s: Sequence[float],
         >>> max(e.end_s for e in events)
         9.0
     """
-    n, last = schedule.num_stages, schedule.num_chunks - 1
+    n, chunks = schedule.num_stages, schedule.num_chunks
+    durations = {TaskKind.FORWARD: forward_s, TaskKind.BACKWARD: backward_s,
+                 TaskKind.WEIGHT: weight_s or [0.0] * chunks}
     apply_s = apply_s or [0.0] * n
-    weight_s = weight_s or [0.0] * schedule.num_chunks
     mesh_free = [0.0] * n
     done: dict[tuple[TaskKind, int, int], float] = {}
     backward_end = 0.0
     events = []
     for task in schedule.dispatch_order():
         s, b, p = task.stage, task.micro_batch, task.position(n)
-        if task.kind is TaskKind.FORWARD:
-            ready = done.get((TaskKind.FORWARD, p - 1, b), 0.0)
-            duration = forward_s[p]
-        elif task.kind is TaskKind.APPLY:
+        if task.kind is TaskKind.APPLY:
             ready, duration = backward_end, apply_s[s]
         else:
-            ready = max(done.get((TaskKind.FORWARD, p, b), 0.0),
-                        done.get((TaskKind.BACKWARD, p + 1, b), 0.0) if p < last else 0.0)
-            duration = (backward_s if task.kind is TaskKind.BACKWARD else weight_s)[p]
+            ready = max((done[key] for key in task.dependencies(n, chunks)), default=0.0)
+            duration = durations[task.kind][p]
         start = max(ready, mesh_free[s])
         end = start + duration
         mesh_free[s] = end

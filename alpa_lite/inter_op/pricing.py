@@ -388,8 +388,15 @@ def pipeline_step_time_s(stage_micro_batch_s: Sequence[float], once_per_step_s: 
         >>> pipeline_step_time_s([1.0, 2.0], [0.5, 0.0], k=4, stage_hosts=[[0], [0]])
         12.5
     """
-    overlapped = (schedule_makespan_s(stage_micro_batch_s, k, schedule, virtual_stages, remat)
-                  + max(once_per_step_s, default=0.0))
+    return _step_from_makespan(
+        schedule_makespan_s(stage_micro_batch_s, k, schedule, virtual_stages, remat),
+        stage_micro_batch_s, once_per_step_s, k, stage_hosts)
+
+
+def _step_from_makespan(makespan_s: float, stage_micro_batch_s, once_per_step_s, k: int,
+                        stage_hosts) -> float:
+    """`pipeline_step_time_s` of a schedule whose compute takes ``makespan_s``."""
+    overlapped = makespan_s + max(once_per_step_s, default=0.0)
     host_work: dict[int, float] = {}
     for t, once, hosts in zip(stage_micro_batch_s, once_per_step_s, stage_hosts or ()):
         for host in hosts:
@@ -481,10 +488,10 @@ def price_pipeline(spans: Sequence[Sequence[LayerPrice]], meshes: Sequence[Logic
             launch_s=launches * v * launch, state_bytes=state,
             activation_bytes=activations))
     times = [st.micro_batch_s for st in stages]
-    return PipelinePrice(tuple(stages), pipeline_step_time_s(
-        times, [st.grad_sync_s + st.apply_s for st in stages], k, stage_hosts=stage_hosts,
-        schedule=schedule, virtual_stages=v, remat=remat),
-        schedule_makespan_s(times, k, schedule, v, remat) - k * max(times))
+    makespan = schedule_makespan_s(times, k, schedule, v, remat)
+    return PipelinePrice(tuple(stages), _step_from_makespan(
+        makespan, times, [st.grad_sync_s + st.apply_s for st in stages], k, stage_hosts),
+        makespan - k * max(times))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ import numpy as np
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.inter_op import pricing
 from alpa_lite.inter_op.assignment import StageAssignment
+from alpa_lite.pipeline_model.schedules import DEFAULT_VIRTUAL_STAGES
 
 AUTO_VIRTUAL_STAGES = (2, 4)
 
@@ -77,7 +78,7 @@ def candidates(requested: str, virtual_stages: int | None, assignment: StageAssi
     """The (schedule, chunks per stage) pairs to price for ``requested``."""
     n, num_layers = assignment.num_stages, len(assignment.layer_to_stage)
     if requested != "auto":
-        v = (virtual_stages or 2) if requested == "interleaved-1f1b" else 1
+        v = (virtual_stages or DEFAULT_VIRTUAL_STAGES) if requested == "interleaved-1f1b" else 1
         if v > 1:
             _check_interleavable(assignment, v, k)
         return [(requested, v)]
@@ -94,8 +95,8 @@ def choose_schedule(requested: str, virtual_stages: int | None, assignment: Stag
                     price_of: Callable[[int, int], pricing.LayerPrice], meshes, link,
                     k: int, budget: float | None, stage_hosts=None) -> ScheduleChoice:
     """Prices every candidate of ``requested`` (`candidates`) and returns the fastest that
-    fits ``budget`` (else the one needing least memory is still the fastest; ``fits`` then
-    says it does not). ``price_of(stage, layer)`` is the layer's price on the stage's mesh."""
+    fits ``budget``; when none fits, the fastest, with ``fits`` False. ``price_of(stage,
+    layer)`` is the layer's price on the stage's mesh."""
     n = assignment.num_stages
     priced = []
     for schedule, v in candidates(requested, virtual_stages, assignment, k):

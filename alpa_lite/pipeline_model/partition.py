@@ -125,7 +125,7 @@ def partition_pipeline(graph: OpGraph, batch_inputs: list[int], layer_to_stage: 
 
     ``per_micro_batch_nodes`` (random draws of a batch-sized shape) differ per micro-batch
     though they read no batch value, as in `split_at_grad_boundary`. ``split_backward`` cuts
-    every backward into input- and weight-gradient programs (`split_weight_gradient`)."""
+    every backward into input- and weight-gradient programs (`split_weight_gradients`)."""
     split = split_at_grad_boundary(graph, batch_inputs, per_micro_batch_nodes)
     # Batch-independent operators after the boundary (constants the optimizer builds, e.g. a
     # zero tree) run with the update that reads them, not on the first layer's mesh.
@@ -145,10 +145,9 @@ def partition_pipeline(graph: OpGraph, batch_inputs: list[int], layer_to_stage: 
     backward = [[] for _ in range(num_chunks)]
     for index in compute_nodes:
         (forward if regions[index][0] == "F" else backward)[chunk_of[index]].append(index)
-    weight = [[] for _ in range(num_chunks)] if split_backward else []
+    weight = []
     if split_backward:
-        for c in range(num_chunks):
-            backward[c], weight[c] = split_weight_gradient(graph, backward[c], chunk_of)
+        backward, weight = split_weight_gradients(graph, backward, chunk_of)
     producer_mesh = {v: mesh_of[n.index] for n in graph.nodes if n.index in mesh_of
                      for v in n.outvars}
     sinks = {v: producer_mesh.get(v, 0) for v in boundary.invars if isinstance(v, int)}
@@ -182,9 +181,9 @@ def partition_pipeline(graph: OpGraph, batch_inputs: list[int], layer_to_stage: 
                              mesh_nodes, split, programs_w)
 
 
-def split_weight_gradient(graph: OpGraph, nodes: list[int], group_of: dict[int, int]
-                          ) -> tuple[list[int], list[int]]:
-    """A backward's nodes cut into (input-gradient part, weight-gradient part).
+def split_weight_gradients(graph: OpGraph, backwards: list[list[int]], group_of: dict[int, int]
+                           ) -> tuple[list[list[int]], list[list[int]]]:
+    """Each group's backward nodes cut into (input-gradient part, weight-gradient part).
 
     The input-gradient part is every node that a value read by another group's compute node
     (``group_of``: node -> chunk or layer) depends on, with whole scans; the rest (the weight
@@ -192,29 +191,33 @@ def split_weight_gradient(graph: OpGraph, nodes: list[int], group_of: dict[int, 
     input part stay on the mesh in between. Backward layer markers should carry one value
     each (`split_layer_markers`): a marker carrying a cotangent and weight gradients together
     would pull the weight gradients into the input part."""
-    group = group_of[nodes[0]] if nodes else None
-    inside = set(nodes)
-    producer = {v: i for i in nodes for v in graph.nodes[i].outvars}
     users = graph.users()
     loop_of = graph.innermost_loop()
     outer = {}  # node -> its outermost loop region's node range
     for loop in graph.loops:
         for i in range(loop.first, loop.last + 1):
             outer.setdefault(i, range(loop.first, loop.last + 1))
-    needed = [i for i in nodes if any(
-        u in group_of and u not in inside and group_of[u] != group
-        for v in graph.nodes[i].outvars if v < len(users) for u in users[v])]
-    keep = set()
-    while needed:
-        index = needed.pop()
-        if index in keep:
-            continue
-        keep.add(index)
-        needed.extend(producer[v] for v in graph.nodes[index].invars
-                      if isinstance(v, int) and v in producer)
-        if loop_of[index] != -1:  # a scan runs whole in one program
-            needed.extend(i for i in outer[index] if i in inside)
-    return [i for i in nodes if i in keep], [i for i in nodes if i not in keep]
+    inputs, weights = [], []
+    for nodes in backwards:
+        group = group_of[nodes[0]] if nodes else None
+        inside = set(nodes)
+        producer = {v: i for i in nodes for v in graph.nodes[i].outvars}
+        needed = [i for i in nodes if any(
+            u in group_of and u not in inside and group_of[u] != group
+            for v in graph.nodes[i].outvars if v < len(users) for u in users[v])]
+        keep = set()
+        while needed:
+            index = needed.pop()
+            if index in keep:
+                continue
+            keep.add(index)
+            needed.extend(producer[v] for v in graph.nodes[index].invars
+                          if isinstance(v, int) and v in producer)
+            if loop_of[index] != -1:  # a scan runs whole in one program
+                needed.extend(i for i in outer[index] if i in inside)
+        inputs.append([i for i in nodes if i in keep])
+        weights.append([i for i in nodes if i not in keep])
+    return inputs, weights
 
 
 def split_layer_markers(graph: OpGraph) -> tuple[OpGraph, dict[int, int]]:

@@ -43,6 +43,10 @@ from typing import Any
 from alpa_lite.errors import InvalidConfigError
 
 
+# model chunks per stage of the interleaved schedule when none is given
+DEFAULT_VIRTUAL_STAGES = 2
+
+
 class ScheduleKind(enum.Enum):
     """The pipeline schedules alpa_lite can build."""
 
@@ -82,6 +86,22 @@ class Task:
     def position(self, num_stages: int) -> int:
         """The model chunk this task runs, counted along the model: ``chunk * n + stage``."""
         return self.chunk * num_stages + self.stage
+
+    def dependencies(self, num_stages: int, num_chunks: int
+                     ) -> list[tuple[TaskKind, int, int]]:
+        """The ``(kind, position, micro-batch)`` of the tasks this one waits for: a forward
+        for the previous chunk's forward, a backward for its own forward and the next
+        chunk's backward, a weight gradient for its backward (apply: none here; it waits
+        for every backward)."""
+        p, b = self.position(num_stages), self.micro_batch
+        if self.kind is TaskKind.FORWARD:
+            return [(TaskKind.FORWARD, p - 1, b)] if p > 0 else []
+        if self.kind is TaskKind.WEIGHT:
+            return [(TaskKind.BACKWARD, p, b)]
+        if self.kind is TaskKind.BACKWARD:
+            return [(TaskKind.FORWARD, p, b)] + (
+                [(TaskKind.BACKWARD, p + 1, b)] if p < num_chunks - 1 else [])
+        return []
 
     def pipeline_stage_id(self, num_stages: int) -> int:
         """Alpa's computation index: forward ``i``, backward ``2n - 1 - i``, apply ``2n + i``.
@@ -317,27 +337,14 @@ def _zb_h1_order(n: int, m: int, v: int, stage: int) -> list[Task]:
 
 
 def _run_in_clocks(orders: list[list[Task]], n: int, v: int) -> list[tuple[Task, ...]]:
-    """Runs each stage's order as soon as possible, every task taking one clock.
-
-    A forward waits for the previous chunk's forward of its micro-batch; a backward for its
-    own forward and the next chunk's backward (the one after it along the model); a weight
-    gradient for its backward."""
+    """Runs each stage's order as soon as possible, every task taking one clock and waiting
+    for its `Task.dependencies`."""
     finished: dict[tuple[TaskKind, int, int], int] = {}  # (kind, position, mb) -> clock
-    last = n * v - 1
     position = [0] * n
     clocks: list[tuple[Task, ...]] = []
 
     def ready(task: Task, clock: int) -> bool:
-        p, b = task.position(n), task.micro_batch
-        if task.kind is TaskKind.FORWARD:
-            needs = [(TaskKind.FORWARD, p - 1, b)] if p > 0 else []
-        elif task.kind is TaskKind.WEIGHT:
-            needs = [(TaskKind.BACKWARD, p, b)]
-        else:
-            needs = [(TaskKind.FORWARD, p, b)]
-            if p < last:
-                needs.append((TaskKind.BACKWARD, p + 1, b))
-        return all(finished.get(key, clock) < clock for key in needs)
+        return all(finished.get(key, clock) < clock for key in task.dependencies(n, n * v))
 
     while any(position[s] < len(orders[s]) for s in range(n)):
         clock = len(clocks)
