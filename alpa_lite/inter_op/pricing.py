@@ -44,8 +44,8 @@ from alpa_lite.cost import OpClass, estimate_op_cost, operator_class
 from alpa_lite.errors import InfeasiblePlanError
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.once_per_step import gradient_only_nodes, gradient_only_values
-from alpa_lite.intra_op.planner import solve_intra_op
-from alpa_lite.intra_op.problem import InputRole, SpecPolicy
+from alpa_lite.intra_op.planner import solve_planning_problem
+from alpa_lite.intra_op.problem import InputRole, SpecPolicy, build_planning_problem
 from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.intra_op.strategies import spec_shards
 from alpa_lite.inter_op.stage_dp import StageProblem, solve_stage_dp
@@ -175,45 +175,81 @@ def estimate_state_bytes_per_param_byte(roles: Sequence, avals: Sequence) -> flo
 LEAN_LEVELS = (0.03, 0.3, 1.0)
 
 
-def _plan_nodes(graph: OpGraph, nodes: Sequence[int], mesh: LogicalMesh,
-                options: PricingOptions, memory_price: float = 0.0,
-                intermediate_role: InputRole = InputRole.BATCH):
-    """The ILP's plan of ``nodes`` on ``mesh``. ``memory_price`` (seconds per byte) charges
-    each byte of the step's inputs (parameters) a device holds, times the state each
-    parameter byte brings (`PricingOptions.state_bytes_per_param_byte`). Under a policy
-    other than AUTO the subgraph's inputs get the graph's input roles, and values made by
-    other operators ``intermediate_role`` (activations: BATCH; gradients read by the
-    optimizer update: PARAM)."""
+def _layer_problem(graph: OpGraph, nodes: Sequence[int], mesh: LogicalMesh,
+                   options: PricingOptions, intermediate_role: InputRole = InputRole.BATCH):
+    """The ILP of ``nodes`` on ``mesh`` (no memory terms: a price counts memory from the
+    chosen specs): ``(subgraph, planning problem, input paths)``. Under a policy other than
+    AUTO the subgraph's inputs get the graph's input roles, and values made by other
+    operators ``intermediate_role`` (activations: BATCH; gradients read by the optimizer
+    update: PARAM)."""
     sub, _ = build_subgraph(graph, list(nodes))
-    inputs = set(graph.inputs)
-    price = [memory_price * options.state_bytes_per_param_byte if v in inputs else 0.0
-             for v in sub.inputs]
     roles = [InputRole.PARAM] * len(sub.inputs)
     if options.policy is not SpecPolicy.AUTO:
         position = {v: i for i, v in enumerate(graph.inputs)}
         roles = [options.input_roles[position[v]] if v in position else intermediate_role
                  for v in sub.inputs]
-    return sub, solve_intra_op(
-        sub, mesh, input_roles=roles, policy=options.policy,
-        input_paths=[f"v{v}" for v in sub.inputs], strict=False, solver=options.solver,
-        share_repeated_layers=False, time_limit_s=options.time_limit_s,
-        input_memory_price=price)
+    paths = [f"v{v}" for v in sub.inputs]
+    return sub, build_planning_problem(sub, mesh, input_roles=roles, input_paths=paths,
+                                       policy=options.policy, memory_terms=False), paths
+
+
+def _solve_layer(graph: OpGraph, problem, mesh: LogicalMesh, options: PricingOptions,
+                 memory_price: float = 0.0):
+    """The ILP's plan of a `_layer_problem`. ``memory_price`` (seconds per byte) charges
+    each byte of the step's inputs (parameters) a device holds, times the state each
+    parameter byte brings (`PricingOptions.state_bytes_per_param_byte`)."""
+    sub, planning, paths = problem
+    inputs = set(graph.inputs)
+    price = [memory_price * options.state_bytes_per_param_byte if v in inputs else 0.0
+             for v in sub.inputs]
+    return solve_planning_problem(sub, mesh, planning, paths, solver=options.solver,
+                                  share_repeated_layers=False,
+                                  time_limit_s=options.time_limit_s, input_memory_price=price)
 
 
 def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: LogicalMesh,
                 options: PricingOptions, gradients: set[int],
                 update_nodes: Sequence[int] = (), memory_price: float = 0.0) -> LayerPrice:
     """Plans the layer's operators on ``mesh`` with the intra-op ILP and prices the plan
-    (the fastest, or with ``memory_price`` a memory-lean one: `_plan_nodes`);
+    (the fastest, or with ``memory_price`` a memory-lean one: `_solve_layer`);
     ``update_nodes`` (its parameters' optimizer update, run once per step) are planned and
     priced on their own."""
-    sub, plan = _plan_nodes(graph, nodes, mesh, options, memory_price)
+    return price_layer_levels(graph, nodes, forward, mesh, options, gradients, update_nodes,
+                              (memory_price,))[0]
+
+
+def price_layer_levels(graph: OpGraph, nodes: Sequence[int], forward: set[int],
+                       mesh: LogicalMesh, options: PricingOptions, gradients: set[int],
+                       update_nodes: Sequence[int], memory_prices: Sequence[float]
+                       ) -> list[LayerPrice]:
+    """`price_layer` at each of the increasing ``memory_prices``, from one ILP build. Once
+    a plan holds every input split over all of the mesh's devices (the least memory any
+    plan can hold) it is the optimum at every higher price too, so it is reused unsolved."""
+    problem = _layer_problem(graph, nodes, mesh, options)
     update_s = 0.0
     if update_nodes:
-        update = _plan_nodes(graph, update_nodes, mesh, options,
-                             intermediate_role=InputRole.PARAM)[1]
+        update = _solve_layer(graph, _layer_problem(graph, update_nodes, mesh, options,
+                                                    InputRole.PARAM), mesh, options)
         update_s = update.compute_s + update.objective
-    specs = value_specs(sub, plan)
+    sub = problem[0]
+    inputs = [v for v in sub.inputs if v in set(graph.inputs)]
+    prices, least = [], None
+    for price in memory_prices:
+        if least is not None:
+            prices.append(least)
+            continue
+        plan = _solve_layer(graph, problem, mesh, options, price)
+        specs = value_specs(sub, plan)
+        prices.append(_layer_price(graph, sub, plan, specs, nodes, forward, mesh, options,
+                                   gradients, update_s))
+        if all(spec_shards(specs[v], mesh) == mesh.num_devices for v in inputs if v in specs):
+            least = prices[-1]
+    return prices
+
+
+def _layer_price(graph, sub, plan, specs, nodes, forward, mesh, options, gradients,
+                 update_s) -> LayerPrice:
+    """What a layer's ILP plan costs (the module docstring's fields)."""
     grad_only = gradient_only_nodes(sub, gradients)
     decisions = {d.index: d for d in plan.nodes}
     grad_sync = sum(decisions[i].comm_s for i in grad_only if i in decisions)
@@ -254,17 +290,21 @@ def _parameter_copies(graph: OpGraph, forward: set[int], param_positions) -> set
 
 def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshView],
                  mesh_of: Callable[[tuple[int, int], tuple[int, ...]], LogicalMesh],
-                 options: PricingOptions, *, lean_level: float = 0.0,
-                 fastest: dict[SubmeshView, list[LayerPrice]] | None = None,
+                 options: PricingOptions, *,
                  progress: Callable[[str], None] | None = None
                  ) -> dict[SubmeshView, list[LayerPrice]]:
     """Every layer priced on every candidate; identical layers (same operators and shapes)
     are priced once per candidate. A layer's optimizer update is the apply part the pipeline
     runtime would place with it if every layer were a stage (`partition_pipeline`).
+    ``progress`` is called with a description after each candidate."""
+    return _price_candidates(graph, num_layers, candidates, mesh_of, options, (0.0,), None,
+                             progress)[0.0]
 
-    With ``lean_level`` (see `LEAN_LEVELS`) each layer's memory-lean plan at that level,
-    its memory priced relative to its plan in ``fastest`` (this function's result without
-    a level). ``progress`` is called with a description after each candidate."""
+
+def _price_candidates(graph, num_layers, candidates, mesh_of, options, levels, fastest,
+                      progress) -> dict[float, dict[SubmeshView, list[LayerPrice]]]:
+    """``{level: {candidate: layer prices}}``; level 0 is the fastest plan, a level > 0 the
+    memory-lean plan at that memory price relative to ``fastest`` (`memory_price`)."""
     nodes, forward = build_layer_nodes(graph, num_layers)
     gradients = gradient_only_values(graph)
     updates = layer_update_nodes(graph, num_layers)
@@ -273,23 +313,26 @@ def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshVi
         return tuple((graph.nodes[i].name, tuple(str(graph.avals[v]) for v in
                                                  graph.nodes[i].outvars)) for i in indices)
 
+    signatures = [(signature(n), signature(u)) for n, u in zip(nodes, updates)]
     cache: dict = {}
-    priced = {}
+    priced: dict = {level: {} for level in levels}
     for shape, view in candidates:
         key_c = (tuple(shape), tuple(view))
         mesh = mesh_of(shape, view)
         layers = []
         for l, (layer_nodes, layer_forward, update) in enumerate(zip(nodes, forward, updates)):
-            key = (signature(layer_nodes), signature(update), shape, view)
+            key = (signatures[l], shape, view)
             if key not in cache:
-                price = memory_price(lean_level, [fastest[key_c][l]]) if lean_level else 0.0
-                cache[key] = price_layer(graph, layer_nodes, layer_forward, mesh, options,
-                                         gradients, update, memory_price=price)
+                prices = [memory_price(level, [fastest[key_c][l]]) if level else 0.0
+                          for level in levels]
+                cache[key] = price_layer_levels(graph, layer_nodes, layer_forward, mesh,
+                                                options, gradients, update, prices)
             layers.append(cache[key])
-        priced[key_c] = layers
+        for i, level in enumerate(levels):
+            priced[level][key_c] = [layer[i] for layer in layers]
         if progress is not None:
             progress(f"priced layers on {shape} as {view}"
-                     + (f", memory price {lean_level}" if lean_level else ""))
+                     + (f", memory prices {', '.join(map(str, levels))}" if any(levels) else ""))
     return priced
 
 
@@ -314,10 +357,11 @@ def price_lean_layers(graph: OpGraph, num_layers: int, candidates: Sequence[Subm
                       levels: Sequence[float] = LEAN_LEVELS,
                       progress: Callable[[str], None] | None = None
                       ) -> dict[float, dict[SubmeshView, list[LayerPrice]]]:
-    """`price_layers` at every memory price level of ``levels``: ``{level: prices}``."""
-    return {level: price_layers(graph, num_layers, candidates, mesh_of, options,
-                                lean_level=level, fastest=fastest, progress=progress)
-            for level in levels}
+    """Each layer's memory-lean plan at every memory price level of ``levels`` (see
+    `LEAN_LEVELS`), its memory priced relative to its plan in ``fastest`` (`price_layers`'
+    result): ``{level: prices}``. One ILP build per layer and candidate serves all levels."""
+    return _price_candidates(graph, num_layers, candidates, mesh_of, options,
+                             tuple(sorted(levels)), fastest, progress)
 
 
 def layer_update_nodes(graph: OpGraph, num_layers: int) -> list[list[int]]:

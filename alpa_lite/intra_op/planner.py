@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from typing import Sequence
 
@@ -14,7 +15,8 @@ from alpa_lite.intra_op.ilp import solve_sharding_problem
 from alpa_lite.intra_op.layer_sharing import (build_layer_classes, build_quotient_problem,
                                               detect_layer_family)
 from alpa_lite.intra_op.problem import (InputRole, PlanningProblem, SpecPolicy,
-                                        build_planning_problem, input_memory_bytes)
+                                        build_planning_problem, input_memory_bytes,
+                                        price_input_memory)
 from alpa_lite.intra_op.strategies import replicated_spec
 from alpa_lite.mesh import LogicalMesh
 from alpa_lite.plan import NodeDecision, ShardingPlan
@@ -60,7 +62,7 @@ def solve_intra_op(
     force it on/off. ``donated_inputs``: flat input positions donated to the step, whose
     aliased outputs then reuse the input buffers (peak memory counts them once).
     ``input_memory_price``: per flat input, seconds per byte it holds on each device, added
-    to the ILP's objective (`build_planning_problem`); the plan's ``objective`` reports
+    to the ILP's objective (`price_input_memory`); the plan's ``objective`` reports
     seconds without it.
 
     Returns:
@@ -71,7 +73,24 @@ def solve_intra_op(
     planning = build_planning_problem(
         graph, mesh, input_roles=input_roles, input_paths=input_paths, policy=policy,
         alias_pairs=alias_pairs, memory_budget_bytes=memory_budget_bytes, strict=strict,
-        donated_inputs=frozenset(donated_inputs), input_memory_price=input_memory_price)
+        donated_inputs=frozenset(donated_inputs))
+    return solve_planning_problem(
+        graph, mesh, planning, input_paths, solver=solver, time_limit_s=time_limit_s,
+        share_repeated_layers=share_repeated_layers, input_memory_price=input_memory_price,
+        build_s=time.perf_counter() - start)
+
+
+def solve_planning_problem(graph: OpGraph, mesh: LogicalMesh, planning: PlanningProblem,
+                           input_paths: Sequence[str], *, solver: str = "auto",
+                           time_limit_s: float = 60.0,
+                           share_repeated_layers: bool | None = None,
+                           input_memory_price: Sequence[float] = (),
+                           build_s: float = 0.0) -> ShardingPlan:
+    """`solve_intra_op` of a problem already built (`build_planning_problem`): one build
+    serves several memory prices. A problem built without memory terms gives a plan whose
+    ``peak_memory_bytes`` is NaN."""
+    start = time.perf_counter()
+    planning = price_input_memory(graph, mesh, planning, input_memory_price)
     problem, group_class, family = planning.problem, None, None
     if share_repeated_layers is not False:
         family = detect_layer_family(graph)
@@ -79,7 +98,7 @@ def solve_intra_op(
         if family is not None and (share_repeated_layers or big):
             group_class = build_layer_classes(planning, graph, family)
             problem = build_quotient_problem(problem, group_class)
-    build_s = time.perf_counter() - start
+    build_s += time.perf_counter() - start
     solution = solve_sharding_problem(problem, time_limit_s=time_limit_s, solver=solver)
     choices = solution.choices
     if group_class is not None:
@@ -97,9 +116,12 @@ def solve_intra_op(
     }
     priced = input_memory_bytes(graph, mesh, planning.input_units, planning.units,
                                 planning.member_map, input_memory_price)
-    memory_charge = sum(p * b[choices[planning.group_of[u]]] for u, b, p in priced)
-    return decode_plan(graph, mesh, planning, choices, solution.objective - memory_charge,
-                       solution.peak_memory_bytes, stats, input_paths)
+    objective = solution.objective - sum(p * b[choices[planning.group_of[u]]]
+                                         for u, b, p in priced)
+    peak = (solution.peak_memory_bytes
+            if planning.problem.memory_terms or planning.problem.memory_pair_terms
+            or planning.problem.memory_budget_bytes is not None else math.nan)
+    return decode_plan(graph, mesh, planning, choices, objective, peak, stats, input_paths)
 
 
 def estimate_unit_compute_s(graph: OpGraph, mesh: LogicalMesh, node_index: int, flops: float,

@@ -146,7 +146,7 @@ def build_planning_problem(
     memory_budget_bytes: float | None = None,
     strict: bool = False,
     donated_inputs: frozenset[int] = frozenset(),
-    input_memory_price: Sequence[float] = (),
+    memory_terms: bool = True,
 ) -> PlanningProblem:
     """Builds the ILP for ``graph`` on ``mesh``.
 
@@ -162,10 +162,15 @@ def build_planning_problem(
         strict: raise instead of replicating operators that have no rule.
         donated_inputs: flat input positions donated to the step (``donate_argnums``): their
             aliased outputs reuse the input buffers and are not counted again in memory.
-        input_memory_price: per flat input, seconds added to the objective per byte the
-            input holds on each device (a Lagrangian price on memory: with a positive price
-            the ILP trades time for sharded, lighter inputs); empty for none.
+        memory_terms: build the liveness terms of peak memory. Without them (pricing,
+            which counts memory from the chosen specs) the problem takes no memory budget
+            and its solution reports no peak; they are most of the build's time.
+
+    The objective can then be given a price on input memory (`price_input_memory`).
     """
+    if not memory_terms and memory_budget_bytes is not None:
+        raise InvalidConfigError("A memory budget needs the memory terms; got memory_terms=False "
+                                 "with a budget. Pass memory_terms=True.")
     builder = _UnitBuilder(graph, mesh, policy, strict)
     builder.add_inputs(input_roles, input_paths)
     builder.add_nodes()
@@ -179,10 +184,7 @@ def build_planning_problem(
     for unit, enter_unit in loop_backs:
         grouping.attach(unit, enter_unit)
     problem = _assemble(graph, mesh, builder, grouping, memory_budget_bytes,
-                        (output_units, alias_pairs, donated_inputs))
-    if any(input_memory_price):
-        problem = _price_input_memory(graph, mesh, builder, grouping, problem,
-                                      input_memory_price)
+                        (output_units, alias_pairs, donated_inputs) if memory_terms else None)
     return PlanningProblem(problem, builder.units, grouping.group_index(), grouping.member_map,
                            builder.owner, builder.input_units, output_units)
 
@@ -501,8 +503,8 @@ def _assemble(graph: OpGraph, mesh: LogicalMesh, builder: _UnitBuilder, grouping
                 costs[dst_group] += np.diag(matrix)
             elif np.any(matrix):
                 edges.append((src_group, dst_group, matrix))
-    terms, pair_terms = build_memory_terms(graph, mesh, builder, grouping, group_of, *outputs,
-                                           is_transparent=is_transparent)
+    terms, pair_terms = ((), ()) if outputs is None else build_memory_terms(
+        graph, mesh, builder, grouping, group_of, *outputs, is_transparent=is_transparent)
     names = [""] * num_groups
     for u in reversed(range(len(builder.units))):
         names[group_of[u]] = builder.units[u].name
@@ -520,14 +522,19 @@ def input_memory_bytes(graph: OpGraph, mesh: LogicalMesh, input_units: Sequence[
                                                       mesh) for m in member_map[unit]]), p
 
 
-def _price_input_memory(graph, mesh, builder, grouping, problem, price) -> ShardingProblem:
-    """Adds ``price * bytes per device`` of each priced input to its group's costs."""
-    group_of = grouping.group_index()
-    costs = [np.array(c, dtype=float) for c in problem.node_costs]
-    for unit, num_bytes, p in input_memory_bytes(graph, mesh, builder.input_units,
-                                                 builder.units, grouping.member_map, price):
-        costs[group_of[unit]] += p * num_bytes
-    return dataclasses.replace(problem, node_costs=tuple(costs))
+def price_input_memory(graph: OpGraph, mesh: LogicalMesh, planning: PlanningProblem,
+                       price: Sequence[float]) -> PlanningProblem:
+    """``planning`` with ``price[i] * bytes per device`` of each flat input ``i`` added to
+    its group's costs: seconds per byte held, a Lagrangian price on memory (with a positive
+    price the ILP trades time for sharded, lighter inputs)."""
+    if not any(price):
+        return planning
+    costs = [np.array(c, dtype=float) for c in planning.problem.node_costs]
+    for unit, num_bytes, p in input_memory_bytes(graph, mesh, planning.input_units,
+                                                 planning.units, planning.member_map, price):
+        costs[planning.group_of[unit]] += p * num_bytes
+    return dataclasses.replace(
+        planning, problem=dataclasses.replace(planning.problem, node_costs=tuple(costs)))
 
 
 def _resharding_matrix(src_specs, dst_specs, num_bytes, mesh) -> np.ndarray:
