@@ -239,6 +239,16 @@ def _byte_count(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _byte_list(text: str) -> list[int]:
     return [_byte_count(item) for item in _comma_list(text)]
 
@@ -315,6 +325,8 @@ def _add_plan_command(subparsers) -> None:
                       help="also plan Megatron-style 3-D grids and ZeRO, print them side by side")
     plan.add_argument("--json", default=None, metavar="PLAN.json", help="write the result")
     plan.add_argument("--no-progress", action="store_true", help="no progress line")
+    plan.add_argument("--workers", type=_positive_int, default=None,
+                      help="processes that price layers (default: one per core)")
     plan.set_defaults(handler=_run_plan)
 
 
@@ -402,7 +414,8 @@ def _run_plan(args) -> int:
                                     num_micro_batches=args.micro_batches, remat=args.remat,
                                     progress=not args.no_progress,
                                     layout=layout if method == args.method else None,
-                                    schedule=args.schedule or "auto"))
+                                    schedule=args.schedule or "auto",
+                                    workers=args.workers))
         except AlpaLiteError as err:
             if method == args.method:
                 raise

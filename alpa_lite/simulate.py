@@ -46,6 +46,7 @@ from alpa_lite.profiling.compute import progress_bar
 from alpa_lite.inter_op import assignment as sp
 from alpa_lite.intra_op.driver import plan_single_mesh, single_mesh_step_time_s
 from alpa_lite.step import StepSpec, input_roles, optimizer_state_mask, trace_step
+from alpa_lite.search_workers import price_candidates, worker_pool
 from alpa_lite.inter_op import pricing
 from alpa_lite.inter_op.pricing import memory_binds
 from alpa_lite.inter_op.schedule_choice import choose_schedule, interleaved_layers
@@ -126,7 +127,7 @@ def block_runs(blocks) -> list[tuple[int, int]]:
 def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
              num_micro_batches: int | None = None, remat: str = "off",
              progress: bool = False, layout: Layout | None = None,
-             schedule: str = "auto") -> ParallelPlan:
+             schedule: str = "auto", workers: int | None = None) -> ParallelPlan:
     """Plans ``preset`` on ``cluster`` with ``method`` without devices or weights.
 
     Returns a `ParallelPlan` whose ``extra`` is a `SimulationInfo` (``plan.extra.method`` is
@@ -147,6 +148,9 @@ def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
     and interleaved 1F1B priced on the stages the DP chose; `inter_op.schedule_choice`),
     ``"1f1b"``, ``"gpipe"``, ``"zb-h1"`` or ``"interleaved-1f1b"`` (2 chunks per stage).
 
+    ``workers``: processes that price layers (None: one per core, 1: this one only;
+    `alpa_lite.search_workers`).
+
     The plans assume the train state is donated (``donate_argnums``), so the optimizer
     update writes the new state over the old one, as Alpa does.
     """
@@ -159,7 +163,8 @@ def simulate(preset: ModelPreset, cluster: ClusterSpec, *, method: str = "auto",
     if schedule not in SCHEDULES:
         raise InvalidConfigError(f"schedule must be one of {SCHEDULES}; got {schedule!r}.")
     start = time.perf_counter()
-    with progress_bar(progress, f"planning {preset.name}", None) as advance:
+    with progress_bar(progress, f"planning {preset.name}", None) as advance, \
+            worker_pool(workers):
         token = _PROGRESS.set(advance)
         try:
             if layout is not None and method == "megatron":
@@ -235,20 +240,25 @@ def _price_layers(preset, cluster, num_micro_batches, remat_layer: bool = False,
     """Per (submesh, view): the `LayerPrice`s of the 3 traced layers (`inter_op.pricing`, the
     path `parallelize` uses), each layer rematerialized if ``remat_layer``. Cached:
     `--compare` prices once for the pipeline search and the Megatron grid."""
-    graph, num_layers, options, candidates = _layer_graph(preset, cluster, num_micro_batches,
-                                                          remat_layer, megatron)
-    return pricing.price_layers(graph, num_layers, candidates, cluster.logical_mesh, options,
-                                progress=_PROGRESS.get())
+    return _price_levels((preset, cluster, num_micro_batches, remat_layer, megatron), (0.0,),
+                         None)[0.0]
 
 
 @functools.lru_cache(maxsize=8)
 def _price_lean_layers(preset, cluster, num_micro_batches, remat_layer: bool = False):
-    """`_price_layers`' memory-lean plans, ``{level: prices}`` (`pricing.price_lean_layers`)."""
-    graph, num_layers, options, candidates = _layer_graph(preset, cluster, num_micro_batches,
-                                                          remat_layer)
+    """`_price_layers`' memory-lean plans, ``{level: prices}`` (`pricing.LEAN_LEVELS`)."""
     fastest = _price_layers(preset, cluster, num_micro_batches, remat_layer)
-    return pricing.price_lean_layers(graph, num_layers, candidates, cluster.logical_mesh,
-                                     options, fastest, progress=_PROGRESS.get())
+    return _price_levels((preset, cluster, num_micro_batches, remat_layer, None),
+                         pricing.LEAN_LEVELS, fastest)
+
+
+def _price_levels(recipe, levels, fastest):
+    """`pricing.price_table` of the layers of ``_layer_graph(*recipe)`` on its candidates,
+    on every core when they are many (`alpa_lite.search_workers`)."""
+    candidates = _layer_graph(*recipe)[3]
+    return pricing.price_table(price_candidates(recipe, candidates, levels,
+                                                               fastest),
+                               levels, progress=_PROGRESS.get())
 
 
 def candidate_submeshes(cluster: ClusterSpec) -> list[tuple[int, int]]:
@@ -458,20 +468,24 @@ def _span_records(price, blocks, flops, submeshes, views, remat, lean=None) -> l
     return stages
 
 
-def _pipeline_breakdown(preset, cluster, k: int, price, blocks, remat, megatron=None):
+def _pipeline_breakdown(preset, cluster, k: int, price, blocks, remat):
     """`explain.pipeline_breakdown` of a priced pipeline whose stage ``s`` holds
-    ``blocks[s]``; a rematerialized stage's recomputed share is its blocks' forward flops."""
-    flops = _block_flops(preset, cluster, k, True, megatron) if any(remat) else None
+    ``blocks[s]``; a rematerialized stage's recomputed share is its blocks' forward flops.
+    Shares and state per parameter do not depend on the micro-batch size, so they come
+    from one trace whatever ``k`` is."""
+    traced = _default_micro_batches(preset, cluster)
+    flops = _block_flops(preset, cluster, traced, True) if any(remat) else None
     shares = []
     for held, on in zip(blocks, remat):
         forward = sum(flops[b][0] for b in held) if on else 0.0
         total = sum(flops[b][1] for b in held) if on else 1.0
         shares.append(forward / total if total > 0 else 0.0)
-    options = _layer_graph(preset, cluster, k, any(remat), megatron)[2]
+    options = _layer_graph(preset, cluster, traced, any(remat))[2]
     return pipeline_breakdown(price, k, state_per_param=options.state_bytes_per_param_byte,
                               recompute_shares=shares)
 
 
+@functools.lru_cache(maxsize=32)
 def _block_flops(preset, cluster, k: int, remat_layer: bool,
                  megatron=None) -> list[tuple[float, float]]:
     """Per block of the L-block model: (forward flops, total flops), from the 3-layer trace."""
@@ -687,7 +701,7 @@ def _megatron_layout(preset, cluster, layout: Layout) -> ParallelPlan:
             stages = _span_records(price, ranges, flops, [shape] * pp, [(dp, tp)] * pp,
                                    [remat_layer] * pp)
             breakdown = _pipeline_breakdown(preset, cluster, k, price, ranges,
-                                            [remat_layer] * pp, candidate)
+                                            [remat_layer] * pp)
             best = (key, _simulated(k, SimulationInfo(
                 "", price.step_time_s, memory, fits_memory=fits, grid=(dp, tp, pp),
                 remat_layers=remat_layer, layout=named.to_dict(), breakdown=breakdown,

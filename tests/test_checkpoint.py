@@ -164,7 +164,7 @@ def test_the_saved_plan_resumes_without_solving(name, tmp_path, monkeypatch):
 
     monkeypatch.setattr(single_mesh_driver, "solve_intra_op", no_solving)
     monkeypatch.setattr(pipeline_driver, "solve_intra_op", no_solving)
-    monkeypatch.setattr(pricing_module, "solve_intra_op", no_solving)
+    monkeypatch.setattr(pricing_module, "solve_planning_problem", no_solving)
     resumed_p = alpa_lite.parallelize(mse_step, method=METHODS[name]).use_plan(loaded)
     like = abstract(state)
     resumed = checkpoint.restore(tmp_path, like=like,

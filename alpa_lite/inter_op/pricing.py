@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -301,39 +301,66 @@ def price_layers(graph: OpGraph, num_layers: int, candidates: Sequence[SubmeshVi
                              progress)[0.0]
 
 
+class LayerPricer:
+    """Prices the layers of one traced graph on candidate (submesh, view) pairs; identical
+    layers (same operators and shapes) are priced once per candidate."""
+
+    def __init__(self, graph: OpGraph, num_layers: int,
+                 mesh_of: Callable[[tuple[int, int], tuple[int, ...]], LogicalMesh],
+                 options: PricingOptions):
+        self.graph, self.mesh_of, self.options = graph, mesh_of, options
+        self.nodes, self.forward = build_layer_nodes(graph, num_layers)
+        self.gradients = gradient_only_values(graph)
+        self.updates = layer_update_nodes(graph, num_layers)
+
+        def signature(indices):
+            return tuple((graph.nodes[i].name, tuple(str(graph.avals[v]) for v in
+                                                     graph.nodes[i].outvars)) for i in indices)
+
+        self.signatures = [(signature(n), signature(u)) for n, u in zip(self.nodes,
+                                                                       self.updates)]
+
+    def price(self, candidate: SubmeshView, levels: Sequence[float] = (0.0,),
+              fastest: Sequence[LayerPrice] | None = None) -> list[list[LayerPrice]]:
+        """Per level of ``levels`` (increasing), the layers' prices on ``candidate``: level 0
+        the fastest plans, a level > 0 the memory-lean plans at that memory price relative
+        to ``fastest`` (the candidate's fastest layer prices; `memory_price`)."""
+        shape, view = candidate
+        mesh = self.mesh_of(shape, view)
+        cache: dict = {}
+        layers = []
+        for l, (nodes, forward, update) in enumerate(zip(self.nodes, self.forward,
+                                                         self.updates)):
+            if self.signatures[l] not in cache:
+                prices = [memory_price(level, [fastest[l]]) if level else 0.0
+                          for level in levels]
+                cache[self.signatures[l]] = price_layer_levels(
+                    self.graph, nodes, forward, mesh, self.options, self.gradients, update,
+                    prices)
+            layers.append(cache[self.signatures[l]])
+        return [[layer[i] for layer in layers] for i in range(len(levels))]
+
+
+def price_table(priced: Iterable[tuple[SubmeshView, list[list[LayerPrice]]]],
+                levels: Sequence[float], progress: Callable[[str], None] | None = None
+                ) -> dict[float, dict[SubmeshView, list[LayerPrice]]]:
+    """``{level: {candidate: layer prices}}`` from ``(candidate, `LayerPricer.price`)``
+    pairs (taken in order; ``progress`` is called after each)."""
+    table: dict = {level: {} for level in levels}
+    for (shape, view), per_level in priced:
+        for level, prices in zip(levels, per_level):
+            table[level][(tuple(shape), tuple(view))] = prices
+        if progress is not None:
+            progress(f"priced layers on {shape} as {view}" + (
+                f", memory prices {', '.join(map(str, levels))}" if any(levels) else ""))
+    return table
+
+
 def _price_candidates(graph, num_layers, candidates, mesh_of, options, levels, fastest,
                       progress) -> dict[float, dict[SubmeshView, list[LayerPrice]]]:
-    """``{level: {candidate: layer prices}}``; level 0 is the fastest plan, a level > 0 the
-    memory-lean plan at that memory price relative to ``fastest`` (`memory_price`)."""
-    nodes, forward = build_layer_nodes(graph, num_layers)
-    gradients = gradient_only_values(graph)
-    updates = layer_update_nodes(graph, num_layers)
-
-    def signature(indices):
-        return tuple((graph.nodes[i].name, tuple(str(graph.avals[v]) for v in
-                                                 graph.nodes[i].outvars)) for i in indices)
-
-    signatures = [(signature(n), signature(u)) for n, u in zip(nodes, updates)]
-    cache: dict = {}
-    priced: dict = {level: {} for level in levels}
-    for shape, view in candidates:
-        key_c = (tuple(shape), tuple(view))
-        mesh = mesh_of(shape, view)
-        layers = []
-        for l, (layer_nodes, layer_forward, update) in enumerate(zip(nodes, forward, updates)):
-            key = (signatures[l], shape, view)
-            if key not in cache:
-                prices = [memory_price(level, [fastest[key_c][l]]) if level else 0.0
-                          for level in levels]
-                cache[key] = price_layer_levels(graph, layer_nodes, layer_forward, mesh,
-                                                options, gradients, update, prices)
-            layers.append(cache[key])
-        for i, level in enumerate(levels):
-            priced[level][key_c] = [layer[i] for layer in layers]
-        if progress is not None:
-            progress(f"priced layers on {shape} as {view}"
-                     + (f", memory prices {', '.join(map(str, levels))}" if any(levels) else ""))
-    return priced
+    pricer = LayerPricer(graph, num_layers, mesh_of, options)
+    return price_table(((c, pricer.price(c, levels, None if fastest is None else fastest[
+        (tuple(c[0]), tuple(c[1]))])) for c in candidates), levels, progress)
 
 
 def memory_binds(fits: bool, step_time_s: float, unconstrained_step_time_s: float) -> bool:

@@ -23,8 +23,11 @@ add them, solve again. This module sees numbers only (numpy + pulp, no jax).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
+import os
+import sys
 import time
 
 import numpy as np
@@ -194,7 +197,7 @@ def solve_sharding_problem(problem: ShardingProblem, *, time_limit_s: float = 60
         _raise_infeasible(problem, time_limit_s, solver)
     return ShardingSolution(
         tuple(int(c) for c in choices), evaluate_objective(problem, choices), status, name,
-        total_time, model.numVariables(), model.numConstraints(),
+        total_time, model.num_variables, model.num_constraints,
         float(profile.max(initial=0)),
     )
 
@@ -257,13 +260,50 @@ def _raise_infeasible(problem, time_limit_s, solver):
     )
 
 
+@dataclasses.dataclass
+class _Model:
+    """A MILP as arrays: minimise cost . x subject to row_lower <= A x <= row_upper,
+    lower <= x <= upper, x[integer] integral. Rows are ``(columns, coefficients)``."""
+
+    cost: list = dataclasses.field(default_factory=list)
+    lower: list = dataclasses.field(default_factory=list)
+    upper: list = dataclasses.field(default_factory=list)
+    integer: list = dataclasses.field(default_factory=list)
+    names: list = dataclasses.field(default_factory=list)
+    rows: list = dataclasses.field(default_factory=list)
+    row_lower: list = dataclasses.field(default_factory=list)
+    row_upper: list = dataclasses.field(default_factory=list)
+
+    def column(self, name: str, cost: float = 0.0, upper: float = math.inf,
+               integer: bool = False) -> int:
+        self.cost.append(cost)
+        self.lower.append(0.0)
+        self.upper.append(upper)
+        self.integer.append(integer)
+        self.names.append(name)
+        return len(self.cost) - 1
+
+    def row(self, columns, coefficients, lower: float, upper: float) -> None:
+        self.rows.append((np.asarray(columns, dtype=np.int32),
+                          np.asarray(coefficients, dtype=float)))
+        self.row_lower.append(lower)
+        self.row_upper.append(upper)
+
+    @property
+    def num_variables(self) -> int:
+        return len(self.cost)
+
+    @property
+    def num_constraints(self) -> int:
+        return len(self.rows)
+
+
 class _ModelBuilder:
-    """Turns a ShardingProblem into a PuLP model (the static part is precomputed once)."""
+    """Turns a ShardingProblem into a `_Model` (the static part is precomputed once)."""
 
     def __init__(self, problem: ShardingProblem):
         self.problem = problem
         costs = [np.array(c, dtype=float) for c in problem.node_costs]
-        self.const = 0.0
         self.edges = []  # (u, v, row_classes, col_classes, class_costs)
         for u, v, r in _merge_parallel_edges(problem.edges):
             self._add_edge(u, v, r, costs)
@@ -284,103 +324,91 @@ class _ModelBuilder:
             class_costs = r[np.ix_(first_row, first_col)]
             self.edges.append((u, v, row_of.ravel(), col_of.ravel(), class_costs))
 
-    def build(self, points: set[int], minimise_peak: bool = False) -> pulp.LpProblem:
-        problem = self.problem
-        model = pulp.LpProblem("alpa_lite_sharding", pulp.LpMinimize)
-        self.s_vars = []
-        self.pair_vars: dict[int, pulp.LpVariable] = {}
-        objective = []
+    def build(self, points: set[int], minimise_peak: bool = False) -> _Model:
+        model = _Model()
+        self.s_cols: list[np.ndarray | None] = []
+        self.pair_cols: dict[int, int] = {}
         for g, costs in enumerate(self.node_costs):
             if len(costs) == 1:
-                self.s_vars.append(None)
+                self.s_cols.append(None)
                 continue
-            vars_g = [model.add_variable(f"s{g}_{k}", 0, 1, cat="Binary") for k in range(len(costs))]
-            self.s_vars.append(vars_g)
-            model += affine([(x, 1.0) for x in vars_g]) == 1
-            objective.extend((x, float(c)) for x, c in zip(vars_g, costs) if c)
+            cols = np.array([model.column(f"s{g}_{k}", 0.0 if minimise_peak else float(c),
+                                          1.0, True) for k, c in enumerate(costs)])
+            self.s_cols.append(cols)
+            model.row(cols, np.ones(len(cols)), 1.0, 1.0)
         for i, (u, v, row_of, col_of, class_costs) in enumerate(self.edges):
-            objective.extend(self._edge_terms(model, i, u, v, row_of, col_of, class_costs))
-        if minimise_peak:
-            peak = model.add_variable("peak", 0, None)
-            model += affine([(peak, 1.0)])
-        else:
-            model += affine(objective)
-        budget_var = peak if minimise_peak else None
+            self._edge_terms(model, i, u, v, row_of, col_of,
+                             0.0 * class_costs if minimise_peak else class_costs)
+        peak = model.column("peak", 1.0) if minimise_peak else None
         for t in sorted(points):
-            self._add_memory_constraint(model, t, budget_var)
+            self._add_memory_constraint(model, t, peak)
         return model
 
     def _edge_terms(self, model, i, u, v, row_of, col_of, class_costs):
-        su, sv = self.s_vars[u], self.s_vars[v]
+        """e[a, b] for the edge's row and column classes, with the flow rows tying them to
+        the two groups' choices."""
+        su, sv = self.s_cols[u], self.s_cols[v]
         n_rows, n_cols = class_costs.shape
-        e = [[model.add_variable(f"e{i}_{a}_{b}", 0, 1) for b in range(n_cols)]
-             for a in range(n_rows)]
+        e = np.array([[model.column(f"e{i}_{a}_{b}", float(class_costs[a, b]), 1.0)
+                       for b in range(n_cols)] for a in range(n_rows)]).reshape(n_rows, n_cols)
         for a in range(n_rows):
-            terms = [(e[a][b], 1.0) for b in range(n_cols)]
-            terms += [(su[p], -1.0) for p in np.flatnonzero(row_of == a)]
-            model += affine(terms) == 0
+            members = su[row_of == a]
+            model.row(np.concatenate([e[a], members]),
+                      np.concatenate([np.ones(n_cols), -np.ones(len(members))]), 0.0, 0.0)
         for b in range(n_cols):
-            terms = [(e[a][b], 1.0) for a in range(n_rows)]
-            terms += [(sv[q], -1.0) for q in np.flatnonzero(col_of == b)]
-            model += affine(terms) == 0
-        return [(e[a][b], float(class_costs[a, b]))
-                for a in range(n_rows) for b in range(n_cols) if class_costs[a, b]]
+            members = sv[col_of == b]
+            model.row(np.concatenate([e[:, b], members]),
+                      np.concatenate([np.ones(n_rows), -np.ones(len(members))]), 0.0, 0.0)
 
-    def _add_memory_constraint(self, model, t, budget_var):
+    def _add_memory_constraint(self, model, t, peak):
         coeffs: dict = {}
         constant = 0.0
         for term in self.problem.memory_terms:
             if not term.first_point <= t <= term.last_point:
                 continue
-            vars_g = self.s_vars[term.group]
-            if vars_g is None:
+            cols = self.s_cols[term.group]
+            if cols is None:
                 constant += float(term.bytes_per_strategy[0])
                 continue
-            for x, b in zip(vars_g, term.bytes_per_strategy):
-                coeffs[x] = coeffs.get(x, 0.0) + float(b)
+            for x, b in zip(cols, term.bytes_per_strategy):
+                coeffs[int(x)] = coeffs.get(int(x), 0.0) + float(b)
         for i, term in enumerate(self.problem.memory_pair_terms):
             if term.first_point <= t <= term.last_point:
                 constant += self._add_pair_coeffs(model, i, term, coeffs)
-        expr = affine(list(coeffs.items()))
-        if budget_var is None:
-            model += expr <= self.problem.memory_budget_bytes - constant
+        if peak is None:
+            model.row(list(coeffs), list(coeffs.values()), -math.inf,
+                      self.problem.memory_budget_bytes - constant)
         else:
-            model += expr - budget_var <= -constant
+            model.row(list(coeffs) + [peak], list(coeffs.values()) + [-1.0], -math.inf,
+                      -constant)
 
     def _add_pair_coeffs(self, model, index: int, term: MemoryPairTerm, coeffs: dict) -> float:
         """Adds a pair term's bytes to ``coeffs`` (linear in s); returns its constant part."""
-        src, dst = self.s_vars[term.src_group], self.s_vars[term.dst_group]
+        src, dst = self.s_cols[term.src_group], self.s_cols[term.dst_group]
         matrix = np.asarray(term.bytes_matrix, dtype=float)
         if src is None and dst is None:
             return float(matrix[0, 0])
         if src is None or dst is None:  # one side fixed: a row or column of the matrix
-            vars_g, column = (dst, matrix[0, :]) if src is None else (src, matrix[:, 0])
-            for x, b in zip(vars_g, column):
-                coeffs[x] = coeffs.get(x, 0.0) + float(b)
+            cols, column = (dst, matrix[0, :]) if src is None else (src, matrix[:, 0])
+            for x, b in zip(cols, column):
+                coeffs[int(x)] = coeffs.get(int(x), 0.0) + float(b)
             return 0.0
-        if index not in self.pair_vars:
+        if index not in self.pair_cols:
             # y >= m[p, q] (s_u[p] + s_v[q] - 1): y is m[choice] at the optimum, since it only
             # appears on the left of <= constraints.
-            y = model.add_variable(f"m{index}", 0, None)
+            y = model.column(f"m{index}")
             for p, q in zip(*np.nonzero(matrix)):
-                model += affine(
-                    [(y, 1.0), (src[p], -matrix[p, q]), (dst[q], -matrix[p, q])]
-                ) >= -float(matrix[p, q])
-            self.pair_vars[index] = y
-        coeffs[self.pair_vars[index]] = coeffs.get(self.pair_vars[index], 0.0) + 1.0
+                model.row([y, src[p], dst[q]], [1.0, -matrix[p, q], -matrix[p, q]],
+                          -float(matrix[p, q]), math.inf)
+            self.pair_cols[index] = y
+        y = self.pair_cols[index]
+        coeffs[y] = coeffs.get(y, 0.0) + 1.0
         return 0.0
 
-    def decode(self) -> tuple[int, ...] | None:
-        choices = []
-        for vars_g in self.s_vars:
-            if vars_g is None:
-                choices.append(0)
-                continue
-            values = [x.value() for x in vars_g]
-            if any(v is None for v in values):
-                return None
-            choices.append(int(np.argmax(values)))
-        return tuple(choices)
+    def decode(self, values) -> tuple[int, ...]:
+        """Each group's strategy from the columns' values."""
+        return tuple(0 if cols is None else int(np.argmax(values[cols]))
+                     for cols in self.s_cols)
 
 
 def _merge_parallel_edges(edges):
@@ -396,8 +424,8 @@ def _merge_parallel_edges(edges):
 
 
 def _make_solver(solver: str, time_limit_s: float):
-    if solver in ("auto", "highs") and pulp.HiGHS(msg=False).available():
-        return pulp.HiGHS(msg=False, timeLimit=time_limit_s), "highs"
+    if solver in ("auto", "highs") and _highspy() is not None:
+        return None, "highs"
     if solver == "highs":
         raise ValueError("solver='highs' needs the highspy package: pip install highspy")
     coin = pulp.COIN_CMD(msg=False, timeLimit=time_limit_s)
@@ -411,11 +439,95 @@ def _make_solver(solver: str, time_limit_s: float):
     return cbc, "cbc"
 
 
-def _run_solver(model, builder, time_limit_s, solver):
+def _run_solver(model: _Model, builder: _ModelBuilder, time_limit_s, solver):
+    """Solves ``model``: ``(choices or None, status, seconds, solver name)``."""
     backend, name = _make_solver(solver, time_limit_s)
     start = time.perf_counter()
-    status = solve_model(model, backend)
+    if backend is None:
+        status, values = _solve_highs(model, time_limit_s)
+    else:
+        status, values = _solve_pulp(model, backend)
     elapsed = time.perf_counter() - start
+    if status == "infeasible" or values is None:
+        return None, status, elapsed, name
+    return builder.decode(values), status, elapsed, name
+
+
+@functools.lru_cache(maxsize=1)
+def _highspy():
+    """The highspy module, or None. Its first `Highs()` prints a banner on standard output;
+    it is made here with that output sent nowhere."""
+    try:
+        import highspy
+    except ImportError:
+        return None
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    return highspy
+
+
+def _solve_highs(model: _Model, time_limit_s: float):
+    """``(status, column values or None)`` from HiGHS, given the model as arrays."""
+    if not model.cost:  # every group has one strategy: nothing to choose
+        return "optimal", np.zeros(0)
+    highspy = _highspy()
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = len(model.cost), len(model.rows)
+    inf = highspy.kHighsInf
+    lp.col_cost_ = np.array(model.cost, dtype=float)
+    lp.col_lower_ = np.array(model.lower, dtype=float)
+    lp.col_upper_ = np.minimum(np.array(model.upper, dtype=float), inf)
+    lp.row_lower_ = np.maximum(np.array(model.row_lower, dtype=float), -inf)
+    lp.row_upper_ = np.minimum(np.array(model.row_upper, dtype=float), inf)
+    lengths = [len(columns) for columns, _ in model.rows]
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+    lp.a_matrix_.start_ = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    lp.a_matrix_.index_ = (np.concatenate([c for c, _ in model.rows]).astype(np.int32)
+                           if model.rows else np.zeros(0, np.int32))
+    lp.a_matrix_.value_ = (np.concatenate([v for _, v in model.rows]) if model.rows
+                           else np.zeros(0))
+    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
+                       for i in model.integer]
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", float(time_limit_s))
+    h.passModel(lp)
+    h.run()
+    status = h.getModelStatus()
+    if status in (highspy.HighsModelStatus.kInfeasible,
+                  highspy.HighsModelStatus.kUnboundedOrInfeasible):
+        return "infeasible", None
+    has_solution = h.getInfo().primal_solution_status == 2  # feasible
+    values = np.array(h.getSolution().col_value) if has_solution else None
+    return ("optimal" if status == highspy.HighsModelStatus.kOptimal else "time_limit"), values
+
+
+def _solve_pulp(model: _Model, backend):
+    """``(status, column values or None)`` from a PuLP backend (CBC)."""
+    lp = pulp.LpProblem("alpa_lite_sharding", pulp.LpMinimize)
+    columns = [lp.add_variable(name, 0, None if math.isinf(upper) else upper,
+                               cat="Binary" if integer else "Continuous")
+               for name, upper, integer in zip(model.names, model.upper, model.integer)]
+    lp += affine([(columns[i], c) for i, c in enumerate(model.cost) if c])
+    for (cols, coefficients), lower, upper in zip(model.rows, model.row_lower, model.row_upper):
+        expr = affine([(columns[int(i)], float(c)) for i, c in zip(cols, coefficients)])
+        if lower == upper:
+            lp += expr == lower
+        elif math.isinf(lower):
+            lp += expr <= upper
+        else:
+            lp += expr >= lower
+    status = solve_model(lp, backend)
     if status == "infeasible":
-        return None, "infeasible", elapsed, name
-    return builder.decode(), status, elapsed, name
+        return status, None
+    values = [x.value() for x in columns]
+    if any(v is None for v in values):
+        return status, None
+    return status, np.array(values, dtype=float)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
 import time
 from typing import Sequence
+
+import numpy as np
 
 from alpa_lite.cost import (OpClass, compute_dtype_name, estimate_op_cost, is_fused,
                             operator_class)
@@ -90,7 +93,9 @@ def solve_planning_problem(graph: OpGraph, mesh: LogicalMesh, planning: Planning
     serves several memory prices. A problem built without memory terms gives a plan whose
     ``peak_memory_bytes`` is NaN."""
     start = time.perf_counter()
-    planning = price_input_memory(graph, mesh, planning, input_memory_price)
+    compute = unit_compute_seconds(graph, mesh, planning)
+    planning = price_input_memory(graph, mesh, with_compute_costs(planning, compute),
+                                  input_memory_price)
     problem, group_class, family = planning.problem, None, None
     if share_repeated_layers is not False:
         family = detect_layer_family(graph)
@@ -116,12 +121,15 @@ def solve_planning_problem(graph: OpGraph, mesh: LogicalMesh, planning: Planning
     }
     priced = input_memory_bytes(graph, mesh, planning.input_units, planning.units,
                                 planning.member_map, input_memory_price)
+    strategies = [planning.member_map[u][choices[g]] for u, g in enumerate(planning.group_of)]
     objective = solution.objective - sum(p * b[choices[planning.group_of[u]]]
-                                         for u, b, p in priced)
+                                         for u, b, p in priced) - sum(
+        seconds[m] for seconds, m in zip(compute, strategies))
     peak = (solution.peak_memory_bytes
             if planning.problem.memory_terms or planning.problem.memory_pair_terms
             or planning.problem.memory_budget_bytes is not None else math.nan)
-    return decode_plan(graph, mesh, planning, choices, objective, peak, stats, input_paths)
+    return decode_plan(graph, mesh, planning, choices, max(objective, 0.0), peak, stats,
+                       input_paths, compute)
 
 
 def estimate_unit_compute_s(graph: OpGraph, mesh: LogicalMesh, node_index: int, flops: float,
@@ -137,22 +145,67 @@ def estimate_unit_compute_s(graph: OpGraph, mesh: LogicalMesh, node_index: int, 
     Operators that remain kernels of their own after fusion (`OpClass.KERNEL`: matmuls,
     reductions, gathers, ...) also pay the mesh's ``op_latency_s``.
     """
-    node = graph.nodes[node_index]
-    avals_in = tuple(v.aval if not isinstance(v, int) else graph.avals[v] for v in node.invars)
-    avals_out = tuple(graph.avals[v] for v in node.outvars)
-    fused = is_fused(node.primitive)
-    hbm_bytes = 0.0 if fused else estimate_op_cost(
-        node.primitive, node.params, avals_in, avals_out).hbm_bytes
-    divisor = max(work_divisor, 1)
-    classes = operator_class(node.primitive)
-    return mesh.compute_time_s(flops / divisor, hbm_bytes / divisor,
-                               compute_dtype_name(avals_in, avals_out),
-                               matmul=OpClass.MATMUL in classes) + (
-        mesh.op_latency_s if OpClass.KERNEL in classes else 0.0)
+    return _OperatorCompute(graph, mesh, node_index, flops).seconds(work_divisor)
+
+
+class _OperatorCompute:
+    """`estimate_unit_compute_s` of one operator for any work divisor (what does not
+    depend on the divisor is worked out once)."""
+
+    def __init__(self, graph: OpGraph, mesh: LogicalMesh, node_index: int, flops: float):
+        node = graph.nodes[node_index]
+        avals_in = tuple(v.aval if not isinstance(v, int) else graph.avals[v]
+                         for v in node.invars)
+        avals_out = tuple(graph.avals[v] for v in node.outvars)
+        self.hbm_bytes = 0.0 if is_fused(node.primitive) else estimate_op_cost(
+            node.primitive, node.params, avals_in, avals_out).hbm_bytes
+        classes = operator_class(node.primitive)
+        self.mesh, self.flops = mesh, flops
+        self.dtype = compute_dtype_name(avals_in, avals_out)
+        self.matmul = OpClass.MATMUL in classes
+        self.latency = mesh.op_latency_s if OpClass.KERNEL in classes else 0.0
+        self.by_divisor: dict[int, float] = {}
+
+    def seconds(self, work_divisor: int) -> float:
+        divisor = max(work_divisor, 1)
+        if divisor not in self.by_divisor:
+            self.by_divisor[divisor] = self.mesh.compute_time_s(
+                self.flops / divisor, self.hbm_bytes / divisor, self.dtype,
+                matmul=self.matmul) + self.latency
+        return self.by_divisor[divisor]
+
+
+def unit_compute_seconds(graph: OpGraph, mesh: LogicalMesh, planning: PlanningProblem
+                         ) -> list[list[float]]:
+    """Per unit, the compute seconds of each of its strategies (its operator's roofline
+    time at the strategy's work divisor, times the unit's repeat; 0 for inputs)."""
+    seconds = []
+    for unit in planning.units:
+        if unit.node < 0:
+            seconds.append([0.0] * len(unit.strategies))
+            continue
+        operator = _OperatorCompute(graph, mesh, unit.node, unit.flops)
+        seconds.append([unit.repeat * operator.seconds(s.work_divisor)
+                        for s in unit.strategies])
+    return seconds
+
+
+def with_compute_costs(planning: PlanningProblem, compute: list[list[float]]
+                       ) -> PlanningProblem:
+    """``planning`` whose group costs also count each strategy's compute seconds, so that
+    the ILP minimises compute + communication (the time a plan is priced at); strategies
+    equal in communication then no longer tie when one splits the work and the other
+    does not."""
+    costs = [np.array(c, dtype=float) for c in planning.problem.node_costs]
+    for u, members in enumerate(planning.member_map):
+        costs[planning.group_of[u]] += [compute[u][m] for m in members]
+    return dataclasses.replace(
+        planning, problem=dataclasses.replace(planning.problem, node_costs=tuple(costs)))
 
 
 def decode_plan(graph, mesh, planning: PlanningProblem, choices, objective, peak_memory_bytes,
-                stats, input_paths) -> ShardingPlan:
+                stats, input_paths, compute: list[list[float]]) -> ShardingPlan:
+    """The `ShardingPlan` of the ILP's ``choices``; ``compute``: `unit_compute_seconds`."""
     strategies = planning.unit_strategies(choices)
     roots = {}
     for u, g in enumerate(planning.group_of):
@@ -163,8 +216,7 @@ def decode_plan(graph, mesh, planning: PlanningProblem, choices, objective, peak
             continue
         s = strategies[u]
         anchor = roots[planning.group_of[u]] == u or bool(s.collectives) or unit.heavy
-        seconds = unit.repeat * estimate_unit_compute_s(graph, mesh, unit.node, unit.flops,
-                                                        s.work_divisor)
+        seconds = compute[u][planning.member_map[u][choices[planning.group_of[u]]]]
         nodes.append(NodeDecision(
             index=unit.node, primitive=graph.nodes[unit.node].name, strategy=s.name,
             in_specs=s.in_specs, out_specs=s.out_specs, anchor=anchor, fallback=unit.fallback,

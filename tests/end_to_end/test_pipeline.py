@@ -192,7 +192,7 @@ def test_a_saved_pipeline_plan_runs_without_solving(stage_option, monkeypatch):
 
     monkeypatch.setattr(single_mesh_driver, "solve_intra_op", no_solving)
     monkeypatch.setattr(pipeline_driver, "solve_intra_op", no_solving)
-    monkeypatch.setattr(pricing_module, "solve_intra_op", no_solving)
+    monkeypatch.setattr(pricing_module, "solve_planning_problem", no_solving)
     p = alpa_lite.parallelize(mse_step, method=method).use_plan(loaded)
     actual_state, actual_losses = run_steps(p, state, batch)
     expected_state, expected_losses = run_steps(jax.jit(mse_step), state, batch)
