@@ -261,14 +261,28 @@ def _price_levels(recipe, levels, fastest):
                                levels, progress=_PROGRESS.get())
 
 
+# from this many hosts on, stages take whole hosts and the stage DP counts hosts
+HOST_UNITS_FROM = 16
+
+
+def device_unit(cluster: ClusterSpec) -> int:
+    """The stage DP's unit of devices: a whole host on clusters of `HOST_UNITS_FROM` hosts
+    or more (a search-space reduction of ours: stages smaller than a host are left out
+    there, where a pipeline of at most one stage per layer spreads over many hosts
+    anyway), else one device."""
+    return cluster.devices_per_host if cluster.num_hosts >= HOST_UNITS_FROM else 1
+
+
 def candidate_submeshes(cluster: ClusterSpec) -> list[tuple[int, int]]:
     """Alpa's submesh shapes, with host counts thinned on big clusters.
 
-    Within a host: (1, 2^k). Across hosts: every (n, devices_per_host) up to 8 hosts; beyond
-    that powers of two, divisors of the host count and the whole cluster (a search-space
-    reduction of ours: Alpa tries every n, which on 50 hosts means 50 ILP pricings per layer).
+    Within a host: (1, 2^k) (only the whole host from `HOST_UNITS_FROM` hosts on). Across
+    hosts: every (n, devices_per_host) up to 8 hosts; beyond that powers of two, divisors
+    of the host count and the whole cluster (a search-space reduction of ours: Alpa tries
+    every n, which on 50 hosts means 50 ILP pricings per layer).
     """
-    shapes = [s for s in cluster.enumerate_submesh_shapes() if s[0] == 1]
+    shapes = [s for s in cluster.enumerate_submesh_shapes()
+              if s[0] == 1 and math.prod(s) % device_unit(cluster) == 0]
     hosts = cluster.num_hosts
     keep = {n for n in range(2, min(hosts, 8) + 1)}
     keep |= {2**i for i in range(hosts.bit_length()) if 2**i <= hosts}
@@ -348,17 +362,18 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
     return _with_info(best[1], priced_at_micro_batches=k0, lean_offered=lean0 is not None)
 
 
-def dp_layer_count(blocks: int, num_devices: int) -> int:
+def dp_layer_count(blocks: int, num_units: int) -> int:
     """How many layers the stage DP sees for a model of ``blocks`` identical blocks: all of
-    them when a pipeline could hold them one per stage (each stage takes a device at
-    least), else ``max(MAX_DP_LAYERS, devices)`` groups: with more blocks than devices a stage
-    holds several blocks anyway, and the groups are at most one block apart in size.
+    them when a pipeline could hold them one per stage (each stage takes a unit of devices
+    at least: `device_unit`), else ``max(MAX_DP_LAYERS, units)`` groups: with more blocks
+    than units a stage holds several blocks anyway, and the groups are at most one block
+    apart in size.
 
     Example:
         >>> dp_layer_count(40, 200), dp_layer_count(128, 8), dp_layer_count(1024, 128)
         (40, 32, 128)
     """
-    return min(blocks, max(MAX_DP_LAYERS, num_devices))
+    return min(blocks, max(MAX_DP_LAYERS, num_units))
 
 
 def _stage_link(cluster: ClusterSpec) -> tuple[float, float]:
@@ -377,7 +392,7 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None, lean_priced=Non
     within the memory budget, else the fastest), and the least step time without the budget
     (``inf`` when not asked: with ``lean_priced``)."""
     blocks = _num_blocks(preset)
-    groups = dp_layer_count(blocks, cluster.num_devices)
+    groups = dp_layer_count(blocks, cluster.num_devices // device_unit(cluster))
     grouped, bounds = {}, None
     for key, layers in priced.items():
         grouped[key], bounds = _group(_expand(layers, blocks), groups)
@@ -390,22 +405,25 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None, lean_priced=Non
     remat_grouped = group(remat_priced)
     lean_grouped = None if lean_priced is None else {
         key: group(table) for key, table in lean_priced.items()}
+    budget = cluster.memory_per_device_bytes
     solve = functools.partial(pricing.solve_stages, grouped, meshes,
                               num_devices=cluster.num_devices, k=k,
                               schedule="gpipe" if schedule == "gpipe" else "1f1b",
                               link=_stage_link(cluster), remat_priced=remat_grouped,
-                              lean_priced=lean_grouped, shared_compute_per_host=_shared(cluster))
-    fits = True
-    try:
-        solution = solve(memory_budget_bytes=cluster.memory_per_device_bytes)
-    except InfeasiblePlanError:
-        # Report the fastest plan and how much memory it would need, rather than nothing.
-        fits = False
-        solution = solve(memory_budget_bytes=None)
-    unconstrained = math.inf
-    if lean_priced is None:  # does the budget cost time? (`_simulate_pipeline` asks)
-        unconstrained = (solve(memory_budget_bytes=None).assignment if fits
-                         else solution.assignment).predicted_latency_s
+                              lean_priced=lean_grouped, shared_compute_per_host=_shared(cluster),
+                              device_unit=device_unit(cluster))
+    # Without lean plans, `_simulate_pipeline` asks whether the budget costs time: the
+    # fastest plan regardless of memory comes first, and when it fits it is the answer.
+    free = solve(memory_budget_bytes=None) if lean_priced is None else None
+    fits, solution = True, free
+    if free is None or max(st.memory_bytes for st in free.price.stages) > budget:
+        try:
+            solution = solve(memory_budget_bytes=budget)
+        except InfeasiblePlanError:
+            # Report the fastest plan and how much memory it would need, rather than nothing.
+            fits = False
+            solution = free or solve(memory_budget_bytes=None)
+    unconstrained = math.inf if free is None else free.assignment.predicted_latency_s
     variants = {(False, 0.0): grouped, (True, 0.0): remat_grouped, **{
         (bool(remat), float(level)): table
         for (remat, level), table in (lean_grouped or {}).items()}}

@@ -41,7 +41,7 @@ import numpy as np
 from alpa_lite.pipeline_model.schedules import build_schedule, in_flight_micro_batches
 from alpa_lite.pipeline_model.partition import assign_regions, build_subgraph, partition_pipeline
 from alpa_lite.cost import OpClass, estimate_op_cost, operator_class
-from alpa_lite.errors import InfeasiblePlanError
+from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.once_per_step import gradient_only_nodes, gradient_only_values
 from alpa_lite.intra_op.planner import solve_planning_problem
@@ -580,7 +580,7 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
                  shared_compute_per_host: int | None = None,
                  remat_priced: dict[SubmeshView, list[LayerPrice]] | None = None,
                  lean_priced: dict[tuple[bool, float], dict[SubmeshView, list[LayerPrice]]]
-                 | None = None) -> StageSolution:
+                 | None = None, device_unit: int = 1) -> StageSolution:
     """Alpa's stage DP over (submesh, view) options: each (submesh, view) pair is one
     option, so views are chosen by time subject to memory inside the DP.
     ``shared_compute_per_host``: devices per host when a host's devices share compute
@@ -593,6 +593,9 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
     ``(False, level)`` for those of ``priced``'s layers, ``(True, level)`` for those of
     ``remat_priced``'s. With either, the assignment's ``remat`` and ``lean`` (a memory price
     level, 0 for the fastest plans) say per stage which prices it was chosen with.
+    ``device_unit``: the DP counts devices in units of this many (every option's submesh
+    and ``num_devices`` must be multiples of it; whole hosts on big clusters), which
+    divides its work by the unit.
 
     Raises:
         InfeasiblePlanError: no assignment fits ``memory_budget_bytes``; states the smallest
@@ -606,9 +609,14 @@ def solve_stages(priced: dict[SubmeshView, list[LayerPrice]],
     columns = [(option, variant) for variant, table in tables.items() for option in table]
     cost, succ, state = _stage_tables(tables, columns, meshes, link, memory_budget_bytes,
                                       schedule, k)
-    problem = StageProblem(num_layers=cost.shape[0], num_devices=num_devices,
+    sizes = [math.prod(s) for (s, _), _ in columns]
+    if num_devices % device_unit or any(size % device_unit for size in sizes):
+        raise InvalidConfigError(
+            f"device_unit={device_unit} must divide the {num_devices} devices and every "
+            f"submesh's size; got submesh sizes {sorted(set(sizes))}. Pass device_unit=1.")
+    problem = StageProblem(num_layers=cost.shape[0], num_devices=num_devices // device_unit,
                            num_micro_batches=k,
-                           submesh_sizes=tuple(math.prod(s) for (s, _), _ in columns),
+                           submesh_sizes=tuple(size // device_unit for size in sizes),
                            stage_cost_s=cost,
                            max_n_succ_stages=None if memory_budget_bytes is None else succ)
     try:
