@@ -28,6 +28,7 @@ import functools
 import itertools
 import math
 import time
+from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -337,29 +338,49 @@ def _lean_prices(preset, cluster, k0: int, remat: str) -> dict:
 
 def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
                        schedule="auto") -> ParallelPlan:
+    """The stage DP at every micro-batch count, most micro-batches first; a count whose
+    fastest plan regardless of memory cannot beat the best plan so far under any schedule
+    (`_cannot_beat`) is not solved within the budget."""
     k0 = num_micro_batches or _default_micro_batches(preset, cluster)
     priced0, remat0 = _remat_prices(preset, cluster, k0, remat)
     flops = _block_flops(preset, cluster, k0, remat == "layer")
     lean0 = None
-    best, fastest = None, math.inf  # fastest: the least step time without the budget
+    best, free_s = None, {}  # free_s: per k, the least step time without the budget
     while True:
-        for k in _micro_batch_options(preset, cluster, num_micro_batches):
+        for k in sorted(_micro_batch_options(preset, cluster, num_micro_batches), reverse=True):
             lean = None if lean0 is None else {
                 key: _scaled(table, k0, k) for key, table in lean0.items()}
-            result, unconstrained = _pipeline_for(
-                preset, cluster, _scaled(priced0, k0, k), k,
-                None if remat0 is None else _scaled(remat0, k0, k), lean, flops=flops,
-                remat_layer=remat == "layer", schedule=schedule)
-            key = (not result.extra.fits_memory, result.predicted_step_time_s)
+            dp = _dp_input(preset, cluster, _scaled(priced0, k0, k), k,
+                           None if remat0 is None else _scaled(remat0, k0, k), lean, schedule)
+            # without lean plans, ask whether the budget costs time: the fastest plan
+            # regardless of memory comes first (and when it fits it is the answer)
+            free = dp.solve(memory_budget_bytes=None) if lean is None else None
+            if free is not None:
+                free_s[k] = free.assignment.predicted_latency_s
+            if best is not None and _cannot_beat(best, free_s.get(k), k, dp):
+                continue
+            result = _pipeline_for(preset, cluster, dp, k, free, flops=flops,
+                                   remat_layer=remat == "layer", schedule=schedule)
+            key = (not result.extra.fits_memory, result.predicted_step_time_s, k)
             if best is None or key < best[0]:
                 best = (key, result)
-            fastest = min(fastest, unconstrained)
         if lean0 is not None or not memory_binds(best[1].extra.fits_memory,
-                                                 best[1].predicted_step_time_s, fastest):
+                                                 best[1].predicted_step_time_s,
+                                                 min(free_s.values())):
             break
         # the budget costs time (or nothing fits): offer the memory-lean layer plans too
         lean0 = _lean_prices(preset, cluster, k0, remat)
     return _with_info(best[1], priced_at_micro_batches=k0, lean_offered=lean0 is not None)
+
+
+def _cannot_beat(best, free_s: float | None, k: int, dp) -> bool:
+    """Whether no plan at ``k`` micro-batches can beat the fitting ``best``: any schedule
+    runs the slowest stage ``k`` times, at least ``k / (k + S - 1)`` of the 1F1B step of its
+    stages (S stages at most), which is at least the fastest 1F1B step ``free_s``."""
+    (overflows, best_s, _), _ = best
+    most_stages = min(dp.groups, dp.units)
+    return (not overflows and free_s is not None
+            and free_s * k / (k + most_stages - 1) >= best_s)
 
 
 def dp_layer_count(blocks: int, num_units: int) -> int:
@@ -385,14 +406,25 @@ def _shared(cluster: ClusterSpec) -> int | None:
     return cluster.devices_per_host if cluster.shared_host_compute else None
 
 
-def _pipeline_for(preset, cluster, priced, k, remat_priced=None, lean_priced=None, *,
-                  flops, remat_layer: bool = False, schedule: str = "auto"
-                  ) -> tuple[ParallelPlan, float]:
-    """The stage DP's best pipeline of the L-block model at ``k`` micro-batches (the fastest
-    within the memory budget, else the fastest), and the least step time without the budget
-    (``inf`` when not asked: with ``lean_priced``)."""
-    blocks = _num_blocks(preset)
-    groups = dp_layer_count(blocks, cluster.num_devices // device_unit(cluster))
+@dataclasses.dataclass(frozen=True)
+class _DPInput:
+    """The stage DP's tables at one micro-batch count: ``solve(memory_budget_bytes=...)``
+    (`pricing.solve_stages`), the layer prices per (remat, lean level) variant, the meshes,
+    the DP layers' first blocks (``bounds``), how many DP layers (``groups``) and device
+    units (``units``) there are."""
+
+    solve: Callable
+    variants: dict
+    meshes: dict
+    bounds: np.ndarray
+    groups: int
+    units: int
+
+
+def _dp_input(preset, cluster, priced, k, remat_priced, lean_priced, schedule) -> _DPInput:
+    """The L-block model's layer prices grouped into DP layers (`dp_layer_count`)."""
+    blocks, unit = _num_blocks(preset), device_unit(cluster)
+    groups = dp_layer_count(blocks, cluster.num_devices // unit)
     grouped, bounds = {}, None
     for key, layers in priced.items():
         grouped[key], bounds = _group(_expand(layers, blocks), groups)
@@ -405,38 +437,41 @@ def _pipeline_for(preset, cluster, priced, k, remat_priced=None, lean_priced=Non
     remat_grouped = group(remat_priced)
     lean_grouped = None if lean_priced is None else {
         key: group(table) for key, table in lean_priced.items()}
-    budget = cluster.memory_per_device_bytes
     solve = functools.partial(pricing.solve_stages, grouped, meshes,
                               num_devices=cluster.num_devices, k=k,
                               schedule="gpipe" if schedule == "gpipe" else "1f1b",
                               link=_stage_link(cluster), remat_priced=remat_grouped,
                               lean_priced=lean_grouped, shared_compute_per_host=_shared(cluster),
-                              device_unit=device_unit(cluster))
-    # Without lean plans, `_simulate_pipeline` asks whether the budget costs time: the
-    # fastest plan regardless of memory comes first, and when it fits it is the answer.
-    free = solve(memory_budget_bytes=None) if lean_priced is None else None
-    fits, solution = True, free
-    if free is None or max(st.memory_bytes for st in free.price.stages) > budget:
-        try:
-            solution = solve(memory_budget_bytes=budget)
-        except InfeasiblePlanError:
-            # Report the fastest plan and how much memory it would need, rather than nothing.
-            fits = False
-            solution = free or solve(memory_budget_bytes=None)
-    unconstrained = math.inf if free is None else free.assignment.predicted_latency_s
+                              device_unit=unit)
     variants = {(False, 0.0): grouped, (True, 0.0): remat_grouped, **{
         (bool(remat), float(level)): table
         for (remat, level), table in (lean_grouped or {}).items()}}
-    chosen = _choose_schedule(solution.assignment, variants, meshes, cluster, k, schedule)
-    stages = _stage_records(solution.assignment, chosen, bounds, flops, remat_layer)
+    return _DPInput(solve, variants, meshes, bounds, groups, cluster.num_devices // unit)
+
+
+def _pipeline_for(preset, cluster, dp: _DPInput, k: int, free, *, flops,
+                  remat_layer: bool = False, schedule: str = "auto") -> ParallelPlan:
+    """The stage DP's best pipeline at ``k`` micro-batches: the fastest within the memory
+    budget, else the fastest (``free``: the DP's plan without the budget, when solved)."""
+    budget = cluster.memory_per_device_bytes
+    fits, solution = True, free
+    if free is None or max(st.memory_bytes for st in free.price.stages) > budget:
+        try:
+            solution = dp.solve(memory_budget_bytes=budget)
+        except InfeasiblePlanError:
+            # Report the fastest plan and how much memory it would need, rather than nothing.
+            fits = False
+            solution = free or dp.solve(memory_budget_bytes=None)
+    chosen = _choose_schedule(solution.assignment, dp.variants, dp.meshes, cluster, k, schedule)
+    stages = _stage_records(solution.assignment, chosen, dp.bounds, flops, remat_layer)
     peak = max(st.peak_memory_bytes for st in stages)
     breakdown = _pipeline_breakdown(preset, cluster, k, chosen.price,
                                     [st.layers for st in stages], [st.remat for st in stages])
     info = SimulationInfo("auto", chosen.price.step_time_s, peak,
-                          fits_memory=fits and peak <= cluster.memory_per_device_bytes,
-                          dp_layers=groups, breakdown=breakdown, schedule=chosen.schedule,
+                          fits_memory=fits and peak <= budget, dp_layers=dp.groups,
+                          breakdown=breakdown, schedule=chosen.schedule,
                           virtual_stages=chosen.virtual_stages, runner_up=chosen.runner_up)
-    return _simulated(k, info, stages), unconstrained
+    return _simulated(k, info, stages)
 
 
 def _choose_schedule(assignment, variants, meshes, cluster, k: int, schedule: str):

@@ -405,6 +405,38 @@ def _solve_threshold(tables: _Tables, num_devices: int, t_max_s: float) -> list[
     num_layers, num_finite = cost_s.shape[0], tables.num_finite
     values = np.full((num_layers + 1, num_finite + 1, num_devices + 1), np.inf)
     values[num_layers, :, 0] = 0.0
+    if num_finite == 0:
+        _fill_unlimited(tables, cost_s, values, num_devices)
+    else:
+        _fill_limited(tables, cost_s, values, num_devices)
+    if not math.isfinite(values[0, tables.top, num_devices]):
+        return None
+    return _decode(tables, cost_s, values, num_devices)
+
+
+def _fill_unlimited(tables: _Tables, cost_s: np.ndarray, values: np.ndarray,
+                    num_devices: int) -> None:
+    """`_solve_threshold`'s table without memory or stage-count limits: what follows a
+    stage does not depend on its submesh, only on its size, so the submeshes of one size
+    are reduced to their cheapest first (one pass per layer and size, not per submesh)."""
+    num_layers = cost_s.shape[0]
+    sizes = np.unique(tables.sizes)
+    cheapest = np.stack([cost_s[:, :, tables.sizes == size].min(axis=2) for size in sizes],
+                        axis=2)  # [first, last, size]
+    finite = np.isfinite(cheapest)
+    for k in range(num_layers - 1, -1, -1):
+        for i in np.flatnonzero(finite[k].any(axis=0)):
+            size, ends = sizes[i], np.flatnonzero(finite[k, :, i])
+            first, last = ends[0], ends[-1]
+            after = values[first + 1 : last + 2, 0, : num_devices + 1 - size]
+            best = np.min(after + cheapest[k, first : last + 1, i, None], axis=0)
+            np.minimum(values[k, 0, size:], best, out=values[k, 0, size:])
+
+
+def _fill_limited(tables: _Tables, cost_s: np.ndarray, values: np.ndarray,
+                  num_devices: int) -> None:
+    """`_solve_threshold`'s table with allowance limits, submesh by submesh."""
+    num_layers, num_finite = cost_s.shape[0], tables.num_finite
     finite_cost = np.isfinite(cost_s)
     has_stage = finite_cost.any(axis=1)  # [k, j]
     firsts = np.argmax(finite_cost, axis=1)
@@ -414,10 +446,7 @@ def _solve_threshold(tables: _Tables, num_devices: int, t_max_s: float) -> list[
             size, first, last = tables.sizes[j], firsts[k, j], lasts[k, j]
             stage_s = cost_s[k, first : last + 1, j]
             after = values[first + 1 : last + 2, :, : num_devices + 1 - size]
-            if num_finite == 0:
-                at_limit = after[:, 0]
-            else:
-                at_limit = after[np.arange(last - first + 1), tables.limit[k, first : last + 1, j]]
+            at_limit = after[np.arange(last - first + 1), tables.limit[k, first : last + 1, j]]
             best = np.min(at_limit + stage_s[:, None], axis=0)
             np.minimum(values[k, num_finite, size:], best, out=values[k, num_finite, size:])
             if num_finite >= 2:
@@ -425,9 +454,6 @@ def _solve_threshold(tables: _Tables, num_devices: int, t_max_s: float) -> list[
                 candidates += stage_s[:, None, None]
                 target = values[k, 1:num_finite, size:]
                 np.minimum(target, candidates.min(axis=0), out=target)
-    if not math.isfinite(values[0, tables.top, num_devices]):
-        return None
-    return _decode(tables, cost_s, values, num_devices)
 
 
 def _decode(

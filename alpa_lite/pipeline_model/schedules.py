@@ -279,7 +279,11 @@ def in_flight_micro_batches(schedule: str, num_stages: int, stage: int, k: int,
         return k
     if kind is ScheduleKind.ONE_F_ONE_B:
         return min(num_stages - stage, k)
-    return build_schedule(kind, num_stages, k, virtual_stages).max_in_flight(stage)
+    # the count stops growing once the warm-up fits: from 2 S v micro-batches on it is that
+    # of 2 S v (checked against every k up to 6 S v for S <= 8, v <= 4 in the tests)
+    saturated = 2 * num_stages * virtual_stages
+    return build_schedule(kind, num_stages, min(k, saturated),
+                          virtual_stages).max_in_flight(stage)
 
 
 # --- per-stage orders ----------------------------------------------------------------------

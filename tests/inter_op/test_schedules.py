@@ -179,6 +179,18 @@ def test_in_flight_closed_form_equals_the_built_schedule(kind):
             == [schedule.max_in_flight(s) for s in range(stages)]
 
 
+@pytest.mark.parametrize("kind,virtual_stages", [("zb-h1", 1), ("interleaved-1f1b", 2),
+                                                  ("interleaved-1f1b", 4)])
+def test_in_flight_stops_growing_at_twice_the_chunks(kind, virtual_stages):
+    # `in_flight_micro_batches` builds at most 2 S v micro-batches of a long schedule
+    for stages in range(2, 7):
+        for k in range(stages, 6 * stages * virtual_stages + 1, stages):
+            schedule = build_schedule(kind, stages, k, virtual_stages)
+            assert [schedules.in_flight_micro_batches(kind, stages, s, k, virtual_stages)
+                    for s in range(stages)] == [schedule.max_in_flight(s)
+                                                for s in range(stages)], (stages, k)
+
+
 def _check_dependencies(schedule: PipelineSchedule) -> dict:
     """Every (kind, chunk, micro-batch) runs once, at most one task per stage per clock, and
     every dependency in an earlier clock; returns the clock of each task."""
