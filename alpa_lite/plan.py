@@ -217,7 +217,7 @@ class PipelineInfo:
         memory_budget_bytes: the memory budget per device planned for (None: none).
         virtual_stages: model chunks per stage (interleaved; else 1).
         runner_up: the next best schedule the planner priced, ``(schedule, virtual stages,
-            predicted step time)``, or None.
+            predicted step time, fits the memory budget)``, or None.
     """
 
     predicted_step_time_s: float
@@ -261,7 +261,8 @@ class SimulationInfo:
             ``"megatron"``, ``"dp"``, ``"zero2"``, ``"zero3"``; None for searched plans.
         breakdown: where the predicted step time and memory go (`alpa_lite.explain`).
         schedule / virtual_stages / runner_up: ``"auto"``: the pipeline schedule chosen, its
-            model chunks per stage, and the next best ``(schedule, chunks, step seconds)``.
+            model chunks per stage, and the next best ``(schedule, chunks, step seconds,
+            fits)``.
     """
 
     method: str

@@ -66,15 +66,15 @@ def format_plan_summary(plan, *, max_rows: int = 40) -> str:
 
 def _schedule_text(extra) -> str:
     """``zb-h1 (runner-up 1f1b: 1.2s)``: the schedule run, its chunks per stage, and the
-    next best schedule the planner priced."""
+    next best schedule the planner priced (faster but over the memory budget, it says so)."""
     text = str(getattr(extra, "schedule", None))
     if getattr(extra, "virtual_stages", 1) > 1:
         text += f" x{extra.virtual_stages} chunks per stage"
     runner_up = getattr(extra, "runner_up", None)
     if runner_up:
-        name, chunks, seconds = runner_up
+        name, chunks, seconds, *fits = runner_up  # plans before 2026-12-07 have no fits
         text += (f" (runner-up {name}{f' x{chunks}' if chunks > 1 else ''}: "
-                 f"{seconds:.4g}s)")
+                 f"{seconds:.4g}s{'' if all(fits) else ', over the memory budget'})")
     return text
 
 

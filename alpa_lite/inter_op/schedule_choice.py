@@ -41,7 +41,8 @@ class ScheduleChoice:
         layer_to_stage: the stage of every layer as run (interleaved: not contiguous).
         price: the pipeline's `pricing.PipelinePrice` under this schedule.
         fits: whether every stage fits the memory budget.
-        runner_up: the next best candidate, ``(schedule, virtual stages, step seconds)``.
+        runner_up: the next best candidate, ``(schedule, virtual stages, step seconds,
+            fits the budget)``.
     """
 
     schedule: str
@@ -49,7 +50,7 @@ class ScheduleChoice:
     layer_to_stage: tuple[int, ...]
     price: pricing.PipelinePrice
     fits: bool
-    runner_up: tuple[str, int, float] | None = None
+    runner_up: tuple[str, int, float, bool] | None = None
 
 
 def interleaved_layers(costs: Sequence[float], num_stages: int, virtual_stages: int
@@ -113,7 +114,8 @@ def choose_schedule(requested: str, virtual_stages: int | None, assignment: Stag
     priced.sort(key=lambda c: (not c.fits, c.price.step_time_s))
     best = priced[0]
     runner_up = None if len(priced) == 1 else (
-        priced[1].schedule, priced[1].virtual_stages, priced[1].price.step_time_s)
+        priced[1].schedule, priced[1].virtual_stages, priced[1].price.step_time_s,
+        priced[1].fits)
     return dataclasses.replace(best, runner_up=runner_up)
 
 

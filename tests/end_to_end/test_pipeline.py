@@ -95,8 +95,8 @@ def test_auto_schedule_names_its_choice_and_the_runner_up():
     p = check_pipeline(mse_step, state, batch, method)
     plan = p.plan(state, batch)
     assert plan.extra.schedule in ("1f1b", "zb-h1", "interleaved-1f1b")
-    other, _, seconds = plan.extra.runner_up
-    assert other != plan.extra.schedule and seconds >= plan.predicted_step_time_s
+    other, _, seconds, fits = plan.extra.runner_up
+    assert other != plan.extra.schedule and fits and seconds >= plan.predicted_step_time_s
 
 
 def test_interleaving_needs_enough_layers_and_micro_batches():

@@ -12,6 +12,8 @@ from alpa_lite.inter_op.assignment import StageAssignment
 from alpa_lite.inter_op.schedule_choice import (candidates, choose_schedule,
                                                 interleaved_layers)
 from alpa_lite.pipeline_model.schedules import build_schedule
+from alpa_lite.summary import _schedule_text
+
 
 def _layer(compute_s=1.0, activation_bytes=1.0, boundary_bytes=1.0):
     return pricing.LayerPrice(compute_s=compute_s, comm_s=0.0, grad_sync_s=0.0,
@@ -62,8 +64,20 @@ def test_1f1b_wins_when_memory_binds():
     choice = _choose(k=8, budget=budget, heavy_last_stage=True, link=(0.5, 0.0))
     assert choice.schedule == "1f1b" and choice.fits
     assert choice.runner_up[0] == "interleaved-1f1b"
+    assert choice.runner_up[3] and choice.runner_up[2] >= choice.price.step_time_s
     unbounded = _choose(k=8, heavy_last_stage=True, link=(0.5, 0.0))
     assert unbounded.schedule == "zb-h1"  # what the budget ruled out
+
+
+def test_a_runner_up_over_the_budget_says_so():
+    def text(runner_up):
+        return _schedule_text(types.SimpleNamespace(schedule="1f1b", virtual_stages=1,
+                                                    runner_up=runner_up))
+
+    assert text(("zb-h1", 1, 79.6, False)) == (
+        "1f1b (runner-up zb-h1: 79.6s, over the memory budget)")
+    assert text(("interleaved-1f1b", 2, 90.0, True)) == "1f1b (runner-up interleaved-1f1b x2: 90s)"
+    assert text(("zb-h1", 1, 79.6)) == "1f1b (runner-up zb-h1: 79.6s)"  # plans saved before
 
 
 def test_1f1b_wins_when_launches_dominate_and_the_bubble_is_small():
