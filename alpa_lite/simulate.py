@@ -228,7 +228,7 @@ def _layer_graph(preset, cluster, num_micro_batches, remat_layer: bool, megatron
             roles, [graph.avals[v] for v in graph.inputs]),
         param_positions=frozenset(i for i, r in enumerate(roles) if r is InputRole.PARAM),
         policy=SpecPolicy.AUTO if megatron is None else SpecPolicy.MEGATRON,
-        input_roles=tuple(roles))
+        input_roles=tuple(roles), num_micro_batches=num_micro_batches)
     candidates = [megatron] if megatron is not None else [
         (tuple(shape), view) for shape in candidate_submeshes(cluster)
         for view in sp.logical_views(shape)]

@@ -32,6 +32,7 @@ from alpa_lite.inter_op import pricing
 from alpa_lite.inter_op.schedule_choice import ScheduleChoice, choose_schedule
 from alpa_lite.inter_op.stages import StageChoice, choose_stages
 from alpa_lite.intra_op.driver import SingleMeshPlanned, check_plan_matches, plan_single_mesh
+from alpa_lite.intra_op.once_per_step import gradient_only_nodes, gradient_only_values
 from alpa_lite.intra_op.planner import solve_intra_op
 from alpa_lite.intra_op.problem import InputRole
 from alpa_lite.mesh import LogicalMesh
@@ -169,7 +170,8 @@ def _context(method, step: StepSpec, args, trace: StepTrace, cluster, simulate: 
         state_ratio = 2 * state_ratio - 1  # the old ones (counted as if always held)
     options = pricing.PricingOptions(
         solver=method.solver, time_limit_s=method.solver_time_limit_s,
-        state_bytes_per_param_byte=state_ratio, param_positions=params)
+        state_bytes_per_param_byte=state_ratio, param_positions=params,
+        num_micro_batches=method.num_micro_batches)
     # devices per host when a host's devices share compute (simulated CPU devices)
     shared = per_host if (cluster.shared_host_compute if cluster is not None
                           else devices[0].platform == "cpu") else None
@@ -235,7 +237,9 @@ def _solve_stage(method, choice: StageChoice, context: _Context, s: int, sub: Op
             i for i, v in enumerate(sub.inputs) if position.get(v) in context.donated),
         input_memory_price=[
             choice.stage_prices[s] * _STATE_BYTES_PER_INPUT_BYTE.get(roles.get(v), 0.0)
-            for v in sub.inputs])
+            for v in sub.inputs],
+        once_per_step_nodes=frozenset(gradient_only_nodes(sub, gradient_only_values(graph))),
+        num_micro_batches=method.num_micro_batches)
 
 
 def _records(method, choice: StageChoice, context: _Context, stages: _StagePlans,

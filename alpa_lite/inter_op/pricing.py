@@ -110,6 +110,9 @@ class PricingOptions:
     # layout) and, for a policy other than AUTO, the role of each graph input
     policy: SpecPolicy = SpecPolicy.AUTO
     input_roles: tuple[InputRole, ...] = ()
+    # micro-batches per step: a layer's ILP weighs the collectives that only feed gradients
+    # (run once per step, priced in ``grad_sync_s``) 1 / k, as they are priced
+    num_micro_batches: int = 1
 
 
 def build_layer_nodes(graph: OpGraph, num_layers: int) -> tuple[list[list[int]], list[set[int]]]:
@@ -194,17 +197,20 @@ def _layer_problem(graph: OpGraph, nodes: Sequence[int], mesh: LogicalMesh,
 
 
 def _solve_layer(graph: OpGraph, problem, mesh: LogicalMesh, options: PricingOptions,
-                 memory_price: float = 0.0):
+                 memory_price: float = 0.0, gradients: set[int] = frozenset()):
     """The ILP's plan of a `_layer_problem`. ``memory_price`` (seconds per byte) charges
     each byte of the step's inputs (parameters) a device holds, times the state each
-    parameter byte brings (`PricingOptions.state_bytes_per_param_byte`)."""
+    parameter byte brings (`PricingOptions.state_bytes_per_param_byte`); the collectives
+    of operators that only feed ``gradients`` count once per step."""
     sub, planning, paths = problem
     inputs = set(graph.inputs)
     price = [memory_price * options.state_bytes_per_param_byte if v in inputs else 0.0
              for v in sub.inputs]
-    return solve_planning_problem(sub, mesh, planning, paths, solver=options.solver,
-                                  share_repeated_layers=False,
-                                  time_limit_s=options.time_limit_s, input_memory_price=price)
+    return solve_planning_problem(
+        sub, mesh, planning, paths, solver=options.solver, share_repeated_layers=False,
+        time_limit_s=options.time_limit_s, input_memory_price=price,
+        once_per_step_nodes=frozenset(gradient_only_nodes(sub, gradients)),
+        num_micro_batches=options.num_micro_batches)
 
 
 def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: LogicalMesh,
@@ -238,7 +244,7 @@ def price_layer_levels(graph: OpGraph, nodes: Sequence[int], forward: set[int],
         if least is not None:
             prices.append(least)
             continue
-        plan = _solve_layer(graph, problem, mesh, options, price)
+        plan = _solve_layer(graph, problem, mesh, options, price, gradients)
         specs = value_specs(sub, plan)
         prices.append(_layer_price(graph, sub, plan, specs, nodes, forward, mesh, options,
                                    gradients, update_s))

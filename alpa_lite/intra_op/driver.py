@@ -18,7 +18,8 @@ from typing import Callable, Sequence
 from alpa_lite.devices import build_logical_mesh, default_memory_budget, resolve_devices
 from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
 from alpa_lite.graph import OpGraph
-from alpa_lite.intra_op.once_per_step import estimate_once_per_step_s
+from alpa_lite.intra_op.once_per_step import (estimate_once_per_step_s, gradient_only_nodes,
+                                             gradient_values)
 from alpa_lite.intra_op.planner import graph_fingerprint, solve_intra_op
 from alpa_lite.mesh import LogicalMesh
 from alpa_lite.pipeline_model.partition import count_layers
@@ -99,7 +100,10 @@ def _solve(problem: _Problem, trace: StepTrace) -> ShardingPlan:
         strict=method.strict,
         donated_inputs=donated_leaves(traced, problem.step.donate_argnums, problem.num_args),
         solver=method.solver, time_limit_s=method.solver_time_limit_s,
-        share_repeated_layers=method.share_repeated_layers)
+        share_repeated_layers=method.share_repeated_layers,
+        once_per_step_nodes=frozenset(gradient_only_nodes(trace.graph,
+                                                          gradient_values(trace.graph))),
+        num_micro_batches=method.micro_batches)
 
 
 def _solve_fitting(retrace, problem: _Problem) -> tuple[StepTrace, ShardingPlan]:

@@ -57,6 +57,8 @@ def solve_intra_op(
     share_repeated_layers: bool | None = None,
     donated_inputs: frozenset[int] = frozenset(),
     input_memory_price: Sequence[float] = (),
+    once_per_step_nodes: frozenset[int] = frozenset(),
+    num_micro_batches: int = 1,
 ) -> ShardingPlan:
     """Plans the sharding of every operator of ``graph`` on ``mesh``.
 
@@ -66,7 +68,8 @@ def solve_intra_op(
     aliased outputs then reuse the input buffers (peak memory counts them once).
     ``input_memory_price``: per flat input, seconds per byte it holds on each device, added
     to the ILP's objective (`price_input_memory`); the plan's ``objective`` reports
-    seconds without it.
+    seconds without it. ``once_per_step_nodes`` / ``num_micro_batches``: see
+    `solve_planning_problem`.
 
     Returns:
         A `ShardingPlan` whose ``objective`` is the ILP optimum (collective and resharding
@@ -80,6 +83,7 @@ def solve_intra_op(
     return solve_planning_problem(
         graph, mesh, planning, input_paths, solver=solver, time_limit_s=time_limit_s,
         share_repeated_layers=share_repeated_layers, input_memory_price=input_memory_price,
+        once_per_step_nodes=once_per_step_nodes, num_micro_batches=num_micro_batches,
         build_s=time.perf_counter() - start)
 
 
@@ -88,13 +92,27 @@ def solve_planning_problem(graph: OpGraph, mesh: LogicalMesh, planning: Planning
                            time_limit_s: float = 60.0,
                            share_repeated_layers: bool | None = None,
                            input_memory_price: Sequence[float] = (),
+                           once_per_step_nodes: frozenset[int] = frozenset(),
+                           num_micro_batches: int = 1,
                            build_s: float = 0.0) -> ShardingPlan:
     """`solve_intra_op` of a problem already built (`build_planning_problem`): one build
     serves several memory prices. A problem built without memory terms gives a plan whose
-    ``peak_memory_bytes`` is NaN."""
+    ``peak_memory_bytes`` is NaN.
+
+    ``once_per_step_nodes`` (operators whose collectives the runtime runs once per step:
+    `once_per_step.gradient_only_nodes`) have their collectives weighed
+    ``1 / num_micro_batches`` in the objective, as they are priced: a plan for one
+    micro-batch of ``k`` otherwise pays for a gradient sync ``k`` times."""
     start = time.perf_counter()
     compute = unit_compute_seconds(graph, mesh, planning)
-    planning = price_input_memory(graph, mesh, with_compute_costs(planning, compute),
+    extra = list(compute)  # per unit and strategy: seconds added to the collectives' cost
+    if num_micro_batches > 1:
+        rebate = 1.0 - 1.0 / num_micro_batches
+        for u, unit in enumerate(planning.units):
+            if unit.node in once_per_step_nodes:
+                extra[u] = [e - rebate * unit.repeat * st.comm_s
+                            for e, st in zip(extra[u], unit.strategies)]
+    planning = price_input_memory(graph, mesh, with_compute_costs(planning, extra),
                                   input_memory_price)
     problem, group_class, family = planning.problem, None, None
     if share_repeated_layers is not False:
@@ -124,7 +142,7 @@ def solve_planning_problem(graph: OpGraph, mesh: LogicalMesh, planning: Planning
     strategies = [planning.member_map[u][choices[g]] for u, g in enumerate(planning.group_of)]
     objective = solution.objective - sum(p * b[choices[planning.group_of[u]]]
                                          for u, b, p in priced) - sum(
-        seconds[m] for seconds, m in zip(compute, strategies))
+        seconds[m] for seconds, m in zip(extra, strategies))
     peak = (solution.peak_memory_bytes
             if planning.problem.memory_terms or planning.problem.memory_pair_terms
             or planning.problem.memory_budget_bytes is not None else math.nan)
