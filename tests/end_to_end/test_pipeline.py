@@ -115,9 +115,14 @@ def test_mlp_pipeline_auto_stages_matches_serial():
                                stage_option="auto")
     p = check_pipeline(mse_step, state, batch, method)
     plan = p.plan(state, batch)
-    assert sum(s.submesh[0] * s.submesh[1] for s in plan.stages) == 8
+    # every device is used: by the stages, or by a one-stage plan run as ShardParallel
+    submeshes = [s.submesh for s in plan.stages] or [plan.extra.submesh]
+    assert sum(rows * cols for rows, cols in submeshes) == 8
     summary = plan.summary()
-    assert "stage" in summary and "predicted" in summary
+    if plan.stages:
+        assert "stage" in summary and "predicted" in summary
+    else:  # one stage: the summary is ShardParallel's, on the stage's mesh
+        assert f"logical mesh {plan.extra.logical_mesh}" in summary
 
 
 @pytest.mark.parametrize("stage_option", [UniformStageOption(num_stages=2),

@@ -57,8 +57,9 @@ def test_a_plan_mismatch_fails_every_process_instead_of_hanging():
     code, output, seconds = launch("mismatch", timeout_s=120)
     assert code == 1, output[-4000:]
     assert "PlanMismatchError" in output and "UNREACHED" not in output
-    assert "[1] alpa_lite.distributed.PlanMismatchError: Process 1 is planning a different" \
-        in output
+    # process 1 says why, and passes it to process 0, which fails with it too; whichever
+    # prints first (once process 0 exits, process 1 may be ended before its traceback)
+    assert "Process 1 is planning a different call than process 0" in output
     assert seconds < 100
 
 
