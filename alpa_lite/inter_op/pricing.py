@@ -44,7 +44,7 @@ from alpa_lite.cost import OpClass, estimate_op_cost, operator_class
 from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.once_per_step import gradient_only_nodes, gradient_only_values
-from alpa_lite.intra_op.planner import solve_planning_problem
+from alpa_lite.intra_op.planner import solve_planning_problem, unit_compute_seconds
 from alpa_lite.intra_op.problem import InputRole, SpecPolicy, build_planning_problem
 from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.intra_op.strategies import spec_shards
@@ -181,7 +181,8 @@ LEAN_LEVELS = (0.03, 0.3, 1.0)
 def _layer_problem(graph: OpGraph, nodes: Sequence[int], mesh: LogicalMesh,
                    options: PricingOptions, intermediate_role: InputRole = InputRole.BATCH):
     """The ILP of ``nodes`` on ``mesh`` (no memory terms: a price counts memory from the
-    chosen specs): ``(subgraph, planning problem, input paths)``. Under a policy other than
+    chosen specs): ``(subgraph, planning problem, input paths, its units' compute
+    seconds)``. Under a policy other than
     AUTO the subgraph's inputs get the graph's input roles, and values made by other
     operators ``intermediate_role`` (activations: BATCH; gradients read by the optimizer
     update: PARAM)."""
@@ -192,8 +193,9 @@ def _layer_problem(graph: OpGraph, nodes: Sequence[int], mesh: LogicalMesh,
         roles = [options.input_roles[position[v]] if v in position else intermediate_role
                  for v in sub.inputs]
     paths = [f"v{v}" for v in sub.inputs]
-    return sub, build_planning_problem(sub, mesh, input_roles=roles, input_paths=paths,
-                                       policy=options.policy, memory_terms=False), paths
+    planning = build_planning_problem(sub, mesh, input_roles=roles, input_paths=paths,
+                                      policy=options.policy, memory_terms=False)
+    return sub, planning, paths, unit_compute_seconds(sub, mesh, planning)
 
 
 def _solve_layer(graph: OpGraph, problem, mesh: LogicalMesh, options: PricingOptions,
@@ -202,7 +204,7 @@ def _solve_layer(graph: OpGraph, problem, mesh: LogicalMesh, options: PricingOpt
     each byte of the step's inputs (parameters) a device holds, times the state each
     parameter byte brings (`PricingOptions.state_bytes_per_param_byte`); the collectives
     of operators that only feed ``gradients`` count once per step."""
-    sub, planning, paths = problem
+    sub, planning, paths, compute = problem
     inputs = set(graph.inputs)
     price = [memory_price * options.state_bytes_per_param_byte if v in inputs else 0.0
              for v in sub.inputs]
@@ -210,7 +212,7 @@ def _solve_layer(graph: OpGraph, problem, mesh: LogicalMesh, options: PricingOpt
         sub, mesh, planning, paths, solver=options.solver, share_repeated_layers=False,
         time_limit_s=options.time_limit_s, input_memory_price=price,
         once_per_step_nodes=frozenset(gradient_only_nodes(sub, gradients)),
-        num_micro_batches=options.num_micro_batches)
+        num_micro_batches=options.num_micro_batches, unit_compute=compute)
 
 
 def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: LogicalMesh,

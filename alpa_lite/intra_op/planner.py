@@ -94,6 +94,7 @@ def solve_planning_problem(graph: OpGraph, mesh: LogicalMesh, planning: Planning
                            input_memory_price: Sequence[float] = (),
                            once_per_step_nodes: frozenset[int] = frozenset(),
                            num_micro_batches: int = 1,
+                           unit_compute: list[list[float]] | None = None,
                            build_s: float = 0.0) -> ShardingPlan:
     """`solve_intra_op` of a problem already built (`build_planning_problem`): one build
     serves several memory prices. A problem built without memory terms gives a plan whose
@@ -102,9 +103,10 @@ def solve_planning_problem(graph: OpGraph, mesh: LogicalMesh, planning: Planning
     ``once_per_step_nodes`` (operators whose collectives the runtime runs once per step:
     `once_per_step.gradient_only_nodes`) have their collectives weighed
     ``1 / num_micro_batches`` in the objective, as they are priced: a plan for one
-    micro-batch of ``k`` otherwise pays for a gradient sync ``k`` times."""
+    micro-batch of ``k`` otherwise pays for a gradient sync ``k`` times.
+    ``unit_compute``: `unit_compute_seconds` of ``planning``, when solved more than once."""
     start = time.perf_counter()
-    compute = unit_compute_seconds(graph, mesh, planning)
+    compute = unit_compute or unit_compute_seconds(graph, mesh, planning)
     extra = list(compute)  # per unit and strategy: seconds added to the collectives' cost
     if num_micro_batches > 1:
         rebate = 1.0 - 1.0 / num_micro_batches
@@ -150,61 +152,43 @@ def solve_planning_problem(graph: OpGraph, mesh: LogicalMesh, planning: Planning
                        input_paths, compute)
 
 
-def estimate_unit_compute_s(graph: OpGraph, mesh: LogicalMesh, node_index: int, flops: float,
-                            work_divisor: int) -> float:
-    """Roofline seconds of one operator on one device (`LogicalMesh.compute_time_s`).
-
-    Its flops and memory bytes are both divided by the strategy's ``work_divisor`` (the
-    number of devices sharing the work); it computes in `compute_dtype_name` of its values.
-    Operators XLA fuses into their neighbours (`is_fused`: elementwise ops,
-    broadcasts, reshapes) are priced by their flops only: their bytes never reach memory.
-    Matmuls (`OpClass.MATMUL`) compute at the mesh's matmul rate, everything else at its
-    vector rate (`LogicalMesh.flops_per_s`).
-    Operators that remain kernels of their own after fusion (`OpClass.KERNEL`: matmuls,
-    reductions, gathers, ...) also pay the mesh's ``op_latency_s``.
-    """
-    return _OperatorCompute(graph, mesh, node_index, flops).seconds(work_divisor)
-
-
-class _OperatorCompute:
-    """`estimate_unit_compute_s` of one operator for any work divisor (what does not
-    depend on the divisor is worked out once)."""
-
-    def __init__(self, graph: OpGraph, mesh: LogicalMesh, node_index: int, flops: float):
-        node = graph.nodes[node_index]
-        avals_in = tuple(v.aval if not isinstance(v, int) else graph.avals[v]
-                         for v in node.invars)
-        avals_out = tuple(graph.avals[v] for v in node.outvars)
-        self.hbm_bytes = 0.0 if is_fused(node.primitive) else estimate_op_cost(
-            node.primitive, node.params, avals_in, avals_out).hbm_bytes
-        classes = operator_class(node.primitive)
-        self.mesh, self.flops = mesh, flops
-        self.dtype = compute_dtype_name(avals_in, avals_out)
-        self.matmul = OpClass.MATMUL in classes
-        self.latency = mesh.op_latency_s if OpClass.KERNEL in classes else 0.0
-        self.by_divisor: dict[int, float] = {}
-
-    def seconds(self, work_divisor: int) -> float:
-        divisor = max(work_divisor, 1)
-        if divisor not in self.by_divisor:
-            self.by_divisor[divisor] = self.mesh.compute_time_s(
-                self.flops / divisor, self.hbm_bytes / divisor, self.dtype,
-                matmul=self.matmul) + self.latency
-        return self.by_divisor[divisor]
-
-
 def unit_compute_seconds(graph: OpGraph, mesh: LogicalMesh, planning: PlanningProblem
                          ) -> list[list[float]]:
-    """Per unit, the compute seconds of each of its strategies (its operator's roofline
-    time at the strategy's work divisor, times the unit's repeat; 0 for inputs)."""
+    """Per unit, the compute seconds of each of its strategies (0 for inputs): its
+    operator's roofline seconds on one device (`LogicalMesh.compute_time_s`), times the
+    unit's repeat.
+
+    The operator's flops and memory bytes are both divided by the strategy's
+    ``work_divisor`` (the devices sharing the work); it computes in `compute_dtype_name` of
+    its values. Operators XLA fuses into their neighbours (`is_fused`: elementwise ops,
+    broadcasts, reshapes) are priced by their flops only: their bytes never reach memory.
+    Matmuls (`OpClass.MATMUL`) compute at the mesh's matmul rate, everything else at its
+    vector rate (`LogicalMesh.flops_per_s`). Operators that remain kernels of their own
+    after fusion (`OpClass.KERNEL`: matmuls, reductions, gathers, ...) also pay the mesh's
+    ``op_latency_s``.
+    """
     seconds = []
     for unit in planning.units:
         if unit.node < 0:
             seconds.append([0.0] * len(unit.strategies))
             continue
-        operator = _OperatorCompute(graph, mesh, unit.node, unit.flops)
-        seconds.append([unit.repeat * operator.seconds(s.work_divisor)
-                        for s in unit.strategies])
+        node = graph.nodes[unit.node]
+        avals_in = tuple(v.aval if not isinstance(v, int) else graph.avals[v]
+                         for v in node.invars)
+        avals_out = tuple(graph.avals[v] for v in node.outvars)
+        hbm_bytes = 0.0 if is_fused(node.primitive) else estimate_op_cost(
+            node.primitive, node.params, avals_in, avals_out).hbm_bytes
+        classes = operator_class(node.primitive)
+        dtype = compute_dtype_name(avals_in, avals_out)
+        latency = mesh.op_latency_s if OpClass.KERNEL in classes else 0.0
+        by_divisor: dict[int, float] = {}
+        for s in unit.strategies:
+            divisor = max(s.work_divisor, 1)
+            if divisor not in by_divisor:
+                by_divisor[divisor] = unit.repeat * (mesh.compute_time_s(
+                    unit.flops / divisor, hbm_bytes / divisor, dtype,
+                    matmul=OpClass.MATMUL in classes) + latency)
+        seconds.append([by_divisor[max(s.work_divisor, 1)] for s in unit.strategies])
     return seconds
 
 
