@@ -74,26 +74,26 @@ def worker_pool(workers: int | None) -> Iterator[None]:
         pool.close()
 
 
-def price_candidates(recipe: tuple, candidates: Sequence, levels: Sequence[float],
+def price_candidates(jobs: Sequence[tuple], levels: Sequence[float],
                      fastest: dict | None) -> Iterator[tuple]:
-    """``(candidate, per-level layer prices)`` for each of ``candidates`` in order (see
-    `pricing.LayerPricer.price`). Priced here until the rest looks worth the worker pool
-    (`WORTH_WORKERS_S` at the pace so far) when one is open. ``recipe``: the arguments of
-    `simulate._layer_graph`."""
+    """``(candidate, per-level layer prices)`` for each ``(recipe, candidate)`` of ``jobs`` in
+    order (see `pricing.LayerPricer.price`; ``recipe``: the arguments of
+    `simulate._layer_graph`). Priced here until the rest looks worth the worker pool
+    (`WORTH_WORKERS_S` at the pace so far) when one is open."""
     def fastest_of(c):
         return None if fastest is None else fastest[(tuple(c[0]), tuple(c[1]))]
 
-    pool, pricer = _POOL.get(), _pricer(*recipe)
+    pool = _POOL.get()
     start, done = time.perf_counter(), 0
-    while done < len(candidates):
+    while done < len(jobs):
         pace = (time.perf_counter() - start) / done if done else 0.0
-        if pool is not None and pace * (len(candidates) - done) > WORTH_WORKERS_S:
+        if pool is not None and pace * (len(jobs) - done) > WORTH_WORKERS_S:
             executor = pool.get()
             if executor is not None:
                 try:
                     futures = [executor.submit(_price_in_worker, recipe, c, tuple(levels),
-                                               fastest_of(c)) for c in candidates[done:]]
-                    for c, future in zip(candidates[done:], futures):
+                                               fastest_of(c)) for recipe, c in jobs[done:]]
+                    for (_, c), future in zip(jobs[done:], futures):
                         result = future.result()
                         done += 1
                         yield c, result
@@ -105,8 +105,8 @@ def price_candidates(recipe: tuple, candidates: Sequence, levels: Sequence[float
                         f"`if __name__ == \"__main__\":` guard for them.", RuntimeWarning,
                         stacklevel=2)
                 continue
-        c = candidates[done]
-        result = pricer.price(c, levels, fastest_of(c))
+        recipe, c = jobs[done]
+        result = _price_in_worker(recipe, c, levels, fastest_of(c))
         done += 1
         yield c, result
 
@@ -121,7 +121,8 @@ def _price_in_worker(recipe: tuple, candidate, levels, fastest):
     return _pricer(*recipe).price(candidate, levels, fastest)
 
 
-@functools.lru_cache(maxsize=8)
+# one per micro-batch count priced (`simulate.pricing_count`): a few dozen at most
+@functools.lru_cache(maxsize=64)
 def _pricer(*recipe):
     from alpa_lite.inter_op.pricing import LayerPricer
     from alpa_lite.simulate import _layer_graph

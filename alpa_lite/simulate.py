@@ -236,30 +236,85 @@ def _layer_graph(preset, cluster, num_micro_batches, remat_layer: bool, megatron
 
 
 @functools.lru_cache(maxsize=8)
-def _price_layers(preset, cluster, num_micro_batches, remat_layer: bool = False,
+def _price_layers(preset, cluster, counts: MicroBatchCounts, remat_layer: bool = False,
                   megatron=None):
     """Per (submesh, view): the `LayerPrice`s of the 3 traced layers (`inter_op.pricing`, the
-    path `parallelize` uses), each layer rematerialized if ``remat_layer``. Cached:
-    `--compare` prices once for the pipeline search and the Megatron grid."""
-    return _price_levels((preset, cluster, num_micro_batches, remat_layer, megatron), (0.0,),
-                         None)[0.0]
+    path `parallelize` uses) at its pricing count (`MicroBatchCounts.of`), each layer
+    rematerialized if ``remat_layer``. Cached: `--compare` prices once for the pipeline
+    search and the Megatron grid."""
+    return _price_levels(preset, cluster, counts, remat_layer, megatron, (0.0,), None)[0.0]
 
 
 @functools.lru_cache(maxsize=8)
-def _price_lean_layers(preset, cluster, num_micro_batches, remat_layer: bool = False):
+def _price_lean_layers(preset, cluster, counts: MicroBatchCounts, remat_layer: bool = False):
     """`_price_layers`' memory-lean plans, ``{level: prices}`` (`pricing.LEAN_LEVELS`)."""
-    fastest = _price_layers(preset, cluster, num_micro_batches, remat_layer)
-    return _price_levels((preset, cluster, num_micro_batches, remat_layer, None),
-                         pricing.LEAN_LEVELS, fastest)
+    fastest = _price_layers(preset, cluster, counts, remat_layer)
+    return _price_levels(preset, cluster, counts, remat_layer, None, pricing.LEAN_LEVELS,
+                         fastest)
 
 
-def _price_levels(recipe, levels, fastest):
-    """`pricing.price_table` of the layers of ``_layer_graph(*recipe)`` on its candidates,
-    on every core when they are many (`alpa_lite.search_workers`)."""
-    candidates = _layer_graph(*recipe)[3]
-    return pricing.price_table(price_candidates(recipe, candidates, levels,
-                                                               fastest),
-                               levels, progress=_PROGRESS.get())
+def _price_levels(preset, cluster, counts, remat_layer, megatron, levels, fastest):
+    """`pricing.price_table` of the traced layers on the candidates (`pricing_jobs`), on
+    every core when they are many (`alpa_lite.search_workers`)."""
+    jobs = pricing_jobs(preset, cluster, counts, remat_layer, megatron)
+    return pricing.price_table(price_candidates(jobs, levels, fastest), levels,
+                               progress=_PROGRESS.get())
+
+
+def pricing_jobs(preset, cluster, counts: MicroBatchCounts, remat_layer: bool,
+                 megatron=None) -> list[tuple[tuple, tuple]]:
+    """``(recipe, candidate)`` per candidate (`_layer_graph`'s, or the Megatron one), the
+    recipe (`_layer_graph`'s arguments) at the candidate's pricing count; grouped by count,
+    so each count is traced once."""
+    candidates = _layer_graph(preset, cluster, counts.default, remat_layer, megatron)[3]
+    jobs = [((preset, cluster, counts.of(c), remat_layer, megatron), c) for c in candidates]
+    return sorted(jobs, key=lambda job: -job[0][2])
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatchCounts:
+    """The micro-batch counts a search tries (``options``, with ``default``) for a batch of
+    ``batch`` sequences, and which of them each candidate (submesh, view) is priced at and
+    offered at.
+
+    A candidate prices its layers at one count (`of`): the most micro-batches among the
+    options, at most the default, whose size is a multiple of the view's first axis (all
+    its devices for a 1-D view), so that its plan can split every micro-batch over that
+    axis. A plan priced at one micro-batch size holds for larger ones that axis divides
+    (its prices scaled up, `_scaled`), not for smaller ones (`offers`). A candidate that
+    no option lets split is priced at the default and offered at every count, its plan
+    splitting what it can.
+
+    Example (batch 512, one sequence per micro-batch by default):
+        >>> counts = MicroBatchCounts(512, 512, (1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        >>> [counts.of(c) for c in (((1, 1), (1,)), ((1, 8), (2, 4)), ((16, 8), (32, 4)),
+        ...                         ((3, 8), (24,)))]
+        [512, 256, 16, 512]
+        >>> counts.offers(((16, 8), (32, 4)), 16), counts.offers(((16, 8), (32, 4)), 32)
+        (True, False)
+    """
+
+    batch: int
+    default: int
+    options: tuple[int, ...]
+
+    @classmethod
+    def exactly(cls, batch: int, k: int) -> "MicroBatchCounts":
+        """Every candidate priced at ``k`` (a named layout's count)."""
+        return cls(batch, k, (k,))
+
+    def _splits(self, k: int, candidate) -> bool:
+        return (self.batch // k) % candidate[1][0] == 0
+
+    def of(self, candidate) -> int:
+        return max((k for k in self.options if k <= self.default
+                    and self._splits(k, candidate)), default=self.default)
+
+    def offers(self, candidate, k: int) -> bool:
+        priced = self.of(candidate)
+        if not self._splits(priced, candidate):
+            return True  # no option splits over its first axis: offered as priced
+        return self._splits(k, candidate) and (k <= priced or priced == self.default)
 
 
 # from this many hosts on, stages take whole hosts and the stage DP counts hosts
@@ -305,35 +360,40 @@ def _group(prices, groups: int):
     return [pricing.combine_prices(prices[a:b]) for a, b in zip(bounds, bounds[1:])], bounds
 
 
-def _micro_batch_options(preset: ModelPreset, cluster: ClusterSpec, given: int | None):
-    if given:
-        return [given]
+def _micro_batch_counts(preset: ModelPreset, cluster: ClusterSpec,
+                        given: int | None) -> MicroBatchCounts:
+    """The counts a search tries: ``given``, else the powers of two up to 256 that divide the
+    batch and the default (`_default_micro_batches`)."""
     batch = preset.default_batch_size
+    if given:
+        return MicroBatchCounts.exactly(batch, given)
     options = {m for m in (1, 2, 4, 8, 16, 32, 64, 128, 256) if batch % m == 0}
-    options.add(_default_micro_batches(preset, cluster))
-    return sorted(options)
+    default = _default_micro_batches(preset, cluster)
+    return MicroBatchCounts(batch, default, tuple(sorted(options | {default})))
 
 
-def _scaled(priced, k0: int, k: int):
-    """Layer prices at k micro-batches from prices at k0 (see `pricing.scale_prices`):
-    keeps the search to one pricing pass."""
-    return {key: [pricing.scale_prices(p, k0 / k) for p in layers]
-            for key, layers in priced.items()}
+def _scaled(priced, counts: MicroBatchCounts, k: int):
+    """Layer prices at k micro-batches of the candidates offered there, from each one's
+    prices at its own count (`MicroBatchCounts`; see `pricing.scale_prices`): keeps the
+    search to one pricing pass."""
+    return {key: [pricing.scale_prices(p, counts.of(key) / k) for p in layers]
+            for key, layers in priced.items() if counts.offers(key, k)}
 
 
-def _remat_prices(preset, cluster, k0: int, remat: str):
+def _remat_prices(preset, cluster, counts: MicroBatchCounts, remat: str):
     """(layer prices used, rematerialized prices offered to the DP or None) for a mode."""
-    plain = None if remat == "layer" else _price_layers(preset, cluster, k0, False)
-    remat_priced = None if remat == "off" else _price_layers(preset, cluster, k0, True)
+    plain = None if remat == "layer" else _price_layers(preset, cluster, counts, False)
+    remat_priced = None if remat == "off" else _price_layers(preset, cluster, counts, True)
     return (remat_priced, None) if plain is None else (plain, remat_priced)
 
 
-def _lean_prices(preset, cluster, k0: int, remat: str) -> dict:
+def _lean_prices(preset, cluster, counts: MicroBatchCounts, remat: str) -> dict:
     """The memory-lean tables of `_remat_prices`' two, for `pricing.solve_stages`'
     ``lean_priced``: ``(False, level)`` for the first, ``(True, level)`` for the second."""
     flags = _REMAT_FLAGS[remat]
     return {(bool(position), level): table for position, remat_layer in enumerate(flags)
-            for level, table in _price_lean_layers(preset, cluster, k0, remat_layer).items()}
+            for level, table in _price_lean_layers(preset, cluster, counts,
+                                                   remat_layer).items()}
 
 
 def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
@@ -341,36 +401,51 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
     """The stage DP at every micro-batch count, most micro-batches first; a count whose
     fastest plan regardless of memory cannot beat the best plan so far under any schedule
     (`_cannot_beat`) is not solved within the budget."""
-    k0 = num_micro_batches or _default_micro_batches(preset, cluster)
-    priced0, remat0 = _remat_prices(preset, cluster, k0, remat)
-    flops = _block_flops(preset, cluster, k0, remat == "layer")
+    counts = _micro_batch_counts(preset, cluster, num_micro_batches)
+    priced0, remat0 = _remat_prices(preset, cluster, counts, remat)
+    flops = _block_flops(preset, cluster, counts.default, remat == "layer")
     lean0 = None
     best, free_s = None, {}  # free_s: per k, the least step time without the budget
+    no_pipeline = set()  # counts at which the offered candidates cannot form a pipeline
+    bound_s = math.inf  # the least DP latency within the budget
     while True:
-        for k in sorted(_micro_batch_options(preset, cluster, num_micro_batches), reverse=True):
+        for k in sorted(counts.options, reverse=True):
+            if k in no_pipeline:
+                continue
             lean = None if lean0 is None else {
-                key: _scaled(table, k0, k) for key, table in lean0.items()}
-            dp = _dp_input(preset, cluster, _scaled(priced0, k0, k), k,
-                           None if remat0 is None else _scaled(remat0, k0, k), lean, schedule)
+                key: _scaled(table, counts, k) for key, table in lean0.items()}
+            dp = _dp_input(preset, cluster, _scaled(priced0, counts, k), k,
+                           None if remat0 is None else _scaled(remat0, counts, k), lean,
+                           schedule)
             # without lean plans, ask whether the budget costs time: the fastest plan
             # regardless of memory comes first (and when it fits it is the answer)
-            free = dp.solve(memory_budget_bytes=None) if lean is None else None
+            try:
+                free = dp.solve(memory_budget_bytes=None) if lean is None else None
+            except InfeasiblePlanError:  # no stages of the candidates offered at k
+                no_pipeline.add(k)
+                continue
             if free is not None:
                 free_s[k] = free.assignment.predicted_latency_s
             if best is not None and _cannot_beat(best, free_s.get(k), k, dp):
                 continue
-            result = _pipeline_for(preset, cluster, dp, k, free, flops=flops,
-                                   remat_layer=remat == "layer", schedule=schedule)
+            result, within_s = _pipeline_for(preset, cluster, dp, k, free, flops=flops,
+                                             remat_layer=remat == "layer", schedule=schedule)
+            bound_s = min(bound_s, within_s)
             key = (not result.extra.fits_memory, result.predicted_step_time_s, k)
             if best is None or key < best[0]:
                 best = (key, result)
-        if lean0 is not None or not memory_binds(best[1].extra.fits_memory,
-                                                 best[1].predicted_step_time_s,
+        if best is None:
+            raise InfeasiblePlanError(
+                f"No pipeline of {preset.name} on {cluster.num_devices} devices exists at any "
+                f"micro-batch count tried ({sorted(no_pipeline)}). Use a model with more "
+                "layers, fewer devices or a larger batch.",
+                budget_bytes=cluster.memory_per_device_bytes, min_bytes=math.nan)
+        if lean0 is not None or not memory_binds(math.isfinite(bound_s), bound_s,
                                                  min(free_s.values())):
             break
         # the budget costs time (or nothing fits): offer the memory-lean layer plans too
-        lean0 = _lean_prices(preset, cluster, k0, remat)
-    return _with_info(best[1], priced_at_micro_batches=k0, lean_offered=lean0 is not None)
+        lean0 = _lean_prices(preset, cluster, counts, remat)
+    return _with_info(best[1], priced_at_micro_batches=counts.default, lean_offered=lean0 is not None)
 
 
 def _cannot_beat(best, free_s: float | None, k: int, dp) -> bool:
@@ -450,9 +525,11 @@ def _dp_input(preset, cluster, priced, k, remat_priced, lean_priced, schedule) -
 
 
 def _pipeline_for(preset, cluster, dp: _DPInput, k: int, free, *, flops,
-                  remat_layer: bool = False, schedule: str = "auto") -> ParallelPlan:
+                  remat_layer: bool = False, schedule: str = "auto"
+                  ) -> tuple[ParallelPlan, float]:
     """The stage DP's best pipeline at ``k`` micro-batches: the fastest within the memory
-    budget, else the fastest (``free``: the DP's plan without the budget, when solved)."""
+    budget, else the fastest (``free``: the DP's plan without the budget, when solved); and
+    the DP's latency within the budget (inf when nothing fits)."""
     budget = cluster.memory_per_device_bytes
     fits, solution = True, free
     if free is None or max(st.memory_bytes for st in free.price.stages) > budget:
@@ -471,7 +548,8 @@ def _pipeline_for(preset, cluster, dp: _DPInput, k: int, free, *, flops,
                           fits_memory=fits and peak <= budget, dp_layers=dp.groups,
                           breakdown=breakdown, schedule=chosen.schedule,
                           virtual_stages=chosen.virtual_stages, runner_up=chosen.runner_up)
-    return _simulated(k, info, stages)
+    return _simulated(k, info, stages), (solution.assignment.predicted_latency_s if fits
+                                         else math.inf)
 
 
 def _choose_schedule(assignment, variants, meshes, cluster, k: int, schedule: str):
@@ -736,7 +814,8 @@ def _megatron_layout(preset, cluster, layout: Layout) -> ParallelPlan:
         k = batch // (dp * size)
         if layout.chunks > 1 and k % pp:
             continue  # interleaving needs the micro-batches to be a multiple of the stages
-        layers = _expand(_price_layers(preset, cluster, k, remat_layer, candidate)[candidate],
+        exact = MicroBatchCounts.exactly(batch, k)
+        layers = _expand(_price_layers(preset, cluster, exact, remat_layer, candidate)[candidate],
                          blocks)
         spans = [[layers[int(b)] for b in held] for held in bounds]
         price = pricing.price_pipeline(spans, [mesh] * pp, _stage_link(cluster), k,
@@ -775,17 +854,17 @@ def _megatron_layout(preset, cluster, layout: Layout) -> ParallelPlan:
 def _simulate_megatron(preset, cluster, num_micro_batches, remat="off") -> ParallelPlan:
     """Best (dp, tp, pp, micro-batches) on a grid: uniform stages, a (dp, tp) mesh per stage;
     with ``remat="auto"`` each layout is tried with and without rematerialization."""
-    k0 = num_micro_batches or _default_micro_batches(preset, cluster)
-    plain0, remat0 = _remat_prices(preset, cluster, k0, remat)
+    counts = _micro_batch_counts(preset, cluster, num_micro_batches)
+    plain0, remat0 = _remat_prices(preset, cluster, counts, remat)
     variants = [(plain0, remat == "layer", 0.0)] + (
         [] if remat0 is None else [(remat0, True, 0.0)])
-    best = _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, None)
+    best = _best_grid_layout(preset, cluster, counts, variants, None)
     if best is not None and not best[1].extra.fits_memory:
         # the layers' memory-lean plans only when nothing else fits
         remat_of = (remat == "layer", True)
         variants = [(table, remat_of[position], level) for (position, level), table
-                    in _lean_prices(preset, cluster, k0, remat).items()]
-        best = _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, best)
+                    in _lean_prices(preset, cluster, counts, remat).items()]
+        best = _best_grid_layout(preset, cluster, counts, variants, best)
     if best is None:
         raise InfeasiblePlanError("No Megatron-style (dp, tp, pp) layout exists for this "
                                   "cluster.", budget_bytes=cluster.memory_per_device_bytes,
@@ -793,14 +872,14 @@ def _simulate_megatron(preset, cluster, num_micro_batches, remat="off") -> Paral
     return best[1]
 
 
-def _best_grid_layout(preset, cluster, num_micro_batches, k0, variants, best):
+def _best_grid_layout(preset, cluster, counts: MicroBatchCounts, variants, best):
     """The (fits, latency)-best of ``best`` and the grid's layouts priced with ``variants``
-    (``(layer prices at k0, rematerialized?, memory price level)``)."""
+    (``(layer prices, rematerialized?, memory price level)``)."""
     blocks = _num_blocks(preset)
     n, per_host = cluster.num_devices, cluster.devices_per_host
     for (priced0, remat_on, lean), k in itertools.product(
-            variants, _micro_batch_options(preset, cluster, num_micro_batches)):
-        priced = _scaled(priced0, k0, k)
+            variants, counts.options):
+        priced = _scaled(priced0, counts, k)
         for pp in [p for p in range(1, min(blocks, n) + 1) if n % p == 0 and blocks % p == 0]:
             per_stage = n // pp
             shape = (1, per_stage) if per_stage <= per_host else (per_stage // per_host, per_host)

@@ -9,17 +9,18 @@ from alpa_lite.cluster import get_cluster_preset
 from alpa_lite.models.presets import get_preset
 
 
-def _recipe():
+def _jobs():
     preset = get_preset("gpt-tiny").with_overrides(num_layers=4)
     cluster = get_cluster_preset("v100-32gb-4x").with_hosts(4)
-    return (preset, cluster, 8, False, None)
+    return sim.pricing_jobs(preset, cluster, sim._micro_batch_counts(preset, cluster, None),
+                            False)
 
 
 def _table(levels=(0.0,), fastest=None, workers=1):
-    recipe = _recipe()
-    candidates = sim._layer_graph(*recipe)[3]
+    jobs = _jobs()
+    assert len({recipe for recipe, _ in jobs}) > 1  # candidates priced at several counts
     with search_workers.worker_pool(workers):
-        return dict(search_workers.price_candidates(recipe, candidates, levels, fastest))
+        return dict(search_workers.price_candidates(jobs, levels, fastest))
 
 
 @pytest.fixture(scope="module")
