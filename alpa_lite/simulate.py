@@ -246,17 +246,21 @@ def _price_layers(preset, cluster, counts: MicroBatchCounts, remat_layer: bool =
 
 
 @functools.lru_cache(maxsize=8)
-def _price_lean_layers(preset, cluster, counts: MicroBatchCounts, remat_layer: bool = False):
-    """`_price_layers`' memory-lean plans, ``{level: prices}`` (`pricing.LEAN_LEVELS`)."""
+def _price_lean_layers(preset, cluster, counts: MicroBatchCounts, remat_layer: bool = False,
+                       only: frozenset | None = None):
+    """`_price_layers`' memory-lean plans, ``{level: prices}`` (`pricing.LEAN_LEVELS`), on
+    the candidates ``only`` (None: all)."""
     fastest = _price_layers(preset, cluster, counts, remat_layer)
     return _price_levels(preset, cluster, counts, remat_layer, None, pricing.LEAN_LEVELS,
-                         fastest)
+                         fastest, only)
 
 
-def _price_levels(preset, cluster, counts, remat_layer, megatron, levels, fastest):
-    """`pricing.price_table` of the traced layers on the candidates (`pricing_jobs`), on
-    every core when they are many (`alpa_lite.search_workers`)."""
-    jobs = pricing_jobs(preset, cluster, counts, remat_layer, megatron)
+def _price_levels(preset, cluster, counts, remat_layer, megatron, levels, fastest,
+                  only=None):
+    """`pricing.price_table` of the traced layers on the candidates (`pricing_jobs`; those
+    in ``only`` when given), on every core when they are many (`alpa_lite.search_workers`)."""
+    jobs = [job for job in pricing_jobs(preset, cluster, counts, remat_layer, megatron)
+            if only is None or job[1] in only]
     return pricing.price_table(price_candidates(jobs, levels, fastest), levels,
                                progress=_PROGRESS.get())
 
@@ -360,16 +364,33 @@ def _group(prices, groups: int):
     return [pricing.combine_prices(prices[a:b]) for a, b in zip(bounds, bounds[1:])], bounds
 
 
+# consecutive micro-batch counts a search tries differ by at least this factor
+COUNT_STEP = 1.25
+
+
 def _micro_batch_counts(preset: ModelPreset, cluster: ClusterSpec,
                         given: int | None) -> MicroBatchCounts:
-    """The counts a search tries: ``given``, else the powers of two up to 256 that divide the
-    batch and the default (`_default_micro_batches`)."""
+    """The counts a search tries: ``given``, else the divisors of the batch up to the default
+    (`_default_micro_batches`), thinned so that each is at least `COUNT_STEP` times the one
+    before (the default kept).
+
+    Example (a batch of 2,160 on one host of 8: default 30, the largest divisor up to 32):
+        >>> from alpa_lite.cluster import get_cluster_preset
+        >>> from alpa_lite.models.presets import custom_preset
+        >>> gpt = custom_preset("gpt", hidden=64, num_layers=2, heads=2, vocab=128,
+        ...                     seq_len=16, batch=2160)
+        >>> _micro_batch_counts(gpt, get_cluster_preset("a100-80gb-8x"), None).options
+        (1, 2, 3, 4, 5, 8, 10, 15, 20, 27, 30)
+    """
     batch = preset.default_batch_size
     if given:
         return MicroBatchCounts.exactly(batch, given)
-    options = {m for m in (1, 2, 4, 8, 16, 32, 64, 128, 256) if batch % m == 0}
     default = _default_micro_batches(preset, cluster)
-    return MicroBatchCounts(batch, default, tuple(sorted(options | {default})))
+    options = [1]
+    for k in range(2, default):
+        if batch % k == 0 and k >= options[-1] * COUNT_STEP:
+            options.append(k)
+    return MicroBatchCounts(batch, default, tuple(sorted(set(options) | {default})))
 
 
 def _scaled(priced, counts: MicroBatchCounts, k: int):
@@ -387,75 +408,82 @@ def _remat_prices(preset, cluster, counts: MicroBatchCounts, remat: str):
     return (remat_priced, None) if plain is None else (plain, remat_priced)
 
 
-def _lean_prices(preset, cluster, counts: MicroBatchCounts, remat: str) -> dict:
-    """The memory-lean tables of `_remat_prices`' two, for `pricing.solve_stages`'
-    ``lean_priced``: ``(False, level)`` for the first, ``(True, level)`` for the second."""
+def _lean_prices(preset, cluster, counts: MicroBatchCounts, remat: str,
+                 only: frozenset | None = None) -> dict:
+    """The memory-lean tables of `_remat_prices`' two (on the candidates ``only``, None:
+    all), for `pricing.solve_stages`' ``lean_priced``: ``(False, level)`` for the first,
+    ``(True, level)`` for the second."""
     flags = _REMAT_FLAGS[remat]
     return {(bool(position), level): table for position, remat_layer in enumerate(flags)
-            for level, table in _price_lean_layers(preset, cluster, counts,
-                                                   remat_layer).items()}
+            for level, table in _price_lean_layers(preset, cluster, counts, remat_layer,
+                                                   only).items()}
 
 
 def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
                        schedule="auto") -> ParallelPlan:
-    """The stage DP at every micro-batch count, most micro-batches first; a count whose
-    fastest plan regardless of memory cannot beat the best plan so far under any schedule
-    (`_cannot_beat`) is not solved within the budget."""
+    """The stage DP at every micro-batch count. The fastest plan regardless of memory is
+    solved at each count first; the counts are then solved within the budget from the
+    fastest of those up, and a count whose fastest plan cannot beat the best plan so far
+    under any schedule (`_cannot_beat`) is skipped."""
     counts = _micro_batch_counts(preset, cluster, num_micro_batches)
     priced0, remat0 = _remat_prices(preset, cluster, counts, remat)
     flops = _block_flops(preset, cluster, counts.default, remat == "layer")
-    lean0 = None
-    best, free_s = None, {}  # free_s: per k, the least step time without the budget
-    no_pipeline = set()  # counts at which the offered candidates cannot form a pipeline
-    bound_s = math.inf  # the least DP latency within the budget
+
+    def dp_at(k: int, lean0) -> _DPInput:
+        lean = None if lean0 is None else {
+            key: _scaled(table, counts, k) for key, table in lean0.items()}
+        return _dp_input(preset, cluster, _scaled(priced0, counts, k), k,
+                         None if remat0 is None else _scaled(remat0, counts, k), lean,
+                         schedule)
+
+    free = {}  # per count: (its DP input, the fastest plan regardless of memory)
+    for k in counts.options:
+        dp = dp_at(k, None)
+        try:
+            free[k] = (dp, dp.solve(memory_budget_bytes=None))
+        except InfeasiblePlanError:  # the candidates offered at k form no pipeline
+            continue
+    if not free:
+        raise InfeasiblePlanError(
+            f"No pipeline of {preset.name} on {cluster.num_devices} devices exists at any "
+            f"micro-batch count tried ({list(counts.options)}). Use a model with more layers, "
+            "fewer devices or a larger batch.",
+            budget_bytes=cluster.memory_per_device_bytes, min_bytes=math.nan)
+    free_s = {k: solution.assignment.predicted_latency_s for k, (_, solution) in free.items()}
+    order = sorted(free, key=lambda k: (free_s[k], -k))
+    best, lean0, bound_s = None, None, math.inf  # bound_s: the least DP latency that fits
     while True:
-        for k in sorted(counts.options, reverse=True):
-            if k in no_pipeline:
+        for k in order:
+            dp, fastest = free[k] if lean0 is None else (dp_at(k, lean0), None)
+            if best is not None and _cannot_beat(best, free_s[k], k, dp):
                 continue
-            lean = None if lean0 is None else {
-                key: _scaled(table, counts, k) for key, table in lean0.items()}
-            dp = _dp_input(preset, cluster, _scaled(priced0, counts, k), k,
-                           None if remat0 is None else _scaled(remat0, counts, k), lean,
-                           schedule)
-            # without lean plans, ask whether the budget costs time: the fastest plan
-            # regardless of memory comes first (and when it fits it is the answer)
-            try:
-                free = dp.solve(memory_budget_bytes=None) if lean is None else None
-            except InfeasiblePlanError:  # no stages of the candidates offered at k
-                no_pipeline.add(k)
-                continue
-            if free is not None:
-                free_s[k] = free.assignment.predicted_latency_s
-            if best is not None and _cannot_beat(best, free_s.get(k), k, dp):
-                continue
-            result, within_s = _pipeline_for(preset, cluster, dp, k, free, flops=flops,
+            result, within_s = _pipeline_for(preset, cluster, dp, k, fastest, flops=flops,
                                              remat_layer=remat == "layer", schedule=schedule)
             bound_s = min(bound_s, within_s)
             key = (not result.extra.fits_memory, result.predicted_step_time_s, k)
             if best is None or key < best[0]:
                 best = (key, result)
-        if best is None:
-            raise InfeasiblePlanError(
-                f"No pipeline of {preset.name} on {cluster.num_devices} devices exists at any "
-                f"micro-batch count tried ({sorted(no_pipeline)}). Use a model with more "
-                "layers, fewer devices or a larger batch.",
-                budget_bytes=cluster.memory_per_device_bytes, min_bytes=math.nan)
         if lean0 is not None or not memory_binds(math.isfinite(bound_s), bound_s,
                                                  min(free_s.values())):
             break
-        # the budget costs time (or nothing fits): offer the memory-lean layer plans too
-        lean0 = _lean_prices(preset, cluster, counts, remat)
-    return _with_info(best[1], priced_at_micro_batches=counts.default, lean_offered=lean0 is not None)
+        # the budget costs time (or nothing fits): offer the memory-lean layer plans too, on
+        # the candidates the fastest pipelines regardless of memory use (the plans the budget
+        # denies; pricing every candidate's would cost three times the first pricing)
+        wanted = frozenset(option for _, solution in free.values() for option in zip(
+            map(tuple, solution.assignment.submesh_shapes),
+            map(tuple, solution.assignment.logical_shapes)))
+        lean0 = _lean_prices(preset, cluster, counts, remat, wanted)
+    return _with_info(best[1], priced_at_micro_batches=counts.default,
+                      lean_offered=lean0 is not None)
 
 
-def _cannot_beat(best, free_s: float | None, k: int, dp) -> bool:
+def _cannot_beat(best, free_s: float, k: int, dp) -> bool:
     """Whether no plan at ``k`` micro-batches can beat the fitting ``best``: any schedule
     runs the slowest stage ``k`` times, at least ``k / (k + S - 1)`` of the 1F1B step of its
     stages (S stages at most), which is at least the fastest 1F1B step ``free_s``."""
     (overflows, best_s, _), _ = best
     most_stages = min(dp.groups, dp.units)
-    return (not overflows and free_s is not None
-            and free_s * k / (k + most_stages - 1) >= best_s)
+    return not overflows and free_s * k / (k + most_stages - 1) >= best_s
 
 
 def dp_layer_count(blocks: int, num_units: int) -> int:

@@ -13,11 +13,18 @@ over the best grid layout, what it chose and how long it searched. Run:
     python benchmarks/bench_plan_quality.py                 # every point (hours on 2 cores)
     python benchmarks/bench_plan_quality.py --points 1.7 3.6  # by size (billions)
     python benchmarks/bench_plan_quality.py --layouts-only   # Megatron's layouts only (~1 min)
+    python benchmarks/bench_plan_quality.py --points --others  # Alpa's six GPT sizes and
+                                                             # seed 001's LLaMA2-13B only
+
+``--others`` adds the clusters without a published Megatron layout: Alpa's six GPT sizes on
+V100-16GB hosts (OSDI'22 section 8.1: batch 1024, sequence 1024, float16 compute) and seed
+001's LLaMA2-13B on 50 x 4 V100-32GB, each against the best grid layout.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -30,7 +37,7 @@ from bench_gpu_calibration import MEGATRON_A100, SEQ, VOCAB  # noqa: E402
 
 from alpa_lite.cluster import get_cluster_preset  # noqa: E402
 from alpa_lite.layout import Layout  # noqa: E402
-from alpa_lite.models.presets import custom_preset  # noqa: E402
+from alpa_lite.models.presets import custom_preset, get_preset  # noqa: E402
 from alpa_lite.simulate import simulate  # noqa: E402
 
 SCHEDULES = ("1f1b", "interleaved-1f1b", "zb-h1")
@@ -76,6 +83,25 @@ def _grid(row):
     return simulate(_model(row), cluster, method="megatron", remat="auto")
 
 
+# (model preset, cluster, device preset, CLI overrides) of the clusters without a published
+# Megatron layout
+OTHERS = [(name, hosts, "v100-16gb-4x", dict(batch_size=1024, seq_len=1024, dtype="float16"))
+          for name, hosts in (("gpt-350m", "1x1"), ("gpt-1.3b", "1x4"), ("gpt-2.6b", "1x8"),
+                              ("gpt-6.7b", "2x8"), ("gpt-15b", "4x8"), ("gpt-39b", "8x8"))] + [
+    ("llama2-13b", "50x4", "v100-32gb-4x", dict(dtype="float16"))]
+
+
+def _other(case, method: str):
+    name, shape, device, overrides = case  # as `alpa-lite plan --cluster shape --device`
+    hosts, per_host = (int(x) for x in shape.split("x"))
+    cluster = dataclasses.replace(get_cluster_preset(device), num_hosts=hosts,
+                                  devices_per_host=per_host)
+    if device == "v100-32gb-4x":
+        cluster = cluster.with_memory("32GiB")
+    return simulate(get_preset(name).with_overrides(**overrides), cluster, method=method,
+                    remat="auto", progress=method == "auto")
+
+
 def _seconds(plan) -> str:
     if plan is None:
         return "-"
@@ -87,6 +113,8 @@ def main() -> None:
     parser.add_argument("--points", type=float, nargs="*", default=None,
                         help="model sizes in billions (default: all ten)")
     parser.add_argument("--layouts-only", action="store_true")
+    parser.add_argument("--others", action="store_true",
+                        help="also Alpa's six GPT sizes and seed 001's LLaMA2-13B")
     args = parser.parse_args()
     rows = [r for r in MEGATRON_A100 if args.points is None or r[0] in args.points]
     print(f"Command: `python {' '.join(sys.argv)}`  ")
@@ -112,6 +140,15 @@ def main() -> None:
         print(f"| {params} | {gpus} | {t}/{p} | {_seconds(named['1f1b'])} "
               f"| {_seconds(named['interleaved-1f1b'])} | {_seconds(named['zb-h1'])} "
               f"| {_seconds(grid)} | " + " | ".join(cells) + " |", flush=True)
+    if args.others:
+        print("\n| model | cluster | best grid (s) | auto (s) | auto vs grid | auto chose "
+              "| search (s) |")
+        print("|:--|:--|--:|--:|--:|:--|--:|")
+        for case in OTHERS:
+            auto, grid = _other(case, "auto"), _other(case, "megatron")
+            print(f"| {case[0]} | {case[1]} {case[2]} | {_seconds(grid)} | {_seconds(auto)} "
+                  f"| {grid.predicted_step_time_s / auto.predicted_step_time_s:.2f}x "
+                  f"| {_choice(auto)} | {auto.plan_time_s:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
