@@ -231,7 +231,7 @@ def _layer_graph(preset, cluster, num_micro_batches, remat_layer: bool, megatron
         input_roles=tuple(roles), num_micro_batches=num_micro_batches)
     candidates = [megatron] if megatron is not None else [
         (tuple(shape), view) for shape in candidate_submeshes(cluster)
-        for view in sp.logical_views(shape)]
+        for view in candidate_views(shape)]
     return graph, count_layers(graph), options, candidates
 
 
@@ -351,6 +351,20 @@ def candidate_submeshes(cluster: ClusterSpec) -> list[tuple[int, int]]:
     return shapes
 
 
+def candidate_views(submesh: tuple[int, int]) -> list[tuple[int, ...]]:
+    """`assignment.logical_views` and, for a submesh within one host, ``(1, n)``: tensor
+    parallelism over the host for micro-batches of any size (its first axis splits none;
+    `MicroBatchCounts` offers a 1-D ``(n,)`` view only at micro-batches ``n`` divides).
+
+    Example:
+        >>> candidate_views((1, 8)), candidate_views((2, 8))
+        ([(8,), (4, 2), (2, 4), (1, 8)], [(16,), (8, 2), (4, 4), (2, 8)])
+    """
+    views = sp.logical_views(submesh)
+    n = math.prod(submesh)
+    return views + [(1, n)] if submesh[0] == 1 and n > 1 else views
+
+
 def _expand(values, num_blocks: int) -> list:
     """Layer values of the traced 3-block model -> L blocks: first, middle x (L-2), last."""
     if num_blocks <= len(values):
@@ -452,6 +466,7 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
     free_s = {k: solution.assignment.predicted_latency_s for k, (_, solution) in free.items()}
     order = sorted(free, key=lambda k: (free_s[k], -k))
     best, lean0, bound_s = None, None, math.inf  # bound_s: the least DP latency that fits
+    used = set()  # the candidates of the pipelines solved
     while True:
         for k in order:
             dp, fastest = free[k] if lean0 is None else (dp_at(k, lean0), None)
@@ -460,19 +475,21 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
             result, within_s = _pipeline_for(preset, cluster, dp, k, fastest, flops=flops,
                                              remat_layer=remat == "layer", schedule=schedule)
             bound_s = min(bound_s, within_s)
+            used |= {(tuple(st.submesh), tuple(st.logical_mesh)) for st in result.stages}
             key = (not result.extra.fits_memory, result.predicted_step_time_s, k)
             if best is None or key < best[0]:
                 best = (key, result)
         if lean0 is not None or not memory_binds(math.isfinite(bound_s), bound_s,
                                                  min(free_s.values())):
             break
-        # the budget costs time (or nothing fits): offer the memory-lean layer plans too, on
-        # the candidates the fastest pipelines regardless of memory use (the plans the budget
-        # denies; pricing every candidate's would cost three times the first pricing)
-        wanted = frozenset(option for _, solution in free.values() for option in zip(
+        # the budget costs time (or nothing fits): offer the memory-lean layer plans too;
+        # when a pipeline fits, only on the candidates of the pipelines solved, with and
+        # without the budget (every candidate's would cost three times the first pricing)
+        used |= {option for _, solution in free.values() for option in zip(
             map(tuple, solution.assignment.submesh_shapes),
-            map(tuple, solution.assignment.logical_shapes)))
-        lean0 = _lean_prices(preset, cluster, counts, remat, wanted)
+            map(tuple, solution.assignment.logical_shapes))}
+        lean0 = _lean_prices(preset, cluster, counts, remat,
+                             frozenset(used) if math.isfinite(bound_s) else None)
     return _with_info(best[1], priced_at_micro_batches=counts.default,
                       lean_offered=lean0 is not None)
 
