@@ -438,12 +438,15 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
     """The stage DP at every micro-batch count. The fastest plan regardless of memory is
     solved at each count first; the counts are then solved within the budget from the
     fastest of those up, and a count whose fastest plan cannot beat the best plan so far
-    under any schedule (`_cannot_beat`) is skipped."""
+    under any schedule (`_cannot_beat`) is skipped. With ``remat="auto"`` the
+    rematerialized layers are priced and offered only when the budget costs time, with the
+    memory-lean plans (`pricing.memory_binds`)."""
     counts = _micro_batch_counts(preset, cluster, num_micro_batches)
-    priced0, remat0 = _remat_prices(preset, cluster, counts, remat)
+    flags = _REMAT_FLAGS[remat]
+    priced0 = _price_layers(preset, cluster, counts, flags[0])
     flops = _block_flops(preset, cluster, counts.default, remat == "layer")
 
-    def dp_at(k: int, lean0) -> _DPInput:
+    def dp_at(k: int, remat0=None, lean0=None) -> _DPInput:
         lean = None if lean0 is None else {
             key: _scaled(table, counts, k) for key, table in lean0.items()}
         return _dp_input(preset, cluster, _scaled(priced0, counts, k), k,
@@ -452,7 +455,7 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
 
     free = {}  # per count: (its DP input, the fastest plan regardless of memory)
     for k in counts.options:
-        dp = dp_at(k, None)
+        dp = dp_at(k)
         try:
             free[k] = (dp, dp.solve(memory_budget_bytes=None))
         except InfeasiblePlanError:  # the candidates offered at k form no pipeline
@@ -465,11 +468,11 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
             budget_bytes=cluster.memory_per_device_bytes, min_bytes=math.nan)
     free_s = {k: solution.assignment.predicted_latency_s for k, (_, solution) in free.items()}
     order = sorted(free, key=lambda k: (free_s[k], -k))
-    best, lean0, bound_s = None, None, math.inf  # bound_s: the least DP latency that fits
+    best, extra, bound_s = None, None, math.inf  # bound_s: the least DP latency that fits
     used = set()  # the candidates of the pipelines solved
     while True:
         for k in order:
-            dp, fastest = free[k] if lean0 is None else (dp_at(k, lean0), None)
+            dp, fastest = free[k] if extra is None else (dp_at(k, *extra), None)
             if best is not None and _cannot_beat(best, free_s[k], k, dp):
                 continue
             result, within_s = _pipeline_for(preset, cluster, dp, k, fastest, flops=flops,
@@ -479,19 +482,21 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
             key = (not result.extra.fits_memory, result.predicted_step_time_s, k)
             if best is None or key < best[0]:
                 best = (key, result)
-        if lean0 is not None or not memory_binds(math.isfinite(bound_s), bound_s,
+        if extra is not None or not memory_binds(math.isfinite(bound_s), bound_s,
                                                  min(free_s.values())):
             break
-        # the budget costs time (or nothing fits): offer the memory-lean layer plans too;
-        # when a pipeline fits, only on the candidates of the pipelines solved, with and
-        # without the budget (every candidate's would cost three times the first pricing)
+        # the budget costs time (or nothing fits): only then can memory-saving plans win, so
+        # only then are they priced: rematerialized layers (remat "auto") and the memory-lean
+        # layer plans; when a pipeline fits, the lean ones only on the candidates of the
+        # pipelines solved, with and without the budget (all would cost three pricings more)
         used |= {option for _, solution in free.values() for option in zip(
             map(tuple, solution.assignment.submesh_shapes),
             map(tuple, solution.assignment.logical_shapes))}
-        lean0 = _lean_prices(preset, cluster, counts, remat,
-                             frozenset(used) if math.isfinite(bound_s) else None)
+        extra = (_price_layers(preset, cluster, counts, True) if len(flags) > 1 else None,
+                 _lean_prices(preset, cluster, counts, remat,
+                              frozenset(used) if math.isfinite(bound_s) else None))
     return _with_info(best[1], priced_at_micro_batches=counts.default,
-                      lean_offered=lean0 is not None)
+                      lean_offered=extra is not None)
 
 
 def _cannot_beat(best, free_s: float, k: int, dp) -> bool:
