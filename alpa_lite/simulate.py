@@ -384,9 +384,9 @@ COUNT_STEP = 1.25
 
 def _micro_batch_counts(preset: ModelPreset, cluster: ClusterSpec,
                         given: int | None) -> MicroBatchCounts:
-    """The counts a search tries: ``given``, else the divisors of the batch up to the default
-    (`_default_micro_batches`), thinned so that each is at least `COUNT_STEP` times the one
-    before (the default kept).
+    """The counts a search tries: ``given``, else the divisors of the batch up to 256 or the
+    default (`_default_micro_batches`) if larger, thinned so that each is at least
+    `COUNT_STEP` times the one before (the default kept).
 
     Example (a batch of 2,160 on one host of 8: default 30, the largest divisor up to 32):
         >>> from alpa_lite.cluster import get_cluster_preset
@@ -394,14 +394,14 @@ def _micro_batch_counts(preset: ModelPreset, cluster: ClusterSpec,
         >>> gpt = custom_preset("gpt", hidden=64, num_layers=2, heads=2, vocab=128,
         ...                     seq_len=16, batch=2160)
         >>> _micro_batch_counts(gpt, get_cluster_preset("a100-80gb-8x"), None).options
-        (1, 2, 3, 4, 5, 8, 10, 15, 20, 27, 30)
+        (1, 2, 3, 4, 5, 8, 10, 15, 20, 27, 30, 36, 45, 60, 80, 108, 135, 180, 240)
     """
     batch = preset.default_batch_size
     if given:
         return MicroBatchCounts.exactly(batch, given)
     default = _default_micro_batches(preset, cluster)
     options = [1]
-    for k in range(2, default):
+    for k in range(2, max(default, 257)):
         if batch % k == 0 and k >= options[-1] * COUNT_STEP:
             options.append(k)
     return MicroBatchCounts(batch, default, tuple(sorted(set(options) | {default})))
