@@ -121,7 +121,7 @@ def _price_in_worker(recipe: tuple, candidate, levels, fastest):
     return _pricer(*recipe).price(candidate, levels, fastest)
 
 
-# one per micro-batch count priced (`simulate.pricing_count`): a few dozen at most
+# one per micro-batch count priced (`simulate.MicroBatchCounts.of`): a few dozen at most
 @functools.lru_cache(maxsize=64)
 def _pricer(*recipe):
     from alpa_lite.inter_op.pricing import LayerPricer

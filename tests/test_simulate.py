@@ -10,6 +10,7 @@ from alpa_lite.cli import main
 from alpa_lite.errors import InvalidConfigError
 from alpa_lite.cluster import get_cluster_preset
 from alpa_lite.models.presets import get_preset
+from alpa_lite import simulate as sim
 from alpa_lite.simulate import simulate
 
 
@@ -181,3 +182,26 @@ def test_a_simulated_plan_is_a_plan_record_and_round_trips_through_json():
     assert plan.peak_memory_bytes == max(s.peak_memory_bytes for s in plan.stages)
     again = ParallelPlan.from_json(plan.to_json())
     assert again.extra == plan.extra and again.stages == plan.stages
+
+
+@pytest.mark.parametrize("remat", ["off", "auto"])
+def test_every_stage_splits_its_micro_batches_over_its_first_axis(remat):
+    """A candidate is priced at a micro-batch its view's first axis divides and offered only
+    at counts whose micro-batches that axis divides (`MicroBatchCounts`): no chosen stage
+    splits a micro-batch over more replicas than it has sequences."""
+    preset = get_preset("gpt-tiny").with_overrides(num_layers=4, batch_size=32)
+    for hosts in (1, 2):
+        plan = simulate(preset, get_cluster_preset("v100-32gb-4x").with_hosts(hosts),
+                        remat=remat)
+        size = 32 // plan.num_micro_batches
+        for stage in plan.stages:
+            first = stage.logical_mesh[0]
+            assert size % first == 0, (plan.num_micro_batches, stage.logical_mesh)
+
+
+def test_micro_batch_counts_are_the_batch_divisors_a_quarter_apart():
+    counts = sim._micro_batch_counts(get_preset("gpt-tiny").with_overrides(batch_size=2304),
+                                     get_cluster_preset("a100-80gb-8x").with_hosts(192), None)
+    assert counts.default == 2304 and 96 in counts.options  # Megatron's 145.6B count
+    assert all(2304 % k == 0 for k in counts.options)
+    assert all(b >= 1.25 * a for a, b in zip(counts.options, counts.options[1:-1]))
