@@ -127,5 +127,5 @@ def _pricer(*recipe):
     from alpa_lite.inter_op.pricing import LayerPricer
     from alpa_lite.simulate import _layer_graph
 
-    graph, num_layers, options, _ = _layer_graph(*recipe)
+    graph, num_layers, options = _layer_graph(*recipe)
     return LayerPricer(graph, num_layers, recipe[1].logical_mesh, options)

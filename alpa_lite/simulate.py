@@ -212,9 +212,9 @@ def _default_micro_batches(preset: ModelPreset, cluster: ClusterSpec) -> int:
 
 @functools.lru_cache(maxsize=4)
 def _layer_graph(preset, cluster, num_micro_batches, remat_layer: bool, megatron=None):
-    """The 3-layer trace the pipeline prices come from: ``(graph, layers, options,
-    candidates)``; with ``megatron`` (a (submesh, (dp, tp)) pair) that one candidate, priced
-    with Megatron's tensor parallelism (`SpecPolicy.MEGATRON`)."""
+    """The 3-layer trace the pipeline prices come from: ``(graph, layers, options)``; with
+    ``megatron`` (a (submesh, (dp, tp)) candidate) priced with Megatron's tensor parallelism
+    (`SpecPolicy.MEGATRON`)."""
     small = _micro_batch_preset(preset, num_micro_batches, min(3, _num_blocks(preset)))
     work = build_workload(small, abstract=True)
     option = AutoLayerOption(layer_num=min(3, _num_blocks(small)), method="names",
@@ -229,10 +229,7 @@ def _layer_graph(preset, cluster, num_micro_batches, remat_layer: bool, megatron
         param_positions=frozenset(i for i, r in enumerate(roles) if r is InputRole.PARAM),
         policy=SpecPolicy.AUTO if megatron is None else SpecPolicy.MEGATRON,
         input_roles=tuple(roles), num_micro_batches=num_micro_batches)
-    candidates = [megatron] if megatron is not None else [
-        (tuple(shape), view) for shape in candidate_submeshes(cluster)
-        for view in candidate_views(shape)]
-    return graph, count_layers(graph), options, candidates
+    return graph, count_layers(graph), options
 
 
 @functools.lru_cache(maxsize=8)
@@ -267,10 +264,12 @@ def _price_levels(preset, cluster, counts, remat_layer, megatron, levels, fastes
 
 def pricing_jobs(preset, cluster, counts: MicroBatchCounts, remat_layer: bool,
                  megatron=None) -> list[tuple[tuple, tuple]]:
-    """``(recipe, candidate)`` per candidate (`_layer_graph`'s, or the Megatron one), the
-    recipe (`_layer_graph`'s arguments) at the candidate's pricing count; grouped by count,
-    so each count is traced once."""
-    candidates = _layer_graph(preset, cluster, counts.default, remat_layer, megatron)[3]
+    """``(recipe, candidate)`` per candidate (every (submesh, view) of the cluster, or the
+    Megatron one), the recipe (`_layer_graph`'s arguments) at the candidate's pricing count;
+    grouped by count, so each count is traced once."""
+    candidates = [megatron] if megatron is not None else [
+        (tuple(shape), view) for shape in candidate_submeshes(cluster)
+        for view in candidate_views(shape)]
     jobs = [((preset, cluster, counts.of(c), remat_layer, megatron), c) for c in candidates]
     return sorted(jobs, key=lambda job: -job[0][2])
 
@@ -310,6 +309,7 @@ class MicroBatchCounts:
     def _splits(self, k: int, candidate) -> bool:
         return (self.batch // k) % candidate[1][0] == 0
 
+    @functools.lru_cache(maxsize=None)  # asked per candidate, count and table by `_scaled`
     def of(self, candidate) -> int:
         return max((k for k in self.options if k <= self.default
                     and self._splits(k, candidate)), default=self.default)
@@ -670,7 +670,7 @@ def _pipeline_breakdown(preset, cluster, k: int, price, blocks, remat):
 def _block_flops(preset, cluster, k: int, remat_layer: bool,
                  megatron=None) -> list[tuple[float, float]]:
     """Per block of the L-block model: (forward flops, total flops), from the 3-layer trace."""
-    graph, num_layers, _, _ = _layer_graph(preset, cluster, k, remat_layer, megatron)
+    graph, num_layers, _ = _layer_graph(preset, cluster, k, remat_layer, megatron)
     return _expand(pricing.layer_flops(graph, num_layers), _num_blocks(preset))
 
 
