@@ -20,7 +20,9 @@ import contextlib
 import contextvars
 import functools
 import multiprocessing
+import multiprocessing.connection
 import os
+import threading
 import time
 import warnings
 from typing import Iterator, Sequence
@@ -113,8 +115,19 @@ def price_candidates(jobs: Sequence[tuple], levels: Sequence[float],
 
 def _quiet() -> None:
     """A worker's standard output goes nowhere (solvers print banners there); its errors
-    still reach standard error."""
+    still reach standard error. A worker ends when the search process does, however that
+    ends: killed, its workers would otherwise wait on the pool's queue for ever (holding the
+    caller's standard error open)."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True,
+                         name="alpa_lite-parent-watch").start()
+
+
+def _exit_with(sentinel) -> None:
+    multiprocessing.connection.wait([sentinel])  # ready once the parent has ended
+    os._exit(1)
 
 
 def _price_in_worker(recipe: tuple, candidate, levels, fastest):

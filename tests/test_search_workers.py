@@ -49,3 +49,79 @@ def test_broken_workers_fall_back_to_this_process(serial, monkeypatch):
     with pytest.warns(RuntimeWarning, match="falls back to one process"):
         table = _table((_ExitWhenUnpickled(0.0),), workers=2)
     assert table == serial[0]
+
+
+_BUSY_POOL = '''
+import sys, time
+from alpa_lite import search_workers
+
+def work(path):
+    open(path, "w").close()
+    time.sleep(600)
+
+if __name__ == "__main__":
+    with search_workers.worker_pool(2):
+        executor = search_workers._POOL.get().get()
+        futures = [executor.submit(work, f"{sys.argv[1]}/{i}") for i in range(2)]
+        time.sleep(600)
+'''
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_workers_end_when_the_search_process_is_killed(tmp_path):
+    """A killed `alpa-lite plan` took its pricing workers with it only once they watched
+    their parent: before, they waited on the pool's queue for hours."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "busy_pool.py"
+    script.write_text(_BUSY_POOL)
+    proc = subprocess.Popen(["timeout", "-s", "KILL", "300", sys.executable, str(script),
+                             str(tmp_path)], stderr=subprocess.PIPE)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / str(i)).exists() for i in range(2)):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the workers never started"
+            time.sleep(0.2)
+        (python,) = _children(proc.pid)  # timeout's child
+        workers = [p for p in _children(python) if _alive(p)]
+        assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
+        os.kill(python, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in workers), "workers outlived their parent"
+    finally:
+        for pid in [proc.pid, *workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        proc.stderr.close()
