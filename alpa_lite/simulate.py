@@ -438,9 +438,9 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
     """The stage DP at every micro-batch count. The fastest plan regardless of memory is
     solved at each count first; the counts are then solved within the budget from the
     fastest of those up, and a count whose fastest plan cannot beat the best plan so far
-    under any schedule (`_cannot_beat`) is skipped. With ``remat="auto"`` the
-    rematerialized layers are priced and offered only when the budget costs time, with the
-    memory-lean plans (`pricing.memory_binds`)."""
+    under any schedule (`_cannot_beat`) is skipped. Memory-saving plans are priced and
+    offered only when the budget costs time (`pricing.memory_binds`), in the steps of
+    `_memory_step`."""
     counts = _micro_batch_counts(preset, cluster, num_micro_batches)
     flags = _REMAT_FLAGS[remat]
     priced0 = _price_layers(preset, cluster, counts, flags[0])
@@ -470,6 +470,7 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
     order = sorted(free, key=lambda k: (free_s[k], -k))
     best, extra, bound_s = None, None, math.inf  # bound_s: the least DP latency that fits
     used = set()  # the candidates of the pipelines solved
+    step = "plain"
     while True:
         for k in order:
             dp, fastest = free[k] if extra is None else (dp_at(k, *extra), None)
@@ -482,21 +483,47 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
             key = (not result.extra.fits_memory, result.predicted_step_time_s, k)
             if best is None or key < best[0]:
                 best = (key, result)
-        if extra is not None or not memory_binds(math.isfinite(bound_s), bound_s,
-                                                 min(free_s.values())):
+        if not memory_binds(math.isfinite(bound_s), bound_s, min(free_s.values())):
             break
         # the budget costs time (or nothing fits): only then can memory-saving plans win, so
-        # only then are they priced: rematerialized layers (remat "auto") and the memory-lean
-        # layer plans; when a pipeline fits, the lean ones only on the candidates of the
-        # pipelines solved, with and without the budget (all would cost three pricings more)
+        # only then are they priced, each step costing more than the one before
+        step = _memory_step(step, remat == "auto", math.isfinite(bound_s))
+        if step is None:
+            break
         used |= {option for _, solution in free.values() for option in zip(
             map(tuple, solution.assignment.submesh_shapes),
             map(tuple, solution.assignment.logical_shapes))}
-        extra = (_price_layers(preset, cluster, counts, True) if len(flags) > 1 else None,
-                 _lean_prices(preset, cluster, counts, remat,
-                              frozenset(used) if math.isfinite(bound_s) else None))
+        on_used = frozenset((shape, view) for shape in {shape for shape, _ in used}
+                            for view in candidate_views(shape))
+        extra = (_price_layers(preset, cluster, counts, True) if remat == "auto" else None,
+                 None if step == "remat" else _lean_prices(
+                     preset, cluster, counts, remat,
+                     on_used if step == "lean on used" else None))
     return _with_info(best[1], priced_at_micro_batches=counts.default,
-                      lean_offered=extra is not None)
+                      lean_offered=extra is not None and extra[1] is not None)
+
+
+def _memory_step(step: str, remat_auto: bool, fits: bool) -> str | None:
+    """The pipeline search's next memory-saving step after ``step``, when the budget still
+    costs time (None: no more):
+
+    - ``"remat"``: rematerialized layers (remat "auto" only), alone, when nothing fits;
+    - ``"lean on used"``: with them, the memory-lean layer plans on the submeshes of the
+      pipelines solved so far (with and without the budget), in every view;
+    - ``"lean on all"``: the same on every candidate, when still nothing fits.
+
+        >>> _memory_step("plain", True, False), _memory_step("plain", True, True)
+        ('remat', 'lean on used')
+        >>> _memory_step("lean on used", True, False), _memory_step("lean on used", True, True)
+        ('lean on all', None)
+    """
+    if step == "plain" and remat_auto and not fits:
+        return "remat"
+    if step in ("plain", "remat"):
+        return "lean on used"
+    if step == "lean on used" and not fits:
+        return "lean on all"
+    return None
 
 
 def _cannot_beat(best, free_s: float, k: int, dp) -> bool:
