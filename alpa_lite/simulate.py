@@ -493,8 +493,11 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
         used |= {option for _, solution in free.values() for option in zip(
             map(tuple, solution.assignment.submesh_shapes),
             map(tuple, solution.assignment.logical_shapes))}
-        on_used = frozenset((shape, view) for shape in {shape for shape, _ in used}
-                            for view in candidate_views(shape))
+        # a fitting pipeline is refined on its own candidates; when none fits, one may need
+        # another view of the same submeshes (GPT-39B on V100-16GB: a 1-D view)
+        on_used = frozenset(used) if math.isfinite(bound_s) else frozenset(
+            (shape, view) for shape in {shape for shape, _ in used}
+            for view in candidate_views(shape))
         extra = (_price_layers(preset, cluster, counts, True) if remat == "auto" else None,
                  None if step == "remat" else _lean_prices(
                      preset, cluster, counts, remat,
@@ -508,8 +511,9 @@ def _memory_step(step: str, remat_auto: bool, fits: bool) -> str | None:
     costs time (None: no more):
 
     - ``"remat"``: rematerialized layers (remat "auto" only), alone, when nothing fits;
-    - ``"lean on used"``: with them, the memory-lean layer plans on the submeshes of the
-      pipelines solved so far (with and without the budget), in every view;
+    - ``"lean on used"``: with them, the memory-lean layer plans on the candidates of the
+      pipelines solved so far (with and without the budget); when none fits, on their
+      submeshes in every view;
     - ``"lean on all"``: the same on every candidate, when still nothing fits.
 
         >>> _memory_step("plain", True, False), _memory_step("plain", True, True)
