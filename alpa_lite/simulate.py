@@ -487,17 +487,22 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
             break
         # the budget costs time (or nothing fits): only then can memory-saving plans win, so
         # only then are they priced, each step costing more than the one before
+        if step == "plain":
+            plain_fits = math.isfinite(bound_s)  # some plain pipeline fits the budget
         step = _memory_step(step, remat == "auto", math.isfinite(bound_s))
         if step is None:
             break
         used |= {option for _, solution in free.values() for option in zip(
             map(tuple, solution.assignment.submesh_shapes),
             map(tuple, solution.assignment.logical_shapes))}
-        # a fitting pipeline is refined on its own candidates; when none fits, one may need
-        # another view of the same submeshes (GPT-39B on V100-16GB: a 1-D view)
-        on_used = frozenset(used) if math.isfinite(bound_s) else frozenset(
+        # a plain pipeline that fits is refined on its own candidates; when none fits, one
+        # may need another view of the same submeshes (GPT-39B on V100-16GB: a 1-D view)
+        on_used = frozenset(used) if plain_fits else frozenset(
             (shape, view) for shape in {shape for shape, _ in used}
             for view in candidate_views(shape))
+        if step == "lean on used" and 2 * len(on_used) >= sum(
+                len(candidate_views(shape)) for shape in candidate_submeshes(cluster)):
+            step = "lean on all"  # hardly cheaper: a second pricing would cost more
         extra = (_price_layers(preset, cluster, counts, True) if remat == "auto" else None,
                  None if step == "remat" else _lean_prices(
                      preset, cluster, counts, remat,
@@ -512,9 +517,10 @@ def _memory_step(step: str, remat_auto: bool, fits: bool) -> str | None:
 
     - ``"remat"``: rematerialized layers (remat "auto" only), alone, when nothing fits;
     - ``"lean on used"``: with them, the memory-lean layer plans on the candidates of the
-      pipelines solved so far (with and without the budget); when none fits, on their
-      submeshes in every view;
-    - ``"lean on all"``: the same on every candidate, when still nothing fits.
+      pipelines solved so far (with and without the budget); when no plain pipeline fits,
+      on their submeshes in every view;
+    - ``"lean on all"``: the same on every candidate, when still nothing fits (or at once
+      when the used candidates are half of all).
 
         >>> _memory_step("plain", True, False), _memory_step("plain", True, True)
         ('remat', 'lean on used')
