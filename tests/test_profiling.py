@@ -262,6 +262,23 @@ def test_real_memory_bandwidth_on_cpu():
         profile_memory_bandwidth(array_bytes=(2,))
 
 
+def test_memory_bandwidth_is_one_pass_of_a_loop_in_place(monkeypatch):
+    """One pass into a fresh buffer timed the first touch of its pages (7.7 against 24.4
+    GB/s in place on one simulated CPU device): the row is one pass of a loop of them."""
+    from alpa_lite.profiling import compute
+
+    programs = []
+
+    def timed(fn, x, repeats):
+        programs.append(str(fn.lower(x).as_text()))
+        return 0.08
+
+    monkeypatch.setattr(compute, "run_timed", timed)
+    (row,) = compute.profile_memory_bandwidth(array_bytes=(4096,), repeats=1)
+    assert row.time_s == pytest.approx(0.08 / compute.BANDWIDTH_PASSES)
+    assert "while" in programs[0]  # the passes loop inside one program
+
+
 def test_timing_scatter_counts_the_measurements_whose_repeats_vary():
     from alpa_lite.profiling.compute import TimingScatter, run_timed, timing_scatter
 
