@@ -13,6 +13,7 @@ import numpy as np
 
 from alpa_lite.cost import (OpClass, compute_dtype_name, estimate_op_cost, is_fused,
                             operator_class)
+from alpa_lite.cost.kernels import kernel_nodes
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.ilp import solve_sharding_problem
 from alpa_lite.intra_op.layer_sharing import (build_layer_classes, build_quotient_problem,
@@ -163,10 +164,11 @@ def unit_compute_seconds(graph: OpGraph, mesh: LogicalMesh, planning: PlanningPr
     its values. Operators XLA fuses into their neighbours (`is_fused`: elementwise ops,
     broadcasts, reshapes) are priced by their flops only: their bytes never reach memory.
     Matmuls (`OpClass.MATMUL`) compute at the mesh's matmul rate, everything else at its
-    vector rate (`LogicalMesh.flops_per_s`). Operators that remain kernels of their own
-    after fusion (`OpClass.KERNEL`: matmuls, reductions, gathers, ...) also pay the mesh's
-    ``op_latency_s``.
+    vector rate (`LogicalMesh.flops_per_s`). Operators that run as kernels of their own
+    after fusion (`kernel_nodes`: matmuls, reductions, gathers, and the last operator of
+    each fused loop) also pay the mesh's ``op_latency_s``.
     """
+    kernels = kernel_nodes(graph)
     seconds = []
     for unit in planning.units:
         if unit.node < 0:
@@ -180,7 +182,7 @@ def unit_compute_seconds(graph: OpGraph, mesh: LogicalMesh, planning: PlanningPr
             node.primitive, node.params, avals_in, avals_out).hbm_bytes
         classes = operator_class(node.primitive)
         dtype = compute_dtype_name(avals_in, avals_out)
-        latency = mesh.op_latency_s if OpClass.KERNEL in classes else 0.0
+        latency = mesh.op_latency_s if kernels[unit.node] else 0.0
         by_divisor: dict[int, float] = {}
         for s in unit.strategies:
             divisor = max(s.work_divisor, 1)

@@ -22,7 +22,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from alpa_lite.cost.kernels import kernel_nodes
 from alpa_lite.errors import InvalidConfigError
+from alpa_lite.graph import build_op_graph
 from alpa_lite.profiling.database import LaunchRow, MatmulRow, MemoryBandwidthRow
 
 logger = logging.getLogger(__name__)
@@ -220,22 +222,29 @@ def profile_launch_latency(devices=None, *, repeats: int = 50) -> tuple[LaunchRo
     return tuple(rows)
 
 
-def _operator_latency_s(devices, short: int = 10, long: int = 200) -> float:
-    """Seconds per extra operator in a program on ``devices``: each device runs a chain of
-    tiny matmuls (one kernel each); the slope between a short and a long chain."""
+def _operator_latency_s(devices, short: int = 16, long: int = 128) -> float:
+    """Seconds per kernel in a program on ``devices``: each device runs ``n`` independent
+    tiny matmuls, each with an elementwise loop after it (two kernels, `kernel_nodes`), as a
+    step's many small kernels are independent of each other (the optimizer's per-parameter
+    updates, a layer's branches); the slope between ``short`` and ``long`` of them.
+
+    A chain of the same kernels, each on the last one's result, measured a quarter of this
+    on 8 simulated CPU devices (2.8 against 11 us per kernel, 2026-12-07): the runtime
+    schedules independent kernels at a cost of their own, and a step of a GPT whose compute
+    is negligible took 20 us per compiled kernel (docs/profiling.md)."""
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("d",)),
                                           jax.sharding.PartitionSpec("d"))
-    x = jax.device_put(jnp.ones((len(devices), 16, 16), jnp.float32), sharding)
 
-    def chain(length: int):
-        def run(x):
-            for _ in range(length):
-                x = jnp.tanh(x @ x) * 0.5
-            return x
-        return jax.jit(run, out_shardings=sharding)
+    def run(xs):
+        return [jnp.tanh(x @ x) * 0.5 for x in xs]
 
-    times = [run_timed(chain(n), x, repeats=5) for n in (short, long)]
-    return max((times[1] - times[0]) / (long - short), 1e-9)
+    times, kernels = [], []
+    for n in (short, long):
+        xs = [jax.device_put(jnp.full((len(devices), 16, 16), 1.0 + i / n, jnp.float32),
+                             sharding) for i in range(n)]
+        times.append(run_timed(jax.jit(run, out_shardings=sharding), xs, repeats=5))
+        kernels.append(int(kernel_nodes(build_op_graph(jax.make_jaxpr(run)(xs))).sum()))
+    return max((times[1] - times[0]) / (kernels[1] - kernels[0]), 1e-9)
 
 
 def _median_blocked_call_s(fn: Callable, arg, repeats: int) -> float:
