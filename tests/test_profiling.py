@@ -311,6 +311,12 @@ def test_collective_chains_keep_their_shape(kind):
                        NamedSharding(mesh, P("group", "member", None)))
     out = _build_collective(kind, mesh, 3)(x)
     assert out.shape == x.shape
+    # side by side: one collective on each input, each output its collective's own
+    outs = _build_collective(kind, mesh, 3, side_by_side=True)(x, x + 1, x + 2)
+    assert len(outs) == 3 and all(
+        o.shape == _build_collective(kind, mesh, 1)(x).shape for o in outs)
+    if kind == "all-reduce":  # each sums its own input over the 4 members
+        assert [float(o[0, 0, 0]) for o in outs] == [4.0, 8.0, 12.0]
 
 
 def test_collective_times_never_fall_as_messages_grow():

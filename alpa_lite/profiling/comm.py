@@ -9,14 +9,23 @@ group of ``group_size`` devices runs it at the same time, as every row of a 2-D 
 does in a sharded program. Consecutive devices form a group (devices of one host first);
 when there are several hosts, strided groups that cross hosts are measured as well.
 
-A row's time is what one collective costs *inside* a program, as in a training step: the
-slope between a program of one collective and a program of `CHAIN` of them back to back,
-each on the last one's result. A program of one collective alone also pays the program's
-launch and buffer set-up; on 8 simulated CPU devices that was 280 us against 50 us for a
-1 KiB all-reduce, 7.4 ms against 3.3 ms for 4 MiB (docs/profiling.md). A reduce-scatter is
-chained with an all-gather back to full size, and the all-gather's own time (measured by
-its chain) is taken off; an all-gather's chain slices its result back to its input, a copy
-of the input's size that the row keeps.
+A row's time is what one collective costs *inside* a program, as in a training step. It is
+measured two ways, each as a slope from a program of one collective to a program of `CHAIN`,
+and the row keeps the larger:
+
+- a chain: each collective on the last one's result, as a tensor-parallel layer's are. A
+  reduce-scatter is chained with an all-gather back to full size, and the all-gather's own
+  time (measured by its chain) is taken off; an all-gather's chain slices its result back to
+  its input, a copy of the input's size that the row keeps;
+- side by side: `CHAIN` independent collectives, as a step's per-parameter gradient
+  reductions and ZeRO's gathers are. On 8 simulated CPU devices these cost more (an all-
+  gather of 1 KiB 151 against 52 us, an all-reduce 173 against 58; the runtime runs the
+  independent work between them at once); on a GPU, XLA combines them and the chain is the
+  larger.
+
+A program of one collective alone also pays the program's launch and buffer set-up; on 8
+simulated CPU devices that was 280 us against 50 us for a 1 KiB all-reduce, 7.4 ms against
+3.3 ms for 4 MiB (docs/profiling.md).
 """
 
 from __future__ import annotations
@@ -229,55 +238,65 @@ def _profile_one(kind: str, mesh: Mesh, link: str, size: int, repeats: int, gath
         logger.info("skipping %s of %d bytes on groups of %d", kind, size, group_size)
         return None
     in_elements = elements // group_size if kind == "all-gather" else elements
-    one, seconds = _timings(kind, mesh, in_elements, repeats)
+    one, chained, side_by_side = _timings(kind, mesh, in_elements, repeats)
     if kind == "all-gather":
-        gathers[(id(mesh), elements)] = seconds
+        gathers[(id(mesh), elements)] = chained
     if kind == "reduce-scatter":  # its chain gathers back: take the all-gather's time off
         gather = gathers.get((id(mesh), elements))
         if gather is None:
             gather = _timings("all-gather", mesh, elements // group_size, repeats)[1]
-        seconds -= gather
+        chained -= gather
     # noise can make a slope of tiny collectives vanish: keep at least a tenth of the time
     # a program of one collective takes
-    seconds = max(seconds, one / 10)
+    seconds = max(chained, side_by_side, one / 10)
     return CollectiveRow(kind=kind, group_size=group_size, num_bytes=elements * _ITEMSIZE,
                          time_s=seconds, link=link, num_groups=num_groups)
 
 
-def _timings(kind: str, mesh: Mesh, in_elements: int, repeats: int) -> tuple[float, float]:
-    """(seconds of a program of one collective, seconds per collective inside a program:
-    the slope to a chain of `CHAIN`) on ``in_elements`` float32 elements per device."""
-    x = jax.jit(lambda: jnp.ones((mesh.shape["group"], mesh.shape["member"], in_elements),
-                                 jnp.float32), out_shardings=NamedSharding(mesh, P(*_AXES, None)))()
-    one, chain = (run_timed(_build_collective(kind, mesh, n), x, repeats=repeats)
-                  for n in (1, CHAIN))
-    return one, (chain - one) / (CHAIN - 1)
+def _timings(kind: str, mesh: Mesh, in_elements: int, repeats: int
+             ) -> tuple[float, float, float]:
+    """Seconds of a program of one collective, and per collective inside a program: the
+    slope to a chain of `CHAIN`, and to `CHAIN` side by side; on ``in_elements`` float32
+    elements per device each."""
+    make = jax.jit(lambda i: jnp.full((mesh.shape["group"], mesh.shape["member"], in_elements),
+                                      1.0 + i, jnp.float32),
+                   out_shardings=NamedSharding(mesh, P(*_AXES, None)))
+    inputs = [make(i) for i in range(CHAIN)]
+    one = run_timed(_build_collective(kind, mesh, 1), inputs[0], repeats=repeats)
+    chain = run_timed(_build_collective(kind, mesh, CHAIN), inputs[0], repeats=repeats)
+    side = run_timed(_build_collective(kind, mesh, CHAIN, side_by_side=True), *inputs,
+                     repeats=repeats)
+    return one, (chain - one) / (CHAIN - 1), (side - one) / (CHAIN - 1)
 
 
-def _build_collective(kind: str, mesh: Mesh, count: int = 1):
+def _build_collective(kind: str, mesh: Mesh, count: int = 1, side_by_side: bool = False):
     """A jitted shard_map running ``count`` collectives over the ``member`` axis of
-    ``mesh``, each on the last one's result (shape-changing ones are brought back to the
-    input's shape: an all-gather sliced, a reduce-scatter gathered)."""
+    ``mesh``: each on the last one's result (shape-changing ones are brought back to the
+    input's shape: an all-gather sliced, a reduce-scatter gathered), or ``side_by_side``,
+    one on each of ``count`` inputs."""
     group_size = mesh.shape["member"]
 
-    def once(x):  # x: the local block, shape (1, 1, elements)
+    def once(x, chained: bool):  # x: the local block, shape (1, 1, elements)
         if kind == "all-reduce":
             return jax.lax.psum(x, "member")
         if kind == "all-gather":
             gathered = jax.lax.all_gather(x, "member", axis=2, tiled=True)
-            return gathered if count == 1 else gathered[..., :x.shape[2]]
+            return gathered[..., :x.shape[2]] if chained else gathered
         if kind == "reduce-scatter":
             scattered = jax.lax.psum_scatter(x, "member", scatter_dimension=2, tiled=True)
-            return scattered if count == 1 else jax.lax.all_gather(
-                scattered, "member", axis=2, tiled=True)
+            return jax.lax.all_gather(scattered, "member", axis=2, tiled=True) if chained \
+                else scattered
         if kind == "all-to-all":
             return jax.lax.all_to_all(x, "member", 2, 2, tiled=True)
         ring = [(i, (i + 1) % group_size) for i in range(group_size)]
         return jax.lax.ppermute(x, "member", perm=ring)
 
-    def body(x):
+    def body(*xs):
+        if side_by_side:
+            return [once(x, False) for x in xs]
+        (x,) = xs
         for _ in range(count):
-            x = once(x)
+            x = once(x, count > 1)
         return x
 
     # check_vma=False: the outputs are declared sharded over "member" even where the
