@@ -15,7 +15,8 @@ Checked against XLA:CPU's compiled programs (docs/profiling.md): a 4-layer GPT s
 AdamW compiles to 700 kernels (680 fusions, 20 matmuls) and this counts 498, where the
 matmuls, reductions and gathers alone number 247; a 6-layer MLP step with AdamW compiles to
 73 and this counts 79 (`tests/cost/test_kernels.py`). XLA:CPU also ends loops where this
-does not (it splits large optimizer loops), so the count is low on optimizer-heavy steps.
+does not (in the GPT step 75 of its loops end at a division, 14 here), so the count is low
+on steps with many optimizer updates.
 """
 
 from __future__ import annotations
