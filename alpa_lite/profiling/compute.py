@@ -194,8 +194,8 @@ def profile_launch_latency(devices=None, *, repeats: int = 50) -> tuple[LaunchRo
 
     Returns:
         ``LaunchRow(num_devices=1, ...)`` and, with several devices, a second row for all;
-        then ``kind="operator"`` rows: the extra time per operator of a program on 1, half
-        and all of the devices.
+        then ``kind="operator"`` rows: the extra time per kernel of a program on 1, half
+        and all of the devices (`_operator_latency_s`).
 
     Example:
         >>> rows = profile_launch_latency(jax.devices()[:1], repeats=3)
