@@ -52,8 +52,8 @@ def kernel_nodes(graph) -> np.ndarray:
     for node in graph.nodes:
         i = node.index
         if in_loop[i]:
-            carries[i] = bool(classes[i] & _COMPUTES) and not is_fused_layout(node.primitive) \
-                or any(carries[p] for p in _producers(graph, node))
+            computes = bool(classes[i] & _COMPUTES) and not is_fused_layout(node.primitive)
+            carries[i] = computes or any(carries[p] for p in _producers(graph, node))
     ends = np.zeros(len(graph.nodes), dtype=bool)
     for v in graph.outputs:
         if isinstance(v, int) and graph.producer[v] >= 0:
