@@ -44,7 +44,8 @@ from alpa_lite.cost import OpClass, estimate_op_cost, operator_class
 from alpa_lite.errors import InfeasiblePlanError, InvalidConfigError
 from alpa_lite.graph import OpGraph
 from alpa_lite.intra_op.once_per_step import gradient_only_nodes, gradient_only_values
-from alpa_lite.intra_op.planner import solve_planning_problem, unit_compute_seconds
+from alpa_lite.intra_op.planner import (compute_facts, graph_fingerprint,
+                                        solve_planning_problem, unit_compute_seconds)
 from alpa_lite.intra_op.problem import InputRole, SpecPolicy, build_planning_problem
 from alpa_lite.intra_op.resharding import tensor_bytes
 from alpa_lite.intra_op.strategies import spec_shards
@@ -178,15 +179,32 @@ def estimate_state_bytes_per_param_byte(roles: Sequence, avals: Sequence) -> flo
 LEAN_LEVELS = (0.03, 0.3, 1.0)
 
 
-def _layer_problem(graph: OpGraph, nodes: Sequence[int], mesh: LogicalMesh,
+class _Layers:
+    """What layer pricing reuses across candidates: the graph's users and, per set of
+    operators, its sub-graph, their `compute_facts` and its fingerprint (none depends on
+    the mesh)."""
+
+    def __init__(self, graph: OpGraph):
+        self.graph, self.users, self.subgraphs = graph, graph.users(), {}
+
+    def subgraph(self, nodes: Sequence[int]):
+        key = tuple(nodes)
+        if key not in self.subgraphs:
+            sub, _ = build_subgraph(self.graph, list(nodes), self.users)
+            self.subgraphs[key] = (sub, compute_facts(sub), graph_fingerprint(sub))
+        return self.subgraphs[key]
+
+
+def _layer_problem(layers: _Layers, nodes: Sequence[int], mesh: LogicalMesh,
                    options: PricingOptions, intermediate_role: InputRole = InputRole.BATCH):
     """The ILP of ``nodes`` on ``mesh`` (no memory terms: a price counts memory from the
     chosen specs): ``(subgraph, planning problem, input paths, its units' compute
-    seconds)``. Under a policy other than
+    seconds, the subgraph's fingerprint)``. Under a policy other than
     AUTO the subgraph's inputs get the graph's input roles, and values made by other
     operators ``intermediate_role`` (activations: BATCH; gradients read by the optimizer
     update: PARAM)."""
-    sub, _ = build_subgraph(graph, list(nodes))
+    graph = layers.graph
+    sub, facts, fingerprint = layers.subgraph(nodes)
     roles = [InputRole.PARAM] * len(sub.inputs)
     if options.policy is not SpecPolicy.AUTO:
         position = {v: i for i, v in enumerate(graph.inputs)}
@@ -195,24 +213,26 @@ def _layer_problem(graph: OpGraph, nodes: Sequence[int], mesh: LogicalMesh,
     paths = [f"v{v}" for v in sub.inputs]
     planning = build_planning_problem(sub, mesh, input_roles=roles, input_paths=paths,
                                       policy=options.policy, memory_terms=False)
-    return sub, planning, paths, unit_compute_seconds(sub, mesh, planning)
+    return sub, planning, paths, unit_compute_seconds(sub, mesh, planning, facts), fingerprint
 
 
 def _solve_layer(graph: OpGraph, problem, mesh: LogicalMesh, options: PricingOptions,
-                 memory_price: float = 0.0, gradients: set[int] = frozenset()):
+                 memory_price: float = 0.0, once_per_step: frozenset[int] = frozenset()):
     """The ILP's plan of a `_layer_problem`. ``memory_price`` (seconds per byte) charges
     each byte of the step's inputs (parameters) a device holds, times the state each
     parameter byte brings (`PricingOptions.state_bytes_per_param_byte`); the collectives
-    of operators that only feed ``gradients`` count once per step."""
-    sub, planning, paths, compute = problem
+    of the operators ``once_per_step`` (those that only feed gradients:
+    `gradient_only_nodes`) count once per step."""
+    sub, planning, paths, compute, fingerprint = problem
     inputs = set(graph.inputs)
     price = [memory_price * options.state_bytes_per_param_byte if v in inputs else 0.0
              for v in sub.inputs]
     return solve_planning_problem(
         sub, mesh, planning, paths, solver=options.solver, share_repeated_layers=False,
         time_limit_s=options.time_limit_s, input_memory_price=price,
-        once_per_step_nodes=frozenset(gradient_only_nodes(sub, gradients)),
-        num_micro_batches=options.num_micro_batches, unit_compute=compute)
+        once_per_step_nodes=once_per_step,
+        num_micro_batches=options.num_micro_batches, unit_compute=compute,
+        fingerprint=fingerprint)
 
 
 def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: LogicalMesh,
@@ -228,37 +248,40 @@ def price_layer(graph: OpGraph, nodes: Sequence[int], forward: set[int], mesh: L
 
 def price_layer_levels(graph: OpGraph, nodes: Sequence[int], forward: set[int],
                        mesh: LogicalMesh, options: PricingOptions, gradients: set[int],
-                       update_nodes: Sequence[int], memory_prices: Sequence[float]
-                       ) -> list[LayerPrice]:
+                       update_nodes: Sequence[int], memory_prices: Sequence[float],
+                       layers: _Layers | None = None) -> list[LayerPrice]:
     """`price_layer` at each of the increasing ``memory_prices``, from one ILP build. Once
     a plan holds every input split over all of the mesh's devices (the least memory any
-    plan can hold) it is the optimum at every higher price too, so it is reused unsolved."""
-    problem = _layer_problem(graph, nodes, mesh, options)
+    plan can hold) it is the optimum at every higher price too, so it is reused unsolved.
+    ``layers``: a `_Layers` of ``graph`` kept across calls."""
+    layers = _Layers(graph) if layers is None else layers
+    problem = _layer_problem(layers, nodes, mesh, options)
     update_s = 0.0
     if update_nodes:
-        update = _solve_layer(graph, _layer_problem(graph, update_nodes, mesh, options,
+        update = _solve_layer(graph, _layer_problem(layers, update_nodes, mesh, options,
                                                     InputRole.PARAM), mesh, options)
         update_s = update.compute_s + update.objective
     sub = problem[0]
+    once_per_step = frozenset(gradient_only_nodes(sub, gradients))
     inputs = [v for v in sub.inputs if v in set(graph.inputs)]
     prices, least = [], None
     for price in memory_prices:
         if least is not None:
             prices.append(least)
             continue
-        plan = _solve_layer(graph, problem, mesh, options, price, gradients)
+        plan = _solve_layer(graph, problem, mesh, options, price, once_per_step)
         specs = value_specs(sub, plan)
         prices.append(_layer_price(graph, sub, plan, specs, nodes, forward, mesh, options,
-                                   gradients, update_s))
+                                   gradients, update_s, once_per_step, layers.users))
         if all(spec_shards(specs[v], mesh) == mesh.num_devices for v in inputs if v in specs):
             least = prices[-1]
     return prices
 
 
 def _layer_price(graph, sub, plan, specs, nodes, forward, mesh, options, gradients,
-                 update_s) -> LayerPrice:
-    """What a layer's ILP plan costs (the module docstring's fields)."""
-    grad_only = gradient_only_nodes(sub, gradients)
+                 update_s, grad_only, users) -> LayerPrice:
+    """What a layer's ILP plan costs (the module docstring's fields); ``grad_only``:
+    `gradient_only_nodes` of ``sub``, ``users``: ``graph.users()``."""
     decisions = {d.index: d for d in plan.nodes}
     grad_sync = sum(decisions[i].comm_s for i in grad_only if i in decisions)
     comm = sum(d.comm_s for d in plan.nodes) - grad_sync
@@ -271,7 +294,6 @@ def _layer_price(graph, sub, plan, specs, nodes, forward, mesh, options, gradien
     inputs = set(graph.inputs)
     weights = per_device(v for v in sub.inputs if v in inputs)
     forward_out = {v for i in forward for v in graph.nodes[i].outvars}
-    users = graph.users()
     backward = set(nodes) - forward
     kept = {v for v in forward_out if any(u in backward for u in users[v])}
     copies = _parameter_copies(graph, forward, options.param_positions) & kept
@@ -319,6 +341,7 @@ class LayerPricer:
         self.graph, self.mesh_of, self.options = graph, mesh_of, options
         self.nodes, self.forward = build_layer_nodes(graph, num_layers)
         self.gradients = gradient_only_values(graph)
+        self.layers = _Layers(graph)
         self.updates = layer_update_nodes(graph, num_layers)
 
         def signature(indices):
@@ -344,7 +367,7 @@ class LayerPricer:
                           for level in levels]
                 cache[self.signatures[l]] = price_layer_levels(
                     self.graph, nodes, forward, mesh, self.options, self.gradients, update,
-                    prices)
+                    prices, self.layers)
             layers.append(cache[self.signatures[l]])
         return [[layer[i] for layer in layers] for i in range(len(levels))]
 

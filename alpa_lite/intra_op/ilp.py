@@ -269,19 +269,22 @@ class _Model:
     lower: list = dataclasses.field(default_factory=list)
     upper: list = dataclasses.field(default_factory=list)
     integer: list = dataclasses.field(default_factory=list)
-    names: list = dataclasses.field(default_factory=list)
     rows: list = dataclasses.field(default_factory=list)
     row_lower: list = dataclasses.field(default_factory=list)
     row_upper: list = dataclasses.field(default_factory=list)
 
-    def column(self, name: str, cost: float = 0.0, upper: float = math.inf,
+    def column(self, cost: float = 0.0, upper: float = math.inf,
                integer: bool = False) -> int:
-        self.cost.append(cost)
-        self.lower.append(0.0)
-        self.upper.append(upper)
-        self.integer.append(integer)
-        self.names.append(name)
-        return len(self.cost) - 1
+        return int(self.columns([cost], upper, integer)[0])
+
+    def columns(self, costs, upper: float = math.inf, integer: bool = False) -> np.ndarray:
+        """Columns of the given costs, all with the same bounds: their indices."""
+        first, n = len(self.cost), len(costs)
+        self.cost.extend(map(float, costs))
+        self.lower.extend([0.0] * n)
+        self.upper.extend([upper] * n)
+        self.integer.extend([integer] * n)
+        return np.arange(first, first + n)
 
     def row(self, columns, coefficients, lower: float, upper: float) -> None:
         self.rows.append((np.asarray(columns, dtype=np.int32),
@@ -312,17 +315,16 @@ class _ModelBuilder:
     def _add_edge(self, u, v, r, costs):
         if not np.any(r):
             return
-        row_keys, row_of = np.unique(r, axis=0, return_inverse=True)
-        col_keys, col_of = np.unique(r, axis=1, return_inverse=True)
-        if len(row_keys) == 1:
+        n_row_classes, row_of, first_row = _row_classes(r)
+        if n_row_classes == 1:
             costs[v] += r[0, :]
-        elif col_keys.shape[1] == 1:
+            return
+        n_col_classes, col_of, first_col = _row_classes(r.T)
+        if n_col_classes == 1:
             costs[u] += r[:, 0]
         else:
-            first_row = [int(np.flatnonzero(row_of == a)[0]) for a in range(row_keys.shape[0])]
-            first_col = [int(np.flatnonzero(col_of == b)[0]) for b in range(col_keys.shape[1])]
             class_costs = r[np.ix_(first_row, first_col)]
-            self.edges.append((u, v, row_of.ravel(), col_of.ravel(), class_costs))
+            self.edges.append((u, v, row_of, col_of, class_costs))
 
     def build(self, points: set[int], minimise_peak: bool = False) -> _Model:
         model = _Model()
@@ -332,14 +334,13 @@ class _ModelBuilder:
             if len(costs) == 1:
                 self.s_cols.append(None)
                 continue
-            cols = np.array([model.column(f"s{g}_{k}", 0.0 if minimise_peak else float(c),
-                                          1.0, True) for k, c in enumerate(costs)])
+            cols = model.columns(np.zeros(len(costs)) if minimise_peak else costs, 1.0, True)
             self.s_cols.append(cols)
             model.row(cols, np.ones(len(cols)), 1.0, 1.0)
         for i, (u, v, row_of, col_of, class_costs) in enumerate(self.edges):
             self._edge_terms(model, i, u, v, row_of, col_of,
                              0.0 * class_costs if minimise_peak else class_costs)
-        peak = model.column("peak", 1.0) if minimise_peak else None
+        peak = model.column(1.0) if minimise_peak else None
         for t in sorted(points):
             self._add_memory_constraint(model, t, peak)
         return model
@@ -349,8 +350,7 @@ class _ModelBuilder:
         the two groups' choices."""
         su, sv = self.s_cols[u], self.s_cols[v]
         n_rows, n_cols = class_costs.shape
-        e = np.array([[model.column(f"e{i}_{a}_{b}", float(class_costs[a, b]), 1.0)
-                       for b in range(n_cols)] for a in range(n_rows)]).reshape(n_rows, n_cols)
+        e = model.columns(class_costs.ravel(), 1.0).reshape(n_rows, n_cols)
         for a in range(n_rows):
             members = su[row_of == a]
             model.row(np.concatenate([e[a], members]),
@@ -396,7 +396,7 @@ class _ModelBuilder:
         if index not in self.pair_cols:
             # y >= m[p, q] (s_u[p] + s_v[q] - 1): y is m[choice] at the optimum, since it only
             # appears on the left of <= constraints.
-            y = model.column(f"m{index}")
+            y = model.column()
             for p, q in zip(*np.nonzero(matrix)):
                 model.row([y, src[p], dst[q]], [1.0, -matrix[p, q], -matrix[p, q]],
                           -float(matrix[p, q]), math.inf)
@@ -409,6 +409,24 @@ class _ModelBuilder:
         """Each group's strategy from the columns' values."""
         return tuple(0 if cols is None else int(np.argmax(values[cols]))
                      for cols in self.s_cols)
+
+
+def _row_classes(matrix: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """The distinct rows of ``matrix`` in sorted order (as ``np.unique(axis=0)`` sorts
+    them): ``(how many, each row's class, each class's first row)``. Much cheaper than
+    ``np.unique`` on the small matrices of an edge.
+
+        >>> _row_classes(np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 0.0]]))
+        (2, array([1, 0, 1]), array([1, 0]))
+    """
+    n = matrix.shape[0]
+    order = np.lexsort(matrix.T[::-1])  # stable: equal rows keep their order
+    ordered = matrix[order]
+    new = np.ones(n, dtype=bool)
+    np.any(ordered[1:] != ordered[:-1], axis=1, out=new[1:])
+    classes = np.empty(n, dtype=np.intp)
+    classes[order] = np.cumsum(new) - 1
+    return int(new.sum()), classes, order[new]
 
 
 def _merge_parallel_edges(edges):
@@ -535,9 +553,9 @@ def _run_highs(highspy, lp, time_limit_s: float):
 def _solve_pulp(model: _Model, backend):
     """``(status, column values or None)`` from a PuLP backend (CBC)."""
     lp = pulp.LpProblem("alpa_lite_sharding", pulp.LpMinimize)
-    columns = [lp.add_variable(name, 0, None if math.isinf(upper) else upper,
+    columns = [lp.add_variable(f"x{i}", 0, None if math.isinf(upper) else upper,
                                cat="Binary" if integer else "Continuous")
-               for name, upper, integer in zip(model.names, model.upper, model.integer)]
+               for i, (upper, integer) in enumerate(zip(model.upper, model.integer))]
     lp += affine([(columns[i], c) for i, c in enumerate(model.cost) if c])
     for (cols, coefficients), lower, upper in zip(model.rows, model.row_lower, model.row_upper):
         expr = affine([(columns[int(i)], float(c)) for i, c in zip(cols, coefficients)])

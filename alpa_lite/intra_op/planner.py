@@ -96,7 +96,8 @@ def solve_planning_problem(graph: OpGraph, mesh: LogicalMesh, planning: Planning
                            once_per_step_nodes: frozenset[int] = frozenset(),
                            num_micro_batches: int = 1,
                            unit_compute: list[list[float]] | None = None,
-                           build_s: float = 0.0) -> ShardingPlan:
+                           build_s: float = 0.0, fingerprint: str | None = None
+                           ) -> ShardingPlan:
     """`solve_intra_op` of a problem already built (`build_planning_problem`): one build
     serves several memory prices. A problem built without memory terms gives a plan whose
     ``peak_memory_bytes`` is NaN.
@@ -105,7 +106,8 @@ def solve_planning_problem(graph: OpGraph, mesh: LogicalMesh, planning: Planning
     `once_per_step.gradient_only_nodes`) have their collectives weighed
     ``1 / num_micro_batches`` in the objective, as they are priced: a plan for one
     micro-batch of ``k`` otherwise pays for a gradient sync ``k`` times.
-    ``unit_compute``: `unit_compute_seconds` of ``planning``, when solved more than once."""
+    ``unit_compute``: `unit_compute_seconds` of ``planning``, when solved more than once;
+    ``fingerprint``: `graph_fingerprint` of ``graph``, when the caller keeps it."""
     start = time.perf_counter()
     compute = unit_compute or unit_compute_seconds(graph, mesh, planning)
     extra = list(compute)  # per unit and strategy: seconds added to the collectives' cost
@@ -150,11 +152,11 @@ def solve_planning_problem(graph: OpGraph, mesh: LogicalMesh, planning: Planning
             if planning.problem.memory_terms or planning.problem.memory_pair_terms
             or planning.problem.memory_budget_bytes is not None else math.nan)
     return decode_plan(graph, mesh, planning, choices, max(objective, 0.0), peak, stats,
-                       input_paths, compute)
+                       input_paths, compute, fingerprint)
 
 
-def unit_compute_seconds(graph: OpGraph, mesh: LogicalMesh, planning: PlanningProblem
-                         ) -> list[list[float]]:
+def unit_compute_seconds(graph: OpGraph, mesh: LogicalMesh, planning: PlanningProblem,
+                         facts: list | None = None) -> list[list[float]]:
     """Per unit, the compute seconds of each of its strategies (0 for inputs): its
     operator's roofline seconds on one device (`LogicalMesh.compute_time_s`), times the
     unit's repeat.
@@ -166,32 +168,42 @@ def unit_compute_seconds(graph: OpGraph, mesh: LogicalMesh, planning: PlanningPr
     Matmuls (`OpClass.MATMUL`) compute at the mesh's matmul rate, everything else at its
     vector rate (`LogicalMesh.flops_per_s`). Operators that run as kernels of their own
     after fusion (`kernel_nodes`: matmuls, reductions, gathers, and the last operator of
-    each fused loop) also pay the mesh's ``op_latency_s``.
+    each fused loop) also pay the mesh's ``op_latency_s``. ``facts``: `compute_facts` of
+    ``graph`` (they do not depend on the mesh), when the caller keeps them.
     """
-    kernels = kernel_nodes(graph)
+    facts = compute_facts(graph) if facts is None else facts
     seconds = []
     for unit in planning.units:
         if unit.node < 0:
             seconds.append([0.0] * len(unit.strategies))
             continue
-        node = graph.nodes[unit.node]
-        avals_in = tuple(v.aval if not isinstance(v, int) else graph.avals[v]
-                         for v in node.invars)
-        avals_out = tuple(graph.avals[v] for v in node.outvars)
-        hbm_bytes = 0.0 if is_fused(node.primitive) else estimate_op_cost(
-            node.primitive, node.params, avals_in, avals_out).hbm_bytes
-        classes = operator_class(node.primitive)
-        dtype = compute_dtype_name(avals_in, avals_out)
-        latency = mesh.op_latency_s if kernels[unit.node] else 0.0
+        hbm_bytes, dtype, matmul, kernel = facts[unit.node]
+        latency = mesh.op_latency_s if kernel else 0.0
         by_divisor: dict[int, float] = {}
         for s in unit.strategies:
             divisor = max(s.work_divisor, 1)
             if divisor not in by_divisor:
                 by_divisor[divisor] = unit.repeat * (mesh.compute_time_s(
-                    unit.flops / divisor, hbm_bytes / divisor, dtype,
-                    matmul=OpClass.MATMUL in classes) + latency)
+                    unit.flops / divisor, hbm_bytes / divisor, dtype, matmul=matmul) + latency)
         seconds.append([by_divisor[max(s.work_divisor, 1)] for s in unit.strategies])
     return seconds
+
+
+def compute_facts(graph: OpGraph) -> list[tuple[float, str, bool, bool]]:
+    """Per operator, what `unit_compute_seconds` prices it by, whatever the mesh: its
+    memory bytes (0 when fused), compute dtype, whether it is a matmul and whether it runs
+    as a kernel of its own (`kernel_nodes`)."""
+    kernels = kernel_nodes(graph)
+    facts = []
+    for node in graph.nodes:
+        avals_in = tuple(v.aval if not isinstance(v, int) else graph.avals[v]
+                         for v in node.invars)
+        avals_out = tuple(graph.avals[v] for v in node.outvars)
+        hbm_bytes = 0.0 if is_fused(node.primitive) else estimate_op_cost(
+            node.primitive, node.params, avals_in, avals_out).hbm_bytes
+        facts.append((hbm_bytes, compute_dtype_name(avals_in, avals_out),
+                      OpClass.MATMUL in operator_class(node.primitive), kernels[node.index]))
+    return facts
 
 
 def with_compute_costs(planning: PlanningProblem, compute: list[list[float]]
@@ -208,8 +220,10 @@ def with_compute_costs(planning: PlanningProblem, compute: list[list[float]]
 
 
 def decode_plan(graph, mesh, planning: PlanningProblem, choices, objective, peak_memory_bytes,
-                stats, input_paths, compute: list[list[float]]) -> ShardingPlan:
-    """The `ShardingPlan` of the ILP's ``choices``; ``compute``: `unit_compute_seconds`."""
+                stats, input_paths, compute: list[list[float]],
+                fingerprint: str | None = None) -> ShardingPlan:
+    """The `ShardingPlan` of the ILP's ``choices``; ``compute``: `unit_compute_seconds`;
+    ``fingerprint``: `graph_fingerprint` (computed when None)."""
     strategies = planning.unit_strategies(choices)
     roots = {}
     for u, g in enumerate(planning.group_of):
@@ -241,4 +255,5 @@ def decode_plan(graph, mesh, planning: PlanningProblem, choices, objective, peak
         mesh=mesh, input_specs=input_specs, output_specs=tuple(output_specs),
         nodes=tuple(nodes), objective=float(objective), compute_s=compute_s,
         peak_memory_bytes=float(peak_memory_bytes), solver=stats,
-        graph_fingerprint=graph_fingerprint(graph), input_names=tuple(input_paths))
+        graph_fingerprint=fingerprint or graph_fingerprint(graph),
+        input_names=tuple(input_paths))

@@ -339,12 +339,14 @@ def _fill_inputs_outputs(graph: OpGraph, programs: list[Program], boundary: OpNo
         program.outputs = tuple(outs)
 
 
-def build_subgraph(graph: OpGraph, items: list) -> tuple[OpGraph, dict[int, int]]:
+def build_subgraph(graph: OpGraph, items: list, users: list[list[int]] | None = None
+                   ) -> tuple[OpGraph, dict[int, int]]:
     """The sub-graph of some nodes: values read from outside become its inputs.
 
     ``items`` are global node indices or extra `OpNode`s (e.g. a `boundary_slice`). Value ids
     stay the global ones; ``inputs`` are the outside values in first-use order and
     ``outputs`` the values used outside. Returns the graph and the map global -> sub index.
+    ``users``: ``graph.users()``, when the caller has it (it costs a pass over the graph).
     """
     nodes = [graph.nodes[i] if isinstance(i, int) else i for i in items]
     produced = {v for n in nodes for v in n.outvars}
@@ -352,7 +354,7 @@ def build_subgraph(graph: OpGraph, items: list) -> tuple[OpGraph, dict[int, int]
     reads = [v for n in nodes for v in n.invars
              if isinstance(v, int) and v not in produced and v not in const_ids]
     inside = {i for i in items if isinstance(i, int)}
-    users = graph.users()
+    users = graph.users() if users is None else users
     outputs = [v for n in nodes for v in n.outvars
                if v < len(users) and (any(u not in inside for u in users[v])
                                       or v in graph.outputs)]
