@@ -233,13 +233,26 @@ def _layer_graph(preset, cluster, num_micro_batches, remat_layer: bool, megatron
 
 
 @functools.lru_cache(maxsize=8)
+def _priced_store(preset, cluster, counts: MicroBatchCounts, remat_layer: bool, megatron):
+    """The candidates' layer prices found so far for one trace recipe (`_price_layers`)."""
+    return {}
+
+
 def _price_layers(preset, cluster, counts: MicroBatchCounts, remat_layer: bool = False,
-                  megatron=None):
-    """Per (submesh, view): the `LayerPrice`s of the 3 traced layers (`inter_op.pricing`, the
-    path `parallelize` uses) at its pricing count (`MicroBatchCounts.of`), each layer
-    rematerialized if ``remat_layer``. Cached: `--compare` prices once for the pipeline
-    search and the Megatron grid."""
-    return _price_levels(preset, cluster, counts, remat_layer, megatron, (0.0,), None)[0.0]
+                  megatron=None, only: frozenset | None = None):
+    """Per (submesh, view) (those in ``only`` when given): the `LayerPrice`s of the 3
+    traced layers (`inter_op.pricing`, the path `parallelize` uses) at its pricing count
+    (`MicroBatchCounts.of`), each layer rematerialized if ``remat_layer``. Kept per recipe
+    and candidate: `--compare` prices once for the pipeline search and the Megatron grid,
+    and a search that priced some candidates prices only the others when it wants more."""
+    store = _priced_store(preset, cluster, counts, remat_layer, megatron)
+    wanted = [c for _, c in pricing_jobs(preset, cluster, counts, remat_layer, megatron)
+              if only is None or c in only]
+    missing = frozenset(c for c in wanted if c not in store)
+    if missing:
+        store.update(_price_levels(preset, cluster, counts, remat_layer, megatron, (0.0,),
+                                   None, missing)[0.0])
+    return {c: store[c] for c in wanted}
 
 
 @functools.lru_cache(maxsize=8)
@@ -247,7 +260,7 @@ def _price_lean_layers(preset, cluster, counts: MicroBatchCounts, remat_layer: b
                        only: frozenset | None = None):
     """`_price_layers`' memory-lean plans, ``{level: prices}`` (`pricing.LEAN_LEVELS`), on
     the candidates ``only`` (None: all)."""
-    fastest = _price_layers(preset, cluster, counts, remat_layer)
+    fastest = _price_layers(preset, cluster, counts, remat_layer, None, only)
     return _price_levels(preset, cluster, counts, remat_layer, None, pricing.LEAN_LEVELS,
                          fastest, only)
 
@@ -503,7 +516,11 @@ def _simulate_pipeline(preset, cluster, num_micro_batches, remat="off",
         if step == "lean on used" and 2 * len(on_used) >= sum(
                 len(candidate_views(shape)) for shape in candidate_submeshes(cluster)):
             step = "lean on all"  # hardly cheaper: a second pricing would cost more
-        extra = (_price_layers(preset, cluster, counts, True) if remat == "auto" else None,
+        # rematerialized layers: on every candidate, except where a plain pipeline that
+        # fits is refined (like the lean plans: on its own candidates)
+        remat_on = on_used if step == "lean on used" and plain_fits else None
+        extra = (_price_layers(preset, cluster, counts, True, None, remat_on)
+                 if remat == "auto" else None,
                  None if step == "remat" else _lean_prices(
                      preset, cluster, counts, remat,
                      on_used if step == "lean on used" else None))
