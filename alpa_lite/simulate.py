@@ -534,8 +534,9 @@ def _memory_step(step: str, remat_auto: bool, fits: bool) -> str | None:
 
     - ``"remat"``: rematerialized layers (remat "auto" only), alone, when nothing fits;
     - ``"lean on used"``: with them, the memory-lean layer plans on the candidates of the
-      pipelines solved so far (with and without the budget); when no plain pipeline fits,
-      on their submeshes in every view;
+      pipelines solved so far (with and without the budget), and when a plain pipeline
+      fits (so step "remat" did not run) the rematerialized layers only there too; when no
+      plain pipeline fits, on their submeshes in every view;
     - ``"lean on all"``: the same on every candidate, when still nothing fits (or at once
       when the used candidates are half of all).
 
