@@ -282,7 +282,7 @@ DEVICE_SCENARIOS = {
 SIMULATIONS = {
     "sim_gpt-1.3b_1x4": ("gpt-1.3b", "1x4"),
     "sim_gpt-6.7b_2x8": ("gpt-6.7b", "2x8"),
-    "sim_llama2-7b_4x4": ("llama2-7b", "4x4"),
+    "sim_llama2-7b_1x4": ("llama2-7b", "1x4"),
 }
 
 
