@@ -32,4 +32,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
 clean:
-	rm -rf .venv .venv-* build *.egg-info
+	rm -rf .venv .venv-* build *.egg-info .pytest_cache

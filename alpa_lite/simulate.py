@@ -399,7 +399,10 @@ def _micro_batch_counts(preset: ModelPreset, cluster: ClusterSpec,
                         given: int | None) -> MicroBatchCounts:
     """The counts a search tries: ``given``, else the divisors of the batch up to 256 or the
     default (`_default_micro_batches`) if larger, thinned so that each is at least
-    `COUNT_STEP` times the one before (the default kept).
+    `COUNT_STEP` times the one before, with the default and, for every candidate submesh of
+    n hosts, ``batch / n`` kept: one sequence per replica of a stage there with tensor
+    parallelism over each host (its view ``(n, devices_per_host)``), the micro-batch of the
+    hand-written layouts, which the thinning may skip (2,160 on 15 hosts: 144).
 
     Example (a batch of 2,160 on one host of 8: default 30, the largest divisor up to 32):
         >>> from alpa_lite.cluster import get_cluster_preset
@@ -413,11 +416,14 @@ def _micro_batch_counts(preset: ModelPreset, cluster: ClusterSpec,
     if given:
         return MicroBatchCounts.exactly(batch, given)
     default = _default_micro_batches(preset, cluster)
+    largest = max(default, 256)
     options = [1]
-    for k in range(2, max(default, 257)):
+    for k in range(2, largest + 1):
         if batch % k == 0 and k >= options[-1] * COUNT_STEP:
             options.append(k)
-    return MicroBatchCounts(batch, default, tuple(sorted(set(options) | {default})))
+    per_replica = {batch // n for n, _ in candidate_submeshes(cluster)
+                   if batch % n == 0 and batch // n <= largest}
+    return MicroBatchCounts(batch, default, tuple(sorted({*options, default, *per_replica})))
 
 
 def _scaled(priced, counts: MicroBatchCounts, k: int):

@@ -214,4 +214,23 @@ def test_micro_batch_counts_are_the_batch_divisors_a_quarter_apart():
                                      get_cluster_preset("a100-80gb-8x").with_hosts(192), None)
     assert counts.default == 2304 and 96 in counts.options  # Megatron's 145.6B count
     assert all(2304 % k == 0 for k in counts.options)
-    assert all(b >= 1.25 * a for a, b in zip(counts.options, counts.options[1:-1]))
+
+
+@pytest.mark.parametrize("batch, hosts", [(2304, 192), (2160, 240), (1024, 1)])
+def test_micro_batch_counts_hold_one_sequence_per_replica_of_each_host_count(batch, hosts):
+    """The thinned divisors (each at least `COUNT_STEP` times the one before) and, for every
+    candidate submesh of n hosts, batch / n: 310.1B's 2,160 on 240 hosts keeps Megatron's
+    count of 144 (one sequence per replica of a (15, 8) stage), which the thinning drops."""
+    cluster = get_cluster_preset("a100-80gb-8x").with_hosts(hosts)
+    counts = sim._micro_batch_counts(get_preset("gpt-tiny").with_overrides(batch_size=batch),
+                                     cluster, None)
+    largest = max(counts.default, 256)
+    per_replica = {batch // n for n, _ in sim.candidate_submeshes(cluster)
+                   if batch % n == 0 and batch // n <= largest}
+    assert per_replica <= set(counts.options)
+    assert all(batch % k == 0 and k <= largest for k in counts.options)
+    thinned = [k for k in counts.options if k not in per_replica | {counts.default}]
+    assert all(b >= sim.COUNT_STEP * a for a, b in zip(thinned, thinned[1:]))
+    if batch == 2160:
+        assert 144 in counts.options and counts.of(((15, 8), (15, 8))) == 144
+        assert counts.offers(((15, 8), (15, 8)), 144)
